@@ -1,0 +1,1 @@
+"""Kernel backends: each declares what it supports and explains what it refuses."""

@@ -1,0 +1,97 @@
+"""Kernel dispatch: the first backend that accepts the input runs it.
+
+Order: CUTLASS (when built for this GPU), Triton, the PyTorch reference. The environment
+variable FLASH_INDUCTOR_KERNEL=cutlass|triton|reference, or `flash_inductor.config.kernel`,
+forces one backend; a forced backend that refuses the input raises its reasons instead of
+falling back, so a benchmark never measures a different kernel than it names.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from .backends.base import KernelBackend
+from .backends.reference import ReferenceBackend
+from .backends.triton import TritonBackend
+from .inputs import AttentionInputs
+
+ENV_VAR = "FLASH_INDUCTOR_KERNEL"
+
+
+class _Config(threading.local):
+    """Settings read on every dispatch. `kernel=None` means: choose automatically."""
+
+    def __init__(self):
+        self.kernel: str | None = None
+
+
+config = _Config()
+
+BACKENDS: tuple[KernelBackend, ...] = (TritonBackend(), ReferenceBackend())
+BY_NAME = {b.NAME: b for b in BACKENDS}
+KNOWN_NAMES = ("cutlass", "triton", "reference")
+
+
+class NoKernelError(RuntimeError):
+    """No backend accepts the input; the message lists every backend's reasons."""
+
+
+def forced_kernel() -> str | None:
+    name = config.kernel or os.environ.get(ENV_VAR) or None
+    if name is None:
+        return None
+    name = name.strip().lower()
+    if name not in KNOWN_NAMES:
+        raise ValueError(
+            f"{ENV_VAR}={name!r} is not a kernel (accepted: {', '.join(KNOWN_NAMES)})"
+        )
+    return name
+
+
+def reasons_by_backend(inp: AttentionInputs) -> dict[str, list[str]]:
+    """Every backend's refusal reasons for this input (empty list = accepts)."""
+    out = {}
+    if "cutlass" not in BY_NAME:
+        out["cutlass"] = ["not built in this version of flash-inductor (Triton serves CUDA GPUs)"]
+    for b in BACKENDS:
+        out[b.NAME] = b.not_supported_reasons(inp)
+    return out
+
+
+def _format(reasons: dict[str, list[str]]) -> str:
+    lines = []
+    for name, rs in reasons.items():
+        lines.append(f"  {name}: " + ("accepts" if not rs else "; ".join(rs)))
+    return "\n".join(lines)
+
+
+def select(inp: AttentionInputs) -> KernelBackend:
+    forced = forced_kernel()
+    if forced is not None:
+        backend = BY_NAME.get(forced)
+        reasons = backend.not_supported_reasons(inp) if backend else reasons_by_backend(inp)[forced]
+        if reasons:
+            raise NoKernelError(
+                f"{ENV_VAR}={forced} was forced but that kernel refuses this input: "
+                + "; ".join(reasons)
+                + ". Unset the setting to let dispatch fall back."
+            )
+        return backend
+    for b in BACKENDS:
+        if not b.not_supported_reasons(inp):
+            return b
+    raise NoKernelError("no attention kernel accepts this input:\n" + _format(reasons_by_backend(inp)))
+
+
+def explain_choice(inp: AttentionInputs) -> str:
+    """One line: which kernel runs, and why each earlier one did not."""
+    reasons = reasons_by_backend(inp)
+    try:
+        chosen = select(inp).NAME
+    except (NoKernelError, ValueError) as e:
+        return f"no kernel: {e}"
+    skipped = [
+        f"{name}: {'; '.join(rs)}" for name, rs in reasons.items() if rs and name != chosen
+    ]
+    return chosen + (f" (not {' | '.join(skipped)})" if skipped else "")

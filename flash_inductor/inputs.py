@@ -1,0 +1,231 @@
+"""One normalised description of an attention call, validated once.
+
+Every layer (the public function, the op's fake, each kernel backend, the rewrite's guards)
+reads the same `AttentionInputs`, so a limit is written in exactly one place.
+
+Shapes (SDPA's convention)::
+
+    q     [B, Hq,  Nq, D]
+    k     [B, Hkv, Nk, D]       Hq % Hkv == 0: query head h reads KV head h // (Hq // Hkv)
+    v     [B, Hkv, Nk, Dv]
+    bias  broadcastable to [B, Hq, Nq, Nk] (fewer dims are padded on the left, size-1 dims
+          are read with stride 0 and never materialised); float = added to the scaled scores,
+          bool = keep-mask (True attends, False is masked)
+    out   [B, Hq, Nq, Dv]
+    lse   [B, Hq, Nq] float32, natural-log logsumexp of each row's scaled, biased scores
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+import torch
+
+# Every kernel keeps a [BLOCK, D] tile of q, k and v on chip; 256 is where FlashAttention and
+# cuDNN stop too, so a larger head dim is refused at the API rather than by one backend.
+MAX_HEAD_DIM = 256
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class Causal(enum.IntEnum):
+    """Which keys a query may see when the causal flag is on.
+
+    ``TOP_LEFT`` (SDPA's ``is_causal``): query i sees keys j <= i.  ``BOTTOM_RIGHT``: the
+    queries are the last Nq positions of the key sequence (prefill with a KV cache), so query i
+    sees keys j <= i + (Nk - Nq).  For Nq=3, Nk=5 (x = attended)::
+
+        TOP_LEFT        BOTTOM_RIGHT
+        x . . . .       x x x . .
+        x x . . .       x x x x .
+        x x x . .       x x x x x
+
+    With BOTTOM_RIGHT and Nq > Nk the first Nq - Nk rows see no key at all: they return zeros
+    and lse = -inf, like every fully masked row.
+    """
+
+    NONE = 0
+    TOP_LEFT = 1
+    BOTTOM_RIGHT = 2
+
+    @classmethod
+    def parse(cls, causal: bool | str | int | "Causal") -> "Causal":
+        if isinstance(causal, Causal):
+            return causal
+        if causal is False or causal is None:
+            return cls.NONE
+        if causal is True:
+            return cls.TOP_LEFT
+        if isinstance(causal, int) and causal in (0, 1, 2):
+            return cls(causal)
+        names = {"top_left": cls.TOP_LEFT, "bottom_right": cls.BOTTOM_RIGHT, "none": cls.NONE}
+        if isinstance(causal, str) and causal.lower() in names:
+            return names[causal.lower()]
+        raise ValueError(
+            f"causal={causal!r} is not understood (accepted: False, True (= 'top_left'), "
+            "'top_left', 'bottom_right')"
+        )
+
+
+def _shape(t: torch.Tensor) -> tuple:
+    return tuple(t.shape)
+
+
+@dataclass(frozen=True)
+class AttentionInputs:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    bias: torch.Tensor | None
+    causal: Causal
+    scale: float
+    dropout_p: float
+
+    # ---- derived sizes -------------------------------------------------------------------
+    @property
+    def batch(self):
+        return self.q.shape[0]
+
+    @property
+    def heads_q(self):
+        return self.q.shape[1]
+
+    @property
+    def heads_kv(self):
+        return self.k.shape[1]
+
+    @property
+    def len_q(self):
+        return self.q.shape[2]
+
+    @property
+    def len_k(self):
+        return self.k.shape[2]
+
+    @property
+    def head_dim(self):
+        return self.q.shape[3]
+
+    @property
+    def head_dim_v(self):
+        return self.v.shape[3]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def bias_kind(self) -> str:
+        """'none', 'bool' (keep-mask) or 'float' (additive)."""
+        if self.bias is None:
+            return "none"
+        return "bool" if self.bias.dtype == torch.bool else "float"
+
+    def bias_4d(self) -> torch.Tensor | None:
+        """The bias viewed as 4-D (left-padded with size-1 dims); never copies."""
+        if self.bias is None:
+            return None
+        b = self.bias
+        while b.dim() < 4:
+            b = b.unsqueeze(0)
+        return b
+
+    def bias_broadcast_dims(self) -> tuple[int, ...]:
+        """Dims of [B, Hq, Nq, Nk] over which the bias is broadcast (its gradient is summed there)."""
+        b = self.bias_4d()
+        full = (self.batch, self.heads_q, self.len_q, self.len_k)
+        return tuple(i for i in range(4) if b.shape[i] == 1 and full[i] != 1)
+
+
+def validate(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    causal: bool | str | int | Causal = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> AttentionInputs:
+    """Check user input against the op's contract; raise ValueError naming the argument and limit."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must be 4-D [batch, heads, seq_len, head_dim], got shape {_shape(t)} "
+                f"({t.dim()}-D)"
+            )
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(
+                f"{name}.dtype={t.dtype} is not supported (supported: float16, bfloat16, "
+                "float32, float64)"
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(
+            f"q, k and v must share one dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}"
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(
+            f"q, k and v must be on one device, got q={q.device}, k={k.device}, v={v.device}"
+        )
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(
+            f"batch sizes differ: q {_shape(q)}, k {_shape(k)}, v {_shape(v)} (dim 0 must match)"
+        )
+    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise ValueError(
+            f"k {_shape(k)} and v {_shape(v)} must have the same heads (dim 1) and length (dim 2)"
+        )
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(
+            f"q has {q.shape[1]} heads and k/v have {k.shape[1]}: the query heads must be a "
+            "multiple of the key/value heads (GQA/MQA)"
+        )
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"q and k head dims differ: q {_shape(q)} vs k {_shape(k)} (dim 3 must match)"
+        )
+    for name, d in (("q/k", q.shape[3]), ("v", v.shape[3])):
+        if d > MAX_HEAD_DIM:
+            raise ValueError(f"{name} head_dim={d} exceeds the limit {MAX_HEAD_DIM}")
+        if d < 1:
+            raise ValueError(f"{name} head_dim={d} must be at least 1")
+
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise ValueError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.dtype != torch.bool and not bias.dtype.is_floating_point:
+            raise ValueError(
+                f"bias.dtype={bias.dtype} is not supported (a float tensor is added to the "
+                "scores; a bool tensor is a keep-mask)"
+            )
+        if bias.device != q.device:
+            raise ValueError(f"bias is on {bias.device} but q is on {q.device}")
+        full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        if bias.dim() > 4 or any(
+            b != 1 and b != f for b, f in zip(reversed(bias.shape), reversed(full))
+        ):
+            raise ValueError(
+                f"bias of shape {_shape(bias)} does not broadcast to the score shape "
+                f"[batch, heads_q, len_q, len_k] = {list(full)} (each dim must be 1 or equal)"
+            )
+
+    c = Causal.parse(causal)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[3])
+    elif isinstance(scale, torch.Tensor):
+        raise ValueError("scale must be a Python number, not a tensor (fold a tensor scale into q)")
+    else:
+        scale = float(scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"scale={scale} must be finite")
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p={dropout_p} must be in [0, 1)")
+    return AttentionInputs(q, k, v, bias, c, scale, dropout_p)

@@ -1,0 +1,178 @@
+"""The registered ops (namespace `flash`), their fakes and autograd, and the public function.
+
+Three layers, as in FlashAttention's interface file:
+
+1. `flash::fwd` / `flash::bwd`: torch.library custom ops with fake (meta) implementations beside
+   them, so torch.compile and dynamic shapes trace through without running a kernel. They are
+   defined in Python so they exist without any CUDA build; the impl dispatches to a kernel
+   backend at run time (flash_inductor.dispatch).
+2. Autograd registered on `flash::fwd` (backward calls `flash::bwd`), unpacking by name.
+3. `attention(...)`, the documented entry point, validating its input once.
+
+`flash::fwd` returns (out, lse, rng): lse serves the backward (and ring attention); rng is the
+Philox seed the dropout used, so the backward regenerates the same mask instead of storing it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import dispatch
+from .inputs import AttentionInputs, Causal, validate
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _inputs(q, k, v, bias, causal: int, scale: float, dropout_p: float) -> AttentionInputs:
+    # The public function validated already; the op trusts its (internal) callers.
+    return AttentionInputs(q, k, v, bias, Causal(causal), scale, dropout_p)
+
+
+def _draw_seed(device: torch.device) -> Tensor:
+    """A fresh Philox seed from the default generator, so torch.manual_seed governs dropout."""
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64, device="cpu").to(device)
+
+
+@torch.library.custom_op("flash::fwd", mutates_args=())
+def fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Optional[Tensor],
+    seed: Optional[Tensor],
+    causal: int,
+    scale: float,
+    dropout_p: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    inp = _inputs(q, k, v, bias, causal, scale, dropout_p)
+    if dropout_p > 0.0:
+        rng = seed.to(device=q.device, dtype=torch.int64).clone() if seed is not None else _draw_seed(q.device)
+    else:
+        rng = torch.empty(0, dtype=torch.int64, device=q.device)
+    out, lse = dispatch.select(inp).forward(inp, rng if dropout_p > 0.0 else None)
+    return out, lse, rng
+
+
+@fwd.register_fake
+def _fwd_fake(q, k, v, bias, seed, causal, scale, dropout_p):
+    b, hq, nq, _ = q.shape
+    out = q.new_empty((b, hq, nq, v.shape[3]))
+    lse = q.new_empty((b, hq, nq), dtype=lse_dtype(q.dtype))
+    rng = q.new_empty((2,) if dropout_p > 0.0 else (0,), dtype=torch.int64)
+    return out, lse, rng
+
+
+@torch.library.custom_op("flash::bwd", mutates_args=())
+def bwd(
+    dout: Tensor,
+    dlse: Optional[Tensor],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Optional[Tensor],
+    rng: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    causal: int,
+    scale: float,
+    dropout_p: float,
+    bias_requires_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients; dbias is an empty tensor unless bias_requires_grad (ops cannot return None).
+
+    Dispatch selects from the same inputs and settings as the forward did, so the backward
+    runs the kernel whose dropout mask it must regenerate.
+    """
+    inp = _inputs(q, k, v, bias, causal, scale, dropout_p)
+    dq, dk, dv, dbias = dispatch.select(inp).backward(
+        inp, rng if dropout_p > 0.0 else None, out, lse, dout, dlse, bias_requires_grad
+    )
+    if dbias is None:
+        dbias = q.new_empty(0)
+    return dq, dk, dv, dbias
+
+
+@bwd.register_fake
+def _bwd_fake(dout, dlse, q, k, v, bias, rng, out, lse, causal, scale, dropout_p, bias_requires_grad):
+    dbias = torch.empty_like(bias) if bias_requires_grad else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, _seed, causal, scale, dropout_p = inputs
+    out, lse, rng = output
+    ctx.save_for_backward(q, k, v, bias, out, lse, rng)
+    ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
+
+
+def _backward(ctx, dout, dlse, _drng):
+    q, k, v, bias, out, lse, rng = ctx.saved_tensors
+    bias_requires_grad = bias is not None and ctx.needs_input_grad[3] and bias.dtype != torch.bool
+    dq, dk, dv, dbias = bwd(
+        dout, dlse, q, k, v, bias, rng, out, lse,
+        ctx.causal, ctx.scale, ctx.dropout_p, bias_requires_grad,
+    )
+    return dq, dk, dv, (dbias if bias_requires_grad else None), None, None, None, None
+
+
+fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention_with_lse(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    causal: bool | str = False,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """`attention`, also returning lse [B, Hq, Nq] (float32; -inf on fully masked rows).
+
+    lse is differentiable: its gradient is folded into the backward, which is what merging
+    partial results (ring / context-parallel attention) needs.
+    """
+    inp = validate(q, k, v, bias, causal=causal, scale=scale, dropout_p=dropout_p)
+    out, lse, _ = fwd(q, k, v, bias, None, int(inp.causal), inp.scale, inp.dropout_p)
+    return out, lse
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    causal: bool | str = False,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """softmax(q·kᵀ·scale + bias [+ causal mask]) [dropout] · v, fused, in O(N) memory.
+
+    Args:
+        q: [B, Hq, Nq, D] float16, bfloat16, float32 or float64.
+        k, v: [B, Hkv, Nk, D] and [B, Hkv, Nk, Dv]; Hq must be a multiple of Hkv (GQA/MQA:
+            query head h reads KV head h // (Hq // Hkv); K/V are never repeated).
+        bias: None; a float tensor added to the scaled scores; or a bool keep-mask (True =
+            attend). Any shape that broadcasts to [B, Hq, Nq, Nk]: size-1 dims are read with
+            stride 0, never expanded. A float bias that requires grad gets its gradient,
+            summed over its broadcast dims.
+        causal: False; True or 'top_left' (query i sees keys j <= i, SDPA's is_causal); or
+            'bottom_right' (queries are the last Nq of the Nk positions: j <= i + Nk - Nq).
+            Fully masked blocks are skipped, not computed.
+        scale: multiplies q·kᵀ; default 1/sqrt(D).
+        dropout_p: dropout on the probabilities (Philox in-kernel, regenerated in backward).
+
+    Returns:
+        out [B, Hq, Nq, Dv] in q's dtype. A row whose keys are all masked (keep-mask, causal
+        or -inf bias) returns zeros, as SDPA's boolean masks and FlexAttention do.
+
+    Head dims up to 256; D must match between q and k. Errors name the argument and limit.
+    """
+    return attention_with_lse(q, k, v, bias, causal=causal, scale=scale, dropout_p=dropout_p)[0]
