@@ -55,7 +55,8 @@ def fwd(
     else:
         rng = torch.empty(0, dtype=torch.int64, device=q.device)
     out, lse = dispatch.select(inp).forward(inp, rng if dropout_p > 0.0 else None)
-    return out, lse, rng
+    # The fakes promise contiguous outputs; a kernel may hand back another layout.
+    return out.contiguous(), lse.contiguous(), rng
 
 
 @fwd.register_fake
@@ -94,13 +95,13 @@ def bwd(
     )
     if dbias is None:
         dbias = q.new_empty(0)
-    return dq, dk, dv, dbias
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias.contiguous()
 
 
 @bwd.register_fake
 def _bwd_fake(dout, dlse, q, k, v, bias, rng, out, lse, causal, scale, dropout_p, bias_requires_grad):
-    dbias = torch.empty_like(bias) if bias_requires_grad else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+    dbias = bias.new_empty(bias.shape) if bias_requires_grad else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
 def _setup_context(ctx, inputs, output):

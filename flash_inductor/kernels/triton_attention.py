@@ -1,0 +1,784 @@
+"""FlashAttention-2 in Triton: forward, backward (dK/dV and dQ kernels), launch glue.
+
+Reads top to bottom like Triton's 06-fused-attention tutorial: the score/mask and dropout
+helpers, the forward inner loop and kernel, the backward kernels, then `forward` / `backward`
+(the functions `flash_inductor.backends.triton` calls).
+
+Semantics are `flash_inductor.reference`'s, exactly:
+
+* s = scale·q·kᵀ + bias (float bias, converted to float32) or masked to -inf where a bool
+  keep-mask is False, where causal hides the key, or past the sequence ends.
+* A row with no visible key returns zeros and lse = -inf; the running max is guarded
+  (0 where it is -inf) so no NaN is ever formed, and the backward treats p = 0 there.
+* Dropout: the normaliser l sums the undropped probabilities; only P·V (and dP, dV in the
+  backward) see the dropped ones, scaled by 1/(1-p).
+
+Scores are kept in the base-2 domain (multiplied by log2(e)) so the inner loop uses exp2, as
+the tutorial does; lse is converted back to natural log on the way out.
+
+Every tensor is read through its strides (size-1 bias dims with stride 0, never expanded); only
+the last dim is assumed unit-stride, and a q/k/v/out/dout whose last dim is not gets a copy.
+GQA: query head h reads KV head h // (Hq // Hkv); the dK/dV kernel loops over the group's query
+heads, so K/V are never repeated and the backward needs no atomics (deterministic).
+
+Limits: offsets inside one (batch, head) slice are int32 except the bias/dS rows (int64), so
+one head of q/k/v must span < 2**31 elements; sequence lengths must be < 2**31.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..inputs import AttentionInputs, Causal
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+CAUSAL_NONE = tl.constexpr(int(Causal.NONE))
+CAUSAL_BOTTOM_RIGHT = tl.constexpr(int(Causal.BOTTOM_RIGHT))
+# Dropout compares the top 24 bits of one Philox word with p·2**24: integer-only (the same
+# on every Triton version) and p is quantised by at most 2**-24.
+DROPOUT_BITS = tl.constexpr(24)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# =============================================================================================
+# Shared pieces: masked scores, dropout keep-mask
+# =============================================================================================
+
+
+@triton.jit
+def _masked_scores(
+    s, qi, kj, bias_ptrs, Nq, Nk, shift,
+    HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, MASK_CAUSAL: tl.constexpr,
+):
+    """Add the bias to the base-2 scores `s` and set hidden entries to -inf.
+
+    `qi` (query index) and `kj` (key index) broadcast to s's shape: [M, 1] and [1, N] in the
+    forward and dQ kernels, [1, M] and [N, 1] in the dK/dV kernel, which works on sᵀ.
+    """
+    keep = (qi < Nq) & (kj < Nk)
+    if HAS_BIAS:
+        b = tl.load(bias_ptrs, mask=keep, other=0)
+        if BIAS_IS_BOOL:
+            keep = keep & (b != 0)
+        else:
+            s = s + b.to(tl.float32) * LOG2E
+    if MASK_CAUSAL:
+        keep = keep & (kj <= qi + shift)
+    return tl.where(keep, s, float("-inf"))
+
+
+@triton.jit
+def _dropout_keep(philox_seed, philox_offset, bh, qi, kj, drop_threshold):
+    """Bernoulli(1-p) keep-mask, a pure function of (seed, offset, b·Hq+h, i, j).
+
+    Each coordinate is its own 32-bit Philox counter, so no offset can overflow for any
+    size, and the forward, dK/dV and dQ kernels regenerate the same bit at (b, h, i, j)
+    whatever their tiling or orientation.
+    """
+    zero = qi * 0 + kj * 0
+    r, _, _, _ = tl.philox(philox_seed, kj + zero, qi + zero, bh + zero, philox_offset + zero)
+    return (r >> (32 - DROPOUT_BITS)).to(tl.int32) >= drop_threshold
+
+
+@triton.jit
+def _load_philox(Seed):
+    """seed[0] keys Philox; seed[1] (folded to 32 bits) is the fourth counter word."""
+    philox_seed = tl.load(Seed)
+    off = tl.load(Seed + 1)
+    philox_offset = (off ^ (off >> 32)).to(tl.int32)
+    return philox_seed, philox_offset
+
+
+@triton.jit
+def _causal_shift(Nq, Nk, CAUSAL: tl.constexpr):
+    """Query i sees key j iff j <= i + shift."""
+    if CAUSAL == CAUSAL_BOTTOM_RIGHT:
+        shift = Nk - Nq
+    else:
+        shift = Nk * 0
+    return shift
+
+
+# =============================================================================================
+# Forward
+# =============================================================================================
+
+
+@triton.jit
+def _attn_fwd_inner(
+    acc, l_i, m_i, q,
+    K_head, V_head, bias_rows, philox_seed, philox_offset, bh,
+    offs_m, offs_d, offs_dv, lo, hi,
+    stride_kn, stride_vn, stride_bn,
+    Nq, Nk, shift, qk_scale, drop_threshold,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    MASK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kT = tl.load(
+            K_head + offs_n[None, :] * stride_kn + offs_d[:, None],
+            mask=(offs_n[None, :] < Nk) & (offs_d[:, None] < D), other=0.0,
+        )
+        s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
+        s = _masked_scores(
+            s, offs_m[:, None], offs_n[None, :], bias_rows + offs_n[None, :] * stride_bn,
+            Nq, Nk, shift, HAS_BIAS, BIAS_IS_BOOL, MASK_CAUSAL,
+        )
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen only -inf so far keeps m = -inf; subtracting 0 instead keeps
+        # exp2(-inf - m) = 0 rather than NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(
+                philox_seed, philox_offset, bh, offs_m[:, None], offs_n[None, :], drop_threshold
+            )
+            p = tl.where(keep, p, 0.0)
+        v = tl.load(
+            V_head + offs_n[:, None] * stride_vn + offs_dv[None, :],
+            mask=(offs_n[:, None] < Nk) & (offs_dv[None, :] < DV), other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+def _config_list(default, block_m, block_n, warps_for, stages):
+    """Autotune candidates, `default` first: it is what runs when autotuning is switched off."""
+    rest = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+        for m in block_m
+        for n in block_n
+        for w in warps_for(m, n)
+        for s in stages
+        if (m, n, w, s) != default
+    ]
+    m, n, w, s = default
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)] + rest
+
+
+# Under the interpreter one small config, unequal blocks so the causal block skipping is
+# exercised with BLOCK_M != BLOCK_N; the dK/dV kernel gets the transposed shape.
+if _interpreting():
+    _FWD_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    _DKDV_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    _DQ_CONFIGS = _FWD_CONFIGS
+else:
+    # The first (default) config of each list follows the block shapes of Triton's
+    # 06-fused-attention tutorial; not yet measured for this kernel.
+    _FWD_CONFIGS = _config_list(
+        (128, 64, 8, 3), (64, 128), (32, 64, 128), lambda m, n: (8,) if m == 128 else (4,), (2, 3)
+    )
+    # dK/dV: BLOCK_N keys stay on chip, BLOCK_M query rows stream past them.
+    _DKDV_CONFIGS = _config_list(
+        (32, 128, 4, 3), (32, 64), (64, 128), lambda m, n: (8,) if n == 128 and m == 64 else (4,), (2, 3)
+    )
+    _DQ_CONFIGS = _config_list(
+        (128, 32, 4, 3), (64, 128), (32, 64), lambda m, n: (8,) if m == 128 else (4,), (2, 3)
+    )
+
+# FLASH_INDUCTOR_TRITON_AUTOTUNE=0 runs the first config that fits instead of benchmarking
+# them all (each is a compile of a few seconds): for quick starts and the GPU tests.
+AUTOTUNE_ENV = "FLASH_INDUCTOR_TRITON_AUTOTUNE"
+
+# Shared memory per SM on H100 is 228 KiB; configs whose tiles clearly cannot fit are dropped
+# before compiling (the autotuner would skip them anyway, after paying for the compile).
+_SMEM_BUDGET = 200 * 1024
+
+
+def _prune(streamed_block: str, resident_block: str):
+    """Prune by head dim: the resident tile plus `num_stages` streamed tiles must fit."""
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        d, dv, elt = args["BLOCK_D"], args["BLOCK_DV"], args["ELT_BYTES"]
+        bucket = args["N_BUCKET"]
+        kept = []
+        for c in configs:
+            res, stream = c.kwargs[resident_block], c.kwargs[streamed_block]
+            smem = (res * (d + dv) + c.num_stages * stream * (d + dv)) * elt
+            if smem <= _SMEM_BUDGET and max(res, stream) <= max(bucket, 32):
+                kept.append(c)
+        if not kept:
+            smallest = min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))
+            kept = [triton.Config(dict(smallest.kwargs), num_warps=4, num_stages=1)]
+        if os.environ.get(AUTOTUNE_ENV, "1") == "0":
+            kept = kept[:1]
+        return kept
+
+    return prune
+
+
+# `cache_results` (persist autotune choices across processes) is newer than some supported
+# Tritons; use it where the installed one has it.
+_AUTOTUNE_EXTRA = (
+    {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+)
+_TUNE_KEY = [
+    "BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_BIAS", "BIAS_IS_BOOL", "HAS_DROPOUT", "N_BUCKET",
+]
+
+
+@triton.autotune(
+    configs=_FWD_CONFIGS, key=_TUNE_KEY,
+    prune_configs_by={"early_config_prune": _prune("BLOCK_N", "BLOCK_M")}, **_AUTOTUNE_EXTRA,
+)
+@triton.jit
+def _attn_fwd(
+    Q, K, V, Bias, Seed, Out, Lse,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_ob, stride_oh, stride_om,
+    Hq, G, Nq, Nk, qk_scale, drop_threshold, drop_scale, N_BUCKET,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ELT_BYTES: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    tl.static_assert(BLOCK_D >= D)
+    tl.static_assert(BLOCK_DV >= DV)
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    hk = h // G
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+        mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D), other=0.0,
+    )
+    K_head = K + b * stride_kb + hk * stride_kh
+    V_head = V + b * stride_vb + hk * stride_vh
+    bias_rows = Bias + b * stride_bb + h * stride_bh + offs_m[:, None].to(tl.int64) * stride_bm
+    if HAS_DROPOUT:
+        philox_seed, philox_offset = _load_philox(Seed)
+    else:
+        philox_seed, philox_offset = 0, 0
+
+    shift = _causal_shift(Nq, Nk, CAUSAL)
+    if CAUSAL != CAUSAL_NONE:
+        # Keys past the block's last row are skipped; [0, mid) is visible to every row of the
+        # block (no element mask), [mid, hi) is the diagonal band (element mask).
+        hi = tl.minimum(start_m + BLOCK_M + shift, Nk)
+        mid = tl.minimum(tl.maximum(start_m + shift + 1, 0) // BLOCK_N * BLOCK_N, hi)
+    else:
+        hi = Nk
+        mid = Nk
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, K_head, V_head, bias_rows, philox_seed, philox_offset, bh,
+        offs_m, offs_d, offs_dv, 0, mid, stride_kn, stride_vn, stride_bn,
+        Nq, Nk, shift, qk_scale, drop_threshold,
+        D, DV, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, False, DOT_PRECISION,
+    )
+    if CAUSAL != CAUSAL_NONE:
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, K_head, V_head, bias_rows, philox_seed, philox_offset, bh,
+            offs_m, offs_d, offs_dv, mid, hi, stride_kn, stride_vn, stride_bn,
+            Nq, Nk, shift, qk_scale, drop_threshold,
+            D, DV, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, True, DOT_PRECISION,
+        )
+
+    # l = 0 exactly when the row saw no key (the row max contributes exp2(0) = 1 otherwise):
+    # acc is 0 there too, so the row stores zeros and lse = -inf.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc * (drop_scale / l_safe)[:, None]
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    lse = tl.where(empty, float("-inf"), (m_safe + tl.math.log2(l_safe)) * LN2)
+    tl.store(
+        Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :],
+        out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < DV),
+    )
+    tl.store(Lse + bh.to(tl.int64) * Nq + offs_m, lse, mask=offs_m < Nq)
+
+
+# =============================================================================================
+# Backward: delta = rowsum(dO ∘ O) - dlse, then dK/dV, then dQ (+ dS for the bias gradient)
+# =============================================================================================
+
+
+@triton.jit
+def _attn_bwd_preprocess(
+    Out, DOut, DLse, Delta,
+    stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
+    Hq, Nq,
+    DV: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask = (offs_m[:, None] < Nq) & (offs_dv[None, :] < DV)
+    o = tl.load(
+        Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :],
+        mask=mask, other=0.0,
+    )
+    do = tl.load(
+        DOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :],
+        mask=mask, other=0.0,
+    )
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    row = bh.to(tl.int64) * Nq + offs_m
+    if HAS_DLSE:
+        # d lse / d s = p, so an incoming dlse enters dS = p ∘ (dP - delta) through delta.
+        delta -= tl.load(DLse + row, mask=offs_m < Nq, other=0.0)
+    tl.store(Delta + row, delta, mask=offs_m < Nq)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(
+    dk, dv, k, v,
+    Q_head, DO_head, Lse_head, Delta_head, bias_cols, philox_seed, philox_offset, bh,
+    offs_n, offs_d, offs_dv, lo, hi,
+    stride_qm, stride_dom, stride_bm,
+    Nq, Nk, shift, qk_scale, drop_threshold, drop_scale,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    MASK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Accumulate this key block's dK, dV over query rows [lo, hi) of one query head (on sᵀ)."""
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < Nq
+        qT = tl.load(
+            Q_head + offs_m[None, :] * stride_qm + offs_d[:, None],
+            mask=m_ok[None, :] & (offs_d[:, None] < D), other=0.0,
+        )
+        # lse = -inf marks a row with no visible key: +inf makes its p exactly 0.
+        lse = tl.load(Lse_head + offs_m, mask=m_ok, other=float("-inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+        sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale
+        sT = _masked_scores(
+            sT, offs_m[None, :], offs_n[:, None],
+            bias_cols + offs_m[None, :].to(tl.int64) * stride_bm,
+            Nq, Nk, shift, HAS_BIAS, BIAS_IS_BOOL, MASK_CAUSAL,
+        )
+        pT = tl.math.exp2(sT - lse2[None, :])
+        do = tl.load(
+            DO_head + offs_m[:, None] * stride_dom + offs_dv[None, :],
+            mask=m_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
+        )
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keepT = _dropout_keep(
+                philox_seed, philox_offset, bh, offs_m[None, :], offs_n[:, None], drop_threshold
+            )
+            pdT = tl.where(keepT, pT, 0.0)
+            dpT = tl.where(keepT, dpT * drop_scale, 0.0)
+        else:
+            pdT = pT
+        # dV's 1/(1-p) is applied once, after the loop.
+        dv += tl.dot(pdT.to(do.dtype), do, input_precision=DOT_PRECISION)
+        delta = tl.load(Delta_head + offs_m, mask=m_ok, other=0.0)
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.autotune(
+    configs=_DKDV_CONFIGS, key=_TUNE_KEY,
+    prune_configs_by={"early_config_prune": _prune("BLOCK_M", "BLOCK_N")}, **_AUTOTUNE_EXTRA,
+)
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, Bias, Seed, DO, Lse, Delta, DK, DV_,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    Hq, G, Nq, Nk, qk_scale, sm_scale, drop_threshold, drop_scale, N_BUCKET,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ELT_BYTES: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program per (b, KV head, key block); loops over the G query heads of its group."""
+    tl.static_assert(BLOCK_D >= D)
+    tl.static_assert(BLOCK_DV >= DV)
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    Hkv = Hq // G
+    b = (bhk // Hkv).to(tl.int64)
+    hk = (bhk % Hkv).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    n_ok = offs_n < Nk
+    k = tl.load(
+        K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+        mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0,
+    )
+    v = tl.load(
+        V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :],
+        mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
+    )
+    if HAS_DROPOUT:
+        philox_seed, philox_offset = _load_philox(Seed)
+    else:
+        philox_seed, philox_offset = 0, 0
+
+    shift = _causal_shift(Nq, Nk, CAUSAL)
+    if CAUSAL != CAUSAL_NONE:
+        # Rows before lo see none of these keys (skipped); [lo, mid) is the diagonal band
+        # (element mask); rows from mid on see the whole block.
+        lo = tl.maximum(start_n - shift, 0) // BLOCK_M * BLOCK_M
+        mid = tl.minimum(
+            (tl.maximum(start_n + BLOCK_N - 1 - shift, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M, Nq
+        )
+    else:
+        lo = 0
+        mid = 0
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    for g in range(0, G):
+        h = hk * G + g
+        bh = (b * Hq + h).to(tl.int32)
+        Q_head = Q + b * stride_qb + h * stride_qh
+        DO_head = DO + b * stride_dob + h * stride_doh
+        Lse_head = Lse + (b * Hq + h) * Nq
+        Delta_head = Delta + (b * Hq + h) * Nq
+        bias_cols = Bias + b * stride_bb + h * stride_bh + offs_n[:, None] * stride_bn
+        if CAUSAL != CAUSAL_NONE:
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, bias_cols,
+                philox_seed, philox_offset, bh, offs_n, offs_d, offs_dv, lo, mid,
+                stride_qm, stride_dom, stride_bm, Nq, Nk, shift, qk_scale, drop_threshold,
+                drop_scale, D, DV, BLOCK_M, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, True,
+                DOT_PRECISION,
+            )
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, bias_cols,
+            philox_seed, philox_offset, bh, offs_n, offs_d, offs_dv, mid, Nq,
+            stride_qm, stride_dom, stride_bm, Nq, Nk, shift, qk_scale, drop_threshold,
+            drop_scale, D, DV, BLOCK_M, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, False,
+            DOT_PRECISION,
+        )
+
+    dk *= sm_scale
+    dv *= drop_scale
+    tl.store(
+        DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+        dk.to(DK.dtype.element_ty), mask=n_ok[:, None] & (offs_d[None, :] < D),
+    )
+    tl.store(
+        DV_ + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :],
+        dv.to(DV_.dtype.element_ty), mask=n_ok[:, None] & (offs_dv[None, :] < DV),
+    )
+
+
+@triton.jit
+def _attn_bwd_dq_inner(
+    dq, q, do, lse2, delta,
+    K_head, V_head, bias_rows, DS_rows, philox_seed, philox_offset, bh,
+    offs_m, offs_d, offs_dv, lo, hi,
+    stride_kn, stride_vn, stride_bn,
+    Nq, Nk, shift, qk_scale, drop_threshold, drop_scale,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    STORE_DS: tl.constexpr, MASK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Nk
+        kT = tl.load(
+            K_head + offs_n[None, :] * stride_kn + offs_d[:, None],
+            mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0,
+        )
+        vT = tl.load(
+            V_head + offs_n[None, :] * stride_vn + offs_dv[:, None],
+            mask=n_ok[None, :] & (offs_dv[:, None] < DV), other=0.0,
+        )
+        s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
+        s = _masked_scores(
+            s, offs_m[:, None], offs_n[None, :], bias_rows + offs_n[None, :] * stride_bn,
+            Nq, Nk, shift, HAS_BIAS, BIAS_IS_BOOL, MASK_CAUSAL,
+        )
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(
+                philox_seed, philox_offset, bh, offs_m[:, None], offs_n[None, :], drop_threshold
+            )
+            dp = tl.where(keep, dp * drop_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        if STORE_DS:
+            tl.store(DS_rows + offs_n[None, :], ds, mask=(offs_m[:, None] < Nq) & n_ok[None, :])
+        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.autotune(
+    configs=_DQ_CONFIGS, key=_TUNE_KEY + ["STORE_DS"],
+    prune_configs_by={"early_config_prune": _prune("BLOCK_N", "BLOCK_M")}, **_AUTOTUNE_EXTRA,
+)
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, Bias, Seed, DO, Lse, Delta, DQ, DS,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dqb, stride_dqh, stride_dqm,
+    Hq, G, Nq, Nk, qk_scale, sm_scale, drop_threshold, drop_scale, N_BUCKET,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ELT_BYTES: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_DS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program per (b, query head, query block); loops over key blocks like the forward.
+
+    With STORE_DS it also writes dS (float32, [B, Hq, Nq, Nk], natural layout so the stores
+    are coalesced) for the bias gradient.
+    """
+    tl.static_assert(BLOCK_D >= D)
+    tl.static_assert(BLOCK_DV >= DV)
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    hk = h // G
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < Nq
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+        mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0,
+    )
+    do = tl.load(
+        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :],
+        mask=m_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
+    )
+    row = bh.to(tl.int64) * Nq + offs_m
+    lse = tl.load(Lse + row, mask=m_ok, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    delta = tl.load(Delta + row, mask=m_ok, other=0.0)
+    K_head = K + b * stride_kb + hk * stride_kh
+    V_head = V + b * stride_vb + hk * stride_vh
+    bias_rows = Bias + b * stride_bb + h * stride_bh + offs_m[:, None].to(tl.int64) * stride_bm
+    DS_rows = DS + row[:, None] * Nk
+    if HAS_DROPOUT:
+        philox_seed, philox_offset = _load_philox(Seed)
+    else:
+        philox_seed, philox_offset = 0, 0
+
+    shift = _causal_shift(Nq, Nk, CAUSAL)
+    if CAUSAL != CAUSAL_NONE:
+        hi = tl.minimum(start_m + BLOCK_M + shift, Nk)
+        mid = tl.minimum(tl.maximum(start_m + shift + 1, 0) // BLOCK_N * BLOCK_N, hi)
+    else:
+        hi = Nk
+        mid = Nk
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse2, delta, K_head, V_head, bias_rows, DS_rows, philox_seed, philox_offset,
+        bh, offs_m, offs_d, offs_dv, 0, mid, stride_kn, stride_vn, stride_bn,
+        Nq, Nk, shift, qk_scale, drop_threshold, drop_scale,
+        D, DV, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, STORE_DS, False, DOT_PRECISION,
+    )
+    if CAUSAL != CAUSAL_NONE:
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, K_head, V_head, bias_rows, DS_rows, philox_seed,
+            philox_offset, bh, offs_m, offs_d, offs_dv, mid, hi, stride_kn, stride_vn,
+            stride_bn, Nq, Nk, shift, qk_scale, drop_threshold, drop_scale,
+            D, DV, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, STORE_DS, True, DOT_PRECISION,
+        )
+    dq *= sm_scale
+    tl.store(
+        DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < D),
+    )
+
+
+# =============================================================================================
+# Launch glue
+# =============================================================================================
+
+_LOG2E = 1.4426950408889634
+_PREPROCESS_BLOCK_M = 16 if _interpreting() else 64
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """The kernels assume a unit-stride last dim (vectorised loads); copy only if it is not."""
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def _block(d: int) -> int:
+    # tl.dot needs every dim >= 16; padded columns are masked to 0 on load.
+    return max(16, triton.next_power_of_2(d))
+
+
+def _bias_args(inp: AttentionInputs, dummy: torch.Tensor):
+    """(pointer tensor, 4 strides) with stride 0 on the size-1 (broadcast) dims."""
+    b4 = inp.bias_4d()
+    if b4 is None:
+        return dummy, (0, 0, 0, 0)
+    if b4.dtype == torch.bool:
+        b4 = b4.view(torch.uint8)  # same bytes; sidesteps i1 pointer handling across versions
+    strides = tuple(0 if b4.shape[i] == 1 else b4.stride(i) for i in range(4))
+    return b4, strides
+
+
+def _common_meta(inp: AttentionInputs) -> dict:
+    """Constexpr switches shared by the three autotuned kernels (also the autotune key)."""
+    return dict(
+        D=inp.head_dim, DV=inp.head_dim_v,
+        BLOCK_D=_block(inp.head_dim), BLOCK_DV=_block(inp.head_dim_v),
+        ELT_BYTES=inp.q.element_size(), CAUSAL=int(inp.causal),
+        HAS_BIAS=inp.bias is not None, BIAS_IS_BOOL=inp.bias_kind == "bool",
+        HAS_DROPOUT=inp.dropout_p > 0.0,
+        # float32 promises float32 results: exact dots, not TF32.
+        DOT_PRECISION="ieee" if inp.dtype == torch.float32 else "tf32",
+    )
+
+
+def _scalars(inp: AttentionInputs) -> dict:
+    p = inp.dropout_p
+    return dict(
+        qk_scale=inp.scale * _LOG2E,
+        drop_threshold=int(round(p * (1 << DROPOUT_BITS.value))),
+        drop_scale=1.0 / (1.0 - p),
+        # Autotune once per power-of-two length bucket, not once per sequence length.
+        N_BUCKET=triton.next_power_of_2(max(inp.len_q, inp.len_k, 16)),
+    )
+
+
+def forward(inp: AttentionInputs, seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """out [B, Hq, Nq, Dv] in q's dtype and lse [B, Hq, Nq] float32 (natural log)."""
+    B, Hq, Nq, Nk = inp.batch, inp.heads_q, inp.len_q, inp.len_k
+    out = torch.empty((B, Hq, Nq, inp.head_dim_v), dtype=inp.dtype, device=inp.device)
+    lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=inp.device)
+    if out.numel() == 0 and lse.numel() == 0:
+        return out, lse
+    if Nk == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    q, k, v = _unit_last(inp.q), _unit_last(inp.k), _unit_last(inp.v)
+    bias, sb = _bias_args(inp, q)
+    sc = _scalars(inp)
+    grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+    _attn_fwd[grid](
+        q, k, v, bias, seed if seed is not None else q, out, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        *sb,
+        out.stride(0), out.stride(1), out.stride(2),
+        Hq, Hq // inp.heads_kv, Nq, Nk,
+        sc["qk_scale"], sc["drop_threshold"], sc["drop_scale"], sc["N_BUCKET"],
+        **_common_meta(inp),
+    )
+    return out, lse
+
+
+def backward(
+    inp: AttentionInputs,
+    seed: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dout: torch.Tensor,
+    dlse: torch.Tensor | None,
+    bias_requires_grad: bool,
+):
+    """(dq, dk, dv, dbias or None), FlashAttention-2 style, deterministic (no atomics).
+
+    The bias gradient is dS summed over the bias's broadcast dims. dS is written to a float32
+    [B, Hq, Nq, Nk] buffer and reduced in torch, so it costs O(B·Hq·Nq·Nk) memory, only when
+    the bias requires grad (a fused reduction is future work).
+    """
+    B, Hq, Hkv, Nq, Nk = inp.batch, inp.heads_q, inp.heads_kv, inp.len_q, inp.len_k
+    dev = inp.device
+    dq = torch.empty(inp.q.shape, dtype=inp.dtype, device=dev)
+    dk = torch.empty(inp.k.shape, dtype=inp.dtype, device=dev)
+    dv = torch.empty(inp.v.shape, dtype=inp.dtype, device=dev)
+    ds = None
+    if bias_requires_grad:
+        # Causally skipped blocks are never written: they must read as 0.
+        ds = torch.zeros((B, Hq, Nq, Nk), dtype=torch.float32, device=dev)
+    if B * Hq == 0 or Nq == 0 or Nk == 0:
+        for t in (dq, dk, dv):
+            t.zero_()
+    else:
+        q, k, v = _unit_last(inp.q), _unit_last(inp.k), _unit_last(inp.v)
+        out, dout = _unit_last(out), _unit_last(dout)
+        lse = lse.contiguous()
+        bias, sb = _bias_args(inp, q)
+        meta, sc = _common_meta(inp), _scalars(inp)
+        G = Hq // Hkv
+        seed_arg = seed if seed is not None else q
+
+        delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=dev)
+        _attn_bwd_preprocess[(triton.cdiv(Nq, _PREPROCESS_BLOCK_M), B * Hq)](
+            out, dout, dlse.contiguous() if dlse is not None else delta, delta,
+            out.stride(0), out.stride(1), out.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            Hq, Nq,
+            DV=inp.head_dim_v, BLOCK_DV=_block(inp.head_dim_v), HAS_DLSE=dlse is not None,
+            BLOCK_M=_PREPROCESS_BLOCK_M,
+        )
+        common = (
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            *sb,
+            dout.stride(0), dout.stride(1), dout.stride(2),
+        )
+        scalars = (
+            Hq, G, Nq, Nk, sc["qk_scale"], inp.scale, sc["drop_threshold"], sc["drop_scale"],
+            sc["N_BUCKET"],
+        )
+        grid_kv = lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
+        _attn_bwd_dkdv[grid_kv](
+            q, k, v, bias, seed_arg, dout, lse, delta, dk, dv,
+            *common,
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            *scalars, **meta,
+        )
+        grid_q = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+        _attn_bwd_dq[grid_q](
+            q, k, v, bias, seed_arg, dout, lse, delta, dq, ds if ds is not None else delta,
+            *common,
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            *scalars, STORE_DS=ds is not None, **meta,
+        )
+
+    dbias = None
+    if bias_requires_grad:
+        dims = inp.bias_broadcast_dims()
+        if dims:
+            ds = ds.sum(dim=dims, keepdim=True)
+        dbias = ds.reshape(inp.bias.shape).to(inp.bias.dtype)
+    return dq, dk, dv, dbias

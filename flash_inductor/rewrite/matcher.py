@@ -1,0 +1,394 @@
+"""Find attention sites in a Dynamo graph and replace each with one `flash::fwd` call.
+
+A site is anchored on a softmax (or an SDPA call). From the softmax the matcher walks
+- back through score steps (scale, bias, fills, casts: flash_inductor.patterns) to q·kᵀ, and
+- forward through casts and dropout to P·V,
+requiring every intermediate to have this site as its only user (probabilities that are also
+returned or reused leave the site alone). The steps are folded into the op's arguments
+(scale, one bias or keep-mask, causal, dropout), the replacement is emitted before P·V, and the
+dead nodes are erased. Any guard that fails raises Refusal: the site is logged as skipped and
+the graph is left untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+
+from .. import dispatch
+from ..inputs import Causal, validate
+from ..patterns import dropout as dropout_family
+from ..patterns import gqa, masks, scale as scale_family, scores as scores_family, sdpa as sdpa_family
+from ..patterns import softmax as softmax_family
+from ..patterns.steps import Bias, Cast, Fill, Refusal, Scale
+from .emit import Emitter
+from .fx import IN_PLACE_METHODS, canon, example
+from .report import SiteReport, record
+
+_FUNCTIONAL = {"mul_": "mul", "div_": "div", "add_": "add", "sub_": "sub", "masked_fill_": "masked_fill"}
+
+
+def functionalize_score_updates(graph: Graph) -> None:
+    """Turn `scores.div_(s)`-style in-place updates into values the matcher can follow.
+
+    Dynamo records `s.div_(c)` as a node nobody uses, and later reads of `s` still point at the
+    product. When `s` is a fresh matmul result (no view of it taken), the in-place op can become
+    functional and every later read of `s` read its result instead.
+    """
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in list(graph.nodes):
+        if node.op != "call_method" or node.target not in IN_PLACE_METHODS:
+            continue
+        target = node.args[0]
+        if not isinstance(target, Node) or not _is_fresh_scores(target):
+            continue
+        earlier = [u for u in target.users if order[u] < order[node]]
+        if earlier:  # a view or read taken before the update would see the mutation
+            continue
+        node.target = _FUNCTIONAL[node.target]
+        for user in list(target.users):
+            if user is not node and order[user] > order[node]:
+                user.replace_input_with(target, node)
+
+
+def _is_fresh_scores(node: Node) -> bool:
+    """A tensor only this code can see: a score product, or an update already made functional."""
+    try:
+        if scores_family.match_scores(node) is not None:
+            return True
+    except Refusal:
+        return True
+    c = canon(node)
+    return c is not None and node.op == "call_method" and c.op in _FUNCTIONAL.values() and _is_fresh_scores(c.node.args[0])
+
+
+class _Site:
+    """What one attention site folds into: the op's arguments as graph values."""
+
+    def __init__(self):
+        self.steps = []
+        self.chain: list[Node] = []  # nodes the replacement makes dead
+        self.spelling: list[str] = []
+        self.dropout_p = 0.0
+
+
+def _single_user(node: Node, what: str) -> None:
+    if len(node.users) != 1:
+        users = ", ".join(u.name for u in node.users)
+        raise Refusal("used_once", f"the {what} ({node.name}) is used elsewhere too ({users})")
+
+
+def _leads_to_scores(node, depth: int = 12) -> bool:
+    """Whether the score chain continues through `node` down to q·kᵀ."""
+    for _ in range(depth):
+        if not isinstance(node, Node):
+            return False
+        try:
+            if scores_family.match_scores(node) is not None:
+                return True
+        except Refusal:
+            return True  # it is a product; its own guard will speak
+        c = canon(node)
+        if c is None:
+            return False
+        if c.op in ("cast", "mul", "div", "masked_fill"):
+            node = c["x"] if c.op in ("cast", "masked_fill") else c["a"]
+        elif c.op in ("add", "sub"):
+            return _leads_to_scores(c["a"], depth - 1) or _leads_to_scores(c["b"], depth - 1)
+        elif c.op == "where":
+            return _leads_to_scores(c["a"], depth - 1) or _leads_to_scores(c["b"], depth - 1)
+        else:
+            return False
+    return False
+
+
+def _score_steps(site: _Site, start: Node):
+    """Walk from the softmax input back to q·kᵀ; steps come back in application order."""
+    steps = []
+    node = start
+    while True:
+        _single_user(node, "score tensor")
+        found = scores_family.match_scores(node)
+        if found is not None:
+            site.chain.append(node)
+            site.spelling.insert(0, found.spelling)
+            steps = found.steps + steps
+            return found, steps
+        c = canon(node)
+        if c is None:
+            what = node.target if node.op != "call_function" else getattr(node.target, "__name__", node.target)
+            raise Refusal("score_chain", f"the scores pass through {what}, which the rewrite does not model")
+        site.chain.append(node)
+        if c.op == "cast":
+            steps.insert(0, Cast())
+            node = c["x"]
+            continue
+        if c.op in ("add", "sub", "where"):
+            a, b = (c["a"], c["b"])
+            sides = [x for x in (a, b) if _leads_to_scores(x)]
+            if len(sides) != 1:
+                raise Refusal("score_chain", f"{c.spelling} has {len(sides)} operands that lead to q·kᵀ")
+            chain = sides[0]
+            step = masks.match_bias(c, chain) if c.op != "where" else masks.match_fill(c, chain)
+            site.spelling.insert(0, f"{c.spelling}({'bias' if c.op != 'where' else 'fill'})")
+        elif c.op == "masked_fill":
+            chain = c["x"]
+            step = masks.match_fill(c, chain)
+            site.spelling.insert(0, "masked_fill")
+        elif c.op in ("mul", "div"):
+            chain = c["a"] if c.op == "div" or _leads_to_scores(c["a"]) else c["b"]
+            step = scale_family.match_scale(c, chain)
+            site.spelling.insert(0, f"{c.spelling}(scale)")
+        else:
+            raise Refusal("score_chain", f"the scores pass through {c.op}, which the rewrite does not model")
+        steps.insert(0, step)
+        node = chain
+
+
+def _prob_path(site: _Site, softmax: Node) -> tuple[Node, Node, Node]:
+    """From the softmax forward to P·V: returns (probabilities fed to P·V, the P·V node, v)."""
+    node = softmax
+    while True:
+        _single_user(node, "attention probabilities")
+        user = next(iter(node.users))
+        v = scores_family.match_values(user, node)
+        if v is not None:
+            return node, user, v
+        c = canon(user)
+        if c is not None and c.op == "cast":
+            site.chain.append(user)
+            node = user
+            continue
+        if c is None and user.op == "call_function" and user.target in (torch.nn.functional.dropout, torch.dropout):
+            c = canon(user)
+        if c is not None and c.op == "dropout":
+            rate = dropout_family.live_rate(c)
+            if rate and site.dropout_p:
+                raise Refusal("dropout_once", "two live dropouts on the probabilities")
+            site.dropout_p = rate or site.dropout_p
+            site.spelling.append("dropout" if rate else "dropout(off)")
+            site.chain.append(user)
+            node = user
+            continue
+        what = c.op if c is not None else (getattr(user.target, "__name__", None) or user.target)
+        raise Refusal("probs_to_values", f"the probabilities feed {what} before the value product")
+
+
+def _fold(steps, emit: Emitter):
+    """Fold score steps into (scale number, q factors, bias, keep-mask, fills seen)."""
+    scale = 1.0
+    q_factors: list[tuple[Node, bool]] = []
+    bias = None  # float additive bias (Node)
+    keep = None  # bool keep-mask (Node)
+    neg_inf_fill = False
+    finite_fill = None
+    for step in steps:
+        if isinstance(step, Cast):
+            continue
+        if isinstance(step, Scale):
+            f = step.factor
+            if isinstance(f, (int, float)):
+                if (neg_inf_fill or finite_fill is not None) and not f > 0:
+                    raise Refusal("scale_after_mask", f"a scale of {f} after a mask flips the masked scores")
+                scale = scale / f if step.divide else scale * f
+                if finite_fill is not None:
+                    finite_fill = finite_fill / f if step.divide else finite_fill * f
+                    if finite_fill > -masks.EXACT_FILL_MAGNITUDE:
+                        raise Refusal("fill_is_exact", "a later scale shrinks the mask fill below 1e30 in magnitude")
+            else:
+                if neg_inf_fill or finite_fill is not None:
+                    raise Refusal("scale_after_mask", "a tensor-valued scale after a mask (its sign is unknown)")
+                q_factors.append((f, step.divide))
+            if bias is not None:
+                bias = emit.call(operator.truediv if step.divide else operator.mul, bias, f)
+        elif isinstance(step, Bias):
+            term = emit.call(operator.neg, step.term) if step.negate else step.term
+            bias = term if bias is None else emit.call(operator.add, bias, term)
+        elif isinstance(step, Fill):
+            if step.value == -math.inf:
+                k = emit.call(torch.logical_not, step.mask) if step.masked_when else step.mask
+                keep = k if keep is None else emit.call(operator.and_, keep, k)
+                neg_inf_fill = True
+            else:
+                if bias is not None or keep is not None:
+                    raise Refusal(
+                        "fill_is_exact",
+                        "a finite fill after another bias or mask would replace, not add to, their values",
+                    )
+                masked = step.mask if step.masked_when else emit.call(torch.logical_not, step.mask)
+                bias = emit.call(torch.where, masked, step.value, 0.0)
+                finite_fill = step.value
+    return scale, q_factors, bias, keep, neg_inf_fill
+
+
+def _to_dtype(emit: Emitter, node: Node, dtype: torch.dtype) -> Node:
+    ev = example(node)
+    return node if ev is not None and ev.dtype == dtype else emit.call_method("to", node, dtype)
+
+
+def _kernel_line(q, k, v, bias, causal, scale, dropout_p) -> str:
+    try:
+        inp = validate(q, k, v, bias, causal=causal, scale=scale, dropout_p=dropout_p)
+    except ValueError as e:
+        raise Refusal("op_contract", str(e))
+    return dispatch.explain_choice(inp)
+
+
+def _emit_op(emit: Emitter, q, k, v, bias, causal: Causal, scale, dropout_p, out_dtype, nan_rows: bool):
+    """Emit flash::fwd and the output fix-ups; return the node that replaces P·V."""
+    q4 = example(q)
+    three_d = q4.dim() == 3
+    if three_d:  # [B·H, N, D] layouts: one head per batch entry
+        q, k, v = (emit.call_method("unsqueeze", x, 1) for x in (q, k, v))
+        if bias is not None and example(bias).dim() == 3:
+            bias = emit.call_method("unsqueeze", bias, 1)
+    kernel = _kernel_line(example(q), example(k), example(v), example(bias) if bias is not None else None,
+                          causal, scale, dropout_p)
+    res = emit.call(torch.ops.flash.fwd.default, q, k, v, bias, None, int(causal), float(scale), float(dropout_p))
+    out = emit.call(operator.getitem, res, 0)
+    if nan_rows:
+        # Eager softmax over a row of -inf gives NaN; the op gives 0 and lse = -inf there.
+        lse = emit.call(operator.getitem, res, 1)
+        empty = emit.call_method("unsqueeze", emit.call(torch.isneginf, lse), -1)
+        out = emit.call(torch.where, empty, math.nan, out)
+    if three_d:
+        out = emit.call_method("squeeze", out, 1)
+    return _to_dtype(emit, out, out_dtype), kernel
+
+
+def _may_hold_neg_inf(bias: Node | None) -> bool:
+    """False when the bias is provably finite: where(mask, finite, finite), as HF's mask helpers make it."""
+    if bias is None:
+        return False
+    c = canon(bias)
+    if c is not None and c.op == "where":
+        from .fx import constant_value
+
+        vals = [constant_value(c["a"]), constant_value(c["b"])]
+        if all(v is not None and math.isfinite(v) for v in vals):
+            return False
+        if any(v is None and not _tensor_of_finite_zeros(x) for v, x in zip(vals, (c["a"], c["b"]))):
+            return True
+        return not all(v is None or math.isfinite(v) for v in vals)
+    return True
+
+
+def _tensor_of_finite_zeros(x) -> bool:
+    return isinstance(x, Node) and x.op == "call_function" and x.target in (torch.zeros, torch.zeros_like)
+
+
+def _rewrite_softmax(gm: GraphModule, node: Node, call) -> SiteReport:
+    site = _Site()
+    start = softmax_family.key_dim_input(call)
+    site.spelling.append("softmax(fp32)" if call.get("dtype") is not None else "softmax")
+    found, steps = _score_steps(site, start)
+    probs, pv, v = _prob_path(site, node)
+    site.spelling.append(pv_spelling(pv))
+    site.chain.insert(0, node)
+    k_node = found.k
+    emit = Emitter(gm.graph, pv)
+    try:
+        if k_node is None:
+            k_node = emit.call_method("transpose", found.key_t, -1, -2)
+        q_node = found.q
+        k_src, k_rep = gqa.unrepeated(k_node)
+        v_src, v_rep = gqa.unrepeated(v)
+        if k_rep == v_rep and k_rep > 1:
+            k_node, v = k_src, v_src
+            site.spelling.append("gqa")
+        scale, q_factors, bias, keep, neg_inf_fill = _fold(steps, emit)
+        for f, divide in q_factors:
+            q_node = emit.call(operator.truediv if divide else operator.mul, q_node, f)
+        if keep is not None and bias is not None:
+            bias = emit.call(torch.where, keep, bias, -math.inf)
+        elif keep is not None:
+            bias = keep
+        out_dtype = example(pv).dtype
+        q_node, k_node, v = (_to_dtype(emit, x, out_dtype) for x in (q_node, k_node, v))
+        _check_score_shape(found, q_node, k_node, start)
+        nan_rows = neg_inf_fill or (bias is not None and example(bias).dtype != torch.bool and _may_hold_neg_inf(bias))
+        new, kernel = _emit_op(emit, q_node, k_node, v, bias, Causal.NONE, scale, site.dropout_p, out_dtype, nan_rows)
+    except Refusal:
+        emit.rollback()
+        raise
+    pv.replace_all_uses_with(new)
+    _erase_dead([pv] + list(reversed(site.chain)), gm.graph)
+    return SiteReport(node.name, True, "·".join(site.spelling), kernel)
+
+
+def pv_spelling(pv: Node) -> str:
+    c = canon(pv)
+    return c.spelling if c is not None else "einsum"
+
+
+def _check_score_shape(found, q, k, scores_input) -> None:
+    """q·kᵀ of the operands we pass must be the score tensor eager computed (no batch broadcast)."""
+    eq, ek, es = example(q), example(k), example(scores_input)
+    if eq.dim() != ek.dim():
+        raise Refusal("score_operands", f"q is {eq.dim()}-D but k is {ek.dim()}-D")
+    if eq.dim() == 4 and (eq.shape[0] != ek.shape[0]):
+        raise Refusal("score_operands", f"q batch {eq.shape[0]} and k batch {ek.shape[0]} differ (broadcast batch)")
+    if eq.dim() not in (3, 4):
+        raise Refusal("score_operands", f"{eq.dim()}-D attention (the op takes 3-D or 4-D)")
+
+
+def _rewrite_sdpa(gm: GraphModule, node: Node, call) -> SiteReport:
+    m = sdpa_family.match_sdpa(call)
+    emit = Emitter(gm.graph, node)
+    spelling = ["sdpa"]
+    try:
+        k, v = m.k, m.v
+        k_src, k_rep = gqa.unrepeated(k)
+        v_src, v_rep = gqa.unrepeated(v)
+        if k_rep == v_rep and k_rep > 1:
+            k, v = k_src, v_src
+            spelling.append("gqa")
+        if example(m.q).shape[1] != example(k).shape[1] and not (m.enable_gqa or k is k_src):
+            raise Refusal("sdpa_heads", "q and k head counts differ without enable_gqa")
+        if m.mask is not None:
+            spelling.append("mask(bool)" if example(m.mask).dtype == torch.bool else "mask(float)")
+        if m.causal:
+            spelling.append("causal")
+        if m.dropout_p:
+            spelling.append("dropout")
+        scale = m.scale if m.scale is not None else 1.0 / math.sqrt(example(m.q).shape[-1])
+        out_dtype = example(node).dtype
+        new, kernel = _emit_op(emit, m.q, k, v, m.mask, Causal.TOP_LEFT if m.causal else Causal.NONE,
+                               scale, m.dropout_p, out_dtype, nan_rows=False)
+    except Refusal:
+        emit.rollback()
+        raise
+    node.replace_all_uses_with(new)
+    _erase_dead([node], gm.graph)
+    return SiteReport(node.name, True, "·".join(spelling), kernel)
+
+
+def _erase_dead(nodes, graph: Graph) -> None:
+    for n in nodes:
+        if n.graph is graph and not n.users:
+            graph.erase_node(n)
+
+
+def rewrite_graph(gm: GraphModule, graph_name: str = "") -> list[SiteReport]:
+    """Rewrite every attention site of a Dynamo graph in place; return one report per site."""
+    functionalize_score_updates(gm.graph)
+    reports = []
+    for node in list(gm.graph.nodes):
+        if node.graph is not gm.graph:  # erased by an earlier site
+            continue
+        call = canon(node)
+        if call is None or call.op not in ("softmax", "sdpa"):
+            continue
+        try:
+            rep = _rewrite_softmax(gm, node, call) if call.op == "softmax" else _rewrite_sdpa(gm, node, call)
+        except Refusal as r:
+            rep = SiteReport(node.name, False, guard=r.guard, reason=r.reason)
+        rep.graph = graph_name
+        record(rep)
+        reports.append(rep)
+    gm.graph.lint()
+    gm.recompile()
+    return reports

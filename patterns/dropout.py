@@ -1,0 +1,27 @@
+"""Dropout on the attention probabilities.
+
+`nn.functional.dropout(p, p=self.dropout, training=self.training)` (HF eager attention),
+`self.dropout(p)` (nn.Dropout, inlined by Dynamo), `torch.dropout(p, rate, train)`. Only live
+dropout (training and p > 0, both constants at trace time) is carried into the op; otherwise it
+is the identity and is dropped.
+"""
+
+from __future__ import annotations
+
+from flash_inductor.rewrite.fx import Call
+
+from .steps import Refusal
+
+
+def live_rate(call: Call) -> float:
+    """The dropout probability the op must apply (0.0 when this dropout is inactive)."""
+    p, training = call.get("p"), call.get("training")
+    if not isinstance(training, bool):
+        raise Refusal("dropout_constant", f"dropout training flag {training!r} is not a constant")
+    if not isinstance(p, (int, float)) or isinstance(p, bool):
+        raise Refusal("dropout_constant", f"dropout rate {p!r} is not a constant")
+    if not training or p == 0:
+        return 0.0
+    if not 0.0 < p < 1.0:
+        raise Refusal("dropout_constant", f"dropout rate {p} is outside (0, 1)")
+    return float(p)

@@ -1,0 +1,75 @@
+"""Biases and masks added to, or filled into, the scores.
+
+- Additive: `scores + attention_mask` (every HF model: 0 / finfo.min masks from the mask
+  helpers), `scores + position_bias` (T5, learned), `mask + scores`, `scores - x`. An added
+  tensor is a bias whatever its values (-10000, -100, finfo.min, -inf).
+- Filled: `scores.masked_fill(mask, -inf)`, `torch.where(keep, scores, finfo.min)` (GPT-2,
+  GPT-Neo), `torch.where(mask, mask_value, scores)`. A -inf fill becomes a keep-mask. A finite
+  fill of magnitude >= 1e30 (finfo.min of fp32/bf16) is carried exactly as an additive term:
+  adding a score of any realistic size to it rounds back to the fill itself in fp32, so masked
+  entries hold exactly the fill, and a fully masked row averages V uniformly as in eager.
+  Smaller finite fills (0, -1e4, fp16's -65504) cannot be carried exactly and are refused.
+"""
+
+from __future__ import annotations
+
+import math
+
+from flash_inductor.rewrite.fx import Call, constant_value, example
+
+from .steps import Bias, Fill, Refusal
+
+# |fill| at or above this absorbs any score below ~1e22 in fp32 arithmetic (ulp(1e30) ≈ 7e22).
+EXACT_FILL_MAGNITUDE = 1e30
+
+
+def _same_shape(a, b) -> bool:
+    ea, eb = example(a), example(b)
+    return ea is not None and eb is not None and tuple(ea.shape) == tuple(eb.shape)
+
+
+def match_bias(call: Call, chain) -> Bias | None:
+    if call.op not in ("add", "sub"):
+        return None
+    if call.get("alpha", 1) != 1:
+        raise Refusal("bias_add", f"{call.op} with alpha={call['alpha']!r}")
+    if call.op == "sub" and call["a"] is not chain:
+        raise Refusal("bias_add", "the scores are subtracted (negated scores are not attention)")
+    other = call["b"] if call["a"] is chain else call["a"]
+    if not _same_shape(call.node, chain):
+        raise Refusal(
+            "bias_broadcasts_to_scores",
+            f"adding a tensor of shape {tuple(example(other).shape) if example(other) is not None else '?'} "
+            f"changes the score shape {tuple(example(chain).shape)}",
+        )
+    ev = example(other)
+    if ev is not None and not (ev.dtype.is_floating_point):
+        raise Refusal("bias_add", f"the added tensor has dtype {ev.dtype}, not a float bias")
+    return Bias(other, negate=call.op == "sub")
+
+
+def check_fill_value(value) -> float:
+    v = constant_value(value)
+    if v is None:
+        raise Refusal("fill_is_constant", f"the fill {value!r} is not a constant")
+    if v == -math.inf or v <= -EXACT_FILL_MAGNITUDE:
+        return v
+    raise Refusal(
+        "fill_is_exact",
+        f"fill value {v:g} is finite and above -1e30: a fully masked row would not match eager exactly",
+    )
+
+
+def match_fill(call: Call, chain) -> Fill | None:
+    if call.op == "masked_fill":
+        if call["x"] is not chain:
+            return None
+        return Fill(call["mask"], masked_when=True, value=check_fill_value(call["value"]))
+    if call.op == "where":
+        if not _same_shape(call.node, chain):
+            raise Refusal("bias_broadcasts_to_scores", "torch.where broadcasts the scores to a larger shape")
+        if call["a"] is chain:  # where(keep, scores, fill)
+            return Fill(call["cond"], masked_when=False, value=check_fill_value(call["b"]))
+        if call["b"] is chain:  # where(masked, fill, scores)
+            return Fill(call["cond"], masked_when=True, value=check_fill_value(call["a"]))
+    return None

@@ -1,0 +1,49 @@
+"""The normalised steps the families produce, and the refusal they raise instead."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch.fx import Node
+
+
+class Refusal(Exception):
+    """A guard refused the site; the message says which guard and why, for the log."""
+
+    def __init__(self, guard: str, reason: str):
+        super().__init__(f"{guard}: {reason}")
+        self.guard = guard
+        self.reason = reason
+
+
+@dataclass
+class Scale:
+    """Scores multiplied (or divided) by `factor`: a number, or a node holding a scalar."""
+
+    factor: object
+    divide: bool = False
+
+
+@dataclass
+class Bias:
+    """`term` (a node or number) added to the scores; `negate` for subtraction."""
+
+    term: object
+    negate: bool = False
+
+
+@dataclass
+class Fill:
+    """Scores replaced by `value` where `mask` is `masked_when` (masked_fill / where)."""
+
+    mask: Node
+    masked_when: bool
+    value: float
+
+
+@dataclass
+class Cast:
+    """A dtype change on the scores; rounding only, so the op needs nothing from it."""
+
+
+Step = Scale | Bias | Fill | Cast

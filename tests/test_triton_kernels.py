@@ -1,0 +1,426 @@
+"""The Triton kernels against `attention_ref` in float64: on CPU under TRITON_INTERPRET=1, and
+at real sizes on CUDA (marked `gpu`).
+
+Interpreter isolation: TRITON_INTERPRET must be set before triton is imported (triton 3.9's
+own jit'd helpers, such as the combine functions behind tl.sum/tl.max, are built at import),
+and once set it would also make `TritonBackend` accept CPU tensors for every other test module
+in the process, and break compiled kernels on a GPU machine. So the interpreter tests
+(`@interpreted`) run in one child pytest process started with TRITON_INTERPRET=1 and no
+visible GPU; in this process each of them reports the child's outcome for the same test id.
+Running this file with TRITON_INTERPRET=1 already set runs them directly, in-process.
+
+Accuracy bound, as FlashAttention's tests: an error at most 2x the one PyTorch's own
+`attention_ref` makes in the same dtype against the float64 result, plus a small floor.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+import zlib
+
+import pytest
+import torch
+
+from flash_inductor import attention_ref
+from flash_inductor.inputs import Causal, validate
+
+triton = pytest.importorskip("triton")
+
+KERNEL_MODULE = "flash_inductor.kernels.triton_attention"
+FLOOR = {torch.float32: 2e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+POISON = float("nan")
+
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.fixture(scope="module")
+def interp():
+    """The kernel module; its kernels are interpreted in the child process."""
+    return importlib.import_module(KERNEL_MODULE)
+
+
+@pytest.fixture(scope="module")
+def interpreter_outcomes(request, tmp_path_factory):
+    """Run every selected `@interpreted` test once in a TRITON_INTERPRET=1 child pytest:
+    {test name: None if passed, else ("failed" | "skipped", message)}."""
+    ids = [i.nodeid for i in request.session.items if getattr(i.function, "interpreted", False)]
+    xml = tmp_path_factory.mktemp("interpreter") / "junit.xml"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", *ids],
+        cwd=request.config.rootpath, env=env, capture_output=True, text=True,
+    )
+    if not xml.exists():
+        pytest.fail(f"the interpreter subprocess wrote no results:\n{proc.stdout[-4000:]}{proc.stderr[-4000:]}")
+    outcomes = {}
+    for case in ET.parse(xml).getroot().iter("testcase"):
+        bad = case.find("failure") or case.find("error")
+        bad = bad if bad is not None else case.find("failure")
+        bad = bad if bad is not None else case.find("error")
+        skip = case.find("skipped")
+        if bad is not None:
+            outcomes[case.get("name")] = ("failed", (bad.text or bad.get("message") or "")[-6000:])
+        elif skip is not None:
+            outcomes[case.get("name")] = ("skipped", skip.get("message", ""))
+        else:
+            outcomes[case.get("name")] = None
+    return outcomes
+
+
+def interpreted(test):
+    """Run `test` under the Triton interpreter: directly in the child, by proxy here."""
+    test.interpreted = True
+    if INTERPRETING:
+        return test
+
+    @functools.wraps(test)
+    def proxy(request, interpreter_outcomes, **kwargs):
+        name = request.node.name
+        if name not in interpreter_outcomes:
+            pytest.fail(f"{name} did not run in the interpreter subprocess")
+        outcome = interpreter_outcomes[name]
+        if outcome is not None and outcome[0] == "skipped":
+            pytest.skip(outcome[1])
+        if outcome is not None:
+            pytest.fail(f"under TRITON_INTERPRET=1:\n{outcome[1]}", pytrace=False)
+
+    params = [p for n, p in inspect.signature(test).parameters.items() if n not in ("interp", "poisoned")]
+    extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY) for n in ("request", "interpreter_outcomes")]
+    proxy.__signature__ = inspect.Signature(
+        [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params] + extra
+    )
+    proxy.interpreted = True
+    return proxy
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every float torch.empty made during a kernel call is NaN-filled, so an element the
+    kernel forgets to write shows up as non-finite instead of passing by luck."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.dtype.is_floating_point:
+            t.fill_(POISON)
+        return t
+
+    def run(fn, *args):
+        with monkeypatch.context() as m:
+            m.setattr(torch, "empty", empty)
+            return fn(*args)
+
+    return run
+
+
+# ---- inputs and float64 ground truth ------------------------------------------------------
+
+
+def _randn(shape, dtype, gen, layout="bhnd"):
+    """Fresh normal values; layout 'bnhd' returns a strided [B, H, N, D] view of a [B, N, H, D]
+    tensor, as a model that transposes its projections passes them."""
+    if layout == "bnhd":
+        b, h, n, d = shape
+        return torch.randn(b, n, h, d, generator=gen).to(dtype).transpose(1, 2)
+    return torch.randn(shape, generator=gen).to(dtype)
+
+
+def _bias(kind, B, Hq, Nq, Nk, dtype, gen):
+    if kind is None:
+        return None
+    if kind == "bool":
+        keep = torch.rand(B, 1, Nq, Nk, generator=gen) > 0.3
+        keep[:, :, 3] = False  # a fully masked row: zeros and lse = -inf
+        return keep
+    shape = {
+        "heads_rows_keys": (1, Hq, Nq, Nk),
+        "batch_keys": (B, 1, 1, Nk),
+        "rows_keys": (Nq, Nk),
+        "rows": (B, Hq, Nq, 1),
+    }[kind]
+    return torch.randn(shape, generator=gen).to(dtype)
+
+
+def _masked_scores64(q, k, bias, causal, scale):
+    """float64 [B, Hq, Nq, Nk] scores with -inf where hidden (for lse and dense references)."""
+    g = q.shape[1] // k.shape[1]
+    s = q.double() @ k.double().repeat_interleave(g, 1).transpose(-1, -2) * scale
+    nq, nk = q.shape[2], k.shape[2]
+    dev = q.device
+    keep = torch.ones(nq, nk, dtype=torch.bool, device=dev)
+    if bias is not None and bias.dtype == torch.bool:
+        keep = keep & bias
+    elif bias is not None:
+        s = s + bias.double()
+    c = Causal.parse(causal)
+    if c != Causal.NONE:
+        shift = nk - nq if c == Causal.BOTTOM_RIGHT else 0
+        keep = keep & (torch.arange(nk, device=dev)[None, :] <= torch.arange(nq, device=dev)[:, None] + shift)
+    return s.masked_fill(~keep, float("-inf"))
+
+
+def _dense64(q, k, v, bias, causal, scale, drop_keep=None, p=0.0):
+    """float64 (out, lse) with autograd; `drop_keep` applies a given dropout keep-mask."""
+    s = _masked_scores64(q, k, bias, causal, scale)
+    lse = torch.logsumexp(s, -1)
+    prob = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    if drop_keep is not None:
+        prob = prob * drop_keep / (1.0 - p)
+    g = q.shape[1] // k.shape[1]
+    return prob @ v.double().repeat_interleave(g, 1), lse
+
+
+def _rel(x, ref):
+    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def _ref_out_and_grads(q, k, v, bias, causal, dout, dtype):
+    """(out, dq, dk, dv, dbias) from autograd of attention_ref, with its inputs in `dtype`."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    b = None
+    if bias is not None:
+        b = bias if bias.dtype == torch.bool else bias.detach().to(dtype).requires_grad_()
+    out = attention_ref(*leaves, b, causal=causal)
+    out.backward(dout.to(dtype))
+    dbias = b.grad if b is not None and b.dtype != torch.bool else None
+    return (out.detach(), *(t.grad for t in leaves), dbias)
+
+
+def _check_against_ref(kernels, run, q, k, v, bias, causal, gen, dlse=False):
+    """Forward and backward of `kernels` against float64 autograd; bounds from `q.dtype`."""
+    dtype = q.dtype
+    inp = validate(q, k, v, bias, causal=causal)
+    out, lse = run(kernels.forward, inp, None)
+    assert out.shape == (*q.shape[:3], v.shape[3]) and out.dtype == dtype
+    assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
+    assert torch.isfinite(out).all()
+
+    lse64 = torch.logsumexp(_masked_scores64(q, k, bias, causal, inp.scale), -1)
+    assert not lse.isnan().any()
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(lse64))
+    finite = torch.isfinite(lse64)
+    torch.testing.assert_close(lse.double()[finite], lse64[finite], rtol=0, atol=1e-5 if dtype == torch.float32 else 2e-3)
+
+    dout = _randn(out.shape, dtype, gen).to(q.device)
+    bias_grad = bias is not None and bias.dtype != torch.bool
+    dlse_t = torch.randn(lse.shape, generator=gen).to(q.device) if dlse else None
+    grads = run(kernels.backward, inp, None, out, lse, dout, dlse_t, bias_grad)
+
+    ref64 = _ref_out_and_grads(q, k, v, bias, causal, dout, torch.float64)
+    ref_lo = _ref_out_and_grads(q, k, v, bias, causal, dout, dtype)
+    if dlse:
+        # attention_ref has no lse: fold d lse in through the dense float64 path instead.
+        leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        b = bias.detach().double().requires_grad_() if bias_grad else bias
+        o64, l64 = _dense64(*leaves, b, causal, inp.scale)
+        torch.autograd.backward((o64, l64), (dout.double(), dlse_t.double()))
+        ref64 = (o64.detach(), *(t.grad for t in leaves), b.grad if bias_grad else None)
+        ref_lo = ref64  # the bound then is the floor alone (dtype is float32 in these cases)
+
+    names = ("out", "dq", "dk", "dv", "dbias")
+    for name, got, r64, rlo in zip(names, (out, *grads), ref64, ref_lo):
+        if r64 is None:
+            assert got is None, name
+            continue
+        ref_shape = bias.shape if name == "dbias" else r64.shape
+        assert got.shape == ref_shape and got.dtype == (bias.dtype if name == "dbias" else dtype), name
+        assert torch.isfinite(got).all(), name
+        bound = 2 * _rel(rlo, r64) + FLOOR[dtype]
+        err = _rel(got, r64)
+        assert err <= bound, f"{name}: relative error {err:.3g} > bound {bound:.3g}"
+
+
+# ---- the interpreter grid ------------------------------------------------------------------
+
+# (B, Hq, Hkv, Nq, Nk, D, Dv, dtype, causal, bias kind, q/k/v layout)
+CASES = {
+    "plain": (2, 2, 2, 37, 45, 16, 16, torch.float32, False, None, "bhnd"),
+    "gqa_top_left_nq_gt_nk_strided": (1, 4, 2, 45, 37, 24, 40, torch.float32, "top_left", None, "bnhd"),
+    "mqa_bottom_right_nq_gt_nk": (1, 4, 1, 45, 37, 40, 24, torch.float32, "bottom_right", None, "bhnd"),
+    "fp16_bottom_right": (2, 2, 1, 37, 45, 24, 24, torch.float16, "bottom_right", None, "bnhd"),
+    "bias_heads_rows_keys_causal": (2, 4, 2, 37, 45, 16, 24, torch.float32, "top_left", "heads_rows_keys", "bhnd"),
+    "bias_batch_keys": (2, 2, 1, 37, 45, 40, 16, torch.float32, False, "batch_keys", "bhnd"),
+    "bias_rows_keys_fp16": (1, 2, 2, 45, 37, 24, 24, torch.float16, "bottom_right", "rows_keys", "bhnd"),
+    "bias_rows_only": (2, 2, 2, 20, 33, 16, 16, torch.float32, False, "rows", "bhnd"),
+    "bool_mask_empty_row": (2, 2, 1, 37, 45, 16, 16, torch.float32, False, "bool", "bhnd"),
+    "bool_mask_bottom_right": (1, 4, 2, 45, 37, 24, 16, torch.float32, "bottom_right", "bool", "bnhd"),
+    "head_dim_1": (1, 1, 1, 5, 3, 1, 3, torch.float32, False, None, "bhnd"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@interpreted
+def test_forward_backward(interp, poisoned, case):
+    B, Hq, Hkv, Nq, Nk, D, Dv, dtype, causal, bias_kind, layout = CASES[case]
+    gen = torch.Generator().manual_seed(zlib.crc32(case.encode()))
+    q = _randn((B, Hq, Nq, D), dtype, gen, layout)
+    k = _randn((B, Hkv, Nk, D), dtype, gen, layout)
+    v = _randn((B, Hkv, Nk, Dv), dtype, gen, layout)
+    bias = _bias(bias_kind, B, Hq, Nq, Nk, dtype, gen)
+    _check_against_ref(interp, poisoned, q, k, v, bias, causal, gen)
+
+
+@pytest.mark.parametrize("causal", [False, "bottom_right"])
+@interpreted
+def test_dlse_is_folded_into_delta(interp, poisoned, causal):
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (_randn(s, torch.float32, gen) for s in ((1, 2, 37, 16), (1, 1, 45, 16), (1, 1, 45, 24)))
+    bias = torch.randn(1, 2, 37, 45, generator=gen)
+    _check_against_ref(interp, poisoned, q, k, v, bias, causal, gen, dlse=True)
+
+
+def _dropout_mask(kernels, q, k, seed, p, causal=False, bias=None):
+    """The kernel's keep-mask [B, Hq, Nq, Nk], read off a run with v = identity (Nk <= Dv):
+    out[i, :Nk] = P[i] * keep[i] / (1-p), so its zeros are the dropped entries."""
+    nk = k.shape[2]
+    eye = torch.eye(nk, nk, dtype=q.dtype).expand(k.shape[0], k.shape[1], nk, nk)
+    out, _ = kernels.forward(validate(q, k, eye, bias, causal=causal, dropout_p=p), seed)
+    return out != 0
+
+
+@pytest.mark.parametrize(
+    "causal,bias_kind", [(False, None), ("bottom_right", "heads_rows_keys")], ids=["plain", "causal_bias"]
+)
+@interpreted
+def test_dropout_backward_matches_forward_mask(interp, poisoned, causal, bias_kind):
+    B, Hq, Hkv, Nq, Nk, D, p = 2, 4, 2, 37, 24, 16, 0.25
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (_randn(s, torch.float32, gen) for s in ((B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, Nk)))
+    bias = _bias(bias_kind, B, Hq, Nq, Nk, torch.float32, gen)
+    seed = torch.tensor([1234, 5678])
+    keep = _dropout_mask(interp, q, k, seed, p, causal, bias)
+
+    inp = validate(q, k, v, bias, causal=causal, dropout_p=p)
+    out, lse = poisoned(interp.forward, inp, seed)
+    dout = _randn(out.shape, torch.float32, gen)
+    grads = poisoned(interp.backward, inp, seed, out, lse, dout, None, bias is not None)
+
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    b = bias.detach().double().requires_grad_() if bias is not None else None
+    out64, lse64 = _dense64(*leaves, b, causal, inp.scale, drop_keep=keep, p=p)
+    out64.backward(dout.double())
+    # The normaliser ignores dropout: lse is the undropped one.
+    torch.testing.assert_close(lse.double(), lse64.detach(), rtol=0, atol=1e-5)
+    refs = (out64.detach(), *(t.grad for t in leaves), b.grad if b is not None else None)
+    for name, got, ref in zip(("out", "dq", "dk", "dv", "dbias"), (out, *grads), refs):
+        if ref is None:
+            continue
+        assert torch.isfinite(got).all(), name
+        assert _rel(got, ref) < 1e-5, name
+
+
+@interpreted
+def test_dropout_statistics_and_seeding(interp):
+    p = 0.3
+    gen = torch.Generator().manual_seed(3)
+    q, k = _randn((1, 2, 64, 16), torch.float32, gen), _randn((1, 1, 64, 16), torch.float32, gen)
+    keep = _dropout_mask(interp, q, k, torch.tensor([42, 0]), p)
+    # 8192 draws: the dropped fraction's standard deviation is ~0.005; 5 sigma.
+    assert abs((~keep).float().mean().item() - p) < 0.025
+    # The mask differs between query heads (the group shares one KV head) ...
+    assert not torch.equal(keep[:, 0], keep[:, 1])
+    # ... is a pure function of the seed tensor, and both of its words matter.
+    assert torch.equal(keep, _dropout_mask(interp, q, k, torch.tensor([42, 0]), p))
+    assert not torch.equal(keep, _dropout_mask(interp, q, k, torch.tensor([43, 0]), p))
+    assert not torch.equal(keep, _dropout_mask(interp, q, k, torch.tensor([42, 1]), p))
+
+
+@pytest.mark.parametrize(
+    "shape", [(2, 2, 1, 5, 0, 8), (2, 2, 1, 0, 5, 8), (0, 2, 1, 5, 5, 8)], ids=["nk0", "nq0", "b0"]
+)
+@interpreted
+def test_empty_sizes(interp, shape):
+    B, Hq, Hkv, Nq, Nk, D = shape
+    q, k, v = torch.randn(B, Hq, Nq, D), torch.randn(B, Hkv, Nk, D), torch.randn(B, Hkv, Nk, D)
+    bias = torch.randn(Nq, Nk)
+    inp = validate(q, k, v, bias)
+    out, lse = interp.forward(inp, None)
+    assert out.shape == (B, Hq, Nq, D) and lse.shape == (B, Hq, Nq)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+    dq, dk, dv, dbias = interp.backward(inp, None, out, lse, torch.randn_like(out), None, True)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    assert dbias.shape == bias.shape
+    assert (dq == 0).all() and (dk == 0).all() and (dv == 0).all() and (dbias == 0).all()
+
+
+# ---- real sizes on CUDA ----------------------------------------------------------------------
+
+GPU_CASES = {
+    "fp16_d64_plain": (2, 8, 8, 1024, 1024, 64, 64, torch.float16, False, None),
+    "bf16_d128_gqa_top_left": (2, 8, 2, 1000, 1000, 128, 128, torch.bfloat16, "top_left", None),
+    "fp16_d96_mqa_bottom_right_bias": (1, 8, 1, 777, 1031, 96, 96, torch.float16, "bottom_right", "heads_rows_keys"),
+    "bf16_d256_bool": (1, 4, 2, 513, 700, 256, 256, torch.bfloat16, False, "bool"),
+    "fp32_d40_batch_keys_bias": (2, 4, 2, 300, 257, 40, 24, torch.float32, "top_left", "batch_keys"),
+    "fp16_d80_nq_gt_nk": (2, 4, 4, 900, 300, 80, 80, torch.float16, "bottom_right", "rows_keys"),
+}
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 is set: the kernels would not be compiled")
+    return importlib.import_module(KERNEL_MODULE)
+
+
+def _to_cuda(*ts):
+    return [t.cuda() if t is not None else None for t in ts]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(GPU_CASES))
+def test_gpu_forward_backward(compiled, poisoned, monkeypatch, case):
+    # One config per kernel: autotuning every case would compile ~30 variants each.
+    monkeypatch.setenv(compiled.AUTOTUNE_ENV, "0")
+    B, Hq, Hkv, Nq, Nk, D, Dv, dtype, causal, bias_kind = GPU_CASES[case]
+    gen = torch.Generator().manual_seed(zlib.crc32(case.encode()))
+    q = _randn((B, Hq, Nq, D), dtype, gen, "bnhd")
+    k = _randn((B, Hkv, Nk, D), dtype, gen)
+    v = _randn((B, Hkv, Nk, Dv), dtype, gen)
+    bias = _bias(bias_kind, B, Hq, Nq, Nk, dtype, gen)
+    q, k, v, bias = _to_cuda(q, k, v, bias)
+    _check_against_ref(compiled, poisoned, q, k, v, bias, causal, gen)
+
+
+@pytest.mark.gpu
+def test_gpu_autotuned_dropout_matches_forward_mask(compiled, poisoned):
+    """Full autotuning on, with dropout: every config must regenerate the same mask."""
+    B, Hq, Hkv, Nq, Nk, D, p = 2, 8, 2, 500, 128, 64, 0.2
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = _to_cuda(*(_randn(s, torch.float16, gen) for s in ((B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, Nk))))
+    seed = torch.tensor([99, 7], device="cuda")
+    keep = _dropout_mask(compiled, q, k, seed, p, "top_left")
+    inp = validate(q, k, v, causal="top_left", dropout_p=p)
+    out, lse = poisoned(compiled.forward, inp, seed)
+    dout = _randn(out.shape, torch.float16, gen).cuda()
+    grads = poisoned(compiled.backward, inp, seed, out, lse, dout, None, False)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out64, _ = _dense64(*leaves, None, "top_left", inp.scale, drop_keep=keep, p=p)
+    out64.backward(dout.double())
+    for name, got, ref in zip(("out", "dq", "dk", "dv"), (out, *grads), (out64, *(t.grad for t in leaves))):
+        assert torch.isfinite(got).all(), name
+        assert _rel(got, ref.detach()) < 1e-2, name
+
+
+@pytest.mark.gpu
+def test_gpu_public_op_dispatches_to_triton(compiled):
+    import flash_inductor
+    from flash_inductor import dispatch
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = _to_cuda(*(_randn((2, 4, 256, 64), torch.bfloat16, gen) for _ in range(3)))
+    assert dispatch.select(validate(q, k, v)).NAME == "triton"
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    out = flash_inductor.attention(*leaves, causal=True)
+    out.sum().backward()
+    ref = attention_ref(*(t.detach().double() for t in leaves), causal=True)
+    assert _rel(out.detach(), ref) < 2e-2
+    assert all(torch.isfinite(t.grad).all() for t in leaves)
