@@ -1,9 +1,11 @@
 """flash-inductor: `torch.compile(model, backend="flash")` runs attention as one fused op."""
 
 from .dispatch import config
+from .explain import explain
 from .inputs import Causal
 from .ops import attention, attention_with_lse
+from .seed_compat import FlashAttentionFunction
 from .reference import attention_ref
 
-__all__ = ["attention", "attention_with_lse", "attention_ref", "Causal", "config"]
+__all__ = ["FlashAttentionFunction", "explain", "attention", "attention_with_lse", "attention_ref", "Causal", "config"]
 __version__ = "0.1.0"

@@ -84,14 +84,16 @@ def select(inp: AttentionInputs) -> KernelBackend:
     raise NoKernelError("no attention kernel accepts this input:\n" + _format(reasons_by_backend(inp)))
 
 
-def explain_choice(inp: AttentionInputs) -> str:
-    """One line: which kernel runs, and why each earlier one did not."""
+def explain_choice(inp: AttentionInputs) -> tuple[str, str]:
+    """(the kernel that runs, why each kernel ahead of it in the order refused)."""
     reasons = reasons_by_backend(inp)
     try:
         chosen = select(inp).NAME
     except (NoKernelError, ValueError) as e:
-        return f"no kernel: {e}"
-    skipped = [
-        f"{name}: {'; '.join(rs)}" for name, rs in reasons.items() if rs and name != chosen
-    ]
-    return chosen + (f" (not {' | '.join(skipped)})" if skipped else "")
+        return "none", str(e)
+    ahead = []
+    for name, rs in reasons.items():
+        if name == chosen:
+            break
+        ahead.append(f"{name}: {'; '.join(rs)}")
+    return chosen, " | ".join(ahead)

@@ -4,11 +4,13 @@
   helpers), `scores + position_bias` (T5, learned), `mask + scores`, `scores - x`. An added
   tensor is a bias whatever its values (-10000, -100, finfo.min, -inf).
 - Filled: `scores.masked_fill(mask, -inf)`, `torch.where(keep, scores, finfo.min)` (GPT-2,
-  GPT-Neo), `torch.where(mask, mask_value, scores)`. A -inf fill becomes a keep-mask. A finite
-  fill of magnitude >= 1e30 (finfo.min of fp32/bf16) is carried exactly as an additive term:
-  adding a score of any realistic size to it rounds back to the fill itself in fp32, so masked
-  entries hold exactly the fill, and a fully masked row averages V uniformly as in eager.
-  Smaller finite fills (0, -1e4, fp16's -65504) cannot be carried exactly and are refused.
+  GPT-Neo), `torch.where(mask, mask_value, scores)`. Every fill becomes a keep-mask. A -inf
+  fill is then exact (a row with no visible key is NaN in eager, and the rewrite restores that).
+  A finite fill of magnitude >= 1e30 (finfo.min of fp32/bf16) is exact on every row with a
+  visible key, since exp(fill - row max) underflows to exactly 0 for any score below ~1e29;
+  a row with no visible key is a uniform average of V in eager, restored after the op.
+  Smaller finite fills (0, -1e4, fp16's -65504) leave masked keys a non-zero weight and are
+  refused.
 """
 
 from __future__ import annotations

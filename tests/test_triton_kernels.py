@@ -61,9 +61,7 @@ def interpreter_outcomes(request, tmp_path_factory):
         pytest.fail(f"the interpreter subprocess wrote no results:\n{proc.stdout[-4000:]}{proc.stderr[-4000:]}")
     outcomes = {}
     for case in ET.parse(xml).getroot().iter("testcase"):
-        bad = case.find("failure") or case.find("error")
-        bad = bad if bad is not None else case.find("failure")
-        bad = bad if bad is not None else case.find("error")
+        bad = next((e for e in (case.find("failure"), case.find("error")) if e is not None), None)
         skip = case.find("skipped")
         if bad is not None:
             outcomes[case.get("name")] = ("failed", (bad.text or bad.get("message") or "")[-6000:])
@@ -143,7 +141,7 @@ def _bias(kind, B, Hq, Nq, Nk, dtype, gen):
         "heads_rows_keys": (1, Hq, Nq, Nk),
         "batch_keys": (B, 1, 1, Nk),
         "rows_keys": (Nq, Nk),
-        "rows": (B, Hq, Nq, 1),
+        "heads_keys": (1, Hq, 1, Nk),
     }[kind]
     return torch.randn(shape, generator=gen).to(dtype)
 
@@ -248,7 +246,7 @@ CASES = {
     "bias_heads_rows_keys_causal": (2, 4, 2, 37, 45, 16, 24, torch.float32, "top_left", "heads_rows_keys", "bhnd"),
     "bias_batch_keys": (2, 2, 1, 37, 45, 40, 16, torch.float32, False, "batch_keys", "bhnd"),
     "bias_rows_keys_fp16": (1, 2, 2, 45, 37, 24, 24, torch.float16, "bottom_right", "rows_keys", "bhnd"),
-    "bias_rows_only": (2, 2, 2, 20, 33, 16, 16, torch.float32, False, "rows", "bhnd"),
+    "bias_heads_keys": (2, 2, 2, 20, 33, 16, 16, torch.float32, False, "heads_keys", "bhnd"),
     "bool_mask_empty_row": (2, 2, 1, 37, 45, 16, 16, torch.float32, False, "bool", "bhnd"),
     "bool_mask_bottom_right": (1, 4, 2, 45, 37, 24, 16, torch.float32, "bottom_right", "bool", "bnhd"),
     "head_dim_1": (1, 1, 1, 5, 3, 1, 3, torch.float32, False, None, "bhnd"),

@@ -210,7 +210,7 @@ def _prune(streamed_block: str, resident_block: str):
         for c in configs:
             res, stream = c.kwargs[resident_block], c.kwargs[streamed_block]
             smem = (res * (d + dv) + c.num_stages * stream * (d + dv)) * elt
-            if smem <= _SMEM_BUDGET and max(res, stream) <= max(bucket, 32):
+            if smem <= _SMEM_BUDGET and max(res, stream) <= max(bucket, 64):
                 kept.append(c)
         if not kept:
             smallest = min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 import operator
+import re
+from dataclasses import dataclass, field
 
 import torch
 from torch.fx import Graph, GraphModule, Node
@@ -75,8 +77,13 @@ class _Site:
         self.dropout_p = 0.0
 
 
+def _value_users(node: Node) -> list[Node]:
+    """Users that read the node's values; `x.type_as(node)` only reads its dtype."""
+    return [u for u in node.users if not (canon(u) is not None and canon(u).op == "cast" and u.args[0] is not node)]
+
+
 def _single_user(node: Node, what: str) -> None:
-    if len(node.users) != 1:
+    if len(_value_users(node)) != 1:
         users = ", ".join(u.name for u in node.users)
         raise Refusal("used_once", f"the {what} ({node.name}) is used elsewhere too ({users})")
 
@@ -153,7 +160,7 @@ def _prob_path(site: _Site, softmax: Node) -> tuple[Node, Node, Node]:
     node = softmax
     while True:
         _single_user(node, "attention probabilities")
-        user = next(iter(node.users))
+        user = _value_users(node)[0]
         v = scores_family.match_values(user, node)
         if v is not None:
             return node, user, v
@@ -177,51 +184,59 @@ def _prob_path(site: _Site, softmax: Node) -> tuple[Node, Node, Node]:
         raise Refusal("probs_to_values", f"the probabilities feed {what} before the value product")
 
 
-def _fold(steps, emit: Emitter):
-    """Fold score steps into (scale number, q factors, bias, keep-mask, fills seen)."""
-    scale = 1.0
-    q_factors: list[tuple[Node, bool]] = []
-    bias = None  # float additive bias (Node)
-    keep = None  # bool keep-mask (Node)
-    neg_inf_fill = False
-    finite_fill = None
+@dataclass
+class _Folded:
+    scale: float = 1.0
+    q_factors: list = field(default_factory=list)  # (node, divide): tensor-valued scales, folded into q
+    bias: Node | None = None  # float additive bias
+    keep: Node | None = None  # bool keep-mask
+    fill: float | None = None  # the value masked scores are replaced by (-inf or a finite fill)
+
+
+def _fold(steps, emit: Emitter) -> _Folded:
+    """Fold score steps, in application order, into the op's scale, bias and keep-mask.
+
+    Masked scores become -inf in the op. For a -inf fill that is exact, fully masked rows
+    included (the rewrite turns the op's zero rows back into eager's NaN). For a finite fill
+    (finfo.min) it is exact on every row with a visible key, since exp(fill - max) underflows to
+    0 for any realistic score; rows with no visible key are patched to eager's uniform average
+    of V after the op (see _emit_op), which needs the fill to be the last thing done to the
+    scores, up to positive scales and casts.
+    """
+    st = _Folded()
     for step in steps:
         if isinstance(step, Cast):
             continue
         if isinstance(step, Scale):
             f = step.factor
             if isinstance(f, (int, float)):
-                if (neg_inf_fill or finite_fill is not None) and not f > 0:
+                if st.fill is not None and not f > 0:
                     raise Refusal("scale_after_mask", f"a scale of {f} after a mask flips the masked scores")
-                scale = scale / f if step.divide else scale * f
-                if finite_fill is not None:
-                    finite_fill = finite_fill / f if step.divide else finite_fill * f
-                    if finite_fill > -masks.EXACT_FILL_MAGNITUDE:
+                st.scale = st.scale / f if step.divide else st.scale * f
+                if st.fill is not None and st.fill != -math.inf:
+                    st.fill = st.fill / f if step.divide else st.fill * f
+                    if st.fill > -masks.EXACT_FILL_MAGNITUDE:
                         raise Refusal("fill_is_exact", "a later scale shrinks the mask fill below 1e30 in magnitude")
             else:
-                if neg_inf_fill or finite_fill is not None:
+                if st.fill is not None:
                     raise Refusal("scale_after_mask", "a tensor-valued scale after a mask (its sign is unknown)")
-                q_factors.append((f, step.divide))
-            if bias is not None:
-                bias = emit.call(operator.truediv if step.divide else operator.mul, bias, f)
+                st.q_factors.append((f, step.divide))
+            if st.bias is not None:
+                st.bias = emit.call(operator.truediv if step.divide else operator.mul, st.bias, f)
         elif isinstance(step, Bias):
+            if st.fill is not None and st.fill != -math.inf:
+                raise Refusal("fill_is_exact", "a bias added after a finite fill: a fully masked row would hold fill + bias")
             term = emit.call(operator.neg, step.term) if step.negate else step.term
-            bias = term if bias is None else emit.call(operator.add, bias, term)
+            st.bias = term if st.bias is None else emit.call(operator.add, st.bias, term)
         elif isinstance(step, Fill):
-            if step.value == -math.inf:
-                k = emit.call(torch.logical_not, step.mask) if step.masked_when else step.mask
-                keep = k if keep is None else emit.call(operator.and_, keep, k)
-                neg_inf_fill = True
-            else:
-                if bias is not None or keep is not None:
-                    raise Refusal(
-                        "fill_is_exact",
-                        "a finite fill after another bias or mask would replace, not add to, their values",
-                    )
-                masked = step.mask if step.masked_when else emit.call(torch.logical_not, step.mask)
-                bias = emit.call(torch.where, masked, step.value, 0.0)
-                finite_fill = step.value
-    return scale, q_factors, bias, keep, neg_inf_fill
+            if st.fill is not None and st.fill != step.value:
+                raise Refusal("fill_is_exact", f"two masks fill different values ({st.fill:g} and {step.value:g})")
+            if step.value != -math.inf and _may_hold_neg_inf(st.bias):
+                raise Refusal("fill_is_exact", "a finite fill after a bias that may hold -inf")
+            k = emit.call(torch.logical_not, step.mask) if step.masked_when else step.mask
+            st.keep = k if st.keep is None else emit.call(operator.and_, st.keep, k)
+            st.fill = step.value
+    return st
 
 
 def _to_dtype(emit: Emitter, node: Node, dtype: torch.dtype) -> Node:
@@ -229,7 +244,7 @@ def _to_dtype(emit: Emitter, node: Node, dtype: torch.dtype) -> Node:
     return node if ev is not None and ev.dtype == dtype else emit.call_method("to", node, dtype)
 
 
-def _kernel_line(q, k, v, bias, causal, scale, dropout_p) -> str:
+def _kernel_line(q, k, v, bias, causal, scale, dropout_p) -> tuple[str, str]:
     try:
         inp = validate(q, k, v, bias, causal=causal, scale=scale, dropout_p=dropout_p)
     except ValueError as e:
@@ -237,8 +252,14 @@ def _kernel_line(q, k, v, bias, causal, scale, dropout_p) -> str:
     return dispatch.explain_choice(inp)
 
 
-def _emit_op(emit: Emitter, q, k, v, bias, causal: Causal, scale, dropout_p, out_dtype, nan_rows: bool):
-    """Emit flash::fwd and the output fix-ups; return the node that replaces P·V."""
+def _emit_op(emit: Emitter, q, k, v, bias, causal: Causal, scale, dropout_p, out_dtype, empty_rows):
+    """Emit flash::fwd and the output fix-ups; return the node that replaces P·V.
+
+    `empty_rows` says what eager gives on a row with no visible key, where the op gives zeros:
+    ("zero", None); ("nan", None) for softmax over a row of -inf; ("uniform", row_mask) for a
+    row whose scores were all replaced by one finite fill: the mean of V over all keys.
+    """
+    v_in = v
     q4 = example(q)
     three_d = q4.dim() == 3
     if three_d:  # [B·H, N, D] layouts: one head per batch entry
@@ -249,13 +270,19 @@ def _emit_op(emit: Emitter, q, k, v, bias, causal: Causal, scale, dropout_p, out
                           causal, scale, dropout_p)
     res = emit.call(torch.ops.flash.fwd.default, q, k, v, bias, None, int(causal), float(scale), float(dropout_p))
     out = emit.call(operator.getitem, res, 0)
-    if nan_rows:
-        # Eager softmax over a row of -inf gives NaN; the op gives 0 and lse = -inf there.
+    kind, row_mask = empty_rows
+    if kind == "nan":
         lse = emit.call(operator.getitem, res, 1)
         empty = emit.call_method("unsqueeze", emit.call(torch.isneginf, lse), -1)
         out = emit.call(torch.where, empty, math.nan, out)
     if three_d:
         out = emit.call_method("squeeze", out, 1)
+    if kind == "uniform":
+        mean_v = emit.call_method("mean", v_in, -2, keepdim=True)
+        groups = example(q).shape[1] // example(k).shape[1]
+        if groups > 1:
+            mean_v = emit.call_method("repeat_interleave", mean_v, groups, dim=1)
+        out = emit.call(torch.where, row_mask, mean_v, out)
     return _to_dtype(emit, out, out_dtype), kernel
 
 
@@ -299,24 +326,39 @@ def _rewrite_softmax(gm: GraphModule, node: Node, call) -> SiteReport:
         if k_rep == v_rep and k_rep > 1:
             k_node, v = k_src, v_src
             site.spelling.append("gqa")
-        scale, q_factors, bias, keep, neg_inf_fill = _fold(steps, emit)
-        for f, divide in q_factors:
+        st = _fold(steps, emit)
+        for f, divide in st.q_factors:
             q_node = emit.call(operator.truediv if divide else operator.mul, q_node, f)
-        if keep is not None and bias is not None:
-            bias = emit.call(torch.where, keep, bias, -math.inf)
-        elif keep is not None:
-            bias = keep
+        bias = st.bias
+        if st.keep is not None:
+            bias = st.keep if bias is None else emit.call(torch.where, st.keep, bias, -math.inf)
         out_dtype = example(pv).dtype
         q_node, k_node, v = (_to_dtype(emit, x, out_dtype) for x in (q_node, k_node, v))
         _check_score_shape(found, q_node, k_node, start)
-        nan_rows = neg_inf_fill or (bias is not None and example(bias).dtype != torch.bool and _may_hold_neg_inf(bias))
-        new, kernel = _emit_op(emit, q_node, k_node, v, bias, Causal.NONE, scale, site.dropout_p, out_dtype, nan_rows)
+        if st.fill is not None and st.fill != -math.inf:
+            empty_rows = ("uniform", emit.call_method("all", emit.call(torch.logical_not, st.keep), -1, keepdim=True))
+        elif st.fill == -math.inf or _may_hold_neg_inf(st.bias):
+            empty_rows = ("nan", None)
+        else:
+            empty_rows = ("zero", None)
+        new, kernel = _emit_op(emit, q_node, k_node, v, bias, Causal.NONE, st.scale, site.dropout_p, out_dtype,
+                               empty_rows)
     except Refusal:
         emit.rollback()
         raise
     pv.replace_all_uses_with(new)
-    _erase_dead([pv] + list(reversed(site.chain)), gm.graph)
-    return SiteReport(node.name, True, "·".join(site.spelling), kernel)
+    _erase_dead([pv] + site.chain, gm.graph)
+    return SiteReport(site_name(node), True, "·".join(site.spelling), *kernel)
+
+
+def site_name(node: Node) -> str:
+    """The module path Dynamo recorded for the node (e.g. encoder.layer.0.attention.self)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        path = list(stack.values())[-1][0]
+        names = re.findall(r"_modules\['([^']+)'\]", path) or re.findall(r"\.(\w+)", path)
+        return f"{'.'.join(names)}/{node.name}" if names else node.name
+    return node.name
 
 
 def pv_spelling(pv: Node) -> str:
@@ -357,19 +399,31 @@ def _rewrite_sdpa(gm: GraphModule, node: Node, call) -> SiteReport:
         scale = m.scale if m.scale is not None else 1.0 / math.sqrt(example(m.q).shape[-1])
         out_dtype = example(node).dtype
         new, kernel = _emit_op(emit, m.q, k, v, m.mask, Causal.TOP_LEFT if m.causal else Causal.NONE,
-                               scale, m.dropout_p, out_dtype, nan_rows=False)
+                               scale, m.dropout_p, out_dtype, ("zero", None))
     except Refusal:
         emit.rollback()
         raise
     node.replace_all_uses_with(new)
     _erase_dead([node], gm.graph)
-    return SiteReport(node.name, True, "·".join(spelling), kernel)
+    return SiteReport(site_name(node), True, "·".join(spelling), *kernel)
 
 
 def _erase_dead(nodes, graph: Graph) -> None:
-    for n in nodes:
-        if n.graph is graph and not n.users:
-            graph.erase_node(n)
+    """Erase the site's replaced nodes, and the views feeding them that nothing else reads."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    pending = sorted(set(nodes), key=order.get, reverse=True)
+    erased = set()
+    for n in pending:
+        if n in erased or n.users:
+            continue
+        inputs = list(n.all_input_nodes)
+        graph.erase_node(n)
+        erased.add(n)
+        for a in inputs:  # k.transpose(...) and casts only this site used
+            c = canon(a)
+            if a not in erased and c is not None and c.op in ("transpose", "permute", "cast") and not a.users:
+                graph.erase_node(a)
+                erased.add(a)
 
 
 def rewrite_graph(gm: GraphModule, graph_name: str = "") -> list[SiteReport]:
@@ -385,7 +439,7 @@ def rewrite_graph(gm: GraphModule, graph_name: str = "") -> list[SiteReport]:
         try:
             rep = _rewrite_softmax(gm, node, call) if call.op == "softmax" else _rewrite_sdpa(gm, node, call)
         except Refusal as r:
-            rep = SiteReport(node.name, False, guard=r.guard, reason=r.reason)
+            rep = SiteReport(site_name(node), False, guard=r.guard, reason=r.reason)
         rep.graph = graph_name
         record(rep)
         reports.append(rep)

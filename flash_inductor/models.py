@@ -1,0 +1,95 @@
+"""HuggingFace models built from their configs with random weights (no download), for the demo,
+`explain`, the coverage tests and the end-to-end benchmarks.
+
+`size="tiny"` gives a 2-layer model that compiles in seconds on a CPU (tests); `size="base"`
+gives the published architecture's real dimensions (demo, benchmarks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Published dimensions of each architecture (bert-base-uncased, gpt2, t5-small, a 1B LLaMA).
+BASE = {
+    "bert": dict(model_type="bert", hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=3072, vocab_size=30522),
+    "gpt2": dict(model_type="gpt2", n_embd=768, n_layer=12, n_head=12, vocab_size=50257),
+    "t5": dict(model_type="t5", d_model=512, num_layers=6, num_decoder_layers=6, num_heads=8, d_kv=64,
+               d_ff=2048, vocab_size=32128),
+    "llama": dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                  num_key_value_heads=8, intermediate_size=8192, vocab_size=32000),
+}
+TINY = {
+    "bert": dict(model_type="bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=37, vocab_size=99),
+    "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, vocab_size=99, bos_token_id=0,
+                 eos_token_id=0),
+    "t5": dict(model_type="t5", d_model=32, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=8,
+               d_ff=37, vocab_size=99),
+    "llama": dict(model_type="llama", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=37, vocab_size=99),
+}
+MODELS = tuple(BASE)
+# Config attributes that hold a dropout probability, across these architectures.
+_DROPOUT_ATTRS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "resid_pdrop", "embd_pdrop",
+                  "attn_pdrop", "dropout_rate", "attention_dropout", "dropout")
+
+
+@dataclass
+class Built:
+    name: str
+    model: torch.nn.Module
+    inputs: dict  # keyword inputs: input_ids, attention_mask (with padding), decoder_input_ids
+    num_attention_layers: int
+
+
+def build(
+    name: str,
+    *,
+    size: str = "tiny",
+    attn_implementation: str = "eager",
+    batch: int = 2,
+    seq_len: int = 7,
+    dropout: float | None = 0.0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> Built:
+    """A model with random weights and a padded batch (the last sequence is 2/3 real tokens).
+
+    `dropout=None` keeps the config's own dropout rates; a number sets every rate to it.
+    """
+    from transformers import AutoConfig, AutoModel
+
+    table = TINY if size == "tiny" else BASE
+    if name not in table:
+        raise ValueError(f"model={name!r} is not known (choose from {', '.join(table)})")
+    kw = dict(table[name])
+    model_type = kw.pop("model_type")
+    cfg = AutoConfig.for_model(model_type, **kw)
+    cfg._attn_implementation = attn_implementation
+    if dropout is not None:
+        for attr in _DROPOUT_ATTRS:
+            if isinstance(getattr(cfg, attr, None), float):
+                setattr(cfg, attr, dropout)
+    torch.manual_seed(seed)
+    model = AutoModel.from_config(cfg, attn_implementation=attn_implementation).to(device=device, dtype=dtype)
+    vocab = kw.get("vocab_size", 99)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=gen).to(device)
+    mask = torch.ones(batch, seq_len, dtype=torch.long)
+    mask[-1, max(1, (2 * seq_len) // 3):] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask.to(device)}
+    if model_type == "t5":
+        inputs["decoder_input_ids"] = ids
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None) or cfg.num_layers
+    if model_type == "t5":  # encoder self, decoder self and decoder cross attention
+        layers = cfg.num_layers + 2 * cfg.num_decoder_layers
+    return Built(name, model, inputs, layers)
+
+
+def main_output(out) -> torch.Tensor:
+    """The tensor to compare between eager and compiled runs."""
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]

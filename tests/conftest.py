@@ -1,0 +1,45 @@
+"""Helpers shared by the test modules: a relative-error measure and random attention inputs."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ in float64 (the absolute ‖a − b‖ when b is all zeros).
+
+    A NaN or inf in `a` gives NaN or inf, which fails every `err <= bound` check.
+    """
+    a, b = a.detach().double(), b.detach().double()
+    num, den = (a - b).norm(), b.norm()
+    return float(num / den) if den > 0 else float(num)
+
+
+def make_qkv(
+    batch: int = 2,
+    heads_q: int = 2,
+    heads_kv: int | None = None,
+    len_q: int = 37,
+    len_k: int | None = None,
+    head_dim: int = 16,
+    head_dim_v: int | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    requires_grad: bool = False,
+):
+    """Fresh standard-normal q [B, Hq, Nq, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv] (never zeros).
+
+    Defaults: Hkv = Hq, Nk = Nq, Dv = D. Drawn from torch's default generator.
+    """
+    heads_kv = heads_q if heads_kv is None else heads_kv
+    len_k = len_q if len_k is None else len_k
+    head_dim_v = head_dim if head_dim_v is None else head_dim_v
+    shapes = (
+        (batch, heads_q, len_q, head_dim),
+        (batch, heads_kv, len_k, head_dim),
+        (batch, heads_kv, len_k, head_dim_v),
+    )
+    return tuple(
+        torch.randn(s, dtype=dtype, device=device).requires_grad_(requires_grad) for s in shapes
+    )

@@ -1,0 +1,403 @@
+"""The rewrite, spelling by spelling: the graph it leaves (pinned with expecttest), values and
+gradients against eager, and the near-misses it must leave alone."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import expecttest
+import torch
+import torch.nn.functional as F
+
+import flash_inductor  # noqa: F401  (registers torch.ops.flash)
+from flash_inductor.rewrite.matcher import rewrite_graph
+
+
+def _code(gm) -> str:
+    """The graph's code without the signature, the placeholder renames and the `x = None` frees."""
+    lines = (ln.split(";")[0].strip() for ln in gm.code.strip().splitlines()[1:])
+    return "\n".join(ln for ln in lines if ln and not re.fullmatch(r"l_\w+ = L_\w+", ln))
+
+
+class RewriteCase(expecttest.TestCase):
+    def run_rewritten(self, fn, *args, backend="rewrite", grads=True, rtol=None):
+        """Compile `fn` with the rewrite; check values (and grads) against eager; return (code, reports)."""
+        torch._dynamo.reset()
+        captured = {}
+
+        def capture(gm, example_inputs):
+            captured["reports"] = rewrite_graph(gm)
+            captured["code"] = _code(gm)
+            if backend == "inductor":
+                from torch._inductor.compile_fx import compile_fx
+
+                return compile_fx(gm, example_inputs)
+            return gm.forward
+
+        leaves = [a.detach().requires_grad_(a.is_floating_point() and grads) if isinstance(a, torch.Tensor) else a for a in args]
+        ref_leaves = [a.detach().double().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in leaves]
+        out = torch.compile(fn, backend=capture, fullgraph=True)(*leaves)
+        ref = fn(*ref_leaves)
+        dtype = out.dtype
+        tol = rtol or {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}[dtype]
+        rel = (out.double() - ref).norm() / ref.norm()
+        self.assertLess(rel.item(), tol, f"output relative error {rel.item():.2e}")
+        if grads:
+            g = torch.randn_like(ref)
+            got = torch.autograd.grad(out, [a for a in leaves if isinstance(a, torch.Tensor) and a.requires_grad], g.to(out.dtype), allow_unused=True)
+            want = torch.autograd.grad(ref, [a for a in ref_leaves if isinstance(a, torch.Tensor) and a.requires_grad], g, allow_unused=True)
+            for i, (x, y) in enumerate(zip(got, want)):
+                self.assertEqual(x is None, y is None, f"gradient {i} flows in only one of eager and rewritten")
+                if x is None:
+                    continue
+                e = (x.double() - y).norm() / y.norm().clamp_min(1e-12)
+                self.assertLess(e.item(), tol * 4, f"gradient {i} relative error {e.item():.2e}")
+        return captured["code"], captured["reports"]
+
+    def assert_not_rewritten(self, fn, *args, guard: str):
+        torch._dynamo.reset()
+        seen = {}
+
+        def capture(gm, example_inputs):
+            seen["reports"] = rewrite_graph(gm)
+            seen["code"] = gm.code
+            return gm.forward
+
+        out = torch.compile(fn, backend=capture, fullgraph=True)(*args)
+        torch.testing.assert_close(out, fn(*args))
+        reports = seen["reports"]
+        self.assertTrue(reports, "no attention site was even considered")
+        self.assertFalse(any(r.rewritten for r in reports), [r.line() for r in reports])
+        self.assertIn(guard, [r.guard for r in reports])
+        self.assertNotIn("flash.fwd", seen["code"])
+
+
+def qkv(b=2, h=4, nq=7, nk=9, d=16, dtype=torch.float32, hkv=None):
+    g = torch.Generator().manual_seed(b * 1000 + nq * 10 + d)
+    q = torch.randn(b, h, nq, d, generator=g).to(dtype)
+    k = torch.randn(b, hkv or h, nk, d, generator=g).to(dtype)
+    v = torch.randn(b, hkv or h, nk, d, generator=g).to(dtype)
+    return q, k, v
+
+
+class TestSpellings(RewriteCase):
+    def test_matmul_mul_scale_add_mask(self):
+        """transformers' eager_attention_forward (BERT, GPT-2, LLaMA, ... in transformers 5)."""
+
+        def f(q, k, v, mask):
+            w = torch.matmul(q, k.transpose(2, 3)) * 0.25
+            w = w + mask
+            w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+            w = F.dropout(w, p=0.1, training=False)
+            return torch.matmul(w, v)
+
+        q, k, v = qkv()
+        mask = torch.zeros(2, 1, 7, 9).masked_fill(torch.rand(2, 1, 7, 9) > 0.7, torch.finfo(torch.float32).min)
+        code, reps = self.run_rewritten(f, q, k, v, mask)
+        self.assertEqual(reps[0].spelling, "matmul·mul(scale)·add(bias)·softmax(fp32)·dropout(off)·matmul")
+        self.assertExpectedInline(code, """\
+fwd_default = torch.ops.flash.fwd.default(l_q_, l_k_, l_v_, l_mask_, None, 0, 0.25, 0.0)
+getitem = fwd_default[0]
+getitem_1 = fwd_default[1]
+isneginf = torch.isneginf(getitem_1)
+unsqueeze = isneginf.unsqueeze(-1)
+where = torch.where(unsqueeze, nan, getitem)
+return (where,)""")
+
+    def test_at_operator_divide_by_sqrt_d(self):
+        def f(q, k, v):
+            return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.size(-1)), dim=-1) @ v
+
+        code, _ = self.run_rewritten(f, *qkv())
+        self.assertExpectedInline(code, """\
+fwd_default = torch.ops.flash.fwd.default(l_q_, l_k_, l_v_, None, None, 0, 0.25, 0.0)
+getitem = fwd_default[0]
+return (getitem,)""")
+
+    def test_bmm_three_d_layout(self):
+        """BART / Whisper / OPT: [B*H, N, D] with bmm, bias added in 3-D."""
+
+        def f(q, k, v, bias):
+            w = torch.bmm(q * 0.25, k.transpose(1, 2))
+            w = w + bias
+            return torch.bmm(F.softmax(w, dim=-1), v)
+
+        q, k, v = (t.reshape(8, t.shape[2], 16) for t in qkv())
+        bias = torch.randn(8, 7, 9)
+        code, reps = self.run_rewritten(f, q, k, v, bias)
+        self.assertTrue(reps[0].rewritten)
+        self.assertIn("torch.ops.flash.fwd.default", code)
+        self.assertNotIn("bmm", code)
+
+    def test_einsum(self):
+        def f(q, k, v):
+            w = torch.einsum("bhqd,bhkd->bhqk", q, k) * 0.25
+            return torch.einsum("bhqk,bhkd->bhqd", w.softmax(-1), v)
+
+        code, _ = self.run_rewritten(f, *qkv())
+        self.assertExpectedInline(code, """\
+fwd_default = torch.ops.flash.fwd.default(l_q_, l_k_, l_v_, None, None, 0, 0.25, 0.0)
+getitem = fwd_default[0]
+return (getitem,)""")
+
+    def test_baddbmm_alibi(self):
+        """BLOOM: baddbmm(alibi, q, kᵀ, beta=1, alpha=1/sqrt(d))."""
+
+        def f(q, k, v, alibi):
+            w = torch.baddbmm(alibi, q, k.transpose(1, 2), beta=1.0, alpha=0.25)
+            return torch.bmm(F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+        q, k, v = (t.reshape(8, t.shape[2], 16) for t in qkv())
+        alibi = torch.randn(8, 1, 9)
+        code, reps = self.run_rewritten(f, q, k, v, alibi)
+        self.assertEqual(reps[0].spelling, "baddbmm·softmax(fp32)·bmm")
+        self.assertIn("torch.ops.flash.fwd.default", code)
+
+    def test_no_scale_bias_on_the_left(self):
+        """T5: queries pre-scaled at init, no scale; position bias added as `bias + scores`."""
+
+        def f(q, k, v, pos):
+            w = pos + torch.matmul(q, k.transpose(3, 2))
+            return torch.matmul(F.softmax(w.float(), dim=-1).type_as(w), v)
+
+        q, k, v = qkv()
+        code, _ = self.run_rewritten(f, q, k, v, torch.randn(1, 4, 7, 9))
+        self.assertIn("torch.ops.flash.fwd.default(l_q_, l_k_, l_v_, l_pos_, None, 0, 1.0, 0.0)", code)
+
+    def test_bias_added_before_scale(self):
+        def f(q, k, v, bias):
+            w = (torch.matmul(q, k.transpose(-1, -2)) + bias) / 4.0
+            return torch.matmul(w.softmax(-1), v)
+
+        q, k, v = qkv()
+        code, _ = self.run_rewritten(f, q, k, v, torch.randn(2, 4, 7, 9))
+        self.assertIn("truediv_1 = l_bias_ / 4.0", code)
+        self.assertIn("flash.fwd.default(l_q_, l_k_, l_v_, truediv_1, None, 0, 0.25, 0.0)", code)
+
+    def test_masked_fill_neg_inf_causal(self):
+        """GPT-style: a causal tril mask filled with -inf becomes a keep-mask."""
+
+        def f(q, k, v, causal):
+            w = torch.matmul(q, k.transpose(-1, -2)) * 0.25
+            w = w.masked_fill(causal == 0, float("-inf"))
+            return torch.matmul(F.softmax(w, dim=-1), v)
+
+        q, k, v = qkv(nk=7)
+        causal = torch.tril(torch.ones(7, 7))
+        code, reps = self.run_rewritten(f, q, k, v, causal)
+        self.assertIn("masked_fill", reps[0].spelling)
+        self.assertIn("logical_not", code)
+        self.assertIn("torch.isneginf", code)  # a fully masked row is NaN in eager too
+
+    def test_where_finfo_min(self):
+        """GPT-2 (transformers 4): torch.where(causal_mask, scores, finfo.min)."""
+
+        def f(q, k, v, keep):
+            w = torch.matmul(q, k.transpose(-1, -2)) / 4.0
+            w = torch.where(keep, w, torch.finfo(w.dtype).min)
+            return torch.matmul(F.softmax(w, dim=-1), v)
+
+        q, k, v = qkv(nk=7)
+        keep = torch.tril(torch.ones(7, 7, dtype=torch.bool))
+        keep[0, 0] = False  # a fully masked row: eager averages v uniformly, and so must we
+        code, _ = self.run_rewritten(f, q, k, v, keep)
+        self.assertExpectedInline(code, """\
+logical_not = torch.logical_not(l_keep_)
+all_1 = logical_not.all(-1, keepdim = True)
+fwd_default = torch.ops.flash.fwd.default(l_q_, l_k_, l_v_, l_keep_, None, 0, 0.25, 0.0)
+getitem = fwd_default[0]
+mean = l_v_.mean(-2, keepdim = True)
+where_1 = torch.where(all_1, mean, getitem)
+return (where_1,)""")
+
+    def test_added_zero_neg_inf_mask(self):
+        def f(q, k, v, mask):
+            return torch.matmul(F.softmax(torch.matmul(q, k.transpose(-1, -2)) * 0.25 + mask, dim=-1), v)
+
+        q, k, v = qkv(nk=7)
+        mask = torch.triu(torch.full((7, 7), float("-inf")), diagonal=1)
+        code, _ = self.run_rewritten(f, q, k, v, mask)
+        self.assertIn("flash.fwd.default(l_q_, l_k_, l_v_, l_mask_, None, 0, 0.25, 0.0)", code)
+
+    def test_in_place_divide(self):
+        def f(q, k, v):
+            w = torch.matmul(q, k.transpose(-1, -2))
+            w.div_(4.0)
+            return torch.matmul(w.softmax(-1), v)
+
+        code, reps = self.run_rewritten(f, *qkv(), grads=False)
+        self.assertTrue(reps[0].rewritten)
+        self.assertNotIn("div_", code)
+
+    def test_scale_in_zero_dim_tensor(self):
+        def f(q, k, v, s):
+            return torch.matmul((torch.matmul(q, k.transpose(-1, -2)) * s).softmax(-1), v)
+
+        code, _ = self.run_rewritten(f, *qkv(), torch.tensor(0.25), grads=False)
+        self.assertIn("mul_1 = l_q_ * l_s_", code)
+        self.assertIn("flash.fwd.default(mul_1, l_k_, l_v_, None, None, 0, 1.0, 0.0)", code)
+
+    def test_repeat_kv_gqa(self):
+        """LLaMA / Mistral / Qwen2 repeat_kv: the op gets the 2 KV heads, not 4 copies."""
+
+        def repeat_kv(x, n):
+            b, h, s, d = x.shape
+            return x[:, :, None, :, :].expand(b, h, n, s, d).reshape(b, h * n, s, d)
+
+        def f(q, k, v):
+            k, v = repeat_kv(k, 2), repeat_kv(v, 2)
+            w = torch.matmul(q, k.transpose(2, 3)) * 0.25
+            return torch.matmul(F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+        code, reps = self.run_rewritten(f, *qkv(hkv=2))
+        self.assertIn("gqa", reps[0].spelling)
+        self.assertIn("flash.fwd.default(l_q_, l_k_, l_v_, None, None, 0, 0.25, 0.0)", code)
+
+    def test_bf16_with_fp32_softmax(self):
+        def f(q, k, v, mask):
+            w = torch.matmul(q, k.transpose(2, 3)) * 0.25 + mask
+            return torch.matmul(F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+        q, k, v = qkv(dtype=torch.bfloat16)
+        self.run_rewritten(f, q, k, v, torch.zeros(2, 1, 1, 9, dtype=torch.bfloat16))
+
+    def test_live_dropout_reaches_the_op(self):
+        def f(q, k, v):
+            w = torch.matmul(q, k.transpose(2, 3)) * 0.25
+            return torch.matmul(F.dropout(w.softmax(-1), p=0.3, training=True), v)
+
+        torch._dynamo.reset()
+        seen = {}
+
+        def capture(gm, ex):
+            seen["reports"] = rewrite_graph(gm)
+            seen["code"] = gm.code
+            return gm.forward
+
+        q, k, v = qkv(nq=64, nk=64)
+        out = torch.compile(f, backend=capture)(q, k, v)
+        self.assertIn("flash.fwd.default(l_q_, l_k_, l_v_, None, None, 0, 0.25, 0.3)", seen["code"])
+        self.assertEqual(seen["reports"][0].spelling, "matmul·mul(scale)·softmax·dropout·matmul")
+        no_drop = flash_inductor.attention(q, k, v, scale=0.25)
+        # Dropout changes the output, but keeps it unbiased: the mean over many entries agrees.
+        self.assertGreater((out - no_drop).abs().max().item(), 1e-3)
+        self.assertLess((out.mean() - no_drop.mean()).abs().item(), 0.05)
+
+
+class TestSdpa(RewriteCase):
+    def test_sdpa_bool_mask(self):
+        def f(q, k, v, keep):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+        q, k, v = qkv()
+        keep = torch.rand(2, 1, 7, 9) > 0.3
+        keep[0, 0, 3] = False  # fully masked row: zeros in both
+        code, reps = self.run_rewritten(f, q, k, v, keep)
+        self.assertEqual(reps[0].spelling, "sdpa·mask(bool)")
+        self.assertExpectedInline(code, """\
+fwd_default = torch.ops.flash.fwd.default(l_q_, l_k_, l_v_, l_keep_, None, 0, 0.25, 0.0)
+getitem = fwd_default[0]
+return (getitem,)""")
+
+    def test_sdpa_float_mask_scale(self):
+        def f(q, k, v, mask):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.5)
+
+        q, k, v = qkv()
+        code, _ = self.run_rewritten(f, q, k, v, torch.randn(7, 9))
+        self.assertIn("flash.fwd.default(l_q_, l_k_, l_v_, l_mask_, None, 0, 0.5, 0.0)", code)
+
+    def test_sdpa_is_causal(self):
+        def f(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        code, _ = self.run_rewritten(f, *qkv(nk=7))
+        self.assertIn("flash.fwd.default(l_q_, l_k_, l_v_, None, None, 1, 0.25, 0.0)", code)
+
+    def test_sdpa_enable_gqa(self):
+        def f(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+        code, _ = self.run_rewritten(f, *qkv(hkv=1))
+        self.assertIn("flash.fwd.default(l_q_, l_k_, l_v_, None, None, 0, 0.25, 0.0)", code)
+
+    def test_sdpa_through_inductor(self):
+        def f(q, k, v, mask):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+        q, k, v = qkv()
+        self.run_rewritten(f, q, k, v, torch.randn(2, 4, 7, 9), backend="inductor")
+
+
+class TestNearMisses(RewriteCase):
+    def test_softmax_over_another_dim(self):
+        def f(q, k, v):
+            return torch.matmul(torch.matmul(q, k.transpose(-1, -2)).softmax(dim=-2), v)
+
+        self.assert_not_rewritten(f, *qkv(nk=7), guard="softmax_over_keys")
+
+    def test_bias_that_does_not_broadcast_to_scores(self):
+        def f(q, k, v, bias):
+            return torch.matmul((torch.matmul(q, k.transpose(-1, -2)) + bias).softmax(-1), v)
+
+        q, k, v = qkv(b=1)
+        # [3, 1, 4, 7, 9] broadcasts the scores up to 5-D: no longer one attention.
+        self.assert_not_rewritten(f, q, k, v, torch.randn(3, 1, 4, 7, 9), guard="bias_broadcasts_to_scores")
+
+    def test_scale_after_softmax(self):
+        def f(q, k, v):
+            return torch.matmul(torch.matmul(q, k.transpose(-1, -2)).softmax(-1) * 0.5, v)
+
+        self.assert_not_rewritten(f, *qkv(), guard="probs_to_values")
+
+    def test_mask_filled_with_zero(self):
+        def f(q, k, v, m):
+            return torch.matmul(torch.matmul(q, k.transpose(-1, -2)).masked_fill(m, 0.0).softmax(-1), v)
+
+        self.assert_not_rewritten(f, *qkv(), torch.rand(7, 9) > 0.5, guard="fill_is_exact")
+
+    def test_mask_filled_with_small_finite_value(self):
+        def f(q, k, v, m):
+            return torch.matmul(torch.matmul(q, k.transpose(-1, -2)).masked_fill(m, -1e4).softmax(-1), v)
+
+        self.assert_not_rewritten(f, *qkv(), torch.rand(7, 9) > 0.5, guard="fill_is_exact")
+
+    def test_key_not_transposed(self):
+        def f(q, k, v):
+            return torch.matmul(torch.matmul(q, k).softmax(-1), v)
+
+        q, k, v = qkv(nq=16, nk=16, d=16)
+        self.assert_not_rewritten(f, q, k, v, guard="key_is_transposed")
+
+    def test_weights_returned(self):
+        def f(q, k, v):
+            p = torch.matmul(q, k.transpose(-1, -2)).softmax(-1)
+            return torch.matmul(p, v), p
+
+        torch._dynamo.reset()
+        reports = {}
+
+        def capture(gm, ex):
+            reports["r"] = rewrite_graph(gm)
+            return gm.forward
+
+        torch.compile(f, backend=capture)(*qkv())
+        self.assertEqual([r.guard for r in reports["r"]], ["used_once"])
+
+    def test_weights_summed(self):
+        def f(q, k, v):
+            p = torch.matmul(q, k.transpose(-1, -2)).softmax(-1)
+            return torch.matmul(p, v) + p.sum()
+
+        self.assert_not_rewritten(f, *qkv(), guard="used_once")
+
+    def test_multiplicative_mask(self):
+        def f(q, k, v, m):
+            return torch.matmul((torch.matmul(q, k.transpose(-1, -2)) * m).softmax(-1), v)
+
+        self.assert_not_rewritten(f, *qkv(), torch.rand(7, 9), guard="scale_is_scalar")
+
+
+if __name__ == "__main__":
+    expecttest.run_tests()
