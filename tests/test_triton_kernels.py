@@ -278,7 +278,7 @@ def _dropout_mask(kernels, q, k, seed, p, causal=False, bias=None):
     """The kernel's keep-mask [B, Hq, Nq, Nk], read off a run with v = identity (Nk <= Dv):
     out[i, :Nk] = P[i] * keep[i] / (1-p), so its zeros are the dropped entries."""
     nk = k.shape[2]
-    eye = torch.eye(nk, nk, dtype=q.dtype).expand(k.shape[0], k.shape[1], nk, nk)
+    eye = torch.eye(nk, nk, dtype=q.dtype, device=q.device).expand(k.shape[0], k.shape[1], nk, nk)
     out, _ = kernels.forward(validate(q, k, eye, bias, causal=causal, dropout_p=p), seed)
     return out != 0
 
