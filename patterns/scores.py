@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch.fx import Node
 
 from flash_inductor.rewrite.fx import Call, canon, example
@@ -62,11 +63,7 @@ def _einsum_terms(node: Node):
 
 
 def is_einsum(node) -> bool:
-    import torch
-
-    return isinstance(node, Node) and node.op == "call_function" and node.target is torch.functional.einsum or (
-        isinstance(node, Node) and node.op == "call_function" and getattr(node.target, "__name__", "") == "einsum"
-    )
+    return isinstance(node, Node) and node.op == "call_function" and node.target in (torch.einsum, torch.functional.einsum)
 
 
 def match_scores(node: Node) -> Scores | None:

@@ -93,7 +93,6 @@ _FUNCTIONS = {
     torch.reshape: ("reshape", None),
     F.scaled_dot_product_attention: ("sdpa", None),
 }
-_TRAILING_NAMES = {"dropout"}  # F.dropout's positional names differ from torch.dropout's
 
 _METHODS = {
     "matmul": "matmul",
@@ -149,7 +148,7 @@ for _fn in _sdpa_functions():
     _FUNCTIONS[_fn] = ("sdpa", None)
 
 
-def _bind(op: str, node: Node, args: tuple, kwargs: dict, names=None) -> dict | None:
+def _bind(op: str, args: tuple, kwargs: dict, names=None) -> dict | None:
     params, defaults = _SIGS[op]
     names = names or (params + [k for k in defaults])
     bound = dict(defaults)
@@ -157,12 +156,11 @@ def _bind(op: str, node: Node, args: tuple, kwargs: dict, names=None) -> dict | 
         return None
     for name, a in zip(names, args):
         bound[name] = a
+    # torch's keyword names -> ours (`torch.add(x, other=y)`, `torch.dropout(x, p, train=...)`)
+    aliases = {"input": names[0], "self": names[0], "other": "b", "mat2": "b", "train": "training",
+               "condition": "cond", "batch1": "a", "batch2": "b", "size": "sizes"}
     for k, a in kwargs.items():
-        key = {"input": names[0], "self": names[0], "other": "b", "mat2": "b", "train": "training",
-               "condition": "cond", "batch1": "a", "batch2": "b", "dims": "dims", "size": "sizes"}.get(k, k)
-        if op in ("masked_fill",) and k == "value":
-            key = "value"
-        bound[key] = a
+        bound[aliases.get(k, k)] = a
     if any(p not in bound for p in params):
         return None
     return bound
@@ -177,7 +175,7 @@ def canon(node) -> Call | None:
         if entry is None:
             return None
         op, names = entry
-        bound = _bind(op, node, node.args, node.kwargs, names)
+        bound = _bind(op, node.args, node.kwargs, names)
         if bound is None:
             return None
         return Call(op, node, bound, getattr(node.target, "__name__", str(node.target)))
@@ -196,7 +194,7 @@ def canon(node) -> Call | None:
                 rest = rest[0]
             bound = {"x": args[0], key: tuple(rest)}
             return Call(op, node, bound, name)
-        bound = _bind(op, node, args, node.kwargs)
+        bound = _bind(op, args, node.kwargs)
         if bound is None:
             return None
         return Call(op, node, bound, name)

@@ -27,7 +27,7 @@ from ..patterns import gqa, masks, scale as scale_family, scores as scores_famil
 from ..patterns import softmax as softmax_family
 from ..patterns.steps import Bias, Cast, Fill, Refusal, Scale
 from .emit import Emitter
-from .fx import IN_PLACE_METHODS, canon, example
+from .fx import IN_PLACE_METHODS, canon, constant_value, example
 from .report import SiteReport, record
 
 _FUNCTIONAL = {"mul_": "mul", "div_": "div", "add_": "add", "sub_": "sub", "masked_fill_": "masked_fill"}
@@ -169,8 +169,6 @@ def _prob_path(site: _Site, softmax: Node) -> tuple[Node, Node, Node]:
             site.chain.append(user)
             node = user
             continue
-        if c is None and user.op == "call_function" and user.target in (torch.nn.functional.dropout, torch.dropout):
-            c = canon(user)
         if c is not None and c.op == "dropout":
             rate = dropout_family.live_rate(c)
             if rate and site.dropout_p:
@@ -291,19 +289,13 @@ def _may_hold_neg_inf(bias: Node | None) -> bool:
     if bias is None:
         return False
     c = canon(bias)
-    if c is not None and c.op == "where":
-        from .fx import constant_value
-
-        vals = [constant_value(c["a"]), constant_value(c["b"])]
-        if all(v is not None and math.isfinite(v) for v in vals):
-            return False
-        if any(v is None and not _tensor_of_finite_zeros(x) for v, x in zip(vals, (c["a"], c["b"]))):
-            return True
-        return not all(v is None or math.isfinite(v) for v in vals)
-    return True
+    return not (c is not None and c.op == "where" and all(_finite_operand(x) for x in (c["a"], c["b"])))
 
 
-def _tensor_of_finite_zeros(x) -> bool:
+def _finite_operand(x) -> bool:
+    v = constant_value(x)
+    if v is not None:
+        return math.isfinite(v)
     return isinstance(x, Node) and x.op == "call_function" and x.target in (torch.zeros, torch.zeros_like)
 
 
@@ -312,7 +304,7 @@ def _rewrite_softmax(gm: GraphModule, node: Node, call) -> SiteReport:
     start = softmax_family.key_dim_input(call)
     site.spelling.append("softmax(fp32)" if call.get("dtype") is not None else "softmax")
     found, steps = _score_steps(site, start)
-    probs, pv, v = _prob_path(site, node)
+    _probs, pv, v = _prob_path(site, node)
     site.spelling.append(pv_spelling(pv))
     site.chain.insert(0, node)
     k_node = found.k
@@ -334,7 +326,7 @@ def _rewrite_softmax(gm: GraphModule, node: Node, call) -> SiteReport:
             bias = st.keep if bias is None else emit.call(torch.where, st.keep, bias, -math.inf)
         out_dtype = example(pv).dtype
         q_node, k_node, v = (_to_dtype(emit, x, out_dtype) for x in (q_node, k_node, v))
-        _check_score_shape(found, q_node, k_node, start)
+        _check_score_shape(q_node, k_node)
         if st.fill is not None and st.fill != -math.inf:
             empty_rows = ("uniform", emit.call_method("all", emit.call(torch.logical_not, st.keep), -1, keepdim=True))
         elif st.fill == -math.inf or _may_hold_neg_inf(st.bias):
@@ -366,9 +358,9 @@ def pv_spelling(pv: Node) -> str:
     return c.spelling if c is not None else "einsum"
 
 
-def _check_score_shape(found, q, k, scores_input) -> None:
+def _check_score_shape(q, k) -> None:
     """q·kᵀ of the operands we pass must be the score tensor eager computed (no batch broadcast)."""
-    eq, ek, es = example(q), example(k), example(scores_input)
+    eq, ek = example(q), example(k)
     if eq.dim() != ek.dim():
         raise Refusal("score_operands", f"q is {eq.dim()}-D but k is {ek.dim()}-D")
     if eq.dim() == 4 and (eq.shape[0] != ek.shape[0]):
