@@ -68,6 +68,17 @@ def _demo(args) -> int:
     return 0 if res["sites"] == res["attention_layers"] else 1
 
 
+def _coverage(args) -> int:
+    from .coverage import MODES, run
+
+    rows = run(args.models, args.impls, args.modes)
+    unsupported = [r for r in rows if r.error.startswith("build:")]
+    bad = [r for r in rows if not r.ok and r not in unsupported]
+    print(f"{len(rows) - len(bad) - len(unsupported)}/{len(rows)} rows at 100% with parity; "
+          f"{len(unsupported)} not buildable in this transformers version; {len(bad)} failing")
+    return 1 if bad else 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="flash-inductor", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,8 +101,15 @@ def main(argv=None) -> int:
     demo.add_argument("--repeats", type=int, default=10)
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     demo.add_argument("--compare-inductor", action="store_true", help="also time backend='inductor'")
+    from .coverage import MODES
+    from .models import COVERAGE
+
+    cov = sub.add_parser("coverage", help="rewrite coverage and parity over HuggingFace architectures")
+    cov.add_argument("--models", nargs="+", default=list(COVERAGE))
+    cov.add_argument("--impls", nargs="+", default=["eager", "sdpa"], choices=("eager", "sdpa"))
+    cov.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     args = parser.parse_args(argv)
-    return {"info": _info, "explain": _explain, "demo": _demo}[args.command](args)
+    return {"info": _info, "explain": _explain, "demo": _demo, "coverage": _coverage}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,18 @@ TINY = {
                   num_key_value_heads=2, intermediate_size=37, vocab_size=99),
 }
 MODELS = tuple(BASE)
+
+# The architectures the coverage tool checks (transformers model_type names).
+COVERAGE = ("bert", "roberta", "distilbert", "albert", "electra", "gpt2", "gptj", "opt", "bloom", "falcon",
+            "llama", "mistral", "qwen2", "gemma", "phi", "t5", "bart", "whisper", "vit")
+# Shrinks any of them to 2 layers of width 64 (attributes a config lacks are skipped).
+_SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=96, vocab_size=128, max_position_embeddings=64, d_model=64, encoder_layers=2,
+              decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=96,
+              decoder_ffn_dim=96, num_layers=2, num_decoder_layers=2, num_heads=4, d_ff=96, d_kv=16,
+              n_positions=64, head_dim=16, embedding_size=64, rotary_dim=8, num_mel_bins=16,
+              max_source_positions=32, max_target_positions=64, image_size=32, patch_size=8,
+              pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=0)
 # Config attributes that hold a dropout probability, across these architectures.
 _DROPOUT_ATTRS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "resid_pdrop", "embd_pdrop",
                   "attn_pdrop", "dropout_rate", "attention_dropout", "dropout")
@@ -88,6 +100,39 @@ def build(
     if model_type == "t5":  # encoder self, decoder self and decoder cross attention
         layers = cfg.num_layers + 2 * cfg.num_decoder_layers
     return Built(name, model, inputs, layers)
+
+
+def build_any(model_type: str, *, attn_implementation: str = "eager", dropout: float | None = 0.0,
+              batch: int = 2, seq_len: int = 7, seed: int = 0) -> Built:
+    """Any transformers architecture, shrunk to 2 small layers, with inputs of its modality."""
+    from transformers import AutoConfig, AutoModel
+
+    cfg = AutoConfig.for_model(model_type)
+    for key, value in _SMALL.items():
+        if hasattr(cfg, key) or key in getattr(cfg, "attribute_map", {}):
+            setattr(cfg, key, value)
+    if dropout is not None:
+        for attr in _DROPOUT_ATTRS + ("attention_dropout", "activation_dropout", "hidden_dropout",
+                                      "classifier_dropout", "summary_first_dropout"):
+            if isinstance(getattr(cfg, attr, None), float):
+                setattr(cfg, attr, dropout)
+    cfg._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = AutoModel.from_config(cfg, attn_implementation=attn_implementation)
+    gen = torch.Generator().manual_seed(seed)
+    if model_type == "whisper":
+        inputs = {"input_features": torch.randn(batch, cfg.num_mel_bins, 2 * cfg.max_source_positions, generator=gen),
+                  "decoder_input_ids": torch.randint(3, cfg.vocab_size, (batch, seq_len), generator=gen)}
+    elif model_type == "vit":
+        inputs = {"pixel_values": torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=gen)}
+    else:
+        ids = torch.randint(3, cfg.vocab_size, (batch, seq_len), generator=gen)
+        mask = torch.ones(batch, seq_len, dtype=torch.long)
+        mask[-1, max(1, (2 * seq_len) // 3):] = 0
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        if cfg.is_encoder_decoder:
+            inputs["decoder_input_ids"] = ids
+    return Built(model_type, model, inputs, num_attention_layers=-1)
 
 
 def main_output(out) -> torch.Tensor:

@@ -46,4 +46,14 @@ class Cast:
     """A dtype change on the scores; rounding only, so the op needs nothing from it."""
 
 
-Step = Scale | Bias | Fill | Cast
+
+
+@dataclass
+class SplitHeads:
+    """3-D [B·H, Nq, Nk] scores viewed as 4-D [B, H, Nq, Nk]; `batch`/`heads` are graph values."""
+
+    batch: object
+    heads: object
+
+
+Step = Scale | Bias | Fill | Cast | SplitHeads

@@ -15,6 +15,7 @@ import math
 import pytest
 import torch
 import torch._dynamo
+import torch._inductor.config
 
 pytest.importorskip("transformers")
 
@@ -51,16 +52,18 @@ ATTENTION_DROPOUT_MODULES = (".self.dropout", ".attn_dropout")
 
 
 @pytest.fixture(autouse=True)
-def _fresh_compile(monkeypatch):
+def _fresh_compile():
     # Dynamo caches compiled code per code object, so a model class compiled by an earlier case
     # would skip the rewrite (and its reports) here. Inductor's on-disk FX-graph/AOTAutograd caches
     # key on the rewritten graph, not on the op's autograd or the patterns' code, so while those
     # are being edited they can serve a stale compiled graph; in CI the cache is cold anyway, so
     # disabling it costs no time there (measured: cold cache ≈ disabled, ~40 s for bert/sdpa).
-    monkeypatch.setattr(torch.compiler.config, "force_disable_caches", True)
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+    # Through the config module's own patch(): pytest's monkeypatch undoes an attribute it did
+    # not find in the module's __dict__ with delattr, which deletes the config entry itself.
+    with torch._inductor.config.patch(force_disable_caches=True):
+        torch._dynamo.reset()
+        yield
+        torch._dynamo.reset()
 
 
 def _backend(name: str, impl: str, row: str):

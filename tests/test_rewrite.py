@@ -177,6 +177,36 @@ where = torch.where(unsqueeze_4, nan, getitem)
 squeeze = where.squeeze(1)
 return (squeeze,)""")
 
+    def test_bloom_views_between_3d_and_4d(self):
+        """BLOOM: 3-D baddbmm scores viewed as [B, H, Nq, Nk] for the mask, probabilities viewed
+        back to 3-D for bmm."""
+
+        def f(q, k, v, alibi, mask):
+            scores = alibi.baddbmm(batch1=q, batch2=k.transpose(1, 2), beta=1.0, alpha=0.25)
+            w = scores.view(2, 4, 7, -1) + mask
+            p = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+            return torch.bmm(p.view(8, 7, -1), v)
+
+        q, k, v = (t.reshape(8, t.shape[2], 16) for t in qkv())
+        alibi = torch.randn(8, 1, 9)
+        mask = torch.zeros(2, 1, 7, 9).masked_fill(torch.rand(2, 1, 7, 9) > 0.7, torch.finfo(torch.float32).min)
+        code, reps = self.run_rewritten(f, q, k, v, alibi, mask)
+        self.assertEqual(reps[0].spelling, "baddbmm·view(heads)·add(bias)·softmax(fp32)·view(heads)·bmm")
+        self.assertExpectedInline(code, """\
+unflatten = l_q_.unflatten(-3, (2, 4))
+unflatten_1 = l_k_.unflatten(-3, (2, 4))
+unflatten_2 = l_v_.unflatten(-3, (2, 4))
+unflatten_3 = l_alibi_.unflatten(-3, (2, 4))
+add_1 = unflatten_3 + l_mask_
+fwd_default = torch.ops.flash.fwd.default(unflatten, unflatten_1, unflatten_2, add_1, None, 0, 0.25, 0.0)
+getitem = fwd_default[0]
+getitem_1 = fwd_default[1]
+isneginf = torch.isneginf(getitem_1)
+unsqueeze = isneginf.unsqueeze(-1)
+where = torch.where(unsqueeze, nan, getitem)
+flatten = where.flatten(0, 1)
+return (flatten,)""")
+
     def test_no_scale_bias_on_the_left(self):
         """T5: queries pre-scaled at init, no scale; position bias added as `bias + scores`."""
 

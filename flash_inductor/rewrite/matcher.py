@@ -23,9 +23,9 @@ from torch.fx import Graph, GraphModule, Node
 from .. import dispatch
 from ..inputs import Causal, validate
 from ..patterns import dropout as dropout_family
-from ..patterns import gqa, masks, scale as scale_family, scores as scores_family, sdpa as sdpa_family
+from ..patterns import gqa, layout, masks, scale as scale_family, scores as scores_family, sdpa as sdpa_family
 from ..patterns import softmax as softmax_family
-from ..patterns.steps import Bias, Cast, Fill, Refusal, Scale
+from ..patterns.steps import Bias, Cast, Fill, Refusal, Scale, SplitHeads
 from .emit import Emitter
 from .fx import IN_PLACE_METHODS, canon, constant_value, example
 from .report import SiteReport, record
@@ -101,8 +101,8 @@ def _leads_to_scores(node, depth: int = 12) -> bool:
         c = canon(node)
         if c is None:
             return False
-        if c.op in ("cast", "mul", "div", "masked_fill"):
-            node = c["x"] if c.op in ("cast", "masked_fill") else c["a"]
+        if c.op in ("cast", "mul", "div", "masked_fill") or (c.op == "reshape" and layout.split_heads(c)):
+            node = c["x"] if c.op in ("cast", "masked_fill", "reshape") else c["a"]
         elif c.op in ("add", "sub"):
             return _leads_to_scores(c["a"], depth - 1) or _leads_to_scores(c["b"], depth - 1)
         elif c.op == "where":
@@ -131,6 +131,12 @@ def _score_steps(site: _Site, start: Node):
         site.chain.append(node)
         if c.op == "cast":
             steps.insert(0, Cast())
+            node = c["x"]
+            continue
+        split = layout.split_heads(c)
+        if split is not None:
+            steps.insert(0, split)
+            site.spelling.insert(0, "view(heads)")
             node = c["x"]
             continue
         if c.op in ("add", "sub", "where"):
@@ -169,6 +175,11 @@ def _prob_path(site: _Site, softmax: Node) -> tuple[Node, Node, Node]:
             site.chain.append(user)
             node = user
             continue
+        if c is not None and layout.merges_heads(c):
+            site.chain.append(user)
+            site.spelling.append("view(heads)")
+            node = user
+            continue
         if c is not None and c.op == "dropout":
             rate = dropout_family.live_rate(c)
             if rate and site.dropout_p:
@@ -205,6 +216,9 @@ def _fold(steps, emit: Emitter) -> _Folded:
     for step in steps:
         if isinstance(step, Cast):
             continue
+        if isinstance(step, SplitHeads):
+            st.bias, st.keep = (_split_heads(emit, x, step) for x in (st.bias, st.keep))
+            continue
         if isinstance(step, Scale):
             f = step.factor
             if isinstance(f, (int, float)):
@@ -235,6 +249,14 @@ def _fold(steps, emit: Emitter) -> _Folded:
             st.keep = k if st.keep is None else emit.call(operator.and_, st.keep, k)
             st.fill = step.value
     return st
+
+
+def _split_heads(emit: Emitter, node, split: SplitHeads):
+    """A 3-D [B·H, ...] value as 4-D [B, H, ...]; size-1 leading dims broadcast as they are."""
+    ev = example(node)
+    if ev is None or ev.dim() < 3 or ev.shape[-3] == 1:
+        return node
+    return emit.call_method("unflatten", node, -3, (split.batch, split.heads))
 
 
 def _to_dtype(emit: Emitter, node: Node, dtype: torch.dtype) -> Node:
@@ -318,6 +340,12 @@ def _rewrite_softmax(gm: GraphModule, node: Node, call) -> SiteReport:
         if k_rep == v_rep and k_rep > 1:
             k_node, v = k_src, v_src
             site.spelling.append("gqa")
+        split = next((s for s in steps if isinstance(s, SplitHeads)), None)
+        if split is None and example(start).dim() == 4 and example(v).dim() == 3:
+            split = SplitHeads(emit.call_method("size", q_node, 0), emit.call_method("size", q_node, 1))
+        if split is not None:  # run the op in 4-D; the P·V node's own layout is restored below
+            q_node, k_node, v = (_split_heads(emit, x, split) if example(x).dim() == 3 else x
+                                 for x in (q_node, k_node, v))
         st = _fold(steps, emit)
         for f, divide in st.q_factors:
             q_node = emit.call(operator.truediv if divide else operator.mul, q_node, f)
@@ -335,6 +363,8 @@ def _rewrite_softmax(gm: GraphModule, node: Node, call) -> SiteReport:
             empty_rows = ("zero", None)
         new, kernel = _emit_op(emit, q_node, k_node, v, bias, Causal.NONE, st.scale, site.dropout_p, out_dtype,
                                empty_rows)
+        if example(new).dim() == 4 and example(pv).dim() == 3:
+            new = emit.call_method("flatten", new, 0, 1)
     except Refusal:
         emit.rollback()
         raise
