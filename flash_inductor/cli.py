@@ -69,9 +69,13 @@ def _demo(args) -> int:
 
 
 def _coverage(args) -> int:
-    from .coverage import MODES, run
+    from .coverage import run
 
     rows = run(args.models, args.impls, args.modes)
+    if args.markdown:
+        from .coverage import markdown
+
+        print(markdown(rows))
     unsupported = [r for r in rows if r.error.startswith("build:")]
     bad = [r for r in rows if not r.ok and r not in unsupported]
     print(f"{len(rows) - len(bad) - len(unsupported)}/{len(rows)} rows at 100% with parity; "
@@ -108,6 +112,7 @@ def main(argv=None) -> int:
     cov.add_argument("--models", nargs="+", default=list(COVERAGE))
     cov.add_argument("--impls", nargs="+", default=["eager", "sdpa"], choices=("eager", "sdpa"))
     cov.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    cov.add_argument("--markdown", action="store_true", help="also print the table as markdown")
     args = parser.parse_args(argv)
     return {"info": _info, "explain": _explain, "demo": _demo, "coverage": _coverage}[args.command](args)
 

@@ -110,7 +110,10 @@ def build_any(model_type: str, *, attn_implementation: str = "eager", dropout: f
     cfg = AutoConfig.for_model(model_type)
     for key, value in _SMALL.items():
         if hasattr(cfg, key) or key in getattr(cfg, "attribute_map", {}):
-            setattr(cfg, key, value)
+            try:
+                setattr(cfg, key, value)
+            except AttributeError:  # a derived property (Falcon's head_dim)
+                pass
     if dropout is not None:
         for attr in _DROPOUT_ATTRS + ("attention_dropout", "activation_dropout", "hidden_dropout",
                                       "classifier_dropout", "summary_first_dropout"):
