@@ -24,9 +24,9 @@ def split_heads(call: Call) -> SplitHeads | None:
     if tuple(dst.shape[2:]) != tuple(src.shape[1:]) or len(shape) != 4:
         return None
     batch, heads = shape[0], shape[1]
-    if isinstance(batch, int) and batch < 0 or isinstance(heads, int) and heads < 0:
-        raise Refusal("layout_view", "the view that splits batch·heads infers a leading size (-1)")
-    return SplitHeads(batch, heads)
+    if isinstance(batch, int) and batch < 0 and isinstance(heads, int) and heads < 0:
+        raise Refusal("layout_view", "the view that splits batch·heads infers both leading sizes (-1, -1)")
+    return SplitHeads(batch, heads)  # one -1 is fine: unflatten infers it the same way
 
 
 def merges_heads(call: Call) -> bool:

@@ -48,6 +48,20 @@ def _untranspose(b: Node) -> tuple[Node | None, Node | None]:
     return None, b
 
 
+def _scaled_key(b: Node) -> tuple[Node, list[Step]]:
+    """DeBERTa divides kᵀ by a 0-d scale tensor before the product: that is a score scale."""
+    from .scale import match_scale
+
+    c = canon(b)
+    if c is None or c.op not in ("mul", "div"):
+        return b, []
+    for side in ("a", "b") if c.op == "mul" else ("a",):
+        inner = canon(c[side])
+        if inner is not None and inner.op in ("transpose", "permute"):
+            return c[side], [match_scale(c, c[side])]
+    return b, []
+
+
 def _einsum_terms(node: Node):
     eq = node.args[0]
     operands = node.args[1:]
@@ -85,8 +99,9 @@ def match_scores(node: Node) -> Scores | None:
         ev = example(node)
         if ev is None or ev.dim() < 3:
             return None
-        k, key_t = _untranspose(c["b"])
-        return Scores(c["a"], k, key_t, c.spelling)
+        key_operand, steps = _scaled_key(c["b"])
+        k, key_t = _untranspose(key_operand)
+        return Scores(c["a"], k, key_t, c.spelling, steps)
     if c.op == "baddbmm":
         k, key_t = _untranspose(c["b"])
         steps: list[Step] = []

@@ -326,6 +326,27 @@ fwd_default = torch.ops.flash.fwd.default(mul_1, l_k_, l_v_, None, None, 0, 1.0,
 getitem = fwd_default[0]
 return (getitem,)""")
 
+    def test_key_divided_by_zero_dim_tensor(self):
+        """DeBERTa: kᵀ divided by a 0-d scale tensor before a 3-D bmm."""
+
+        def f(q, k, v, scale):
+            w = torch.bmm(q, k.transpose(-1, -2) / scale.to(torch.float32))
+            return torch.bmm(F.softmax(w, dim=-1), v)
+
+        q, k, v = (t.reshape(8, t.shape[2], 16) for t in qkv())
+        code, reps = self.run_rewritten(f, q, k, v, torch.tensor(4.0), grads=False)
+        self.assertEqual(reps[0].spelling, "bmm·softmax·bmm")
+        self.assertExpectedInline(code, """\
+to = l_scale_.to(torch.float32)
+truediv_1 = l_q_ / to
+unsqueeze = truediv_1.unsqueeze(1)
+unsqueeze_1 = l_k_.unsqueeze(1)
+unsqueeze_2 = l_v_.unsqueeze(1)
+fwd_default = torch.ops.flash.fwd.default(unsqueeze, unsqueeze_1, unsqueeze_2, None, None, 0, 1.0, 0.0)
+getitem = fwd_default[0]
+squeeze = getitem.squeeze(1)
+return (squeeze,)""")
+
     def test_repeat_kv_gqa(self):
         """LLaMA / Mistral / Qwen2 repeat_kv: the op gets the 2 KV heads, not 4 copies."""
 
@@ -341,12 +362,6 @@ return (getitem,)""")
         code, reps = self.run_rewritten(f, *qkv(hkv=2))
         self.assertIn("gqa", reps[0].spelling)
         self.assertExpectedInline(code, """\
-getitem = l_k_[(slice(None, None, None), slice(None, None, None), None, slice(None, None, None), slice(None, None, None))]
-expand = getitem.expand(2, 2, 2, 9, 16)
-k = expand.reshape(2, 4, 9, 16)
-getitem_1 = l_v_[(slice(None, None, None), slice(None, None, None), None, slice(None, None, None), slice(None, None, None))]
-expand_1 = getitem_1.expand(2, 2, 2, 9, 16)
-v = expand_1.reshape(2, 4, 9, 16)
 fwd_default = torch.ops.flash.fwd.default(l_q_, l_k_, l_v_, None, None, 0, 0.25, 0.0)
 getitem_2 = fwd_default[0]
 return (getitem_2,)""")

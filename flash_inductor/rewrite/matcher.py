@@ -431,21 +431,29 @@ def _rewrite_sdpa(gm: GraphModule, node: Node, call) -> SiteReport:
 
 
 def _erase_dead(nodes, graph: Graph) -> None:
-    """Erase the site's replaced nodes, and the views feeding them that nothing else reads."""
+    """Erase the site's replaced nodes, then whatever pure node only they read (kᵀ, casts, kᵀ/scale)."""
     order = {n: i for i, n in enumerate(graph.nodes)}
     pending = sorted(set(nodes), key=order.get, reverse=True)
     erased = set()
-    for n in pending:
+    while pending:
+        n = pending.pop(0)
         if n in erased or n.users:
             continue
         inputs = list(n.all_input_nodes)
         graph.erase_node(n)
         erased.add(n)
-        for a in inputs:  # k.transpose(...) and casts only this site used
-            c = canon(a)
-            if a not in erased and c is not None and c.op in ("transpose", "permute", "cast") and not a.users:
-                graph.erase_node(a)
-                erased.add(a)
+        for a in inputs:
+            if a not in erased and not a.users and _is_pure(a):
+                pending.append(a)
+
+
+def _is_pure(node: Node) -> bool:
+    """A node the patterns know that mutates nothing (in-place updates are never erased)."""
+    if canon(node) is None:
+        return False
+    if node.op == "call_method" and node.target.endswith("_"):
+        return False
+    return not (node.op == "call_function" and node.target in (operator.iadd, operator.imul, operator.itruediv, operator.isub))
 
 
 def rewrite_graph(gm: GraphModule, graph_name: str = "") -> list[SiteReport]:
