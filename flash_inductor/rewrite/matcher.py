@@ -71,7 +71,6 @@ class _Site:
     """What one attention site folds into: the op's arguments as graph values."""
 
     def __init__(self):
-        self.steps = []
         self.chain: list[Node] = []  # nodes the replacement makes dead
         self.spelling: list[str] = []
         self.dropout_p = 0.0
