@@ -24,11 +24,22 @@ def rewrite_only(gm: torch.fx.GraphModule, example_inputs):
     return gm.forward
 
 
-def flash_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
-    """torch.compile(model, backend="flash"): attention rewritten into flash::fwd, then Inductor."""
+def inductor_config(mode: str | None = None, options: dict | None = None) -> dict:
+    """Inductor config patches for torch.compile's `mode=` and `options=`, as backend="inductor" reads them."""
+    from torch._inductor import list_mode_options
+
+    patches = dict(list_mode_options(mode)) if mode and mode != "default" else {}
+    patches.update(options or {})
+    return patches
+
+
+def flash_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
+    """torch.compile(model, backend="flash"[, mode=..., options=...]): attention rewritten into
+    flash::fwd, then Inductor with the same mode and options backend="inductor" would take."""
     from torch._inductor.compile_fx import compile_fx
 
     global _graph_counter
     _graph_counter += 1
+    patches = inductor_config(mode, options)  # before rewriting: a bad mode fails fast
     rewrite_graph(gm, f"graph{_graph_counter}")
-    return compile_fx(gm, example_inputs, **kwargs)
+    return compile_fx(gm, example_inputs, config_patches=patches)

@@ -482,6 +482,24 @@ return (getitem,)""")
         self.run_rewritten(f, q, k, v, torch.randn(2, 4, 7, 9), backend="inductor")
 
 
+class TestBackendOptions(RewriteCase):
+    def test_mode_and_options_reach_inductor(self):
+        """torch.compile(..., backend="flash", mode=..., options=...) takes what backend="inductor" takes."""
+        from flash_inductor.backend import inductor_config
+
+        self.assertEqual(inductor_config("max-autotune-no-cudagraphs")["max_autotune"], True)
+        self.assertEqual(inductor_config(None, {"epilogue_fusion": False}), {"epilogue_fusion": False})
+
+        def f(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v)
+
+        q, k, v = qkv()
+        for kwargs in ({"mode": "max-autotune-no-cudagraphs"}, {"options": {"epilogue_fusion": False}}):
+            torch._dynamo.reset()
+            out = torch.compile(f, backend="flash", **kwargs)(q, k, v)
+            torch.testing.assert_close(out, f(q, k, v))
+
+
 class TestNearMisses(RewriteCase):
     def test_softmax_over_another_dim(self):
         def f(q, k, v):
