@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch.fx import Node
 
-from flash_inductor.rewrite.fx import Call, example
+from flash_inductor.rewrite.fx import Call, example, is_scalar_like
 
 from .steps import Refusal
 
@@ -24,7 +24,7 @@ class Sdpa:
     v: Node
     mask: Node | None
     causal: bool
-    scale: float | None
+    scale: float | Node | None  # a Node holds a symbolic scale
     dropout_p: float
     enable_gqa: bool
 
@@ -40,7 +40,12 @@ def match_sdpa(call: Call) -> Sdpa:
     causal = const("is_causal", (bool,))
     enable_gqa = const("enable_gqa", (bool,))
     scale = call.get("scale")
-    if scale is not None:
+    if isinstance(scale, Node):
+        # dynamic=True makes float attributes symbolic (`item` nodes): the rewrite folds such a
+        # scale into q, as it does for a tensor-valued scale on the eager path.
+        if not is_scalar_like(scale):
+            raise Refusal("sdpa_constant_args", f"scale={scale.name} is not a scalar")
+    elif scale is not None:
         scale = float(const("scale", (int, float)))
     mask = call.get("attn_mask")
     if mask is not None and causal:

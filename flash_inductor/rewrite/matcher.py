@@ -417,9 +417,13 @@ def _rewrite_sdpa(gm: GraphModule, node: Node, call) -> SiteReport:
             spelling.append("causal")
         if m.dropout_p:
             spelling.append("dropout")
-        scale = m.scale if m.scale is not None else 1.0 / math.sqrt(example(m.q).shape[-1])
+        q = m.q
+        if isinstance(m.scale, Node):
+            q, scale = emit.call(operator.mul, q, m.scale), 1.0
+        else:
+            scale = m.scale if m.scale is not None else 1.0 / math.sqrt(example(m.q).shape[-1])
         out_dtype = example(node).dtype
-        new, kernel = _emit_op(emit, m.q, k, v, m.mask, Causal.TOP_LEFT if m.causal else Causal.NONE,
+        new, kernel = _emit_op(emit, q, k, v, m.mask, Causal.TOP_LEFT if m.causal else Causal.NONE,
                                scale, m.dropout_p, out_dtype, ("zero", None))
     except Refusal:
         emit.rollback()
