@@ -71,7 +71,7 @@ def _demo(args) -> int:
 def _coverage(args) -> int:
     from .coverage import run
 
-    rows = run(args.models, args.impls, args.modes)
+    rows = run(args.models, args.impls, args.modes, compile=args.compile)
     if args.markdown:
         from .coverage import markdown
 
@@ -113,6 +113,8 @@ def main(argv=None) -> int:
     cov.add_argument("--impls", nargs="+", default=["eager", "sdpa"], choices=("eager", "sdpa"))
     cov.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     cov.add_argument("--markdown", action="store_true", help="also print the table as markdown")
+    cov.add_argument("--compile", action="store_true",
+                     help="also time each row's first call through backend='flash' (Inductor; slow)")
     args = parser.parse_args(argv)
     return {"info": _info, "explain": _explain, "demo": _demo, "coverage": _coverage}[args.command](args)
 

@@ -29,6 +29,7 @@ class Row:
     rewritten: int = 0
     max_rel_err: float | None = None  # None: not comparable (dropout) or not run
     seconds: float = 0.0
+    compile_s: float | None = None  # first call through backend="flash" (Inductor), when asked for
     error: str = ""
     skipped_reasons: tuple = ()
 
@@ -56,7 +57,7 @@ def _run(model, fn, inputs, train: bool, seed: int = 0):
     return y.detach(), grads
 
 
-def check(model_type: str, impl: str, mode: str) -> Row:
+def check(model_type: str, impl: str, mode: str, compile: bool = False) -> Row:
     from .backend import rewrite_only
 
     row = Row(model_type, impl, mode)
@@ -91,21 +92,28 @@ def check(model_type: str, impl: str, mode: str) -> Row:
         row.max_rel_err = max(errs)
     elif not torch.isfinite(out).all() or not all(torch.isfinite(g).all() for g in grads.values()):
         row.error = "non-finite output or gradient with dropout"
-    row.seconds = time.perf_counter() - t0
+    row.seconds = time.perf_counter() - t0  # eager + rewritten runs, without the Inductor compile
+    if compile and not row.error:
+        with torch._inductor.config.patch(force_disable_caches=True):
+            t1 = time.perf_counter()
+            _run(model, torch.compile(model, backend="flash"), built.inputs, train)
+            row.compile_s = time.perf_counter() - t1
+        torch._dynamo.reset()
     return row
 
 
-def run(models=COVERAGE, impls=("eager", "sdpa"), modes=MODES, out=print) -> list[Row]:
+def run(models=COVERAGE, impls=("eager", "sdpa"), modes=MODES, compile=False, out=print) -> list[Row]:
     rows = []
-    out(f"{'model':<11} {'attn':<6} {'mode':<14} {'rewritten':>10}  {'max rel err':>11}  {'s':>5}  note")
+    out(f"{'model':<11} {'attn':<6} {'mode':<14} {'rewritten':>10}  {'max rel err':>11}  {'s':>5}  {'compile':>7}  note")
     for m in models:
         for impl in impls:
             for mode in modes:
-                r = check(m, impl, mode)
+                r = check(m, impl, mode, compile)
                 rows.append(r)
                 err = "-" if r.max_rel_err is None else f"{r.max_rel_err:.1e}"
+                comp = "-" if r.compile_s is None else f"{r.compile_s:.1f}"
                 note = r.error or ("; ".join(r.skipped_reasons)[:100] if r.skipped_reasons else "")
-                out(f"{m:<11} {impl:<6} {mode:<14} {r.rewritten:>4}/{r.sites:<5}  {err:>11}  {r.seconds:5.1f}  {note}")
+                out(f"{m:<11} {impl:<6} {mode:<14} {r.rewritten:>4}/{r.sites:<5}  {err:>11}  {r.seconds:5.1f}  {comp:>7}  {note}")
     return rows
 
 
@@ -122,7 +130,8 @@ def markdown(rows: list[Row]) -> str:
         if r.error.startswith("build:"):
             return "no such implementation"
         err = "" if r.max_rel_err is None else f", err {r.max_rel_err:.0e}"
-        return f"{r.rewritten}/{r.sites}{err}" + ("" if r.ok else " FAIL")
+        comp = "" if r.compile_s is None else f", compile {r.compile_s:.0f} s"
+        return f"{r.rewritten}/{r.sites}{err}{comp}" + ("" if r.ok else " FAIL")
 
     for (model, impl), modes in by_key.items():
         lines.append(f"| {model} | {impl} | " + " | ".join(cell(modes.get(m)) for m in MODES) + " |")
