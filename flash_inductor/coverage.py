@@ -94,11 +94,15 @@ def check(model_type: str, impl: str, mode: str, compile: bool = False) -> Row:
         row.error = "non-finite output or gradient with dropout"
     row.seconds = time.perf_counter() - t0  # eager + rewritten runs, without the Inductor compile
     if compile and not row.error:
-        with torch._inductor.config.patch(force_disable_caches=True):
-            t1 = time.perf_counter()
-            _run(model, torch.compile(model, backend="flash"), built.inputs, train)
-            row.compile_s = time.perf_counter() - t1
-        torch._dynamo.reset()
+        try:
+            with torch._inductor.config.patch(force_disable_caches=True):
+                t1 = time.perf_counter()
+                _run(model, torch.compile(model, backend="flash"), built.inputs, train)
+                row.compile_s = time.perf_counter() - t1
+        except Exception as e:
+            row.error = f"backend='flash' compile: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        finally:
+            torch._dynamo.reset()
     return row
 
 
