@@ -159,6 +159,8 @@ def _bind(op: str, args: tuple, kwargs: dict, names=None) -> dict | None:
     # torch's keyword names -> ours (`torch.add(x, other=y)`, `torch.dropout(x, p, train=...)`)
     aliases = {"input": names[0], "self": names[0], "other": "b", "mat2": "b", "train": "training",
                "condition": "cond", "batch1": "a", "batch2": "b", "size": "sizes"}
+    if op == "where":  # torch.where(condition, input, other)
+        aliases["input"] = "a"
     for k, a in kwargs.items():
         bound[aliases.get(k, k)] = a
     if any(p not in bound for p in params):

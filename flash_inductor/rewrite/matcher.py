@@ -88,6 +88,12 @@ def _single_user(node: Node, what: str) -> None:
         raise Refusal("used_once", f"the {what} ({node.name}) is used elsewhere too ({users})")
 
 
+def _check_float_cast(node: Node) -> None:
+    ev = example(node)
+    if ev is None or not ev.dtype.is_floating_point:
+        raise Refusal("float_casts", f"{node.name} casts the scores or probabilities to {getattr(ev, 'dtype', '?')}")
+
+
 def _leads_to_scores(node, depth: int = 12) -> bool:
     """Whether the score chain continues through `node` down to q·kᵀ."""
     for _ in range(depth):
@@ -130,6 +136,7 @@ def _score_steps(site: _Site, start: Node):
             raise Refusal("score_chain", f"the scores pass through {what}, which the rewrite does not model")
         site.chain.append(node)
         if c.op == "cast":
+            _check_float_cast(node)
             steps.insert(0, Cast())
             node = c["x"]
             continue
@@ -172,6 +179,7 @@ def _prob_path(site: _Site, softmax: Node) -> tuple[Node, Node, Node]:
             return node, user, v
         c = canon(user)
         if c is not None and c.op == "cast":
+            _check_float_cast(user)
             site.chain.append(user)
             node = user
             continue
