@@ -46,7 +46,28 @@ _SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_ke
               pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=0)
 # Config attributes that hold a dropout probability, across these architectures.
 _DROPOUT_ATTRS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "resid_pdrop", "embd_pdrop",
-                  "attn_pdrop", "dropout_rate", "attention_dropout", "dropout")
+                  "attn_pdrop", "dropout_rate", "attention_dropout", "dropout", "activation_dropout",
+                  "hidden_dropout", "classifier_dropout", "summary_first_dropout")
+
+
+def _set_dropout(cfg, p: float | None) -> None:
+    """Every dropout rate of the config set to `p` (None keeps the config's own)."""
+    if p is None:
+        return
+    for attr in _DROPOUT_ATTRS:
+        if isinstance(getattr(cfg, attr, None), float):
+            setattr(cfg, attr, p)
+
+
+def _padded_text_inputs(cfg, batch: int, seq_len: int, gen: torch.Generator) -> dict:
+    """Token ids (no special tokens) and a padding mask: the last sequence is 2/3 real tokens."""
+    ids = torch.randint(3, cfg.vocab_size, (batch, seq_len), generator=gen)
+    mask = torch.ones(batch, seq_len, dtype=torch.long)
+    mask[-1, max(1, (2 * seq_len) // 3):] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if cfg.is_encoder_decoder:
+        inputs["decoder_input_ids"] = ids
+    return inputs
 
 
 @dataclass
@@ -82,20 +103,11 @@ def build(
     model_type = kw.pop("model_type")
     cfg = AutoConfig.for_model(model_type, **kw)
     cfg._attn_implementation = attn_implementation
-    if dropout is not None:
-        for attr in _DROPOUT_ATTRS:
-            if isinstance(getattr(cfg, attr, None), float):
-                setattr(cfg, attr, dropout)
+    _set_dropout(cfg, dropout)
     torch.manual_seed(seed)
     model = AutoModel.from_config(cfg, attn_implementation=attn_implementation).to(device=device, dtype=dtype)
-    vocab = kw.get("vocab_size", 99)
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (batch, seq_len), generator=gen).to(device)
-    mask = torch.ones(batch, seq_len, dtype=torch.long)
-    mask[-1, max(1, (2 * seq_len) // 3):] = 0
-    inputs = {"input_ids": ids, "attention_mask": mask.to(device)}
-    if model_type == "t5":
-        inputs["decoder_input_ids"] = ids
+    inputs = {k: v.to(device) for k, v in _padded_text_inputs(cfg, batch, seq_len, gen).items()}
     layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None) or cfg.num_layers
     if model_type == "t5":  # encoder self, decoder self and decoder cross attention
         layers = cfg.num_layers + 2 * cfg.num_decoder_layers
@@ -114,11 +126,7 @@ def build_any(model_type: str, *, attn_implementation: str = "eager", dropout: f
                 setattr(cfg, key, value)
             except AttributeError:  # a derived property (Falcon's head_dim)
                 pass
-    if dropout is not None:
-        for attr in _DROPOUT_ATTRS + ("attention_dropout", "activation_dropout", "hidden_dropout",
-                                      "classifier_dropout", "summary_first_dropout"):
-            if isinstance(getattr(cfg, attr, None), float):
-                setattr(cfg, attr, dropout)
+    _set_dropout(cfg, dropout)
     cfg._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     model = AutoModel.from_config(cfg, attn_implementation=attn_implementation)
@@ -129,12 +137,7 @@ def build_any(model_type: str, *, attn_implementation: str = "eager", dropout: f
     elif model_type == "vit":
         inputs = {"pixel_values": torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=gen)}
     else:
-        ids = torch.randint(3, cfg.vocab_size, (batch, seq_len), generator=gen)
-        mask = torch.ones(batch, seq_len, dtype=torch.long)
-        mask[-1, max(1, (2 * seq_len) // 3):] = 0
-        inputs = {"input_ids": ids, "attention_mask": mask}
-        if cfg.is_encoder_decoder:
-            inputs["decoder_input_ids"] = ids
+        inputs = _padded_text_inputs(cfg, batch, seq_len, gen)
     return Built(model_type, model, inputs, num_attention_layers=-1)
 
 
