@@ -24,6 +24,9 @@ class _Config(threading.local):
 
     def __init__(self):
         self.kernel: str | None = None
+        # Under torch.compile, let Inductor launch the Triton kernels from its generated code
+        # instead of calling the op (flash_inductor.kernels_in_graph says when and why).
+        self.kernels_in_graph: bool = True
 
 
 config = _Config()

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import dispatch
+from . import dispatch, kernels_in_graph
 from .inputs import AttentionInputs, Causal, validate
 
 
@@ -122,6 +122,9 @@ def _backward(ctx, dout, dlse, _drng):
 
 
 fwd.register_autograd(_backward, setup_context=_setup_context)
+
+# Under torch.compile on CUDA, both ops decompose into their Triton kernels (kernels_in_graph).
+kernels_in_graph.register(fwd, bwd)
 
 
 def attention_with_lse(

@@ -139,6 +139,7 @@ def _bias(kind, B, Hq, Nq, Nk, dtype, gen):
         return keep
     shape = {
         "heads_rows_keys": (1, Hq, Nq, Nk),
+        "full": (B, Hq, Nq, Nk),
         "batch_keys": (B, 1, 1, Nk),
         "rows_keys": (Nq, Nk),
         "heads_keys": (1, Hq, 1, Nk),
@@ -245,6 +246,8 @@ CASES = {
     "fp16_bottom_right": (2, 2, 1, 37, 45, 24, 24, torch.float16, "bottom_right", None, "bnhd"),
     "bias_heads_rows_keys_causal": (2, 4, 2, 37, 45, 16, 24, torch.float32, "top_left", "heads_rows_keys", "bhnd"),
     "bias_batch_keys": (2, 2, 1, 37, 45, 40, 16, torch.float32, False, "batch_keys", "bhnd"),
+    # Unbroadcast bias: dS is written straight into dbias, causal-skipped blocks as zeros.
+    "bias_full_top_left_fp16": (2, 2, 1, 45, 37, 16, 16, torch.float16, "top_left", "full", "bhnd"),
     "bias_rows_keys_fp16": (1, 2, 2, 45, 37, 24, 24, torch.float16, "bottom_right", "rows_keys", "bhnd"),
     "bias_heads_keys": (2, 2, 2, 20, 33, 16, 16, torch.float32, False, "heads_keys", "bhnd"),
     "bool_mask_empty_row": (2, 2, 1, 37, 45, 16, 16, torch.float32, False, "bool", "bhnd"),
@@ -357,6 +360,8 @@ GPU_CASES = {
     "bf16_d256_bool": (1, 4, 2, 513, 700, 256, 256, torch.bfloat16, False, "bool"),
     "fp32_d40_batch_keys_bias": (2, 4, 2, 300, 257, 40, 24, torch.float32, "top_left", "batch_keys"),
     "fp16_d80_nq_gt_nk": (2, 4, 4, 900, 300, 80, 80, torch.float16, "bottom_right", "rows_keys"),
+    "bf16_d128_full_bias_causal": (2, 4, 4, 1100, 1100, 128, 128, torch.bfloat16, "top_left", "full"),
+    "bf16_d192_plain": (1, 4, 4, 640, 640, 192, 192, torch.bfloat16, False, None),
 }
 
 

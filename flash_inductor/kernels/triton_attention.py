@@ -40,9 +40,10 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 CAUSAL_NONE = tl.constexpr(int(Causal.NONE))
 CAUSAL_BOTTOM_RIGHT = tl.constexpr(int(Causal.BOTTOM_RIGHT))
-# Dropout compares the top 24 bits of one Philox word with p·2**24: integer-only (the same
-# on every Triton version) and p is quantised by at most 2**-24.
-DROPOUT_BITS = tl.constexpr(24)
+# Dropout compares 16-bit draws with p·2**16 (integer-only, the same on every Triton
+# version); one Philox call gives the DROP_GROUP = 8 draws of 8 neighbouring keys.
+DROPOUT_BITS = tl.constexpr(16)
+DROP_GROUP = tl.constexpr(8)
 
 
 def _interpreting() -> bool:
@@ -57,36 +58,68 @@ def _interpreting() -> bool:
 @triton.jit
 def _masked_scores(
     s, qi, kj, bias_ptrs, Nq, Nk, shift,
-    HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, MASK_CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, MASK_KEYS: tl.constexpr,
+    MASK_CAUSAL: tl.constexpr,
 ):
     """Add the bias to the base-2 scores `s` and set hidden entries to -inf.
 
     `qi` (query index) and `kj` (key index) broadcast to s's shape: [M, 1] and [1, N] in the
     forward and dQ kernels, [1, M] and [N, 1] in the dK/dV kernel, which works on sᵀ.
+    MASK_KEYS hides keys >= Nk (only the last key block has them); MASK_CAUSAL the keys past
+    the diagonal. Blocks that need neither skip the per-element select entirely: that select
+    is a third of the elementwise work in the inner loop. Query rows >= Nq are never masked:
+    their q rows load as 0 and they are never stored (dK/dV sees them with lse = -inf, p = 0).
     """
-    keep = (qi < Nq) & (kj < Nk)
     if HAS_BIAS:
-        b = tl.load(bias_ptrs, mask=keep, other=0)
+        b = tl.load(bias_ptrs, mask=(qi < Nq) & (kj < Nk), other=0)
         if BIAS_IS_BOOL:
-            keep = keep & (b != 0)
-        else:
-            s = s + b.to(tl.float32) * LOG2E
-    if MASK_CAUSAL:
-        keep = keep & (kj <= qi + shift)
-    return tl.where(keep, s, float("-inf"))
+            keep = b != 0
+            if MASK_KEYS:
+                keep = keep & (kj < Nk)
+            if MASK_CAUSAL:
+                keep = keep & (kj <= qi + shift)
+            return tl.where(keep, s, float("-inf"))
+        s = s + b.to(tl.float32) * LOG2E
+    if MASK_KEYS or MASK_CAUSAL:
+        keep = kj < Nk
+        if MASK_CAUSAL:
+            keep = keep & (kj <= qi + shift)
+        s = tl.where(keep, s, float("-inf"))
+    return s
 
 
 @triton.jit
-def _dropout_keep(philox_seed, philox_offset, bh, qi, kj, drop_threshold):
-    """Bernoulli(1-p) keep-mask, a pure function of (seed, offset, b·Hq+h, i, j).
+def _dropout_keep(
+    philox_seed, philox_offset, bh, offs_q, start_k, drop_threshold,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, KEYS_FIRST: tl.constexpr,
+):
+    """Bernoulli(1-p) keep-mask of the tile (queries offs_q) × (keys start_k + [0, BLOCK_K)).
 
-    Each coordinate is its own 32-bit Philox counter, so no offset can overflow for any
-    size, and the forward, dK/dV and dQ kernels regenerate the same bit at (b, h, i, j)
-    whatever their tiling or orientation.
+    A pure function of (seed, offset, b·Hq+h, i, j), whatever the tiling: one Philox call per
+    query row and group of 8 keys, its four 32-bit words cut into eight 16-bit draws (one
+    per key of the group), each compared with p·2**16. Eight draws per call instead of one
+    is what makes dropout cheap; 16 bits quantise p by at most 2**-17. The counter words are
+    (key group, query row, b·Hq+h, offset), so nothing overflows for any size. KEYS_FIRST
+    returns the transposed tile ([keys, queries]) that the dK/dV kernel works on.
     """
-    zero = qi * 0 + kj * 0
-    r, _, _, _ = tl.philox(philox_seed, kj + zero, qi + zero, bh + zero, philox_offset + zero)
-    return (r >> (32 - DROPOUT_BITS)).to(tl.int32) >= drop_threshold
+    groups = start_k // DROP_GROUP + tl.arange(0, BLOCK_K // DROP_GROUP)
+    zero = offs_q[:, None] * 0 + groups[None, :] * 0
+    r0, r1, r2, r3 = tl.philox(
+        philox_seed, groups[None, :] + zero, offs_q[:, None] + zero, bh + zero,
+        philox_offset + zero,
+    )
+    r0 = r0.to(tl.uint32, bitcast=True)
+    r1 = r1.to(tl.uint32, bitcast=True)
+    r2 = r2.to(tl.uint32, bitcast=True)
+    r3 = r3.to(tl.uint32, bitcast=True)
+    draws = tl.join(
+        tl.join(tl.join(r0 & 0xFFFF, r0 >> 16), tl.join(r1 & 0xFFFF, r1 >> 16)),
+        tl.join(tl.join(r2 & 0xFFFF, r2 >> 16), tl.join(r3 & 0xFFFF, r3 >> 16)),
+    )
+    keep = (tl.reshape(draws, [BLOCK_Q, BLOCK_K]).to(tl.int32) >= drop_threshold).to(tl.int8)
+    if KEYS_FIRST:
+        keep = tl.trans(keep)
+    return keep != 0
 
 
 @triton.jit
@@ -108,6 +141,21 @@ def _causal_shift(Nq, Nk, CAUSAL: tl.constexpr):
     return shift
 
 
+@triton.jit
+def _key_ranges(start_m, Nk, shift, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(hi, mid) for the query block at start_m (forward and dQ): keys [0, mid) need no
+    element mask (every row of the block sees them and they are whole blocks inside Nk);
+    [mid, hi) is the diagonal band and the ragged last block; keys from hi on are hidden
+    from every row of the block (causal) and skipped."""
+    if CAUSAL != CAUSAL_NONE:
+        hi = tl.minimum(start_m + BLOCK_M + shift, Nk)
+        mid = tl.minimum(tl.maximum(start_m + shift + 1, 0) // BLOCK_N * BLOCK_N, hi)
+    else:
+        hi = Nk
+        mid = Nk
+    return hi, tl.minimum(mid, Nk // BLOCK_N * BLOCK_N)
+
+
 # =============================================================================================
 # Forward
 # =============================================================================================
@@ -120,9 +168,9 @@ def _attn_fwd_inner(
     offs_m, offs_d, offs_dv, lo, hi,
     stride_kn, stride_vn, stride_bn,
     Nq, Nk, shift, qk_scale, drop_threshold,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    MASK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASK_KEYS: tl.constexpr, MASK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -133,7 +181,7 @@ def _attn_fwd_inner(
         s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
         s = _masked_scores(
             s, offs_m[:, None], offs_n[None, :], bias_rows + offs_n[None, :] * stride_bn,
-            Nq, Nk, shift, HAS_BIAS, BIAS_IS_BOOL, MASK_CAUSAL,
+            Nq, Nk, shift, HAS_BIAS, BIAS_IS_BOOL, MASK_KEYS, MASK_CAUSAL,
         )
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen only -inf so far keeps m = -inf; subtracting 0 instead keeps
@@ -144,7 +192,8 @@ def _attn_fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
             keep = _dropout_keep(
-                philox_seed, philox_offset, bh, offs_m[:, None], offs_n[None, :], drop_threshold
+                philox_seed, philox_offset, bh, offs_m, start_n, drop_threshold,
+                BLOCK_M, BLOCK_N, False,
             )
             p = tl.where(keep, p, 0.0)
         v = tl.load(
@@ -275,14 +324,7 @@ def _attn_fwd(
         philox_seed, philox_offset = 0, 0
 
     shift = _causal_shift(Nq, Nk, CAUSAL)
-    if CAUSAL != CAUSAL_NONE:
-        # Keys past the block's last row are skipped; [0, mid) is visible to every row of the
-        # block (no element mask), [mid, hi) is the diagonal band (element mask).
-        hi = tl.minimum(start_m + BLOCK_M + shift, Nk)
-        mid = tl.minimum(tl.maximum(start_m + shift + 1, 0) // BLOCK_N * BLOCK_N, hi)
-    else:
-        hi = Nk
-        mid = Nk
+    hi, mid = _key_ranges(start_m, Nk, shift, CAUSAL, BLOCK_M, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -291,15 +333,15 @@ def _attn_fwd(
         acc, l_i, m_i, q, K_head, V_head, bias_rows, philox_seed, philox_offset, bh,
         offs_m, offs_d, offs_dv, 0, mid, stride_kn, stride_vn, stride_bn,
         Nq, Nk, shift, qk_scale, drop_threshold,
-        D, DV, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, False, DOT_PRECISION,
+        D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, False, False, DOT_PRECISION,
     )
-    if CAUSAL != CAUSAL_NONE:
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, K_head, V_head, bias_rows, philox_seed, philox_offset, bh,
-            offs_m, offs_d, offs_dv, mid, hi, stride_kn, stride_vn, stride_bn,
-            Nq, Nk, shift, qk_scale, drop_threshold,
-            D, DV, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, True, DOT_PRECISION,
-        )
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, K_head, V_head, bias_rows, philox_seed, philox_offset, bh,
+        offs_m, offs_d, offs_dv, mid, hi, stride_kn, stride_vn, stride_bn,
+        Nq, Nk, shift, qk_scale, drop_threshold,
+        D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, True,
+        CAUSAL != CAUSAL_NONE, DOT_PRECISION,
+    )
 
     # l = 0 exactly when the row saw no key (the row max contributes exp2(0) = 1 otherwise):
     # acc is 0 there too, so the row stores zeros and lse = -inf.
@@ -354,10 +396,10 @@ def _attn_bwd_preprocess(
 def _attn_bwd_dkdv_inner(
     dk, dv, k, v,
     Q_head, DO_head, Lse_head, Delta_head, bias_cols, philox_seed, philox_offset, bh,
-    offs_n, offs_d, offs_dv, lo, hi,
+    start_n, offs_n, offs_d, offs_dv, lo, hi,
     stride_qm, stride_dom, stride_bm,
     Nq, Nk, shift, qk_scale, drop_threshold, drop_scale,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     MASK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -376,7 +418,7 @@ def _attn_bwd_dkdv_inner(
         sT = _masked_scores(
             sT, offs_m[None, :], offs_n[:, None],
             bias_cols + offs_m[None, :].to(tl.int64) * stride_bm,
-            Nq, Nk, shift, HAS_BIAS, BIAS_IS_BOOL, MASK_CAUSAL,
+            Nq, Nk, shift, HAS_BIAS, BIAS_IS_BOOL, False, MASK_CAUSAL,
         )
         pT = tl.math.exp2(sT - lse2[None, :])
         do = tl.load(
@@ -386,7 +428,8 @@ def _attn_bwd_dkdv_inner(
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             keepT = _dropout_keep(
-                philox_seed, philox_offset, bh, offs_m[None, :], offs_n[:, None], drop_threshold
+                philox_seed, philox_offset, bh, offs_m, start_n, drop_threshold,
+                BLOCK_M, BLOCK_N, True,
             )
             pdT = tl.where(keepT, pT, 0.0)
             dpT = tl.where(keepT, dpT * drop_scale, 0.0)
@@ -449,7 +492,8 @@ def _attn_bwd_dkdv(
     shift = _causal_shift(Nq, Nk, CAUSAL)
     if CAUSAL != CAUSAL_NONE:
         # Rows before lo see none of these keys (skipped); [lo, mid) is the diagonal band
-        # (element mask); rows from mid on see the whole block.
+        # (element mask); rows from mid on see the whole block. Keys >= Nk (last block)
+        # need no mask here: their dK/dV rows are never stored and rows do not mix.
         lo = tl.maximum(start_n - shift, 0) // BLOCK_M * BLOCK_M
         mid = tl.minimum(
             (tl.maximum(start_n + BLOCK_N - 1 - shift, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M, Nq
@@ -471,16 +515,16 @@ def _attn_bwd_dkdv(
         if CAUSAL != CAUSAL_NONE:
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, bias_cols,
-                philox_seed, philox_offset, bh, offs_n, offs_d, offs_dv, lo, mid,
+                philox_seed, philox_offset, bh, start_n, offs_n, offs_d, offs_dv, lo, mid,
                 stride_qm, stride_dom, stride_bm, Nq, Nk, shift, qk_scale, drop_threshold,
-                drop_scale, D, DV, BLOCK_M, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, True,
+                drop_scale, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, True,
                 DOT_PRECISION,
             )
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, bias_cols,
-            philox_seed, philox_offset, bh, offs_n, offs_d, offs_dv, mid, Nq,
+            philox_seed, philox_offset, bh, start_n, offs_n, offs_d, offs_dv, mid, Nq,
             stride_qm, stride_dom, stride_bm, Nq, Nk, shift, qk_scale, drop_threshold,
-            drop_scale, D, DV, BLOCK_M, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, False,
+            drop_scale, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, False,
             DOT_PRECISION,
         )
 
@@ -503,9 +547,10 @@ def _attn_bwd_dq_inner(
     offs_m, offs_d, offs_dv, lo, hi,
     stride_kn, stride_vn, stride_bn,
     Nq, Nk, shift, qk_scale, drop_threshold, drop_scale,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    STORE_DS: tl.constexpr, MASK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    STORE_DS: tl.constexpr, MASK_KEYS: tl.constexpr, MASK_CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -521,18 +566,22 @@ def _attn_bwd_dq_inner(
         s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
         s = _masked_scores(
             s, offs_m[:, None], offs_n[None, :], bias_rows + offs_n[None, :] * stride_bn,
-            Nq, Nk, shift, HAS_BIAS, BIAS_IS_BOOL, MASK_CAUSAL,
+            Nq, Nk, shift, HAS_BIAS, BIAS_IS_BOOL, MASK_KEYS, MASK_CAUSAL,
         )
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             keep = _dropout_keep(
-                philox_seed, philox_offset, bh, offs_m[:, None], offs_n[None, :], drop_threshold
+                philox_seed, philox_offset, bh, offs_m, start_n, drop_threshold,
+                BLOCK_M, BLOCK_N, False,
             )
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         if STORE_DS:
-            tl.store(DS_rows + offs_n[None, :], ds, mask=(offs_m[:, None] < Nq) & n_ok[None, :])
+            tl.store(
+                DS_rows + offs_n[None, :], ds.to(DS_rows.dtype.element_ty),
+                mask=(offs_m[:, None] < Nq) & n_ok[None, :],
+            )
         dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=DOT_PRECISION)
     return dq
 
@@ -558,8 +607,8 @@ def _attn_bwd_dq(
 ):
     """One program per (b, query head, query block); loops over key blocks like the forward.
 
-    With STORE_DS it also writes dS (float32, [B, Hq, Nq, Nk], natural layout so the stores
-    are coalesced) for the bias gradient.
+    With STORE_DS it also writes dS ([B, Hq, Nq, Nk] in DS's dtype, natural layout so the
+    stores are coalesced) for the bias gradient, every element of it.
     """
     tl.static_assert(BLOCK_D >= D)
     tl.static_assert(BLOCK_DV >= DV)
@@ -595,27 +644,31 @@ def _attn_bwd_dq(
         philox_seed, philox_offset = 0, 0
 
     shift = _causal_shift(Nq, Nk, CAUSAL)
-    if CAUSAL != CAUSAL_NONE:
-        hi = tl.minimum(start_m + BLOCK_M + shift, Nk)
-        mid = tl.minimum(tl.maximum(start_m + shift + 1, 0) // BLOCK_N * BLOCK_N, hi)
-    else:
-        hi = Nk
-        mid = Nk
+    hi, mid = _key_ranges(start_m, Nk, shift, CAUSAL, BLOCK_M, BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse2, delta, K_head, V_head, bias_rows, DS_rows, philox_seed, philox_offset,
         bh, offs_m, offs_d, offs_dv, 0, mid, stride_kn, stride_vn, stride_bn,
         Nq, Nk, shift, qk_scale, drop_threshold, drop_scale,
-        D, DV, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, STORE_DS, False, DOT_PRECISION,
+        D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, STORE_DS, False, False,
+        DOT_PRECISION,
     )
-    if CAUSAL != CAUSAL_NONE:
-        dq = _attn_bwd_dq_inner(
-            dq, q, do, lse2, delta, K_head, V_head, bias_rows, DS_rows, philox_seed,
-            philox_offset, bh, offs_m, offs_d, offs_dv, mid, hi, stride_kn, stride_vn,
-            stride_bn, Nq, Nk, shift, qk_scale, drop_threshold, drop_scale,
-            D, DV, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, STORE_DS, True, DOT_PRECISION,
-        )
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse2, delta, K_head, V_head, bias_rows, DS_rows, philox_seed,
+        philox_offset, bh, offs_m, offs_d, offs_dv, mid, hi, stride_kn, stride_vn,
+        stride_bn, Nq, Nk, shift, qk_scale, drop_threshold, drop_scale,
+        D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, STORE_DS, True,
+        CAUSAL != CAUSAL_NONE, DOT_PRECISION,
+    )
+    if STORE_DS and CAUSAL != CAUSAL_NONE:
+        # dS is allocated uninitialised: the key blocks causal skipped are written as zeros
+        # here (from where the band loop stopped), so no separate memset pass is needed.
+        written = tl.maximum(mid + tl.cdiv(hi - mid, BLOCK_N) * BLOCK_N, 0)
+        zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=DS.dtype.element_ty)
+        for start_n in range(written, Nk, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            tl.store(DS_rows + offs_n[None, :], zeros, mask=m_ok[:, None] & (offs_n[None, :] < Nk))
     dq *= sm_scale
     tl.store(
         DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
@@ -676,8 +729,18 @@ def _scalars(inp: AttentionInputs) -> dict:
     )
 
 
-def forward(inp: AttentionInputs, seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """out [B, Hq, Nq, Dv] in q's dtype and lse [B, Hq, Nq] float32 (natural log)."""
+def _direct(kernel):
+    return kernel
+
+
+def forward(
+    inp: AttentionInputs, seed: torch.Tensor | None, launch=_direct
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """out [B, Hq, Nq, Dv] in q's dtype and lse [B, Hq, Nq] float32 (natural log).
+
+    `launch` wraps each kernel before its launch: identity when called eagerly,
+    `torch.library.wrap_triton` when traced for Inductor (flash_inductor.kernels_in_graph).
+    """
     B, Hq, Nq, Nk = inp.batch, inp.heads_q, inp.len_q, inp.len_k
     out = torch.empty((B, Hq, Nq, inp.head_dim_v), dtype=inp.dtype, device=inp.device)
     lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=inp.device)
@@ -689,7 +752,7 @@ def forward(inp: AttentionInputs, seed: torch.Tensor | None) -> tuple[torch.Tens
     bias, sb = _bias_args(inp, q)
     sc = _scalars(inp)
     grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
-    _attn_fwd[grid](
+    launch(_attn_fwd)[grid](
         q, k, v, bias, seed if seed is not None else q, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -711,12 +774,16 @@ def backward(
     dout: torch.Tensor,
     dlse: torch.Tensor | None,
     bias_requires_grad: bool,
+    launch=_direct,
 ):
     """(dq, dk, dv, dbias or None), FlashAttention-2 style, deterministic (no atomics).
 
-    The bias gradient is dS summed over the bias's broadcast dims. dS is written to a float32
-    [B, Hq, Nq, Nk] buffer and reduced in torch, so it costs O(B·Hq·Nq·Nk) memory, only when
-    the bias requires grad (a fused reduction is future work).
+    The bias gradient is dS summed over the bias's broadcast dims. dS is written in the bias's
+    dtype to a [B, Hq, Nq, Nk] buffer: for a bias of that full shape the buffer is the
+    gradient itself; a broadcast bias (e.g. [1, H, N, N] with B > 1) is reduced from it in
+    torch, in float32, so it costs O(B·Hq·Nq·Nk) memory, only when the bias requires grad.
+    A fused reduction would need atomics (nondeterministic) or one program per bias element
+    looping over the broadcast dims.
     """
     B, Hq, Hkv, Nq, Nk = inp.batch, inp.heads_q, inp.heads_kv, inp.len_q, inp.len_k
     dev = inp.device
@@ -725,8 +792,9 @@ def backward(
     dv = torch.empty(inp.v.shape, dtype=inp.dtype, device=dev)
     ds = None
     if bias_requires_grad:
-        # Causally skipped blocks are never written: they must read as 0.
-        ds = torch.zeros((B, Hq, Nq, Nk), dtype=torch.float32, device=dev)
+        # The kernel writes every element (zeros where causal skipped a block). In the bias's
+        # own dtype: for an unbroadcast bias this buffer *is* dbias, with no extra pass.
+        ds = torch.empty((B, Hq, Nq, Nk), dtype=inp.bias.dtype, device=dev)
     if B * Hq == 0 or Nq == 0 or Nk == 0:
         for t in (dq, dk, dv):
             t.zero_()
@@ -740,7 +808,7 @@ def backward(
         seed_arg = seed if seed is not None else q
 
         delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=dev)
-        _attn_bwd_preprocess[(triton.cdiv(Nq, _PREPROCESS_BLOCK_M), B * Hq)](
+        launch(_attn_bwd_preprocess)[(triton.cdiv(Nq, _PREPROCESS_BLOCK_M), B * Hq)](
             out, dout, dlse.contiguous() if dlse is not None else delta, delta,
             out.stride(0), out.stride(1), out.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2),
@@ -760,7 +828,7 @@ def backward(
             sc["N_BUCKET"],
         )
         grid_kv = lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
-        _attn_bwd_dkdv[grid_kv](
+        launch(_attn_bwd_dkdv)[grid_kv](
             q, k, v, bias, seed_arg, dout, lse, delta, dk, dv,
             *common,
             dk.stride(0), dk.stride(1), dk.stride(2),
@@ -768,7 +836,7 @@ def backward(
             *scalars, **meta,
         )
         grid_q = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
-        _attn_bwd_dq[grid_q](
+        launch(_attn_bwd_dq)[grid_q](
             q, k, v, bias, seed_arg, dout, lse, delta, dq, ds if ds is not None else delta,
             *common,
             dq.stride(0), dq.stride(1), dq.stride(2),
@@ -779,6 +847,6 @@ def backward(
     if bias_requires_grad:
         dims = inp.bias_broadcast_dims()
         if dims:
-            ds = ds.sum(dim=dims, keepdim=True)
+            ds = ds.sum(dim=dims, keepdim=True, dtype=torch.float32)
         dbias = ds.reshape(inp.bias.shape).to(inp.bias.dtype)
     return dq, dk, dv, dbias

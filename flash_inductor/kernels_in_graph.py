@@ -1,0 +1,155 @@
+"""Under torch.compile, `flash::fwd` / `flash::bwd` become calls of the Triton kernels themselves.
+
+Why: Inductor calls an opaque custom op through the Python dispatcher, our launch glue and
+Triton's autotuner and launcher: about 145 µs of host time per call on an H100 host, more
+than the whole kernel at BERT-size shapes (44 µs), so a compiled model was host-bound on
+attention. Decomposed into `torch.library.wrap_triton` calls while AOTAutograd traces the
+graph, the kernels become user-defined Triton kernels in Inductor's output code: their
+configs are tuned once at compile time, they are launched by Inductor's generated launcher,
+and CUDA graphs (mode="reduce-overhead") can capture them.
+
+This is what `torch.library.triton_op` does for its ops, with one difference that is the
+reason this module exists: triton_op always decomposes, and ours must not everywhere. The
+rule below decomposes only when all of these hold, and otherwise leaves the op opaque, to
+dispatch at run time exactly as in eager:
+
+- every tensor argument is on CUDA (the CPU reference stays one call, not an unrolled graph);
+- dispatch picks the Triton backend for this input (a forced or refusing backend is honoured);
+- sizes and strides are static: the kernels specialise and autotune per shape, and Inductor
+  would have to guard on every one of them anyway (`dynamic=True` keeps the opaque op);
+- the setting is on: `flash_inductor.config.kernels_in_graph` (default True) or the
+  environment variable FLASH_INDUCTOR_KERNELS_IN_GRAPH=0 to switch it off;
+- not under torch.export, which keeps custom ops whole (as it does for triton_op).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from . import dispatch
+from .inputs import AttentionInputs, Causal
+
+log = logging.getLogger("flash_inductor")
+
+ENV_VAR = "FLASH_INDUCTOR_KERNELS_IN_GRAPH"
+
+
+def enabled() -> bool:
+    if os.environ.get(ENV_VAR, "1").strip() == "0":
+        return False
+    return dispatch.config.kernels_in_graph
+
+
+def _is_static(t: torch.Tensor) -> bool:
+    return not any(
+        isinstance(x, torch.SymInt) for x in (*t.shape, *t.stride(), t.storage_offset())
+    )
+
+
+def _triton_decision(inp: AttentionInputs, tensors) -> str | None:
+    """None if the op may decompose into the Triton kernels; else why not (for the log)."""
+    if not enabled():
+        return "switched off"
+    if any(t.device.type != "cuda" for t in tensors):
+        return "not on CUDA"
+    if not all(_is_static(t) for t in tensors):
+        return "symbolic shapes"
+    try:
+        chosen = dispatch.select(inp).NAME
+    except Exception as e:  # the opaque op will raise the same error at run time
+        return f"dispatch refused: {e}"
+    if chosen != "triton":
+        return f"dispatch picks {chosen}"
+    return None
+
+
+def _export_in_progress() -> bool:
+    try:
+        from torch.export._trace import custom_triton_ops_decomposition_disabled
+    except ImportError:
+        return False
+    return custom_triton_ops_decomposition_disabled()
+
+
+def _fwd_in_graph(q, k, v, bias, seed, causal, scale, dropout_p):
+    from torch.library import wrap_triton
+
+    from .kernels import triton_attention
+
+    inp = AttentionInputs(q, k, v, bias, Causal(causal), scale, dropout_p)
+    if dropout_p > 0.0:
+        if seed is not None:
+            rng = seed.to(device=q.device, dtype=torch.int64).clone()
+        else:
+            # Drawn on the device so Inductor generates it from its own seeded RNG (no host
+            # round trip inside a captured graph); two 31-bit words key Philox.
+            rng = torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64, device=q.device)
+    else:
+        rng = torch.empty(0, dtype=torch.int64, device=q.device)
+    out, lse = triton_attention.forward(inp, rng if dropout_p > 0.0 else None, launch=wrap_triton)
+    return out, lse, rng
+
+
+def _bwd_in_graph(
+    dout, dlse, q, k, v, bias, rng, out, lse, causal, scale, dropout_p, bias_requires_grad
+):
+    from torch.library import wrap_triton
+
+    from .kernels import triton_attention
+
+    inp = AttentionInputs(q, k, v, bias, Causal(causal), scale, dropout_p)
+    dq, dk, dv, dbias = triton_attention.backward(
+        inp, rng if dropout_p > 0.0 else None, out, lse, dout, dlse, bias_requires_grad,
+        launch=wrap_triton,
+    )
+    if dbias is None:
+        dbias = q.new_empty(0)
+    return dq, dk, dv, dbias
+
+
+def _rule(op_name, in_graph, inputs_of):
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    known = (torch.Tensor, FakeTensor, FunctionalTensor)
+
+    def rule(mode, func, types, args, kwargs):
+        if any(not issubclass(t, known) for t in types):
+            return NotImplemented  # a tensor subclass: let it handle the op first
+        if kwargs or _export_in_progress():
+            return mode.__torch_dispatch__(func, types, args, kwargs or {})
+        inp, tensors = inputs_of(*args)
+        why_not = _triton_decision(inp, tensors)
+        if why_not is not None:
+            log.debug("%s stays one opaque op in the graph: %s", op_name, why_not)
+            return mode.__torch_dispatch__(func, types, args, {})
+        with mode:
+            return in_graph(*args)
+
+    return rule
+
+
+def _fwd_inputs(q, k, v, bias, seed, causal, scale, dropout_p):
+    inp = AttentionInputs(q, k, v, bias, Causal(causal), scale, dropout_p)
+    return inp, [t for t in (q, k, v, bias, seed) if t is not None]
+
+
+def _bwd_inputs(dout, dlse, q, k, v, bias, rng, out, lse, causal, scale, dropout_p, _brg):
+    inp = AttentionInputs(q, k, v, bias, Causal(causal), scale, dropout_p)
+    return inp, [t for t in (dout, dlse, q, k, v, bias, rng, out, lse) if t is not None]
+
+
+def register(fwd_op, bwd_op) -> bool:
+    """Install the decomposition rules on the two custom ops; False if this torch lacks them."""
+    try:
+        from torch._subclasses.functional_tensor import FunctionalTensorMode
+        from torch.library import wrap_triton  # noqa: F401  (torch >= 2.6)
+    except ImportError as e:
+        log.info("kernels stay opaque under torch.compile: %s", e)
+        return False
+    fwd_op.register_torch_dispatch(FunctionalTensorMode, _rule("flash::fwd", _fwd_in_graph, _fwd_inputs))
+    bwd_op.register_torch_dispatch(FunctionalTensorMode, _rule("flash::bwd", _bwd_in_graph, _bwd_inputs))
+    return True

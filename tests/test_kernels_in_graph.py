@@ -1,0 +1,139 @@
+"""Under torch.compile the ops decompose into their Triton kernels on CUDA, and only there.
+
+CPU: the decomposition rule declines (the op stays one opaque node, run by the reference).
+GPU (marked): Inductor's output code launches `_attn_fwd` / `_attn_bwd_*` itself and calls no
+`flash.fwd`/`flash.bwd`; outputs and gradients match a float64 reference; `dynamic=True` and
+`kernels_in_graph = False` keep the opaque op.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.backends.common import aot_autograd
+from functorch.compile import make_boxed_func
+
+import flash_inductor
+from conftest import make_qkv, rel_err
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _aot_graphs(fn, *args):
+    graphs = []
+
+    def capture(gm, _example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend=aot_autograd(fw_compiler=capture, bw_compiler=capture), fullgraph=True)(*args)
+    return out, graphs
+
+
+def _attn(q, k, v, bias):
+    return flash_inductor.attention(q, k, v, bias, causal=True)
+
+
+def test_cpu_op_stays_opaque_in_the_aot_graphs():
+    q, k, v = make_qkv(requires_grad=True)
+    bias = torch.randn(1, 2, 37, 37, requires_grad=True)
+    out, graphs = _aot_graphs(_attn, q, k, v, bias)
+    out.sum().backward()
+    assert len(graphs) == 2
+    fw, bw = (g.code for g in graphs)
+    assert "torch.ops.flash.fwd.default" in fw and "triton_kernel_wrapper" not in fw
+    assert "torch.ops.flash.bwd.default" in bw and "triton_kernel_wrapper" not in bw
+    ref = flash_inductor.attention_ref(q.double(), k.double(), v.double(), bias.double(), causal=True)
+    assert rel_err(out, ref) < 1e-5
+
+
+# ---- GPU --------------------------------------------------------------------------------------
+
+
+def _inductor_code(fn, *args, **compile_kwargs):
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, **compile_kwargs)
+    return run_and_get_code(compiled, *args)
+
+
+CASES = {
+    # (B, Hq, Hkv, N, D, dtype, causal, bias shape or None, dropout_p)
+    "bf16_causal_bias_grad": (2, 4, 4, 300, 64, torch.bfloat16, True, (1, 4, 300, 300), 0.0),
+    "fp16_gqa_mask": (2, 8, 2, 257, 128, torch.float16, False, (2, 1, 1, 257), 0.0),
+}
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("case", list(CASES))
+def test_gpu_inductor_launches_our_kernels(case, monkeypatch):
+    monkeypatch.setenv("FLASH_INDUCTOR_TRITON_AUTOTUNE", "0")
+    B, Hq, Hkv, N, D, dtype, causal, bshape, p = CASES[case]
+    q, k, v = make_qkv(B, Hq, Hkv, N, head_dim=D, dtype=dtype, device="cuda", requires_grad=True)
+    bias = None
+    if bshape is not None:
+        bias = torch.randn(bshape, device="cuda", dtype=dtype, requires_grad=bshape[0] == 1)
+
+    def step(q, k, v, bias):
+        out = flash_inductor.attention(q, k, v, bias, causal=causal, dropout_p=p)
+        leaves = [t for t in (q, k, v, bias) if t is not None and t.requires_grad]
+        dout = torch.ones_like(out) * torch.linspace(-1, 1, out.shape[-1], device=out.device, dtype=out.dtype)
+        return (out, *torch.autograd.grad(out, leaves, dout))
+
+    got, code = _inductor_code(step, q, k, v, bias)
+    code = "\n".join(code)
+    assert "_attn_fwd" in code and "_attn_bwd_dq" in code and "_attn_bwd_dkdv" in code
+    assert "flash.fwd" not in code and "flash.bwd" not in code
+
+    leaves64 = [t.detach().double().requires_grad_(t.requires_grad) for t in (q, k, v)]
+    b64 = bias.detach().double().requires_grad_(bias.requires_grad) if bias is not None else None
+    ref = step(*leaves64, b64)
+    for name, g, r in zip(("out", "dq", "dk", "dv", "dbias"), got, ref):
+        assert torch.isfinite(g).all(), name
+        assert rel_err(g, r) < 2e-2, f"{name}: {rel_err(g, r):.3g}"
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_dropout_in_graph_is_random_and_consistent(monkeypatch):
+    """Inductor draws the seed: two calls differ, and each backward regenerates its mask
+    (with v = identity the output is the scaled keep-mask; dv then equals its transpose·dout)."""
+    monkeypatch.setenv("FLASH_INDUCTOR_TRITON_AUTOTUNE", "0")
+    N, p = 128, 0.25
+    q = torch.zeros(1, 1, N, 64, device="cuda", dtype=torch.float16, requires_grad=True)
+    k = torch.zeros(1, 1, N, 64, device="cuda", dtype=torch.float16)
+    v = torch.eye(N, device="cuda", dtype=torch.float16).view(1, 1, N, N).requires_grad_()
+
+    def step(q, k, v):
+        out = flash_inductor.attention(q, k, v, dropout_p=p)
+        (dv,) = torch.autograd.grad(out, [v], torch.ones_like(out))
+        return out, dv
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step)
+    out1, dv1 = compiled(q, k, v)
+    out2, _ = compiled(q, k, v)
+    keep1 = out1[0, 0] != 0
+    assert not torch.equal(keep1, out2[0, 0] != 0)
+    assert abs(keep1.float().mean().item() - (1 - p)) < 0.02
+    # dv[j, c] = sum_i P_drop[i, j] · 1: every column of dv is the column sums of the dropped,
+    # scaled probabilities, which (v = identity) is what the forward returned.
+    torch.testing.assert_close(dv1[0, 0, :, 0].float(), out1[0, 0].float().sum(0), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("how", ["dynamic", "switched_off"])
+def test_gpu_op_stays_opaque_when_it_should(how, monkeypatch):
+    monkeypatch.setenv("FLASH_INDUCTOR_TRITON_AUTOTUNE", "0")
+    q, k, v = make_qkv(2, 4, None, 200, head_dim=64, dtype=torch.bfloat16, device="cuda")
+    kwargs = {"dynamic": True} if how == "dynamic" else {}
+    if how == "switched_off":
+        monkeypatch.setattr(flash_inductor.config, "kernels_in_graph", False)
+    out, code = _inductor_code(lambda q, k, v: flash_inductor.attention(q, k, v), q, k, v, **kwargs)
+    assert "flash.fwd" in "\n".join(code)
+    ref = flash_inductor.attention_ref(q.double(), k.double(), v.double())
+    assert rel_err(out, ref) < 1e-2
