@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# One GPU session: install, GPU tests, the demo and the kernel benchmark; logs under $OUT.
-# Run on the device machine from the repo root: bash benchmarks/gpu_session.sh [tests|bench|all]
+# One GPU session: install, then the phases named on the command line; logs under $OUT.
+# Run on the device machine from the repo root:
+#   bash benchmarks/gpu_session.sh tests bench8k        (or: bench_more, e2e, all)
+# Phases write their results as they go, so a run cut short keeps what it measured.
 set -uo pipefail
-what=${1:-all}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# Compiled kernels and autotune choices survive between calls on a machine that stays warm.
+export TRITON_CACHE_DIR=$PWD/.cache/triton
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
@@ -12,12 +15,24 @@ fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { echo "editable install failed"; tail "$OUT/install.log"; export PYTHONPATH=$PWD:${PYTHONPATH:-}; }
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-python3 -m flash_inductor.cli info
-if [ "$what" = tests ] || [ "$what" = all ]; then
-  FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout 420 python3 -m pytest -q -x -m gpu tests/ 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
-  timeout 240 python3 -m pytest -q tests/test_rewrite.py $(ls tests/test_hf_models.py 2>/dev/null) -x 2>&1 | tee "$OUT/cpu_tests_on_gpu_machine.log" | tail -5
-  timeout 200 python3 -m flash_inductor.cli demo --model bert --seq 512 --batch 8 --compare-inductor 2>&1 | tee "$OUT/demo_bert.log" | tail -6
-fi
-if [ "$what" = bench ] || [ "$what" = all ]; then
-  timeout 540 python3 benchmarks/bench_attention.py --lengths ${BENCH_LENGTHS:-8192} --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | grep -v Warning
-fi
+bench() { timeout "$1" python3 -m flash_inductor.cli bench "${@:3}" --json "$OUT/$2.json" 2>&1 | grep -v Warning | tee "$OUT/$2.log"; }
+for phase in "$@"; do
+  echo "=== $phase $(date +%T)"
+  case $phase in
+    tests)
+      FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout 300 python3 -m pytest -q -x -m gpu tests/test_triton_kernels.py tests/test_kernels_in_graph.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+    bench8k)
+      bench 420 bench_8k --lengths 8192 --cases none causal bias bias+causal dropout bias+causal+dropout \
+        --peers triton sdpa_cudnn sdpa_flash flex ;;
+    bench_more)
+      bench 200 bench_8k_rest --lengths 8192 --cases causal+dropout bias+dropout --peers triton sdpa_cudnn sdpa_flash sdpa_efficient eager
+      bench 150 bench_8k_bias_grad --lengths 8192 --cases bias bias+causal --bias-grad --peers triton flex
+      bench 300 bench_2k_4k --lengths 2048 4096 --cases none causal bias bias+causal dropout --peers triton sdpa_cudnn flex ;;
+    headdims)
+      bench 150 bench_d64 --lengths 8192 --head-dim 64 --cases none causal --peers triton sdpa_cudnn flex
+      bench 150 bench_d256 --lengths 8192 --head-dim 256 --cases none causal --peers triton sdpa_cudnn flex ;;
+    e2e)
+      timeout 200 python3 -m flash_inductor.cli demo --model bert --seq 512 --batch 8 --compare-inductor 2>&1 | tee "$OUT/demo_bert.log" | tail -8 ;;
+  esac
+done
+echo "=== done $(date +%T)"

@@ -84,9 +84,16 @@ def _coverage(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own argparse (flash_inductor/bench.py), shared with benchmarks/
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="flash-inductor", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="what is available on this machine, and why anything is not")
+    sub.add_parser("bench", help="time the kernels against SDPA's backends, FlexAttention and eager "
+                   "(GPU; `flash-inductor bench --help`)")
 
     def model_args(p, size, seq):
         from .models import MODELS

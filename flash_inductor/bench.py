@@ -1,0 +1,282 @@
+"""Attention kernel benchmark: our kernels against SDPA's backends, FlexAttention and eager.
+
+The seed README's tables: rows (B, H, N, D) = (1, 12, N, 128) for N in --lengths, each with
+dropout p in {0, 0.1} × bias in {no, yes} × causal in {no, yes}; forward, backward and
+forward+backward times in µs (medians of triton.testing.do_bench), TFLOP/s, and the peak
+extra memory of one forward+backward. Every peer runs in the same process on the same inputs:
+
+- triton: our op with the Triton kernels forced (FLASH_INDUCTOR_KERNEL=triton);
+- sdpa_flash / sdpa_efficient / sdpa_cudnn / sdpa_math: F.scaled_dot_product_attention with
+  one backend forced (bias + causal is passed as one float mask: SDPA takes one or the other);
+- flex: FlexAttention, compiled once per case, a block mask for causal and a score_mod that
+  reads the bias (it has no dropout);
+- eager: softmax(q·kᵀ·scale + bias) · v written out in PyTorch, as unfused models do.
+
+The bias is a materialised [1, H, N, N] tensor in q's dtype, as a learned relative-position
+bias is. By default it does not require grad (the peers' table in DESIGN.md was measured so:
+SDPA refuses a bias that does); --bias-grad makes it require grad.
+
+    flash-inductor bench --lengths 8192 --json out.json
+    python benchmarks/bench_attention.py ...   (the same)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import sys
+
+import torch
+import torch.nn.functional as F
+
+CASES = (
+    "none", "causal", "bias", "bias+causal",
+    "dropout", "causal+dropout", "bias+dropout", "bias+causal+dropout",
+)
+
+
+def flops(b, h, nq, nk, d, causal: bool, mode: str) -> float:
+    """4·B·H·Nq·Nk·D for the two products, halved under causal; backward counted as 2.5× forward."""
+    f = 4.0 * b * h * nq * nk * d * (0.5 if causal else 1.0)
+    return f * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
+
+
+def _inputs(n, d, heads, dtype, case, bias_grad, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(n + d)
+    q, k, v = (
+        torch.randn(1, heads, n, d, device=device, dtype=dtype, generator=g, requires_grad=True)
+        for _ in range(3)
+    )
+    bias = None
+    if "bias" in case:
+        bias = torch.randn(1, heads, n, n, device=device, dtype=dtype, generator=g, requires_grad=bias_grad)
+    return q, k, v, bias
+
+
+def _ours(kernel):
+    import flash_inductor
+
+    def run(q, k, v, bias, causal, p):
+        flash_inductor.config.kernel = kernel
+        try:
+            return flash_inductor.attention(q, k, v, bias, causal=causal, dropout_p=p)
+        finally:
+            flash_inductor.config.kernel = None
+
+    return run
+
+
+def _bias_and_causal_as_mask(q, bias, causal):
+    n = q.shape[2]
+    tri = torch.ones(n, n, device=q.device, dtype=torch.bool).tril()
+    return bias.masked_fill(~tri, float("-inf"))
+
+
+def _sdpa(backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    which = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend]
+
+    def run(q, k, v, bias, causal, p):
+        mask = bias
+        if bias is not None and causal:  # SDPA takes a mask or is_causal, not both
+            mask, causal = _bias_and_causal_as_mask(q, bias, causal), False
+        with sdpa_kernel(which):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=p)
+
+    return run
+
+
+def _eager():
+    def run(q, k, v, bias, causal, p):
+        s = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+        if bias is not None:
+            s = s + bias
+        if causal:
+            n = q.shape[2]
+            s = s.masked_fill(~torch.ones(n, n, device=q.device, dtype=torch.bool).tril(), float("-inf"))
+        a = torch.softmax(s.float(), dim=-1).to(q.dtype)
+        return F.dropout(a, p) @ v
+
+    return run
+
+
+def _flex():
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    compiled = torch.compile(flex_attention, dynamic=False)
+    block_masks = {}
+
+    def run(q, k, v, bias, causal, p):
+        if p:
+            raise RuntimeError("FlexAttention has no dropout")
+        n = q.shape[2]
+        if causal and n not in block_masks:
+            block_masks[n] = create_block_mask(lambda b, h, qi, kv: qi >= kv, None, None, n, n)
+        score_mod = None
+        if bias is not None:
+            def score_mod(s, b, h, qi, kv):
+                return s + bias[b, h, qi, kv]
+        return compiled(q, k, v, score_mod=score_mod, block_mask=block_masks[n] if causal else None)
+
+    return run
+
+
+PEERS = {
+    "triton": lambda: _ours("triton"),
+    "sdpa_flash": lambda: _sdpa("flash"),
+    "sdpa_cudnn": lambda: _sdpa("cudnn"),
+    "sdpa_efficient": lambda: _sdpa("efficient"),
+    "flex": _flex,
+    "sdpa_math": lambda: _sdpa("math"),
+    "eager": _eager,
+}
+DEFAULT_PEERS = ("triton", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex", "eager")
+
+
+def bench_case(fn, n, d, heads, dtype, case, bias_grad, do_bench):
+    causal = "causal" in case
+    p = 0.1 if "dropout" in case else 0.0
+    q, k, v, bias = _inputs(n, d, heads, dtype, case, bias_grad)
+    leaves = [t for t in (q, k, v, bias) if t is not None and t.requires_grad]
+    try:
+        out = fn(q, k, v, bias, causal, p)
+        dout = torch.randn_like(out)
+        torch.autograd.grad(out, leaves, dout, retain_graph=True)
+    except Exception as e:  # a peer refusing a case is a result, not a failure
+        torch.cuda.empty_cache()
+        return {"status": "refused", "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+    fwd_ms = do_bench(lambda: fn(q, k, v, bias, causal, p))
+    bwd_ms = do_bench(lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True))
+    del out
+    both_ms = do_bench(lambda: torch.autograd.grad(fn(q, k, v, bias, causal, p), leaves, dout))
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    torch.autograd.grad(fn(q, k, v, bias, causal, p), leaves, dout)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    return {
+        "status": "ok",
+        "fwd_us": fwd_ms * 1e3, "bwd_us": bwd_ms * 1e3, "fwd+bwd_us": both_ms * 1e3,
+        "fwd_tflops": flops(1, heads, n, n, d, causal, "fwd") / fwd_ms / 1e9,
+        "bwd_tflops": flops(1, heads, n, n, d, causal, "bwd") / bwd_ms / 1e9,
+        "fwd+bwd_tflops": flops(1, heads, n, n, d, causal, "fwd+bwd") / both_ms / 1e9,
+        "peak_extra_mib": peak / 2**20,
+    }
+
+
+def _chosen_configs() -> dict:
+    """The config each autotuned kernel last picked (what the timing above ran)."""
+    from .kernels import triton_attention as ta
+
+    out = {}
+    for name in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"):
+        best = getattr(getattr(ta, name), "best_config", None)
+        if best is not None:
+            out[name] = f"{best.kwargs} warps={best.num_warps} stages={best.num_stages}"
+    return out
+
+
+def ceilings(do_bench):
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm = do_bench(lambda: a @ a)
+    x = torch.empty(2**30 // 2, device="cuda", dtype=torch.bfloat16).normal_()
+    cp = do_bench(lambda: x.clone())
+    return {"bf16_matmul_tflops": 2 * 8192**3 / mm / 1e9, "copy_tb_s": 2 * x.numel() * 2 / cp / 1e9}
+
+
+def markdown(rows, peers) -> str:
+    """One table per N: µs fwd / bwd / fwd+bwd per peer, and ours over the best peer."""
+    out = []
+    for n in sorted({r["n"] for r in rows}):
+        out.append(f"\nN={n}, µs fwd / bwd / fwd+bwd (TFLOP/s fwd / bwd); ratio = best peer time / ours\n")
+        out.append("| case | " + " | ".join(peers) + " | fwd ratio | bwd ratio |")
+        out.append("|" + " --- |" * (len(peers) + 3))
+        for case in dict.fromkeys(r["case"] for r in rows if r["n"] == n):
+            cells, got = [], {}
+            for peer in peers:
+                r = next((r for r in rows if r["n"] == n and r["case"] == case and r["peer"] == peer), None)
+                if r is None:
+                    cells.append("")
+                elif r["status"] != "ok":
+                    cells.append("refused")
+                else:
+                    got[peer] = r
+                    cells.append(f"{r['fwd_us']:.0f} / {r['bwd_us']:.0f} / {r['fwd+bwd_us']:.0f} "
+                                 f"({r['fwd_tflops']:.0f} / {r['bwd_tflops']:.0f})")
+            ratios = ["", ""]
+            others = [r for p, r in got.items() if p not in ("triton", "eager", "sdpa_math")]
+            if "triton" in got and others:
+                ours = got["triton"]
+                ratios = [f"{min(o[f'{ph}_us'] for o in others) / ours[f'{ph}_us']:.2f}" for ph in ("fwd", "bwd")]
+            out.append(f"| {case} | " + " | ".join(cells) + f" | {ratios[0]} | {ratios[1]} |")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="flash-inductor bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    ap.add_argument("--peers", nargs="+", default=list(DEFAULT_PEERS), choices=list(PEERS))
+    ap.add_argument("--bias-grad", action="store_true", help="the bias requires grad (learned bias)")
+    ap.add_argument("--json", default=None, help="write every measurement here")
+    ap.add_argument("--markdown", action="store_true", help="print the tables as markdown at the end")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("flash-inductor bench needs a CUDA GPU (it times GPU kernels against each other).")
+        return 2
+    import triton
+    import triton.testing
+
+    def do_bench(fn):
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    dtype = getattr(torch, args.dtype)
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "command": " ".join(["flash-inductor", "bench"] + (sys.argv[1:] if argv is None else argv)),
+        "dtype": args.dtype, "heads": args.heads, "head_dim": args.head_dim, "bias_grad": args.bias_grad,
+        "ceilings": ceilings(do_bench),
+    }
+    print(json.dumps(meta), flush=True)
+    rows = []
+    for n in args.lengths:
+        for case in args.cases:
+            for peer in args.peers:
+                if peer in ("sdpa_math", "eager") and n > 8192:
+                    continue
+                res = bench_case(PEERS[peer](), n, args.head_dim, args.heads, dtype, case, args.bias_grad, do_bench)
+                row = {"n": n, "d": args.head_dim, "case": case, "peer": peer, **res}
+                if peer == "triton" and res["status"] == "ok":
+                    row["configs"] = _chosen_configs()
+                rows.append(row)
+                if res["status"] == "ok":
+                    print(f"N={n:5d} D={args.head_dim} {case:20s} {peer:15s} "
+                          f"fwd {res['fwd_tflops']:6.1f} bwd {res['bwd_tflops']:6.1f} TFLOP/s "
+                          f"({res['fwd_us']:.0f} / {res['bwd_us']:.0f} / {res['fwd+bwd_us']:.0f} µs, "
+                          f"peak +{res['peak_extra_mib']:.0f} MiB)", flush=True)
+                else:
+                    print(f"N={n:5d} D={args.head_dim} {case:20s} {peer:15s} refused: {res['reason']}", flush=True)
+                if args.json:  # written as it goes: a run cut short keeps what it measured
+                    with open(args.json, "w") as f:
+                        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    if args.markdown:
+        print(markdown(rows, args.peers))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
