@@ -78,8 +78,17 @@ def _masked_scores(
                 keep = keep & (kj < Nk)
             if MASK_CAUSAL:
                 keep = keep & (kj <= qi + shift)
-            return tl.where(keep, s, float("-inf"))
-        s = s + b.to(tl.float32) * LOG2E
+            s = tl.where(keep, s, float("-inf"))
+        else:
+            s = s + b.to(tl.float32) * LOG2E
+            s = _hide_keys(s, qi, kj, Nk, shift, MASK_KEYS, MASK_CAUSAL)
+    else:
+        s = _hide_keys(s, qi, kj, Nk, shift, MASK_KEYS, MASK_CAUSAL)
+    return s
+
+
+@triton.jit
+def _hide_keys(s, qi, kj, Nk, shift, MASK_KEYS: tl.constexpr, MASK_CAUSAL: tl.constexpr):
     if MASK_KEYS or MASK_CAUSAL:
         keep = kj < Nk
         if MASK_CAUSAL:
