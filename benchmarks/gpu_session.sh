@@ -24,6 +24,9 @@ for phase in "$@"; do
     bench8k)
       bench 420 bench_8k --lengths 8192 --cases none causal bias bias+causal dropout bias+causal+dropout \
         --peers triton sdpa_cudnn sdpa_flash flex ;;
+    bench8k_bias)
+      bench 330 bench_8k_bias --lengths 8192 --cases none bias bias+causal bias+causal+dropout --peers triton flex sdpa_cudnn
+      bench 150 bench_8k_bias_grad --lengths 8192 --cases bias bias+causal --bias-grad --peers triton flex ;;
     bench_more)
       bench 200 bench_8k_rest --lengths 8192 --cases causal+dropout bias+dropout --peers triton sdpa_cudnn sdpa_flash sdpa_efficient eager
       bench 150 bench_8k_bias_grad --lengths 8192 --cases bias bias+causal --bias-grad --peers triton flex

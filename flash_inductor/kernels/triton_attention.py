@@ -57,11 +57,11 @@ def _interpreting() -> bool:
 
 @triton.jit
 def _masked_scores(
-    s, qi, kj, bias_ptrs, Nq, Nk, shift,
+    s, qi, kj, b, Nk, shift,
     HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, MASK_KEYS: tl.constexpr,
     MASK_CAUSAL: tl.constexpr,
 ):
-    """Add the bias to the base-2 scores `s` and set hidden entries to -inf.
+    """Add the bias tile `b` to the base-2 scores `s` and set hidden entries to -inf.
 
     `qi` (query index) and `kj` (key index) broadcast to s's shape: [M, 1] and [1, N] in the
     forward and dQ kernels, [1, M] and [N, 1] in the dK/dV kernel, which works on sᵀ.
@@ -71,7 +71,6 @@ def _masked_scores(
     their q rows load as 0 and they are never stored (dK/dV sees them with lse = -inf, p = 0).
     """
     if HAS_BIAS:
-        b = tl.load(bias_ptrs, mask=(qi < Nq) & (kj < Nk), other=0)
         if BIAS_IS_BOOL:
             keep = b != 0
             if MASK_KEYS:
@@ -85,6 +84,18 @@ def _masked_scores(
     else:
         s = _hide_keys(s, qi, kj, Nk, shift, MASK_KEYS, MASK_CAUSAL)
     return s
+
+
+@triton.jit
+def _load_bias(ptrs, ok, HAS_BIAS: tl.constexpr):
+    """One bias tile, loaded one loop iteration before it is used (the inner loops carry it):
+    Triton pipelines only the loads that feed dots, so a bias load issued in its own
+    iteration stalls on memory every iteration. Without a bias: a placeholder."""
+    if HAS_BIAS:
+        b = tl.load(ptrs, mask=ok, other=0)
+    else:
+        b = tl.zeros([1, 1], dtype=tl.int8)
+    return b
 
 
 @triton.jit
@@ -181,16 +192,22 @@ def _attn_fwd_inner(
     HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     MASK_KEYS: tl.constexpr, MASK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    m_ok = offs_m[:, None] < Nq
+    offs_n = lo + tl.arange(0, BLOCK_N)
+    b_next = _load_bias(bias_rows + offs_n[None, :] * stride_bn, m_ok & (offs_n[None, :] < hi), HAS_BIAS)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
+        b = b_next
+        next_n = offs_n + BLOCK_N
+        b_next = _load_bias(bias_rows + next_n[None, :] * stride_bn, m_ok & (next_n[None, :] < hi), HAS_BIAS)
         kT = tl.load(
             K_head + offs_n[None, :] * stride_kn + offs_d[:, None],
             mask=(offs_n[None, :] < Nk) & (offs_d[:, None] < D), other=0.0,
         )
         s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
         s = _masked_scores(
-            s, offs_m[:, None], offs_n[None, :], bias_rows + offs_n[None, :] * stride_bn,
-            Nq, Nk, shift, HAS_BIAS, BIAS_IS_BOOL, MASK_KEYS, MASK_CAUSAL,
+            s, offs_m[:, None], offs_n[None, :], b, Nk, shift,
+            HAS_BIAS, BIAS_IS_BOOL, MASK_KEYS, MASK_CAUSAL,
         )
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen only -inf so far keeps m = -inf; subtracting 0 instead keeps
@@ -309,6 +326,9 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     tl.static_assert(BLOCK_D >= D)
+    # Inductor passes Python floats as float64 scalars; the arithmetic stays float32.
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    drop_scale = tl.cast(drop_scale, tl.float32)
     tl.static_assert(BLOCK_DV >= DV)
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -413,9 +433,19 @@ def _attn_bwd_dkdv_inner(
     MASK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Accumulate this key block's dK, dV over query rows [lo, hi) of one query head (on sᵀ)."""
+    n_ok = offs_n[:, None] < Nk
+    offs_m = lo + tl.arange(0, BLOCK_M)
+    b_next = _load_bias(
+        bias_cols + offs_m[None, :].to(tl.int64) * stride_bm, n_ok & (offs_m[None, :] < hi), HAS_BIAS
+    )
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < Nq
+        b = b_next
+        next_m = offs_m + BLOCK_M
+        b_next = _load_bias(
+            bias_cols + next_m[None, :].to(tl.int64) * stride_bm, n_ok & (next_m[None, :] < hi), HAS_BIAS
+        )
         qT = tl.load(
             Q_head + offs_m[None, :] * stride_qm + offs_d[:, None],
             mask=m_ok[None, :] & (offs_d[:, None] < D), other=0.0,
@@ -425,9 +455,8 @@ def _attn_bwd_dkdv_inner(
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
         sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale
         sT = _masked_scores(
-            sT, offs_m[None, :], offs_n[:, None],
-            bias_cols + offs_m[None, :].to(tl.int64) * stride_bm,
-            Nq, Nk, shift, HAS_BIAS, BIAS_IS_BOOL, False, MASK_CAUSAL,
+            sT, offs_m[None, :], offs_n[:, None], b, Nk, shift,
+            HAS_BIAS, BIAS_IS_BOOL, False, MASK_CAUSAL,
         )
         pT = tl.math.exp2(sT - lse2[None, :])
         do = tl.load(
@@ -474,6 +503,9 @@ def _attn_bwd_dkdv(
 ):
     """One program per (b, KV head, key block); loops over the G query heads of its group."""
     tl.static_assert(BLOCK_D >= D)
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    sm_scale = tl.cast(sm_scale, tl.float32)
+    drop_scale = tl.cast(drop_scale, tl.float32)
     tl.static_assert(BLOCK_DV >= DV)
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -561,9 +593,15 @@ def _attn_bwd_dq_inner(
     STORE_DS: tl.constexpr, MASK_KEYS: tl.constexpr, MASK_CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    m_ok = offs_m[:, None] < Nq
+    offs_n = lo + tl.arange(0, BLOCK_N)
+    b_next = _load_bias(bias_rows + offs_n[None, :] * stride_bn, m_ok & (offs_n[None, :] < hi), HAS_BIAS)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Nk
+        b = b_next
+        next_n = offs_n + BLOCK_N
+        b_next = _load_bias(bias_rows + next_n[None, :] * stride_bn, m_ok & (next_n[None, :] < hi), HAS_BIAS)
         kT = tl.load(
             K_head + offs_n[None, :] * stride_kn + offs_d[:, None],
             mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0,
@@ -574,8 +612,8 @@ def _attn_bwd_dq_inner(
         )
         s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
         s = _masked_scores(
-            s, offs_m[:, None], offs_n[None, :], bias_rows + offs_n[None, :] * stride_bn,
-            Nq, Nk, shift, HAS_BIAS, BIAS_IS_BOOL, MASK_KEYS, MASK_CAUSAL,
+            s, offs_m[:, None], offs_n[None, :], b, Nk, shift,
+            HAS_BIAS, BIAS_IS_BOOL, MASK_KEYS, MASK_CAUSAL,
         )
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
@@ -620,6 +658,9 @@ def _attn_bwd_dq(
     stores are coalesced) for the bias gradient, every element of it.
     """
     tl.static_assert(BLOCK_D >= D)
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    sm_scale = tl.cast(sm_scale, tl.float32)
+    drop_scale = tl.cast(drop_scale, tl.float32)
     tl.static_assert(BLOCK_DV >= DV)
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
