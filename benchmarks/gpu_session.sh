@@ -27,6 +27,10 @@ for phase in "$@"; do
     bench8k_bias)
       bench 330 bench_8k_bias --lengths 8192 --cases none bias bias+causal bias+causal+dropout --peers triton flex sdpa_cudnn
       bench 150 bench_8k_bias_grad --lengths 8192 --cases bias bias+causal --bias-grad --peers triton flex ;;
+    bench_final)
+      bench 240 bench_8k_bias_final --lengths 8192 --cases bias bias+causal --peers triton flex
+      bench 120 bench_8k_bias_grad_final --lengths 8192 --cases bias+causal --bias-grad --peers triton flex
+      bench 170 bench_4k --lengths 4096 --cases none bias+causal --peers triton flex ;;
     bench_more)
       bench 200 bench_8k_rest --lengths 8192 --cases causal+dropout bias+dropout --peers triton sdpa_cudnn sdpa_flash sdpa_efficient eager
       bench 150 bench_8k_bias_grad --lengths 8192 --cases bias bias+causal --bias-grad --peers triton flex

@@ -88,9 +88,12 @@ def _masked_scores(
 
 @triton.jit
 def _load_bias(ptrs, ok, HAS_BIAS: tl.constexpr):
-    """One bias tile, loaded one loop iteration before it is used (the inner loops carry it):
-    Triton pipelines only the loads that feed dots, so a bias load issued in its own
-    iteration stalls on memory every iteration. Without a bias: a placeholder."""
+    """One bias tile (masked loads read 0), or a placeholder without a bias.
+
+    Loaded in the iteration that uses it, after the K tile's load is issued. Carrying it
+    one iteration ahead in registers (a hand-made pipeline stage, since Triton pipelines only
+    the loads that feed dots) was measured slower on H100: 312 vs 371 TFLOP/s forward at
+    N=8192 (register pressure); see benchmarks/NOTES.md."""
     if HAS_BIAS:
         b = tl.load(ptrs, mask=ok, other=0)
     else:
@@ -193,17 +196,13 @@ def _attn_fwd_inner(
     MASK_KEYS: tl.constexpr, MASK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     m_ok = offs_m[:, None] < Nq
-    offs_n = lo + tl.arange(0, BLOCK_N)
-    b_next = _load_bias(bias_rows + offs_n[None, :] * stride_bn, m_ok & (offs_n[None, :] < hi), HAS_BIAS)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        b = b_next
-        next_n = offs_n + BLOCK_N
-        b_next = _load_bias(bias_rows + next_n[None, :] * stride_bn, m_ok & (next_n[None, :] < hi), HAS_BIAS)
         kT = tl.load(
             K_head + offs_n[None, :] * stride_kn + offs_d[:, None],
             mask=(offs_n[None, :] < Nk) & (offs_d[:, None] < D), other=0.0,
         )
+        b = _load_bias(bias_rows + offs_n[None, :] * stride_bn, m_ok & (offs_n[None, :] < Nk), HAS_BIAS)
         s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
         s = _masked_scores(
             s, offs_m[:, None], offs_n[None, :], b, Nk, shift,
@@ -434,17 +433,11 @@ def _attn_bwd_dkdv_inner(
 ):
     """Accumulate this key block's dK, dV over query rows [lo, hi) of one query head (on sᵀ)."""
     n_ok = offs_n[:, None] < Nk
-    offs_m = lo + tl.arange(0, BLOCK_M)
-    b_next = _load_bias(
-        bias_cols + offs_m[None, :].to(tl.int64) * stride_bm, n_ok & (offs_m[None, :] < hi), HAS_BIAS
-    )
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < Nq
-        b = b_next
-        next_m = offs_m + BLOCK_M
-        b_next = _load_bias(
-            bias_cols + next_m[None, :].to(tl.int64) * stride_bm, n_ok & (next_m[None, :] < hi), HAS_BIAS
+        b = _load_bias(
+            bias_cols + offs_m[None, :].to(tl.int64) * stride_bm, n_ok & m_ok[None, :], HAS_BIAS
         )
         qT = tl.load(
             Q_head + offs_m[None, :] * stride_qm + offs_d[:, None],
@@ -594,14 +587,9 @@ def _attn_bwd_dq_inner(
     DOT_PRECISION: tl.constexpr,
 ):
     m_ok = offs_m[:, None] < Nq
-    offs_n = lo + tl.arange(0, BLOCK_N)
-    b_next = _load_bias(bias_rows + offs_n[None, :] * stride_bn, m_ok & (offs_n[None, :] < hi), HAS_BIAS)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Nk
-        b = b_next
-        next_n = offs_n + BLOCK_N
-        b_next = _load_bias(bias_rows + next_n[None, :] * stride_bn, m_ok & (next_n[None, :] < hi), HAS_BIAS)
         kT = tl.load(
             K_head + offs_n[None, :] * stride_kn + offs_d[:, None],
             mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0,
@@ -611,6 +599,7 @@ def _attn_bwd_dq_inner(
             mask=n_ok[None, :] & (offs_dv[:, None] < DV), other=0.0,
         )
         s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
+        b = _load_bias(bias_rows + offs_n[None, :] * stride_bn, m_ok & n_ok[None, :], HAS_BIAS)
         s = _masked_scores(
             s, offs_m[:, None], offs_n[None, :], b, Nk, shift,
             HAS_BIAS, BIAS_IS_BOOL, MASK_KEYS, MASK_CAUSAL,
