@@ -1,0 +1,51 @@
+"""Is a call host-bound? GPU time of the kernel alone against the time per call through the op.
+
+    python benchmarks/host_vs_kernel.py --n 4096
+
+Prints, for one shape: do_bench of `triton_attention.forward` (kernel launches only, back to
+back), of `flash_inductor.attention` under no_grad and with inputs that require grad, and the
+kernel time torch.profiler attributes to `_attn_fwd`. A call time above the kernel time is
+host overhead (Python glue, autotuner, custom-op and autograd dispatch).
+"""
+
+import argparse
+
+import torch
+import triton.testing
+
+import flash_inductor
+from flash_inductor.inputs import validate
+from flash_inductor.kernels import triton_attention as ta
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--d", type=int, default=128)
+    args = ap.parse_args()
+    q, k, v = (torch.randn(1, args.heads, args.n, args.d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    bench = lambda f: triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median") * 1e3  # noqa: E731
+    inp = validate(q, k, v)
+    ta.forward(inp, None)
+    rows = {"triton_attention.forward": bench(lambda: ta.forward(inp, None))}
+    with torch.no_grad():
+        rows["attention() no_grad"] = bench(lambda: flash_inductor.attention(q, k, v))
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    rows["attention() requires_grad"] = bench(lambda: flash_inductor.attention(qg, kg, vg))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            ta.forward(inp, None)
+        torch.cuda.synchronize()
+    kern = [e for e in prof.key_averages() if "_attn_fwd" in e.key]
+    if kern:
+        attr = "device_time" if hasattr(kern[0], "device_time") else "cuda_time"
+        rows["_attn_fwd kernel (profiler)"] = getattr(kern[0], attr)
+    best = getattr(ta._attn_fwd, "best_config", None)
+    for name, us in rows.items():
+        print(f"N={args.n} {name:32s} {us:8.1f} µs")
+    print("config:", best)
+
+
+if __name__ == "__main__":
+    main()
