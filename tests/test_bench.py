@@ -1,0 +1,36 @@
+"""The benchmark's CPU-side pieces: the FLOP count, the ratio table, the CLI without a GPU."""
+
+import pytest
+import torch
+
+from flash_inductor import bench, cli
+
+
+def test_flops_match_the_seed_convention():
+    assert bench.flops(1, 12, 8192, 8192, 128, False, "fwd") == 4 * 12 * 8192**2 * 128
+    assert bench.flops(1, 12, 8192, 8192, 128, True, "bwd") == 2.5 * 2 * 12 * 8192**2 * 128
+
+
+def _row(case, peer, fwd, bwd):
+    return {"n": 4096, "case": case, "peer": peer, "status": "ok", "fwd_us": fwd, "bwd_us": bwd,
+            "fwd+bwd_us": fwd + bwd, "fwd_tflops": 1.0, "bwd_tflops": 1.0}
+
+
+def test_markdown_ratio_is_best_peer_time_over_ours():
+    rows = [
+        _row("bias", "triton", 200.0, 400.0),
+        _row("bias", "flex", 300.0, 500.0),
+        _row("bias", "sdpa_cudnn", 250.0, 800.0),
+        _row("bias", "eager", 10.0, 10.0),  # the eager reference is never "the best peer"
+        {"n": 4096, "case": "dropout", "peer": "flex", "status": "refused", "reason": "x"},
+    ]
+    table = bench.markdown(rows, ["triton", "flex", "sdpa_cudnn", "eager"])
+    line = next(l for l in table.splitlines() if l.startswith("| bias"))
+    assert line.rstrip().endswith("| 1.25 | 1.25 |")  # fwd 250/200, bwd 500/400
+    assert "refused" in next(l for l in table.splitlines() if l.startswith("| dropout"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_bench_without_gpu_says_so(capsys):
+    assert cli.main(["bench", "--lengths", "128"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().out
