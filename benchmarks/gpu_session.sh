@@ -38,6 +38,8 @@ for phase in "$@"; do
     headdims)
       bench 150 bench_d64 --lengths 8192 --head-dim 64 --cases none causal --peers triton sdpa_cudnn flex
       bench 150 bench_d256 --lengths 8192 --head-dim 256 --cases none causal --peers triton sdpa_cudnn flex ;;
+    e2e_models)
+      timeout 560 python3 benchmarks/e2e_models.py --json "$OUT/e2e_models.json" ${E2E_MODELS:+--models $E2E_MODELS} 2>&1 | grep -v Warning | tee "$OUT/e2e_models.log" | tail -12 ;;
     e2e)
       timeout 200 python3 -m flash_inductor.cli demo --model bert --seq 512 --batch 8 --compare-inductor 2>&1 | tee "$OUT/demo_bert.log" | tail -8 ;;
   esac

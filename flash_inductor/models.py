@@ -20,6 +20,12 @@ BASE = {
                d_ff=2048, vocab_size=32128),
     "llama": dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
                   num_key_value_heads=8, intermediate_size=8192, vocab_size=32000),
+    # The end-to-end benchmark's models (issue 5): gpt2-medium, t5-base, bloom-560m.
+    "gpt2-medium": dict(model_type="gpt2", n_embd=1024, n_layer=24, n_head=16, vocab_size=50257,
+                        n_positions=1024),
+    "t5-base": dict(model_type="t5", d_model=768, num_layers=12, num_decoder_layers=12, num_heads=12,
+                    d_kv=64, d_ff=3072, vocab_size=32128),
+    "bloom": dict(model_type="bloom", hidden_size=1024, n_layer=24, n_head=16, vocab_size=250880),
 }
 TINY = {
     "bert": dict(model_type="bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -30,7 +36,9 @@ TINY = {
                d_ff=37, vocab_size=99),
     "llama": dict(model_type="llama", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, intermediate_size=37, vocab_size=99),
+    "bloom": dict(model_type="bloom", hidden_size=32, n_layer=2, n_head=4, vocab_size=99),
 }
+TINY["gpt2-medium"], TINY["t5-base"] = TINY["gpt2"], TINY["t5"]
 MODELS = tuple(BASE)
 
 # The architectures the coverage tool checks (transformers model_type names).

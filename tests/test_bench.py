@@ -34,3 +34,20 @@ def test_markdown_ratio_is_best_peer_time_over_ours():
 def test_bench_without_gpu_says_so(capsys):
     assert cli.main(["bench", "--lengths", "128"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+def test_e2e_script_runs_a_tiny_model_through_all_three_backends():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "e2e_models.py"
+    spec = importlib.util.spec_from_file_location("e2e_models", path)
+    e2e = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(e2e)
+    row = e2e.run_row("bert", "tiny", torch.device("cpu"), torch.float32, repeats=1, impl="sdpa", out=lambda *a, **k: None)
+    assert row["rewritten"] == row["attention_layers"] == 2
+    for backend in e2e.BACKENDS:
+        assert row[f"{backend}_fwd_ms"] > 0 and row[f"{backend}_train_ms"] > 0
+    assert row["flash_rel_diff_fwd"] < 1e-4
+    table = e2e.markdown([row])
+    assert "| bert (16 × 2), sdpa | 2/2 |" in table and "Geometric mean" in table
