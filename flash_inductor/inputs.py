@@ -11,6 +11,8 @@ Shapes (SDPA's convention)::
     bias  broadcastable to [B, Hq, Nq, Nk] (fewer dims are padded on the left, size-1 dims
           are read with stride 0 and never materialised); float = added to the scaled scores,
           bool = keep-mask (True attends, False is masked)
+    softcap  0 (off), or c > 0: the scaled scores become c·tanh(s / c) before the bias and
+          masks (Gemma 2's logit soft-capping)
     out   [B, Hq, Nq, Dv]
     lse   [B, Hq, Nq] float32, natural-log logsumexp of each row's scaled, biased scores
 """
@@ -81,6 +83,7 @@ class AttentionInputs:
     causal: Causal
     scale: float
     dropout_p: float
+    softcap: float = 0.0
 
     # ---- derived sizes -------------------------------------------------------------------
     @property
@@ -151,6 +154,7 @@ def validate(
     causal: bool | str | int | Causal = False,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    softcap: float | None = None,
 ) -> AttentionInputs:
     """Check user input against the op's contract; raise ValueError naming the argument and limit."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -228,4 +232,9 @@ def validate(
     dropout_p = float(dropout_p)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p={dropout_p} must be in [0, 1)")
-    return AttentionInputs(q, k, v, bias, c, scale, dropout_p)
+    if isinstance(softcap, torch.Tensor):
+        raise ValueError("softcap must be a Python number or None, not a tensor")
+    softcap = 0.0 if softcap is None else float(softcap)
+    if not (math.isfinite(softcap) and softcap >= 0.0):
+        raise ValueError(f"softcap={softcap} must be a finite number > 0 (or None / 0 for no soft-capping)")
+    return AttentionInputs(q, k, v, bias, c, scale, dropout_p, softcap)

@@ -74,12 +74,12 @@ def _export_in_progress() -> bool:
     return custom_triton_ops_decomposition_disabled()
 
 
-def _fwd_in_graph(q, k, v, bias, seed, causal, scale, dropout_p):
+def _fwd_in_graph(q, k, v, bias, seed, causal, scale, dropout_p, softcap=0.0):
     from torch.library import wrap_triton
 
     from .kernels import triton_attention
 
-    inp = AttentionInputs(q, k, v, bias, Causal(causal), scale, dropout_p)
+    inp = AttentionInputs(q, k, v, bias, Causal(causal), scale, dropout_p, softcap)
     if dropout_p > 0.0:
         if seed is not None:
             rng = seed.to(device=q.device, dtype=torch.int64).clone()
@@ -94,13 +94,13 @@ def _fwd_in_graph(q, k, v, bias, seed, causal, scale, dropout_p):
 
 
 def _bwd_in_graph(
-    dout, dlse, q, k, v, bias, rng, out, lse, causal, scale, dropout_p, bias_requires_grad
+    dout, dlse, q, k, v, bias, rng, out, lse, causal, scale, dropout_p, bias_requires_grad, softcap=0.0
 ):
     from torch.library import wrap_triton
 
     from .kernels import triton_attention
 
-    inp = AttentionInputs(q, k, v, bias, Causal(causal), scale, dropout_p)
+    inp = AttentionInputs(q, k, v, bias, Causal(causal), scale, dropout_p, softcap)
     dq, dk, dv, dbias = triton_attention.backward(
         inp, rng if dropout_p > 0.0 else None, out, lse, dout, dlse, bias_requires_grad,
         launch=wrap_triton,
@@ -132,13 +132,13 @@ def _rule(op_name, in_graph, inputs_of):
     return rule
 
 
-def _fwd_inputs(q, k, v, bias, seed, causal, scale, dropout_p):
-    inp = AttentionInputs(q, k, v, bias, Causal(causal), scale, dropout_p)
+def _fwd_inputs(q, k, v, bias, seed, causal, scale, dropout_p, softcap=0.0):
+    inp = AttentionInputs(q, k, v, bias, Causal(causal), scale, dropout_p, softcap)
     return inp, [t for t in (q, k, v, bias, seed) if t is not None]
 
 
-def _bwd_inputs(dout, dlse, q, k, v, bias, rng, out, lse, causal, scale, dropout_p, _brg):
-    inp = AttentionInputs(q, k, v, bias, Causal(causal), scale, dropout_p)
+def _bwd_inputs(dout, dlse, q, k, v, bias, rng, out, lse, causal, scale, dropout_p, _brg, softcap=0.0):
+    inp = AttentionInputs(q, k, v, bias, Causal(causal), scale, dropout_p, softcap)
     return inp, [t for t in (dout, dlse, q, k, v, bias, rng, out, lse) if t is not None]
 
 

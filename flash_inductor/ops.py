@@ -28,9 +28,9 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _inputs(q, k, v, bias, causal: int, scale: float, dropout_p: float) -> AttentionInputs:
+def _inputs(q, k, v, bias, causal: int, scale: float, dropout_p: float, softcap: float = 0.0) -> AttentionInputs:
     # The public function validated already; the op trusts its (internal) callers.
-    return AttentionInputs(q, k, v, bias, Causal(causal), scale, dropout_p)
+    return AttentionInputs(q, k, v, bias, Causal(causal), scale, dropout_p, softcap)
 
 
 def _draw_seed(device: torch.device) -> Tensor:
@@ -48,8 +48,9 @@ def fwd(
     causal: int,
     scale: float,
     dropout_p: float,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    inp = _inputs(q, k, v, bias, causal, scale, dropout_p)
+    inp = _inputs(q, k, v, bias, causal, scale, dropout_p, softcap)
     if dropout_p > 0.0:
         rng = seed.to(device=q.device, dtype=torch.int64).clone() if seed is not None else _draw_seed(q.device)
     else:
@@ -60,7 +61,7 @@ def fwd(
 
 
 @fwd.register_fake
-def _fwd_fake(q, k, v, bias, seed, causal, scale, dropout_p):
+def _fwd_fake(q, k, v, bias, seed, causal, scale, dropout_p, softcap=0.0):
     b, hq, nq, _ = q.shape
     out = q.new_empty((b, hq, nq, v.shape[3]))
     lse = q.new_empty((b, hq, nq), dtype=lse_dtype(q.dtype))
@@ -83,13 +84,14 @@ def bwd(
     scale: float,
     dropout_p: float,
     bias_requires_grad: bool,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients; dbias is an empty tensor unless bias_requires_grad (ops cannot return None).
 
     Dispatch selects from the same inputs and settings as the forward did, so the backward
     runs the kernel whose dropout mask it must regenerate.
     """
-    inp = _inputs(q, k, v, bias, causal, scale, dropout_p)
+    inp = _inputs(q, k, v, bias, causal, scale, dropout_p, softcap)
     dq, dk, dv, dbias = dispatch.select(inp).backward(
         inp, rng if dropout_p > 0.0 else None, out, lse, dout, dlse, bias_requires_grad
     )
@@ -99,16 +101,16 @@ def bwd(
 
 
 @bwd.register_fake
-def _bwd_fake(dout, dlse, q, k, v, bias, rng, out, lse, causal, scale, dropout_p, bias_requires_grad):
+def _bwd_fake(dout, dlse, q, k, v, bias, rng, out, lse, causal, scale, dropout_p, bias_requires_grad, softcap=0.0):
     dbias = bias.new_empty(bias.shape) if bias_requires_grad else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, _seed, causal, scale, dropout_p = inputs
+    q, k, v, bias, _seed, causal, scale, dropout_p, softcap = inputs
     out, lse, rng = output
     ctx.save_for_backward(q, k, v, bias, out, lse, rng)
-    ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
+    ctx.causal, ctx.scale, ctx.dropout_p, ctx.softcap = causal, scale, dropout_p, softcap
 
 
 def _backward(ctx, dout, dlse, _drng):
@@ -116,9 +118,9 @@ def _backward(ctx, dout, dlse, _drng):
     bias_requires_grad = bias is not None and ctx.needs_input_grad[3] and bias.dtype != torch.bool
     dq, dk, dv, dbias = bwd(
         dout, dlse, q, k, v, bias, rng, out, lse,
-        ctx.causal, ctx.scale, ctx.dropout_p, bias_requires_grad,
+        ctx.causal, ctx.scale, ctx.dropout_p, bias_requires_grad, ctx.softcap,
     )
-    return dq, dk, dv, (dbias if bias_requires_grad else None), None, None, None, None
+    return dq, dk, dv, (dbias if bias_requires_grad else None), None, None, None, None, None
 
 
 fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -136,14 +138,16 @@ def attention_with_lse(
     causal: bool | str = False,
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
+    softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor]:
     """`attention`, also returning lse [B, Hq, Nq] (float32; -inf on fully masked rows).
 
     lse is differentiable: its gradient is folded into the backward, which is what merging
     partial results (ring / context-parallel attention) needs.
     """
-    inp = validate(q, k, v, bias, causal=causal, scale=scale, dropout_p=dropout_p)
-    out, lse, _ = fwd(q, k, v, bias, None, int(inp.causal), inp.scale, inp.dropout_p)
+    inp = validate(q, k, v, bias, causal=causal, scale=scale, dropout_p=dropout_p, softcap=softcap)
+    extra = (inp.softcap,) if inp.softcap else ()
+    out, lse, _ = fwd(q, k, v, bias, None, int(inp.causal), inp.scale, inp.dropout_p, *extra)
     return out, lse
 
 
@@ -156,6 +160,7 @@ def attention(
     causal: bool | str = False,
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
+    softcap: Optional[float] = None,
 ) -> Tensor:
     """softmax(q·kᵀ·scale + bias [+ causal mask]) [dropout] · v, fused, in O(N) memory.
 
@@ -172,6 +177,8 @@ def attention(
             Fully masked blocks are skipped, not computed.
         scale: multiplies q·kᵀ; default 1/sqrt(D).
         dropout_p: dropout on the probabilities (Philox in-kernel, regenerated in backward).
+        softcap: None, or c > 0 for logit soft-capping: the scaled scores become
+            c·tanh(s / c) before the bias and masks are applied (Gemma 2).
 
     Returns:
         out [B, Hq, Nq, Dv] in q's dtype. A row whose keys are all masked (keep-mask, causal
@@ -179,4 +186,4 @@ def attention(
 
     Head dims up to 256; D must match between q and k. Errors name the argument and limit.
     """
-    return attention_with_lse(q, k, v, bias, causal=causal, scale=scale, dropout_p=dropout_p)[0]
+    return attention_with_lse(q, k, v, bias, causal=causal, scale=scale, dropout_p=dropout_p, softcap=softcap)[0]

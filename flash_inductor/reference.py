@@ -60,9 +60,18 @@ def dropout_keep_mask(
     return torch.rand(shape, generator=gen, device=device) >= p
 
 
-def _scores(inp: AttentionInputs, q5, k_c, start, stop, acc):
-    """Scaled, biased, masked scores for keys [start, stop): [B, Hkv, G, Nq, n] in `acc`."""
+def _scores(inp: AttentionInputs, q5, k_c, start, stop, acc, want_cap_grad: bool = False):
+    """Scaled, soft-capped, biased, masked scores for keys [start, stop): [B, Hkv, G, Nq, n].
+
+    With want_cap_grad, returns (scores, d(capped)/d(scaled)) = (s, 1 - tanh²) (None without
+    soft-capping), which the backward needs to carry dS back through the cap.
+    """
     s = torch.matmul(q5, k_c.to(acc).unsqueeze(2).transpose(-1, -2)) * inp.scale
+    cap_grad = None
+    if inp.softcap:
+        t = torch.tanh(s / inp.softcap)
+        s = inp.softcap * t
+        cap_grad = 1 - t * t if want_cap_grad else None
     bias = _bias_chunk(inp, start, stop)
     keep = None
     if bias is not None:
@@ -75,7 +84,7 @@ def _scores(inp: AttentionInputs, q5, k_c, start, stop, acc):
         keep = causal if keep is None else keep & causal
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
-    return s
+    return (s, cap_grad) if want_cap_grad else s
 
 
 def forward(inp: AttentionInputs, seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,7 +160,7 @@ def backward(
         stop = min(start + KEY_CHUNK, inp.len_k)
         k_c = inp.k[:, :, start:stop].to(acc).unsqueeze(2)
         v_c = inp.v[:, :, start:stop].to(acc).unsqueeze(2)
-        s = _scores(inp, q5, inp.k[:, :, start:stop], start, stop, acc)
+        s, cap_grad = _scores(inp, q5, inp.k[:, :, start:stop], start, stop, acc, want_cap_grad=True)
         # lse = -inf marks a row with no visible key: its probabilities are 0, not NaN.
         p = torch.exp(s - lse_safe.unsqueeze(-1))
         dp = torch.matmul(do5, v_c.transpose(-1, -2))
@@ -166,8 +175,10 @@ def backward(
             p_drop = p
         dv[:, :, start:stop] += torch.matmul(p_drop.transpose(-1, -2), do5).sum(2)
         ds = p * (dp - delta.unsqueeze(-1))
-        dq += torch.matmul(ds, k_c) * inp.scale
-        dk[:, :, start:stop] += torch.matmul(ds.transpose(-1, -2), q5).sum(2) * inp.scale
+        # The bias is added after the cap: it takes dS as is; q·kᵀ takes it through the cap.
+        ds_qk = ds if cap_grad is None else ds * cap_grad
+        dq += torch.matmul(ds_qk, k_c) * inp.scale
+        dk[:, :, start:stop] += torch.matmul(ds_qk.transpose(-1, -2), q5).sum(2) * inp.scale
         if dbias is not None:
             ds4 = ds.reshape(inp.batch, inp.heads_q, inp.len_q, stop - start)
             if reduce_dims:
@@ -183,7 +194,7 @@ def backward(
 
 
 def attention_ref(
-    q, k, v, bias=None, *, causal=False, scale=None, dropout_p=0.0, seed=None
+    q, k, v, bias=None, *, causal=False, scale=None, dropout_p=0.0, seed=None, softcap=None
 ) -> torch.Tensor:
     """Plain (non-tiled) attention in the inputs' dtype or float64: the tests' ground truth.
 
@@ -192,11 +203,13 @@ def attention_ref(
     """
     from .inputs import validate
 
-    inp = validate(q, k, v, bias, causal=causal, scale=scale, dropout_p=dropout_p)
+    inp = validate(q, k, v, bias, causal=causal, scale=scale, dropout_p=dropout_p, softcap=softcap)
     g = inp.heads_q // inp.heads_kv
     kk = k.repeat_interleave(g, dim=1)
     vv = v.repeat_interleave(g, dim=1)
     s = torch.matmul(q, kk.transpose(-1, -2)) * inp.scale
+    if inp.softcap:
+        s = inp.softcap * torch.tanh(s / inp.softcap)
     keep = None
     if bias is not None:
         if bias.dtype == torch.bool:

@@ -49,6 +49,11 @@ class Cast:
 
 
 @dataclass
+class Tanh:
+    """tanh of the scores: with the scales around it, logit soft-capping c·tanh(s / c)."""
+
+
+@dataclass
 class SplitHeads:
     """3-D [B·H, Nq, Nk] scores viewed as 4-D [B, H, Nq, Nk]; `batch`/`heads` are graph values."""
 
@@ -56,4 +61,4 @@ class SplitHeads:
     heads: object
 
 
-Step = Scale | Bias | Fill | Cast | SplitHeads
+Step = Scale | Bias | Fill | Cast | Tanh | SplitHeads

@@ -137,3 +137,25 @@ def test_gpu_op_stays_opaque_when_it_should(how, monkeypatch):
     assert "flash.fwd" in "\n".join(code)
     ref = flash_inductor.attention_ref(q.double(), k.double(), v.double())
     assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_rewrite_never_swaps_eager_attention_for_the_reference():
+    """Soft-capping has no fused kernel yet: on CUDA the site stays eager (guard fused_kernel)."""
+    from flash_inductor.rewrite.matcher import rewrite_graph
+
+    def f(q, k, v):
+        w = torch.tanh(torch.matmul(q, k.transpose(-1, -2)) * 0.125 / 30.0) * 30.0
+        return torch.matmul(w.softmax(-1), v)
+
+    reports = {}
+
+    def capture(gm, example_inputs):
+        reports["r"] = rewrite_graph(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    q, k, v = make_qkv(1, 2, None, 64, head_dim=64, dtype=torch.bfloat16, device="cuda")
+    torch.compile(f, backend=capture, fullgraph=True)(q, k, v)
+    assert [r.guard for r in reports["r"]] == ["fused_kernel"]

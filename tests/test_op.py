@@ -224,6 +224,51 @@ def _masked_rows_case(source):
     return q, k, v, bias, causal, empty
 
 
+SOFTCAP_CASES = {
+    # name: (shape (B, Hq, Hkv, Nq, Nk, D), causal, bias shape or None, cap)
+    "plain_cap_small": ((2, 2, 2, 37, 45, 16), False, None, 0.5),
+    "gqa_causal_bias_grad": ((2, 4, 2, 37, 45, 16), "top_left", (1, 4, 37, 45), 5.0),
+    "bottom_right_bool_mask": ((1, 2, 1, 45, 37, 32), "bottom_right", "bool", 2.0),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", SOFTCAP_CASES.values(), ids=SOFTCAP_CASES.keys())
+def test_softcap_against_float64(case, dtype, small_chunks):
+    (b, hq, hkv, nq, nk, d), causal, bias_shape, cap = case
+    q, k, v = make_qkv(b, hq, hkv, nq, nk, d, dtype=dtype, requires_grad=True)
+    bias = None
+    if bias_shape == "bool":
+        bias = torch.rand(b, 1, nq, nk) > 0.3
+    elif bias_shape is not None:
+        bias = torch.randn(bias_shape, dtype=dtype, requires_grad=True)
+    check_against_float64(q, k, v, bias, causal=causal, softcap=cap, scale=0.7)
+
+
+def test_softcap_is_gemma2s_formula():
+    """Independent of attention_ref: softmax(c·tanh(scale·q·kᵀ / c) + bias) · v, and its
+    gradients, written out densely in float64 (the cap is applied before the bias)."""
+    q, k, v = make_qkv(2, 2, 2, 19, 23, 16, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(1, 2, 19, 23, dtype=torch.float64, requires_grad=True)
+    cap, scale = 0.8, 0.3
+    out = attention(q, k, v, bias, softcap=cap, scale=scale)
+    s = cap * torch.tanh(torch.matmul(q, k.transpose(-1, -2)) * scale / cap) + bias
+    ref = torch.softmax(s, -1) @ v
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, bias), dout)
+    want = torch.autograd.grad(ref, (q, k, v, bias), dout)
+    assert rel_err(out, ref) < 1e-12
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-12
+
+
+def test_triton_declares_softcap_unsupported():
+    q, k, v = make_qkv(1, 2, 2, 5, 6, 8)
+    reasons = dispatch.reasons_by_backend(validate(q, k, v, softcap=30.0))
+    assert any("softcap=30 (logit soft-capping is not in this kernel yet)" in r for r in reasons["triton"])
+    assert reasons["reference"] == []
+
+
 @pytest.mark.parametrize("source", ["bool_mask", "neg_inf_bias", "bottom_right"])
 def test_fully_masked_rows(source, small_chunks):
     q, k, v, bias, causal, empty = _masked_rows_case(source)
@@ -484,7 +529,7 @@ def _bad(**changes):
     args = dict(q=q, k=k, v=v, bias=None)
     for name, fn in changes.items():
         args[name] = fn(args[name]) if callable(fn) else fn
-    kwargs = {n: args.pop(n) for n in ("causal", "scale", "dropout_p") if n in args}
+    kwargs = {n: args.pop(n) for n in ("causal", "scale", "dropout_p", "softcap") if n in args}
     return (args["q"], args["k"], args["v"], args["bias"]), kwargs
 
 
@@ -515,6 +560,8 @@ BAD_INPUTS = {
     "causal_diagonal": (dict(causal="diagonal"), r"causal='diagonal' is not understood \(accepted: .*'bottom_right'"),
     "scale_inf": (dict(scale=float("inf")), r"scale=inf must be finite"),
     "scale_nan": (dict(scale=float("nan")), r"scale=nan must be finite"),
+    "softcap_negative": (dict(softcap=-1.0), r"softcap=-1.0 must be a finite number > 0"),
+    "softcap_inf": (dict(softcap=float("inf")), r"softcap=inf must be a finite number > 0"),
 }
 
 

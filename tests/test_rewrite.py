@@ -105,6 +105,33 @@ unsqueeze = isneginf.unsqueeze(-1)
 where = torch.where(unsqueeze, nan, getitem)
 return (where,)""")
 
+    def test_gemma2_logit_softcapping(self):
+        """Gemma 2: scale, then cap·tanh(s / cap), then the additive mask."""
+
+        def f(q, k, v, mask):
+            w = torch.matmul(q, k.transpose(2, 3)) * 0.25
+            w = w / 50.0
+            w = torch.tanh(w)
+            w = w * 50.0
+            w = w + mask
+            w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+            return torch.matmul(w, v)
+
+        q, k, v = qkv()
+        # Scores large enough that the cap bends them (tanh far from linear).
+        q = q * 30
+        mask = torch.zeros(2, 1, 7, 9).masked_fill(torch.rand(2, 1, 7, 9) > 0.7, torch.finfo(torch.float32).min)
+        code, reps = self.run_rewritten(f, q, k, v, mask)
+        self.assertEqual(reps[0].spelling, "matmul·mul(scale)·truediv(scale)·tanh(softcap)·mul(scale)·add(bias)·softmax(fp32)·matmul")
+        self.assertExpectedInline(code, """\
+fwd_default = torch.ops.flash.fwd.default(l_q_, l_k_, l_v_, l_mask_, None, 0, 0.25, 0.0, 50.0)
+getitem = fwd_default[0]
+getitem_1 = fwd_default[1]
+isneginf = torch.isneginf(getitem_1)
+unsqueeze = isneginf.unsqueeze(-1)
+where = torch.where(unsqueeze, nan, getitem)
+return (where,)""")
+
     def test_at_operator_divide_by_sqrt_d(self):
         def f(q, k, v):
             return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.size(-1)), dim=-1) @ v
@@ -520,6 +547,20 @@ class TestNearMisses(RewriteCase):
             return torch.matmul(torch.matmul(q, k.transpose(-1, -2)).softmax(-1) * 0.5, v)
 
         self.assert_not_rewritten(f, *qkv(), guard="probs_to_values")
+
+    def test_bias_before_the_softcap(self):
+        def f(q, k, v, bias):
+            w = torch.tanh((torch.matmul(q, k.transpose(-1, -2)) + bias) / 30.0) * 30.0
+            return torch.matmul(w.softmax(-1), v)
+
+        self.assert_not_rewritten(f, *qkv(), torch.randn(7, 9), guard="softcap")
+
+    def test_tanh_scaled_by_a_negative_number(self):
+        def f(q, k, v):
+            w = torch.tanh(torch.matmul(q, k.transpose(-1, -2)) / 30.0) * -30.0
+            return torch.matmul(w.softmax(-1), v)
+
+        self.assert_not_rewritten(f, *qkv(), guard="softcap")
 
     def test_mask_filled_with_zero(self):
         def f(q, k, v, m):

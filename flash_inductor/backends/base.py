@@ -30,6 +30,7 @@ class KernelBackend:
     SUPPORTS_DROPOUT: bool = True
     SUPPORTED_CAUSAL: tuple[Causal, ...] = (Causal.NONE, Causal.TOP_LEFT, Causal.BOTTOM_RIGHT)
     SUPPORTS_DIFFERENT_V_DIM: bool = True
+    SUPPORTS_SOFTCAP: bool = True
     IS_DETERMINISTIC: bool = True
 
     # ---- availability of the backend itself (package missing, build failed, ...) -----------
@@ -76,6 +77,8 @@ class KernelBackend:
             reasons.append("bias requires grad (this kernel has no bias gradient)")
         if inp.dropout_p > 0 and not self.SUPPORTS_DROPOUT:
             reasons.append(f"dropout_p={inp.dropout_p} (this kernel has no dropout)")
+        if inp.softcap and not self.SUPPORTS_SOFTCAP:
+            reasons.append(f"softcap={inp.softcap:g} (logit soft-capping is not in this kernel yet)")
         if inp.causal not in self.SUPPORTED_CAUSAL:
             reasons.append(f"causal={inp.causal.name.lower()} (not supported by this kernel)")
         return reasons + self.extra_reasons(inp)

@@ -34,6 +34,8 @@ class TritonBackend(KernelBackend):
     # float32 runs with exact-float32 ("ieee") dots: correct, several times slower than bf16.
     SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
     SUPPORTED_HEAD_DIMS = (1, 256)
+    # tanh soft-capping needs its derivative in both backward kernels; not written yet.
+    SUPPORTS_SOFTCAP = False
 
     def device_reasons(self, device):
         if device.type == "cpu" and interpreting():

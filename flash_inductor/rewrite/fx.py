@@ -50,6 +50,7 @@ _SIGS = {
     "expand": (["x", "sizes"], {}),
     "reshape": (["x", "shape"], {}),
     "unsqueeze": (["x", "dim"], {}),
+    "tanh": (["x"], {}),
     "getitem": (["x", "index"], {}),
     "repeat_interleave": (["x", "repeats", "dim"], {"output_size": None}),
     "sdpa": (
@@ -88,6 +89,8 @@ _FUNCTIONS = {
     torch.masked_fill: ("masked_fill", None),
     torch.where: ("where", None),
     torch.unsqueeze: ("unsqueeze", None),
+    torch.tanh: ("tanh", None),
+    F.tanh: ("tanh", None),
     operator.getitem: ("getitem", None),
     torch.repeat_interleave: ("repeat_interleave", None),
     torch.reshape: ("reshape", None),
@@ -121,6 +124,7 @@ _METHODS = {
     "view": "reshape",
     "unsqueeze": "unsqueeze",
     "repeat_interleave": "repeat_interleave",
+    "tanh": "tanh",
 }
 IN_PLACE_METHODS = {"mul_", "div_", "add_", "sub_", "masked_fill_"}
 _CAST_METHODS = {"to", "float", "half", "bfloat16", "double", "type", "type_as"}

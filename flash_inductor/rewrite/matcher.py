@@ -26,7 +26,7 @@ from ..inputs import Causal, validate
 from ..patterns import dropout as dropout_family
 from ..patterns import gqa, layout, masks, scale as scale_family, scores as scores_family, sdpa as sdpa_family
 from ..patterns import softmax as softmax_family
-from ..patterns.steps import Bias, Cast, Fill, Refusal, Scale, SplitHeads
+from ..patterns.steps import Bias, Cast, Fill, Refusal, Scale, SplitHeads, Tanh
 from .emit import Emitter
 from .fx import IN_PLACE_METHODS, canon, constant_value, example
 from .report import SiteReport, log, record
@@ -107,8 +107,8 @@ def _leads_to_scores(node, depth: int = 12) -> bool:
         c = canon(node)
         if c is None:
             return False
-        if c.op in ("cast", "mul", "div", "masked_fill") or (c.op == "reshape" and layout.split_heads(c)):
-            node = c["x"] if c.op in ("cast", "masked_fill", "reshape") else c["a"]
+        if c.op in ("cast", "mul", "div", "masked_fill", "tanh") or (c.op == "reshape" and layout.split_heads(c)):
+            node = c["x"] if c.op in ("cast", "masked_fill", "reshape", "tanh") else c["a"]
         elif c.op in ("add", "sub"):
             return _leads_to_scores(c["a"], depth - 1) or _leads_to_scores(c["b"], depth - 1)
         elif c.op == "where":
@@ -138,6 +138,11 @@ def _score_steps(site: _Site, start: Node):
         if c.op == "cast":
             _check_float_cast(node)
             steps.insert(0, Cast())
+            node = c["x"]
+            continue
+        if c.op == "tanh":
+            steps.insert(0, Tanh())
+            site.spelling.insert(0, "tanh(softcap)")
             node = c["x"]
             continue
         split = layout.split_heads(c)
@@ -208,6 +213,7 @@ class _Folded:
     bias: Node | None = None  # float additive bias
     keep: Node | None = None  # bool keep-mask
     fill: float | None = None  # the value masked scores are replaced by (-inf or a finite fill)
+    softcap: float = 0.0  # c in c·tanh(s / c), 0 when the scores are not soft-capped
 
 
 def _fold(steps, emit: Emitter) -> _Folded:
@@ -221,8 +227,24 @@ def _fold(steps, emit: Emitter) -> _Folded:
     scores, up to positive scales and casts.
     """
     st = _Folded()
+    cap = None  # after a tanh: the product of the scales applied to it so far
     for step in steps:
+        if cap is not None and not isinstance(step, (Scale, Cast, SplitHeads)):
+            st.scale, st.softcap, cap = st.scale * cap, cap, None
         if isinstance(step, Cast):
+            continue
+        if isinstance(step, Tanh):
+            # c·tanh(a·qkᵀ / c) with the scales a/c before and c after it: the op's softcap.
+            if st.softcap or cap is not None:
+                raise Refusal("softcap", "two tanh on the scores")
+            if st.bias is not None or st.fill is not None or st.q_factors:
+                raise Refusal("softcap", "a bias, mask or tensor scale before the tanh (the op caps the scaled q·kᵀ only)")
+            cap = 1.0
+            continue
+        if isinstance(step, Scale) and cap is not None:
+            if not isinstance(step.factor, (int, float)):
+                raise Refusal("softcap", "a tensor-valued scale after the tanh")
+            cap = cap / step.factor if step.divide else cap * step.factor
             continue
         if isinstance(step, SplitHeads):
             st.bias, st.keep = (_split_heads(emit, x, step) for x in (st.bias, st.keep))
@@ -256,6 +278,10 @@ def _fold(steps, emit: Emitter) -> _Folded:
             k = emit.call(torch.logical_not, step.mask) if step.masked_when else step.mask
             st.keep = k if st.keep is None else emit.call(operator.and_, st.keep, k)
             st.fill = step.value
+    if cap is not None:
+        st.scale, st.softcap = st.scale * cap, cap
+    if st.softcap and not (st.softcap > 0 and math.isfinite(st.softcap)):
+        raise Refusal("softcap", f"the scale after the tanh is {st.softcap:g}; a soft-cap must be positive")
     return st
 
 
@@ -272,15 +298,21 @@ def _to_dtype(emit: Emitter, node: Node, dtype: torch.dtype) -> Node:
     return node if ev is not None and ev.dtype == dtype else emit.call_method("to", node, dtype)
 
 
-def _kernel_line(q, k, v, bias, causal, scale, dropout_p) -> tuple[str, str]:
+def _kernel_line(q, k, v, bias, causal, scale, dropout_p, softcap=0.0) -> tuple[str, str]:
     try:
-        inp = validate(q, k, v, bias, causal=causal, scale=scale, dropout_p=dropout_p)
+        inp = validate(q, k, v, bias, causal=causal, scale=scale, dropout_p=dropout_p, softcap=softcap)
     except ValueError as e:
         raise Refusal("op_contract", str(e))
-    return dispatch.explain_choice(inp)
+    chosen, why = dispatch.explain_choice(inp)
+    if inp.device.type == "cuda" and chosen == "reference":
+        # The rewrite must not make a model slower: on a GPU it replaces eager attention only
+        # with a fused kernel, never with the PyTorch reference.
+        raise Refusal("fused_kernel", f"no fused kernel accepts this site on CUDA ({why})")
+    return chosen, why
 
 
-def _emit_op(emit: Emitter, q, k, v, bias, causal: Causal, scale, dropout_p, out_dtype, empty_rows):
+def _emit_op(emit: Emitter, q, k, v, bias, causal: Causal, scale, dropout_p, out_dtype, empty_rows,
+             softcap=0.0):
     """Emit flash::fwd and the output fix-ups; return the node that replaces P·V.
 
     `empty_rows` says what eager gives on a row with no visible key, where the op gives zeros:
@@ -295,8 +327,10 @@ def _emit_op(emit: Emitter, q, k, v, bias, causal: Causal, scale, dropout_p, out
         if bias is not None and example(bias).dim() == 3:
             bias = emit.call_method("unsqueeze", bias, 1)
     kernel = _kernel_line(example(q), example(k), example(v), example(bias) if bias is not None else None,
-                          causal, scale, dropout_p)
-    res = emit.call(torch.ops.flash.fwd.default, q, k, v, bias, None, int(causal), float(scale), float(dropout_p))
+                          causal, scale, dropout_p, softcap)
+    extra = (float(softcap),) if softcap else ()
+    res = emit.call(torch.ops.flash.fwd.default, q, k, v, bias, None, int(causal), float(scale), float(dropout_p),
+                    *extra)
     out = emit.call(operator.getitem, res, 0)
     kind, row_mask = empty_rows
     if kind == "nan":
@@ -370,7 +404,7 @@ def _rewrite_softmax(gm: GraphModule, node: Node, call) -> SiteReport:
         else:
             empty_rows = ("zero", None)
         new, kernel = _emit_op(emit, q_node, k_node, v, bias, Causal.NONE, st.scale, site.dropout_p, out_dtype,
-                               empty_rows)
+                               empty_rows, st.softcap)
         if example(new).dim() == 4 and example(pv).dim() == 3:
             new = emit.call_method("flatten", new, 0, 1)
     except Refusal:
