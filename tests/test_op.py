@@ -454,21 +454,22 @@ def test_gradcheck_out_and_lse(causal):
 # ---- the registered ops ----------------------------------------------------------------------
 
 OPCHECK_CASES = {
-    # name: (Hq, Hkv, bias kind, causal, dropout_p)
-    "plain": (2, 2, "none", 0, 0.0),
-    "float_bias_top_left_gqa": (4, 2, "float", 1, 0.0),
-    "bool_bottom_right_gqa": (4, 2, "bool", 2, 0.0),
-    "float_bias_mqa_dropout": (4, 1, "float", 2, 0.2),
-    "dropout": (2, 2, "none", 0, 0.2),
+    # name: (Hq, Hkv, bias kind, causal, dropout_p, softcap)
+    "plain": (2, 2, "none", 0, 0.0, 0.0),
+    "float_bias_top_left_gqa": (4, 2, "float", 1, 0.0, 0.0),
+    "bool_bottom_right_gqa": (4, 2, "bool", 2, 0.0, 0.0),
+    "float_bias_mqa_dropout": (4, 1, "float", 2, 0.2, 0.0),
+    "dropout": (2, 2, "none", 0, 0.2, 0.0),
+    "softcap_float_bias_causal": (4, 2, "float", 1, 0.0, 3.0),
 }
 
 
-def _opcheck_inputs(hq, hkv, bias_kind, causal, dropout_p):
+def _opcheck_inputs(hq, hkv, bias_kind, causal, dropout_p, softcap):
     b, nq, nk, d = 2, 7, 11, 8
     q, k, v = make_qkv(b, hq, hkv, nq, nk, d, requires_grad=True)
     bias = None if bias_kind == "none" else make_bias(bias_kind, (b, 1, nq, nk), torch.float32)
     seed = torch.tensor([5, 7]) if dropout_p > 0 else None
-    return q, k, v, bias, seed, causal, 1 / math.sqrt(d), dropout_p
+    return q, k, v, bias, seed, causal, 1 / math.sqrt(d), dropout_p, softcap
 
 
 @pytest.mark.parametrize("case", OPCHECK_CASES.values(), ids=OPCHECK_CASES.keys())
@@ -479,14 +480,14 @@ def test_opcheck_fwd(case):
 @pytest.mark.parametrize("with_dlse", [False, True], ids=["no_dlse", "dlse"])
 @pytest.mark.parametrize("case", OPCHECK_CASES.values(), ids=OPCHECK_CASES.keys())
 def test_opcheck_bwd(case, with_dlse):
-    q, k, v, bias, seed, causal, scale, p = _opcheck_inputs(*case)
-    out, lse, rng = torch.ops.flash.fwd(q, k, v, bias, seed, causal, scale, p)
+    q, k, v, bias, seed, causal, scale, p, softcap = _opcheck_inputs(*case)
+    out, lse, rng = torch.ops.flash.fwd(q, k, v, bias, seed, causal, scale, p, softcap)
     # The backward is not itself differentiable: opcheck gets inputs that do not require grad.
     q, k, v, out, lse = (t.detach() for t in (q, k, v, out, lse))
     bias_requires_grad = bias is not None and bias.requires_grad
     bias = None if bias is None else bias.detach()
     dlse = torch.randn_like(lse) if with_dlse else None
-    args = (torch.randn_like(out), dlse, q, k, v, bias, rng, out, lse, causal, scale, p, bias_requires_grad)
+    args = (torch.randn_like(out), dlse, q, k, v, bias, rng, out, lse, causal, scale, p, bias_requires_grad, softcap)
     torch.library.opcheck(torch.ops.flash.bwd.default, args)
     dbias = torch.ops.flash.bwd(*args)[3]
     assert dbias.shape == (bias.shape if bias_requires_grad else (0,))
