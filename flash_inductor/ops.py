@@ -145,6 +145,9 @@ def attention_with_lse(
     lse is differentiable: its gradient is folded into the backward, which is what merging
     partial results (ring / context-parallel attention) needs.
     """
+    if isinstance(q, Tensor) and q.is_nested:
+        raise ValueError("attention_with_lse does not take nested tensors (lse of a nested batch is not "
+                         "nested); use attention, or attention_varlen on the packed values")
     inp = validate(q, k, v, bias, causal=causal, scale=scale, dropout_p=dropout_p, softcap=softcap)
     extra = (inp.softcap,) if inp.softcap else ()
     out, lse, _ = fwd(q, k, v, bias, None, int(inp.causal), inp.scale, inp.dropout_p, *extra)
@@ -185,5 +188,13 @@ def attention(
         or -inf bias) returns zeros, as SDPA's boolean masks and FlexAttention do.
 
     Head dims up to 256; D must match between q and k. Errors name the argument and limit.
+
+    q, k, v may also be jagged nested tensors [B, H, j, D] (SDPA's convention): each sequence
+    attends only to its own keys, no padding is computed, and the result is nested
+    (flash_inductor.varlen; `attention_varlen` takes packed tensors and offsets directly).
     """
+    if isinstance(q, Tensor) and q.is_nested:
+        from .varlen import attention_nested
+
+        return attention_nested(q, k, v, bias, causal=causal, scale=scale, dropout_p=dropout_p, softcap=softcap)
     return attention_with_lse(q, k, v, bias, causal=causal, scale=scale, dropout_p=dropout_p, softcap=softcap)[0]
