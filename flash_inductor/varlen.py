@@ -123,9 +123,13 @@ def _select(q, k, v, causal, scale, dropout_p, softcap):
 def varlen_fwd(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
     max_seqlen_q: int, max_seqlen_k: int, seed: Optional[Tensor], causal: int, scale: float,
-    dropout_p: float, softcap: float = 0.0,
+    dropout_p: float, softcap: float = 0.0, cu_seqlens_v: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """`cu_seqlens_v`, when given (nested input under torch.compile, where the offsets cannot be
+    compared while tracing), must equal cu_seqlens_k; it is checked here, at run time."""
     _select(q, k, v, causal, scale, dropout_p, softcap)
+    if cu_seqlens_v is not None and not torch.equal(cu_seqlens_v.to(cu_seqlens_k.dtype), cu_seqlens_k):
+        raise ValueError("k and v must have the same sequence lengths (offsets)")
     if dropout_p > 0.0:
         from .ops import _draw_seed
 
@@ -141,7 +145,7 @@ def varlen_fwd(
 
 @varlen_fwd.register_fake
 def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, causal, scale,
-                     dropout_p, softcap=0.0):
+                     dropout_p, softcap=0.0, cu_seqlens_v=None):
     out = q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
     lse = q.new_empty((q.shape[0], q.shape[1]), dtype=lse_dtype(q.dtype))
     rng = q.new_empty((2,) if dropout_p > 0.0 else (0,), dtype=torch.int64)
@@ -166,7 +170,7 @@ def _varlen_bwd_fake(dout, dlse, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, _seed, causal, scale, dropout_p, softcap = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, _seed, causal, scale, dropout_p, softcap, _cu_v = inputs
     out, lse, rng = output
     ctx.save_for_backward(q, k, v, cu_q, cu_k, out, lse, rng)
     ctx.args = (max_q, max_k, causal, scale, dropout_p, softcap)
@@ -177,7 +181,7 @@ def _backward(ctx, dout, dlse, _drng):
     max_q, max_k, causal, scale, dropout_p, softcap = ctx.args
     dq, dk, dv = varlen_bwd(dout.contiguous(), dlse, q, k, v, cu_q, cu_k, max_q, max_k, rng, out, lse,
                             causal, scale, dropout_p, softcap)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 varlen_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -206,7 +210,7 @@ def _validate_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, dropout
 def attention_varlen(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
     max_seqlen_q: int, max_seqlen_k: int, *, causal: bool | str = False, scale: Optional[float] = None,
-    dropout_p: float = 0.0, softcap: Optional[float] = None,
+    dropout_p: float = 0.0, softcap: Optional[float] = None, _cu_seqlens_v: Optional[Tensor] = None,
 ) -> Tensor:
     """Attention over packed variable-length sequences (FlashAttention's varlen convention).
 
@@ -222,8 +226,9 @@ def attention_varlen(
         out [total_q, Hq, Dv] in q's dtype.
     """
     inp = _validate_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, dropout_p, softcap)
-    return varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), None,
-                      int(inp.causal), inp.scale, inp.dropout_p, inp.softcap)[0]
+    extra = (inp.softcap, _cu_seqlens_v) if _cu_seqlens_v is not None else ((inp.softcap,) if inp.softcap else ())
+    return varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None,
+                      int(inp.causal), inp.scale, inp.dropout_p, *extra)[0]
 
 
 def _packed(t: Tensor, name: str):
@@ -256,11 +261,12 @@ def attention_nested(q, k, v, bias=None, *, causal=False, scale=None, dropout_p=
     qv, q_off, q_max = _packed(q, "q")
     kv, k_off, k_max = _packed(k, "k")
     vv, v_off, _ = _packed(v, "v")
-    if v_off is not k_off and not torch.equal(v_off, k_off):
-        raise ValueError("k and v must have the same sequence lengths (offsets)")
+    # One ragged structure (one nested int) needs no check; otherwise the op compares the
+    # offsets when it runs (they cannot be read while torch.compile traces).
+    cu_v = None if (v_off is k_off or k.shape[2] == v.shape[2]) else v_off
     if q_off.numel() != k_off.numel():
         raise ValueError(f"q has {q_off.numel() - 1} sequences and k has {k_off.numel() - 1}")
     out = attention_varlen(qv, kv, vv, q_off, k_off, q_max, k_max, causal=causal, scale=scale,
-                           dropout_p=dropout_p, softcap=softcap)
+                           dropout_p=dropout_p, softcap=softcap, _cu_seqlens_v=cu_v)
     nested = torch.nested.nested_tensor_from_jagged(out, q_off, max_seqlen=q_max)
     return nested.transpose(1, 2)
