@@ -1,7 +1,8 @@
 """Kernel dispatch: the first backend that accepts the input runs it.
 
-Order: CUTLASS (when built for this GPU), Triton, the PyTorch reference. The environment
-variable FLASH_INDUCTOR_KERNEL=cutlass|triton|reference, or `flash_inductor.config.kernel`,
+Order: CUTLASS (when built for this GPU), Triton, PyTorch's fused CPU kernel (aten_cpu), the
+PyTorch reference. The environment variable FLASH_INDUCTOR_KERNEL=cutlass|triton|aten_cpu|reference,
+or `flash_inductor.config.kernel`,
 forces one backend; a forced backend that refuses the input raises its reasons instead of
 falling back, so a benchmark never measures a different kernel than it names.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 
+from .backends.aten_cpu import AtenCpuBackend
 from .backends.base import KernelBackend
 from .backends.reference import ReferenceBackend
 from .backends.triton import TritonBackend
@@ -31,9 +33,9 @@ class _Config(threading.local):
 
 config = _Config()
 
-BACKENDS: tuple[KernelBackend, ...] = (TritonBackend(), ReferenceBackend())
+BACKENDS: tuple[KernelBackend, ...] = (TritonBackend(), AtenCpuBackend(), ReferenceBackend())
 BY_NAME = {b.NAME: b for b in BACKENDS}
-KNOWN_NAMES = ("cutlass", "triton", "reference")
+KNOWN_NAMES = ("cutlass", "triton", "aten_cpu", "reference")
 
 
 class NoKernelError(RuntimeError):

@@ -19,7 +19,7 @@ class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias=None, causal=False, softmax_scale=None, dropout_p=0.0):
         inp = validate(q, k, v, bias, causal=causal, scale=softmax_scale, dropout_p=dropout_p)
-        args = (q, k, v, bias, None, int(inp.causal), inp.scale, inp.dropout_p)
+        args = (q, k, v, bias, None, int(inp.causal), inp.scale, inp.dropout_p, inp.softcap)
         outputs = ops.fwd(*args)
         ops._setup_context(ctx, args, outputs)
         return outputs[0]

@@ -33,14 +33,16 @@ FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-4}
 FP32_BOUND = 1e-5
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, params=["auto", "reference"])
 def default_dispatch(request, monkeypatch):
-    """No forced kernel and no Triton interpreter, so dispatch picks the reference on CPU; a
-    per-test seed makes every case draw its own inputs, reproducibly."""
+    """Every test twice on CPU: with automatic dispatch (PyTorch's fused CPU kernel, aten_cpu,
+    where it accepts the input, else the reference) and with the reference forced. No Triton
+    interpreter. A per-test seed makes every case draw its own inputs, reproducibly."""
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(flash_inductor.config, "kernel", None)
+    monkeypatch.setattr(flash_inductor.config, "kernel", None if request.param == "auto" else request.param)
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    return request.param
 
 
 @pytest.fixture
@@ -585,18 +587,25 @@ def _inputs():
 
 def _force(how, name, monkeypatch):
     if how == "env":
+        monkeypatch.setattr(flash_inductor.config, "kernel", None)  # the setting outranks the env
         monkeypatch.setenv(dispatch.ENV_VAR, name)
     else:
         monkeypatch.setattr(flash_inductor.config, "kernel", name)
 
 
-def test_default_dispatch_on_cpu_is_reference():
-    _, _, _, inp = _inputs()
-    assert dispatch.select(inp).NAME == "reference"
+def test_default_dispatch_on_cpu(default_dispatch):
+    if default_dispatch != "auto":
+        pytest.skip("checks automatic dispatch")
+    q, k, v, inp = _inputs()
+    assert dispatch.select(inp).NAME == "aten_cpu"
     chosen, why_not_others = dispatch.explain_choice(inp)
-    assert chosen == "reference"
+    assert chosen == "aten_cpu"
     assert "triton: device=cpu (supported: cuda)" in why_not_others
     assert "cutlass: not built" in why_not_others
+    # What PyTorch's CPU kernel lacks falls through to the reference, with the reason.
+    dropout = validate(q, k, v, dropout_p=0.1)
+    chosen, why_not_others = dispatch.explain_choice(dropout)
+    assert chosen == "reference" and "aten_cpu: dropout_p=0.1 (this kernel has no dropout)" in why_not_others
 
 
 HOW = ["env", "config"]
@@ -634,7 +643,7 @@ def test_force_cutlass_unbuilt_raises(how, monkeypatch):
 def test_force_unknown_kernel_raises(how, monkeypatch):
     q, k, v, _ = _inputs()
     _force(how, "bogus", monkeypatch)
-    with pytest.raises(ValueError, match=r"'bogus' is not a kernel \(accepted: cutlass, triton, reference\)"):
+    with pytest.raises(ValueError, match=r"'bogus' is not a kernel \(accepted: cutlass, triton, aten_cpu, reference\)"):
         attention(q, k, v)
 
 
