@@ -132,6 +132,35 @@ unsqueeze = isneginf.unsqueeze(-1)
 where = torch.where(unsqueeze, nan, getitem)
 return (where,)""")
 
+    def test_xlm_in_place_fill_with_mask_expanded_as_the_scores(self):
+        """XLM: `mask.view(...).expand_as(scores)` reads only the scores' shape, then the scores
+        are filled in place with finfo.min and soft-maxed in float32."""
+
+        def f(q, k, v, key_mask):
+            scores = torch.matmul(q / 4.0, k.transpose(2, 3))
+            mask = (key_mask == 0).view(2, 1, 1, 9).expand_as(scores)
+            scores.masked_fill_(mask, torch.finfo(scores.dtype).min)
+            weights = F.softmax(scores.float(), dim=-1).type_as(scores)
+            return torch.matmul(weights, v)
+
+        q, k, v = qkv()
+        key_mask = torch.ones(2, 9)
+        key_mask[1, 6:] = 0
+        code, reps = self.run_rewritten(f, q, k, v, key_mask)
+        self.assertTrue(reps[0].rewritten, reps[0].line())
+        self.assertExpectedInline(code, """\
+truediv = l_q_ / 4.0
+eq = l_key_mask_ == 0
+view = eq.view(2, 1, 1, 9)
+logical_not = torch.logical_not(view)
+logical_not_1 = torch.logical_not(logical_not)
+all_1 = logical_not_1.all(-1, keepdim = True)
+fwd_default = torch.ops.flash.fwd.default(truediv, l_k_, l_v_, logical_not, None, 0, 1.0, 0.0)
+getitem = fwd_default[0]
+mean = l_v_.mean(-2, keepdim = True)
+where = torch.where(all_1, mean, getitem)
+return (where,)""")
+
     def test_at_operator_divide_by_sqrt_d(self):
         def f(q, k, v):
             return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.size(-1)), dim=-1) @ v

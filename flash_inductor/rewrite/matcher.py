@@ -48,7 +48,7 @@ def functionalize_score_updates(graph: Graph) -> None:
         target = node.args[0]
         if not isinstance(target, Node) or not _is_fresh_scores(target):
             continue
-        earlier = [u for u in target.users if order[u] < order[node]]
+        earlier = [u for u in target.users if order[u] < order[node] and not _reads_only_metadata(u, target)]
         if earlier:  # a view or read taken before the update would see the mutation
             continue
         node.target = _FUNCTIONAL[node.target]
@@ -77,9 +77,21 @@ class _Site:
         self.dropout_p = 0.0
 
 
+# x.<method>(node) that reads only node's dtype or shape, never its values.
+_METADATA_METHODS = {"type_as", "expand_as", "view_as", "reshape_as"}
+
+
+def _reads_only_metadata(user: Node, node: Node) -> bool:
+    """`x.type_as(node)`, `mask.expand_as(node)` (XLM) and the like: node is not the receiver."""
+    if user.op == "call_method" and user.target in _METADATA_METHODS and user.args and user.args[0] is not node:
+        return True
+    c = canon(user)
+    return c is not None and c.op == "cast" and user.args[0] is not node
+
+
 def _value_users(node: Node) -> list[Node]:
-    """Users that read the node's values; `x.type_as(node)` only reads its dtype."""
-    return [u for u in node.users if not (canon(u) is not None and canon(u).op == "cast" and u.args[0] is not node)]
+    """Users that read the node's values (not those that read only its dtype or shape)."""
+    return [u for u in node.users if not _reads_only_metadata(u, node)]
 
 
 def _single_user(node: Node, what: str) -> None:
@@ -275,7 +287,8 @@ def _fold(steps, emit: Emitter) -> _Folded:
                 raise Refusal("fill_is_exact", f"two masks fill different values ({st.fill:g} and {step.value:g})")
             if step.value != -math.inf and _may_hold_neg_inf(st.bias):
                 raise Refusal("fill_is_exact", "a finite fill after a bias that may hold -inf")
-            k = emit.call(torch.logical_not, step.mask) if step.masked_when else step.mask
+            mask = _unexpanded(step.mask)
+            k = emit.call(torch.logical_not, mask) if step.masked_when else mask
             st.keep = k if st.keep is None else emit.call(operator.and_, st.keep, k)
             st.fill = step.value
     if cap is not None:
@@ -283,6 +296,16 @@ def _fold(steps, emit: Emitter) -> _Folded:
     if st.softcap and not (st.softcap > 0 and math.isfinite(st.softcap)):
         raise Refusal("softcap", f"the scale after the tanh is {st.softcap:g}; a soft-cap must be positive")
     return st
+
+
+def _unexpanded(mask: Node) -> Node:
+    """`m.expand_as(scores)` -> m: the op broadcasts masks itself, and dropping the expand
+    drops the last reader of the scores, so q·kᵀ is not computed just for its shape."""
+    if mask.op == "call_method" and mask.target in ("expand_as", "expand") and isinstance(mask.args[0], Node):
+        inner = example(mask.args[0])
+        if inner is not None and inner.dim() <= 4:
+            return mask.args[0]
+    return mask
 
 
 def _split_heads(emit: Emitter, node, split: SplitHeads):
@@ -495,6 +518,8 @@ def _erase_dead(nodes, graph: Graph) -> None:
 
 def _is_pure(node: Node) -> bool:
     """A node the patterns know that mutates nothing (in-place updates are never erased)."""
+    if node.op == "call_method" and node.target in _METADATA_METHODS:
+        return True  # expand_as / view_as / type_as: views and casts, nothing mutated
     if canon(node) is None:
         return False
     if node.op == "call_method" and node.target.endswith("_"):
