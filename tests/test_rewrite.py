@@ -161,6 +161,18 @@ mean = l_v_.mean(-2, keepdim = True)
 where = torch.where(all_1, mean, getitem)
 return (where,)""")
 
+    def test_moe_router_softmax_is_not_an_attention_site(self):
+        """Mixtral-style: a router's softmax over expert logits (from a Linear) beside attention."""
+
+        def f(q, k, v, router_weight):
+            o = torch.matmul((torch.matmul(q, k.transpose(-1, -2)) * 0.25).softmax(-1), v)
+            gates = F.softmax(F.linear(o, router_weight), dim=-1, dtype=torch.float32)
+            return o * gates.amax(-1, keepdim=True)
+
+        code, reps = self.run_rewritten(f, *qkv(), torch.randn(4, 16))
+        self.assertEqual(len(reps), 1)  # the attention site only; the router is not reported
+        self.assertTrue(reps[0].rewritten)
+
     def test_at_operator_divide_by_sqrt_d(self):
         def f(q, k, v):
             return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.size(-1)), dim=-1) @ v

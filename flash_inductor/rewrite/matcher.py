@@ -499,6 +499,37 @@ def _rewrite_sdpa(gm: GraphModule, node: Node, call) -> SiteReport:
     return SiteReport(site_name(node), True, "·".join(spelling), *kernel)
 
 
+def _scores_upstream(node, depth: int = 24) -> bool:
+    """Whether a product (matmul/bmm/einsum/baddbmm) with the softmax input's last two dims
+    [Nq, Nk] lies within `depth` nodes upstream of it, through any ops. Broader than
+    `_leads_to_scores` on purpose: a real attention softmax whose chain the rewrite cannot
+    model must still be reported as skipped; an MoE router's softmax over [tokens, experts]
+    has no such product (the attention's P·V upstream of it is [N, D])."""
+    ev = example(node)
+    if ev is None or ev.dim() < 2:
+        return False
+    want = tuple(ev.shape[-2:])
+    seen, frontier = set(), [node]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            if not isinstance(n, Node) or n in seen:
+                continue
+            seen.add(n)
+            c = canon(n)
+            is_product = (c is not None and c.op in ("matmul", "baddbmm")) or (
+                n.op == "call_function" and n.target is torch.einsum
+            )
+            out = example(n)
+            if is_product and out is not None and out.dim() >= 2 and tuple(out.shape[-2:]) == want:
+                return True
+            nxt.extend(n.all_input_nodes)
+        frontier = nxt
+        if not frontier:
+            break
+    return False
+
+
 def _erase_dead(nodes, graph: Graph) -> None:
     """Erase the site's replaced nodes, then whatever pure node only they read (kᵀ, casts, kᵀ/scale)."""
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -537,6 +568,11 @@ def rewrite_graph(gm: GraphModule, graph_name: str = "") -> list[SiteReport]:
             continue
         call = canon(node)
         if call is None or call.op not in ("softmax", "sdpa"):
+            continue
+        if call.op == "softmax" and not _scores_upstream(call["x"]):
+            # A softmax over something no product of two activations feeds (an MoE router's
+            # logits from a Linear): not attention, so not a site to report.
+            log.debug("flash-inductor: %s is not an attention softmax (no q·kᵀ upstream)", node.name)
             continue
         try:
             rep = _rewrite_softmax(gm, node, call) if call.op == "softmax" else _rewrite_sdpa(gm, node, call)
