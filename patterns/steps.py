@@ -54,6 +54,18 @@ class Tanh:
 
 
 @dataclass
+class ClampMin:
+    """Scores raised to at least `floor` (XGLM's `torch.max(s, finfo.min)` after its mask)."""
+
+    floor: float
+
+
+@dataclass
+class MergeHeads:
+    """4-D [B, H, Nq, Nk] scores viewed back as 3-D [B·H, Nq, Nk] before the softmax."""
+
+
+@dataclass
 class SplitHeads:
     """3-D [B·H, Nq, Nk] scores viewed as 4-D [B, H, Nq, Nk]; `batch`/`heads` are graph values."""
 
@@ -61,4 +73,4 @@ class SplitHeads:
     heads: object
 
 
-Step = Scale | Bias | Fill | Cast | Tanh | SplitHeads
+Step = Scale | Bias | Fill | Cast | Tanh | ClampMin | MergeHeads | SplitHeads

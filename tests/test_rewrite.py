@@ -173,6 +173,36 @@ return (where,)""")
         self.assertEqual(len(reps), 1)  # the attention site only; the router is not reported
         self.assertTrue(reps[0].rewritten)
 
+    def test_xglm_views_and_clamp_at_finfo_min(self):
+        """XGLM: bmm in 3-D, a 4-D view to add the mask, `torch.max(s, finfo.min)`, a view back
+        to 3-D before the softmax, and a 4-D/3-D round trip on the probabilities."""
+
+        def f(q3, k3, v3, keep):
+            mask = torch.where(keep, 0.0, torch.finfo(torch.float32).min)  # built in-graph, as HF does
+            w = torch.bmm(q3 * 0.25, k3.transpose(1, 2))
+            w = w.view(2, 4, 7, 9) + mask
+            w = torch.max(w, torch.full((), torch.finfo(w.dtype).min, dtype=w.dtype))
+            w = w.view(8, 7, 9)
+            w = F.softmax(w, dim=-1)
+            w = w.view(2, 4, 7, 9).view(8, 7, 9)
+            return torch.bmm(F.dropout(w, p=0.1, training=False), v3)
+
+        q, k, v = qkv()
+        q3, k3, v3 = (t.reshape(8, t.shape[2], 16) for t in (q, k, v))
+        code, reps = self.run_rewritten(f, q3, k3, v3, torch.rand(2, 1, 7, 9) > 0.3)
+        self.assertTrue(reps[0].rewritten, reps[0].line())
+        self.assertIn("max(floor)", reps[0].spelling)
+        self.assertExpectedInline(code, """\
+mask = torch.where(l_keep_, 0.0, -3.4028234663852886e+38)
+mul = l_q3_ * 0.25
+unflatten = mul.unflatten(-3, (2, 4))
+unflatten_1 = l_k3_.unflatten(-3, (2, 4))
+unflatten_2 = l_v3_.unflatten(-3, (2, 4))
+fwd_default = torch.ops.flash.fwd.default(unflatten, unflatten_1, unflatten_2, mask, None, 0, 1.0, 0.0)
+getitem = fwd_default[0]
+flatten = getitem.flatten(0, 1)
+return (flatten,)""")
+
     def test_at_operator_divide_by_sqrt_d(self):
         def f(q, k, v):
             return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.size(-1)), dim=-1) @ v
@@ -602,6 +632,19 @@ class TestNearMisses(RewriteCase):
             return torch.matmul(w.softmax(-1), v)
 
         self.assert_not_rewritten(f, *qkv(), guard="softcap")
+
+    def test_clamp_at_a_small_floor(self):
+        def f(q, k, v):
+            return torch.matmul(torch.clamp(torch.matmul(q, k.transpose(-1, -2)), min=-5.0).softmax(-1), v)
+
+        self.assert_not_rewritten(f, *qkv(), guard="clamp")
+
+    def test_clamp_after_a_neg_inf_fill(self):
+        def f(q, k, v, m):
+            w = torch.matmul(q, k.transpose(-1, -2)).masked_fill(m, float("-inf"))
+            return torch.matmul(torch.max(w, torch.full((), torch.finfo(w.dtype).min, dtype=w.dtype)).softmax(-1), v)
+
+        self.assert_not_rewritten(f, *qkv(), torch.rand(7, 9) > 0.5, guard="clamp")
 
     def test_mask_filled_with_zero(self):
         def f(q, k, v, m):

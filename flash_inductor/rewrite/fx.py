@@ -51,6 +51,7 @@ _SIGS = {
     "reshape": (["x", "shape"], {}),
     "unsqueeze": (["x", "dim"], {}),
     "tanh": (["x"], {}),
+    "clamp_min": (["x", "floor"], {}),
     "getitem": (["x", "index"], {}),
     "repeat_interleave": (["x", "repeats", "dim"], {"output_size": None}),
     "sdpa": (
@@ -90,6 +91,8 @@ _FUNCTIONS = {
     torch.where: ("where", None),
     torch.unsqueeze: ("unsqueeze", None),
     torch.tanh: ("tanh", None),
+    torch.maximum: ("clamp_min", ["x", "floor"]),
+    torch.clamp_min: ("clamp_min", ["x", "floor"]),
     F.tanh: ("tanh", None),
     operator.getitem: ("getitem", None),
     torch.repeat_interleave: ("repeat_interleave", None),
@@ -125,6 +128,8 @@ _METHODS = {
     "unsqueeze": "unsqueeze",
     "repeat_interleave": "repeat_interleave",
     "tanh": "tanh",
+    "clamp_min": "clamp_min",
+    "maximum": "clamp_min",
 }
 IN_PLACE_METHODS = {"mul_", "div_", "add_", "sub_", "masked_fill_"}
 _CAST_METHODS = {"to", "float", "half", "bfloat16", "double", "type", "type_as"}
@@ -172,10 +177,29 @@ def _bind(op: str, args: tuple, kwargs: dict, names=None) -> dict | None:
     return bound
 
 
+def _clamp_min_call(node: Node) -> Call | None:
+    """`torch.max(x, y)` (elementwise: y a tensor or number, not a dim) and
+    `clamp(x, min=c)` without a max, as one `clamp_min(x, floor)`."""
+    args, kwargs = node.args, node.kwargs
+    if node.target is torch.max or (node.op == "call_method" and node.target == "max"):
+        if len(args) == 2 and not kwargs and not isinstance(args[1], (int, bool)):
+            return Call("clamp_min", node, {"x": args[0], "floor": args[1]}, "max")
+        return None
+    lo = kwargs.get("min", args[1] if len(args) > 1 else None)
+    hi = kwargs.get("max", args[2] if len(args) > 2 else None)
+    if lo is None or hi is not None:
+        return None
+    return Call("clamp_min", node, {"x": args[0], "floor": lo}, "clamp")
+
+
 def canon(node) -> Call | None:
     """The canonical call a node makes, or None when it is not one the patterns know."""
     if not isinstance(node, Node):
         return None
+    if (node.op == "call_function" and node.target in (torch.max, torch.clamp)) or (
+        node.op == "call_method" and node.target in ("max", "clamp") and node.args
+    ):
+        return _clamp_min_call(node)
     if node.op == "call_function":
         entry = _FUNCTIONS.get(node.target)
         if entry is None:

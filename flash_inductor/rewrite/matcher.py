@@ -26,7 +26,7 @@ from ..inputs import Causal, validate
 from ..patterns import dropout as dropout_family
 from ..patterns import gqa, layout, masks, scale as scale_family, scores as scores_family, sdpa as sdpa_family
 from ..patterns import softmax as softmax_family
-from ..patterns.steps import Bias, Cast, Fill, Refusal, Scale, SplitHeads, Tanh
+from ..patterns.steps import Bias, Cast, ClampMin, Fill, MergeHeads, Refusal, Scale, SplitHeads, Tanh
 from .emit import Emitter
 from .fx import IN_PLACE_METHODS, canon, constant_value, example
 from .report import SiteReport, log, record
@@ -119,8 +119,10 @@ def _leads_to_scores(node, depth: int = 12) -> bool:
         c = canon(node)
         if c is None:
             return False
-        if c.op in ("cast", "mul", "div", "masked_fill", "tanh") or (c.op == "reshape" and layout.split_heads(c)):
-            node = c["x"] if c.op in ("cast", "masked_fill", "reshape", "tanh") else c["a"]
+        if c.op in ("cast", "mul", "div", "masked_fill", "tanh", "clamp_min") or (
+            c.op == "reshape" and (layout.split_heads(c) or layout.merges_heads(c))
+        ):
+            node = c["x"] if c.op in ("cast", "masked_fill", "reshape", "tanh", "clamp_min") else c["a"]
         elif c.op in ("add", "sub"):
             return _leads_to_scores(c["a"], depth - 1) or _leads_to_scores(c["b"], depth - 1)
         elif c.op == "where":
@@ -155,6 +157,19 @@ def _score_steps(site: _Site, start: Node):
         if c.op == "tanh":
             steps.insert(0, Tanh())
             site.spelling.insert(0, "tanh(softcap)")
+            node = c["x"]
+            continue
+        if c.op == "clamp_min":
+            floor = constant_value(c["floor"])
+            if floor is None or floor > -masks.EXACT_FILL_MAGNITUDE:
+                raise Refusal("clamp", f"the scores are clamped below at {c['floor']}, not at a mask value <= -1e30")
+            steps.insert(0, ClampMin(floor))
+            site.spelling.insert(0, f"{c.spelling}(floor)")
+            node = c["x"]
+            continue
+        if layout.merges_heads(c):
+            steps.insert(0, MergeHeads())
+            site.spelling.insert(0, "view(heads)")
             node = c["x"]
             continue
         split = layout.split_heads(c)
@@ -200,7 +215,7 @@ def _prob_path(site: _Site, softmax: Node) -> tuple[Node, Node, Node]:
             site.chain.append(user)
             node = user
             continue
-        if c is not None and layout.merges_heads(c):
+        if c is not None and (layout.merges_heads(c) or layout.split_heads(c) is not None):
             site.chain.append(user)
             site.spelling.append("view(heads)")
             node = user
@@ -240,7 +255,25 @@ def _fold(steps, emit: Emitter) -> _Folded:
     """
     st = _Folded()
     cap = None  # after a tanh: the product of the scales applied to it so far
+    split_seen = merged = False
     for step in steps:
+        if isinstance(step, SplitHeads):
+            split_seen = True
+        if isinstance(step, MergeHeads):
+            # The op runs in the split 4-D layout; viewing the scores back to 3-D before the
+            # softmax changes nothing it computes, if a split came first and nothing follows.
+            if not split_seen:
+                raise Refusal("layout_view", "4-D scores merged to 3-D without a split before them")
+            merged = True
+            continue
+        if merged and isinstance(step, (Bias, Fill, ClampMin)):
+            raise Refusal("layout_view", "a bias or mask applied after the scores were merged back to 3-D")
+        if isinstance(step, ClampMin):
+            # max(s, floor) with floor <= -1e30 only changes entries below the floor: -inf ones.
+            # Without -inf in the bias or fills there are none, and it is exact to drop it.
+            if st.fill == -math.inf or _may_hold_neg_inf(st.bias):
+                raise Refusal("clamp", "a clamp after a mask that may hold -inf (it turns empty rows uniform)")
+            continue
         if cap is not None and not isinstance(step, (Scale, Cast, SplitHeads)):
             st.scale, st.softcap, cap = st.scale * cap, cap, None
         if isinstance(step, Cast):
@@ -551,6 +584,8 @@ def _is_pure(node: Node) -> bool:
     """A node the patterns know that mutates nothing (in-place updates are never erased)."""
     if node.op == "call_method" and node.target in _METADATA_METHODS:
         return True  # expand_as / view_as / type_as: views and casts, nothing mutated
+    if node.op == "call_function" and node.target is torch.full:
+        return True  # a constant (XGLM's finfo.min floor)
     if canon(node) is None:
         return False
     if node.op == "call_method" and node.target.endswith("_"):
