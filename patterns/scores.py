@@ -31,15 +31,18 @@ class Scores:
 
 
 def _untranspose(b: Node) -> tuple[Node | None, Node | None]:
-    """(k, None) when b is k.transpose(-1, -2); (None, b) when b is another transpose/permute."""
+    """(k, None) when b is k.transpose(-1, -2); (None, b) for any other [.., D, Nk] operand.
+
+    q·X is q·kᵀ with k = Xᵀ whatever X is, so a key that arrives already transposed (SqueezeBERT
+    views its conv output straight to [B, H, D, N]) is exact to rewrite: the op gets the view
+    X.transpose(-1, -2) and reads it through its strides.
+    """
     c = canon(b)
     ev = example(b)
-    if c is None or ev is None or c.op not in ("transpose", "permute"):
-        raise Refusal(
-            "key_is_transposed",
-            "the second score operand is not a transpose of K (q·k with k untransposed is "
-            "not an attention product)",
-        )
+    if ev is None:
+        raise Refusal("key_is_transposed", "the second score operand has no recorded shape")
+    if c is None or c.op not in ("transpose", "permute"):
+        return None, b
     n = ev.dim()
     if c.op == "transpose":
         dims = {c["dim0"] % n, c["dim1"] % n} if isinstance(c["dim0"], int) and isinstance(c["dim1"], int) else None

@@ -226,6 +226,19 @@ def _masked_rows_case(source):
     return q, k, v, bias, causal, empty
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_strided_layouts(dtype):
+    """q as a [B, N, H, D] tensor transposed, k as Xᵀ of an [B, H, D, N] tensor (last dim not
+    unit-stride), v with a padded last dim: every backend must read them through their strides
+    (PyTorch's CPU kernel does not, so aten_cpu copies them)."""
+    b, h, nq, nk, d = 2, 4, 13, 11, 16
+    q = torch.randn(b, nq, h, d, dtype=dtype).transpose(1, 2).requires_grad_()
+    k = torch.randn(b, h, d, nk, dtype=dtype).transpose(-1, -2).requires_grad_()
+    v = torch.randn(b, h, nk, 2 * d, dtype=dtype)[..., ::2].requires_grad_()
+    bias = torch.randn(b, h, nk, nq, dtype=dtype).transpose(-1, -2)
+    check_against_float64(q, k, v, bias, causal=True)
+
+
 SOFTCAP_CASES = {
     # name: (shape (B, Hq, Hkv, Nq, Nk, D), causal, bias shape or None, cap)
     "plain_cap_small": ((2, 2, 2, 37, 45, 16), False, None, 0.5),

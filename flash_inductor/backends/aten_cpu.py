@@ -55,6 +55,14 @@ def _repeat_kv(t: torch.Tensor, groups: int) -> torch.Tensor:
     return t if groups == 1 else t.repeat_interleave(groups, dim=1)
 
 
+def _unit_last(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The CPU kernel reads the last dim as contiguous without checking: a transposed view
+    (a key that arrives as Xᵀ) gave silently wrong results. Copy only when it is not."""
+    if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1:
+        return t
+    return t.contiguous()
+
+
 class AtenCpuBackend(KernelBackend):
     NAME = "aten_cpu"
     DEVICE_TYPES = ("cpu",)
@@ -85,9 +93,9 @@ class AtenCpuBackend(KernelBackend):
             return reference.forward(inp, seed)  # empty shapes: the reference's zeros and -inf
         groups = Hq // inp.heads_kv
         mask, empty = _mask(inp)
+        q, k, v = (_unit_last(t) for t in (inp.q, _repeat_kv(inp.k, groups), _repeat_kv(inp.v, groups)))
         out, lse = getattr(torch.ops.aten, _FORWARD)(
-            inp.q, _repeat_kv(inp.k, groups), _repeat_kv(inp.v, groups), 0.0, _is_causal(inp),
-            attn_mask=mask, scale=inp.scale,
+            q, k, v, 0.0, _is_causal(inp), attn_mask=_unit_last(mask), scale=inp.scale,
         )
         lse = lse.to(torch.float64 if inp.dtype == torch.float64 else torch.float32)
         if empty is not None:
@@ -102,9 +110,10 @@ class AtenCpuBackend(KernelBackend):
         mask, _ = _mask(inp)
         # Fully masked rows carry lse = -inf here; the kernel expects its own 0 there (p = 0 either way).
         lse_k = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).to(torch.float32 if inp.dtype != torch.float64 else lse.dtype)
+        q, k, v = (_unit_last(t) for t in (inp.q, _repeat_kv(inp.k, groups), _repeat_kv(inp.v, groups)))
         dq, dk, dv = getattr(torch.ops.aten, _BACKWARD)(
-            dout.contiguous(), inp.q, _repeat_kv(inp.k, groups), _repeat_kv(inp.v, groups), out, lse_k,
-            0.0, _is_causal(inp), attn_mask=mask, scale=inp.scale,
+            dout.contiguous(), q, k, v, _unit_last(out), lse_k,
+            0.0, _is_causal(inp), attn_mask=_unit_last(mask), scale=inp.scale,
         )
         if groups > 1:
             dk = dk.unflatten(1, (inp.heads_kv, groups)).sum(2)
