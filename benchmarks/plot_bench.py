@@ -1,4 +1,4 @@
-"""Bar chart of bench_attention.py JSON results: forward and backward TFLOP/s per case and kernel.
+"""Bar chart of `flash-inductor bench --json` results (flash_inductor.bench.plot).
 
     python benchmarks/plot_bench.py benchmarks/results/*.json --out benchmarks/results/plot.png
 
@@ -11,42 +11,22 @@ from __future__ import annotations
 import argparse
 import json
 
+from flash_inductor.bench import plot
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="+")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows, metas = [], []
+    runs = []
     for path in args.files:
         with open(path) as f:
-            data = json.load(f)
-        metas.append(data["meta"])
-        rows += [r for r in data["rows"] if r["status"] == "ok"]
-    for m in metas:
+            runs.append(json.load(f))
+    for run in runs:
+        m = run["meta"]
         print(f"{m['date']} {m['device']} torch {m['torch']} triton {m['triton']}: {m['command']}")
-    cases = list(dict.fromkeys(r["case"] for r in rows))
-    peers = list(dict.fromkeys(r["peer"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
-    width = 0.8 / len(peers)
-    for ax, phase in zip(axes, ("fwd", "bwd")):
-        for i, peer in enumerate(peers):
-            vals = [next((r[f"{phase}_tflops"] for r in rows if r["case"] == c and r["peer"] == peer), 0.0)
-                    for c in cases]
-            ax.bar([x + i * width for x in range(len(cases))], vals, width, label=peer)
-        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(cases))], cases, rotation=20)
-        ax.set_title(f"{phase}, TFLOP/s (0 = refused or not run)")
-    axes[0].legend()
-    n = sorted({r["n"] for r in rows})
-    fig.suptitle(f"{metas[0]['device']}, bf16, B=1 H=12 D=128 N={','.join(map(str, n))}, "
-                 f"torch {metas[0]['torch']}, triton {metas[0]['triton']}")
-    fig.tight_layout()
-    fig.savefig(args.out, dpi=110)
+    plot(runs, args.out)
 
 
 if __name__ == "__main__":

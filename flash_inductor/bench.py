@@ -244,6 +244,37 @@ def markdown(rows, peers) -> str:
     return "\n".join(out)
 
 
+def plot(runs, path: str) -> None:
+    """Bar charts of forward and backward TFLOP/s per case and kernel, from one or more runs
+    (each {"meta", "rows"} as --json writes them); needs matplotlib."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise SystemExit(f"--plot needs matplotlib ({e}); pip install matplotlib") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for run in runs for r in run["rows"] if r["status"] == "ok"]
+    meta = runs[0]["meta"]
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    peers = list(dict.fromkeys(r["peer"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
+    width = 0.8 / max(len(peers), 1)
+    for ax, phase in zip(axes, ("fwd", "bwd")):
+        for i, peer in enumerate(peers):
+            vals = [next((r[f"{phase}_tflops"] for r in rows if r["case"] == c and r["peer"] == peer), 0.0)
+                    for c in cases]
+            ax.bar([x + i * width for x in range(len(cases))], vals, width, label=peer)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(cases))], cases, rotation=20)
+        ax.set_title(f"{phase}, TFLOP/s (0 = refused or not run)")
+    axes[0].legend()
+    lengths = ",".join(str(n) for n in sorted({r["n"] for r in rows}))
+    fig.suptitle(f"{meta['device']}, {meta.get('dtype', 'bfloat16')}, B=1 H={meta.get('heads', 12)} "
+                 f"D={meta.get('head_dim', 128)} N={lengths}, torch {meta['torch']}, triton {meta['triton']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="flash-inductor bench", description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
@@ -255,6 +286,7 @@ def main(argv=None):
     ap.add_argument("--bias-grad", action="store_true", help="the bias requires grad (learned bias)")
     ap.add_argument("--json", default=None, help="write every measurement here")
     ap.add_argument("--markdown", action="store_true", help="print the tables as markdown at the end")
+    ap.add_argument("--plot", default=None, help="write a PNG bar chart here (needs matplotlib)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("flash-inductor bench needs a CUDA GPU (it times GPU kernels against each other).")
@@ -300,6 +332,8 @@ def main(argv=None):
                         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     if args.markdown:
         print(markdown(rows, args.peers))
+    if args.plot:
+        plot([{"meta": meta, "rows": rows}], args.plot)
     return 0
 
 

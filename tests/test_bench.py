@@ -51,3 +51,12 @@ def test_e2e_script_runs_a_tiny_model_through_all_three_backends():
     assert row["flash_rel_diff_fwd"] < 1e-4
     table = e2e.markdown([row])
     assert "| bert (16 × 2), sdpa | 2/2 |" in table and "Geometric mean" in table
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [_row("bias", "triton", 200.0, 400.0), _row("bias", "flex", 300.0, 500.0)]
+    meta = {"device": "test", "torch": torch.__version__, "triton": "-"}
+    out = tmp_path / "plot.png"
+    bench.plot([{"meta": meta, "rows": rows}], str(out))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
