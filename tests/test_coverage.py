@@ -14,14 +14,14 @@ from flash_inductor.coverage import MODES, check
 from flash_inductor.models import COVERAGE
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("impl", ["eager", "sdpa"])
 # Beyond the list, one model per spelling family added later: Gemma 2 (soft-capping),
 # XGLM (a clamp and 3-D/4-D views), XLM (mask.expand_as(scores)), SqueezeBERT (a key already
 # transposed), Mixtral (a router softmax beside attention).
 BEYOND = ("gemma2", "xglm", "xlm", "squeezebert", "mixtral")
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("model", COVERAGE + BEYOND)
 def test_every_attention_layer_rewritten(model, impl, mode):
     row = check(model, impl, mode)
