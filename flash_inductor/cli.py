@@ -30,7 +30,8 @@ def _info(args) -> int:
         device = "cuda"
     else:
         why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
-        print(f"CUDA: not available ({why}); attention runs on the PyTorch reference")
+        print(f"CUDA: not available ({why}); attention runs on the CPU: PyTorch's fused CPU kernel "
+              "(aten_cpu) where it accepts the input, else the PyTorch reference")
         device = "cpu"
     print("CUTLASS kernels: not part of this version (the Triton kernels serve CUDA GPUs)")
     forced = dispatch.forced_kernel()
