@@ -48,6 +48,28 @@ def test_cpu_op_stays_opaque_in_the_aot_graphs():
     assert rel_err(out, ref) < 1e-5
 
 
+def test_decision_says_why_the_op_stays_opaque(monkeypatch):
+    """The gate in words (what the debug log prints): switched off, not on CUDA, symbolic sizes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from flash_inductor import kernels_in_graph as kig
+    from flash_inductor.inputs import validate
+
+    q, k, v = make_qkv()
+    inp = validate(q, k, v)
+    assert kig._triton_decision(inp, [q, k, v]) == "not on CUDA"
+    monkeypatch.setenv(kig.ENV_VAR, "0")
+    assert kig._triton_decision(inp, [q, k, v]) == "switched off"
+    monkeypatch.delenv(kig.ENV_VAR)
+    monkeypatch.setattr(flash_inductor.config, "kernels_in_graph", False)
+    assert kig._triton_decision(inp, [q, k, v]) == "switched off"
+    monkeypatch.setattr(flash_inductor.config, "kernels_in_graph", True)
+    static = FakeTensorMode().from_tensor(q)
+    symbolic = FakeTensorMode(shape_env=ShapeEnv()).from_tensor(q)  # sizes become symbols
+    assert kig._is_static(static) and not kig._is_static(symbolic)
+
+
 # ---- GPU --------------------------------------------------------------------------------------
 
 
