@@ -27,13 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .inputs import Causal, validate
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Running out/lse and gradient accumulators: float32, or float64 for float64 input (the
-    lse the op returns and takes back has that dtype too)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .inputs import Causal, accumulation_dtype, validate
 
 
 def _chunks(rank: int, world: int, causal: bool) -> list[int]:
@@ -95,7 +89,7 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, group, causal: bool, scale: float):
         world, rank = dist.get_world_size(group), dist.get_rank(group)
-        acc = _acc_dtype(q.dtype)
+        acc = accumulation_dtype(q.dtype)
         out = torch.zeros(*q.shape[:3], v.shape[3], dtype=acc, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
         kv, src = (k.contiguous(), v.contiguous()), rank
@@ -118,7 +112,7 @@ class _RingAttention(torch.autograd.Function):
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         dout = dout.contiguous()
         rng = torch.empty(0, dtype=torch.int64, device=q.device)
-        acc = _acc_dtype(q.dtype)
+        acc = accumulation_dtype(q.dtype)
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         blocks = [k.contiguous(), v.contiguous(), torch.zeros(k.shape, dtype=acc, device=k.device),
                   torch.zeros(v.shape, dtype=acc, device=v.device)]

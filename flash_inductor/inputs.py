@@ -74,6 +74,20 @@ def _shape(t: torch.Tensor) -> tuple:
     return tuple(t.shape)
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmax statistics and accumulators: float32, or float64 for float64 input (the op's lse
+    has this dtype too)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def unit_last_dim(t: torch.Tensor | None) -> torch.Tensor | None:
+    """`t` with a unit-stride last dim, copied only when it has not: the kernels read the last
+    dim as contiguous (vectorised loads; PyTorch's CPU kernel silently misreads it otherwise)."""
+    if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1:
+        return t
+    return t.contiguous()
+
+
 @dataclass(frozen=True)
 class AttentionInputs:
     q: torch.Tensor
@@ -84,6 +98,11 @@ class AttentionInputs:
     scale: float
     dropout_p: float
     softcap: float = 0.0
+
+    @classmethod
+    def from_op(cls, q, k, v, bias, causal: int, scale: float, dropout_p: float, softcap: float = 0.0):
+        """From the ops' arguments. The public functions validated already; ops trust their callers."""
+        return cls(q, k, v, bias, Causal(causal), scale, dropout_p, softcap)
 
     # ---- derived sizes -------------------------------------------------------------------
     @property

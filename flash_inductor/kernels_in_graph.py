@@ -30,7 +30,7 @@ import os
 import torch
 
 from . import dispatch
-from .inputs import AttentionInputs, Causal
+from .inputs import AttentionInputs
 
 log = logging.getLogger("flash_inductor")
 
@@ -79,7 +79,7 @@ def _fwd_in_graph(q, k, v, bias, seed, causal, scale, dropout_p, softcap=0.0):
 
     from .kernels import triton_attention
 
-    inp = AttentionInputs(q, k, v, bias, Causal(causal), scale, dropout_p, softcap)
+    inp = AttentionInputs.from_op(q, k, v, bias, causal, scale, dropout_p, softcap)
     if dropout_p > 0.0:
         if seed is not None:
             rng = seed.to(device=q.device, dtype=torch.int64).clone()
@@ -100,7 +100,7 @@ def _bwd_in_graph(
 
     from .kernels import triton_attention
 
-    inp = AttentionInputs(q, k, v, bias, Causal(causal), scale, dropout_p, softcap)
+    inp = AttentionInputs.from_op(q, k, v, bias, causal, scale, dropout_p, softcap)
     dq, dk, dv, dbias = triton_attention.backward(
         inp, rng if dropout_p > 0.0 else None, out, lse, dout, dlse, bias_requires_grad,
         launch=wrap_triton,
@@ -133,12 +133,12 @@ def _rule(op_name, in_graph, inputs_of):
 
 
 def _fwd_inputs(q, k, v, bias, seed, causal, scale, dropout_p, softcap=0.0):
-    inp = AttentionInputs(q, k, v, bias, Causal(causal), scale, dropout_p, softcap)
+    inp = AttentionInputs.from_op(q, k, v, bias, causal, scale, dropout_p, softcap)
     return inp, [t for t in (q, k, v, bias, seed) if t is not None]
 
 
 def _bwd_inputs(dout, dlse, q, k, v, bias, rng, out, lse, causal, scale, dropout_p, _brg, softcap=0.0):
-    inp = AttentionInputs(q, k, v, bias, Causal(causal), scale, dropout_p, softcap)
+    inp = AttentionInputs.from_op(q, k, v, bias, causal, scale, dropout_p, softcap)
     return inp, [t for t in (dout, dlse, q, k, v, bias, rng, out, lse) if t is not None]
 
 

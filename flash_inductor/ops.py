@@ -21,16 +21,9 @@ import torch
 from torch import Tensor
 
 from . import dispatch, kernels_in_graph
-from .inputs import AttentionInputs, Causal, validate
+from .inputs import AttentionInputs, accumulation_dtype, validate
 
 
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _inputs(q, k, v, bias, causal: int, scale: float, dropout_p: float, softcap: float = 0.0) -> AttentionInputs:
-    # The public function validated already; the op trusts its (internal) callers.
-    return AttentionInputs(q, k, v, bias, Causal(causal), scale, dropout_p, softcap)
 
 
 def _draw_seed(device: torch.device) -> Tensor:
@@ -50,7 +43,7 @@ def fwd(
     dropout_p: float,
     softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    inp = _inputs(q, k, v, bias, causal, scale, dropout_p, softcap)
+    inp = AttentionInputs.from_op(q, k, v, bias, causal, scale, dropout_p, softcap)
     if dropout_p > 0.0:
         rng = seed.to(device=q.device, dtype=torch.int64).clone() if seed is not None else _draw_seed(q.device)
     else:
@@ -64,7 +57,7 @@ def fwd(
 def _fwd_fake(q, k, v, bias, seed, causal, scale, dropout_p, softcap=0.0):
     b, hq, nq, _ = q.shape
     out = q.new_empty((b, hq, nq, v.shape[3]))
-    lse = q.new_empty((b, hq, nq), dtype=lse_dtype(q.dtype))
+    lse = q.new_empty((b, hq, nq), dtype=accumulation_dtype(q.dtype))
     rng = q.new_empty((2,) if dropout_p > 0.0 else (0,), dtype=torch.int64)
     return out, lse, rng
 
@@ -91,7 +84,7 @@ def bwd(
     Dispatch selects from the same inputs and settings as the forward did, so the backward
     runs the kernel whose dropout mask it must regenerate.
     """
-    inp = _inputs(q, k, v, bias, causal, scale, dropout_p, softcap)
+    inp = AttentionInputs.from_op(q, k, v, bias, causal, scale, dropout_p, softcap)
     dq, dk, dv, dbias = dispatch.select(inp).backward(
         inp, rng if dropout_p > 0.0 else None, out, lse, dout, dlse, bias_requires_grad
     )

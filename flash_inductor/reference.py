@@ -15,13 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from .inputs import AttentionInputs, Causal
+from .inputs import AttentionInputs, Causal, accumulation_dtype
 
 KEY_CHUNK = 1024
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _grouped(x: torch.Tensor, heads_kv: int) -> torch.Tensor:
@@ -88,7 +84,7 @@ def _scores(inp: AttentionInputs, q5, k_c, start, stop, acc, want_cap_grad: bool
 
 
 def forward(inp: AttentionInputs, seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    acc = _acc_dtype(inp.dtype)
+    acc = accumulation_dtype(inp.dtype)
     hkv = inp.heads_kv
     q5 = _grouped(inp.q, hkv).to(acc)
     shape = q5.shape[:-1]  # [B, Hkv, G, Nq]
@@ -139,7 +135,7 @@ def backward(
     where dP = dO·vᵀ (times the dropout keep-mask / (1-p)); dbias is dS summed over the dims
     the bias was broadcast along.
     """
-    acc = _acc_dtype(inp.dtype)
+    acc = accumulation_dtype(inp.dtype)
     hkv = inp.heads_kv
     q5 = _grouped(inp.q, hkv).to(acc)
     do5 = _grouped(dout, hkv).to(acc)

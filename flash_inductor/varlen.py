@@ -28,18 +28,14 @@ import torch
 from torch import Tensor
 
 from . import dispatch, reference
-from .inputs import AttentionInputs, Causal, validate
+from .inputs import AttentionInputs, accumulation_dtype, validate
 
 VARLEN_REFUSAL = "variable-length (packed or nested) input has no fused kernel yet (issue 6); the reference runs it"
 
 
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _lengths(cu: Tensor, name: str, total: int) -> list[int]:
     """Offsets -> lengths, checked (a host read: the reference needs them there anyway)."""
-    offs = [int(x) for x in cu.tolist()]
+    offs = _offsets(cu)
     if offs[0] != 0 or offs[-1] != total or any(b < a for a, b in zip(offs, offs[1:])):
         raise ValueError(
             f"{name}={offs} must start at 0, never decrease, and end at the packed length {total}"
@@ -55,7 +51,7 @@ def _check_max(lengths: list[int], max_len: int, name: str) -> None:
 def _sequence_inputs(q, k, v, oq, ok, causal, scale, dropout_p, softcap) -> AttentionInputs:
     """Sequence slices as [1, H, n, D] views (no copy) for the dense reference."""
     qi, ki, vi = (t.transpose(0, 1).unsqueeze(0) for t in (q[oq[0]:oq[1]], k[ok[0]:ok[1]], v[ok[0]:ok[1]]))
-    return AttentionInputs(qi, ki, vi, None, Causal(causal), scale, dropout_p, softcap)
+    return AttentionInputs.from_op(qi, ki, vi, None, causal, scale, dropout_p, softcap)
 
 
 def _sequence_seed(rng: Optional[Tensor], i: int) -> Optional[Tensor]:
@@ -71,7 +67,7 @@ def _offsets(cu: Tensor) -> list[int]:
 def _reference_forward(q, k, v, cu_q, cu_k, causal, scale, dropout_p, softcap, rng):
     oq, ok = _offsets(cu_q), _offsets(cu_k)
     out = q.new_zeros((q.shape[0], q.shape[1], v.shape[2]))
-    lse = torch.full((q.shape[0], q.shape[1]), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
+    lse = torch.full((q.shape[0], q.shape[1]), float("-inf"), dtype=accumulation_dtype(q.dtype), device=q.device)
     for i in range(len(oq) - 1):
         if oq[i + 1] == oq[i]:
             continue
@@ -102,8 +98,8 @@ def _reference_backward(dout, dlse, q, k, v, cu_q, cu_k, rng, out, lse, causal, 
 
 def _as_dense_inputs(q, k, v, causal, scale, dropout_p, softcap) -> AttentionInputs:
     """A [1, H, total, D] view, only for dispatch's declarations (dtype, device, head dims)."""
-    return AttentionInputs(*(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)), None, Causal(causal),
-                           scale, dropout_p, softcap)
+    return AttentionInputs.from_op(*(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)), None, causal,
+                                   scale, dropout_p, softcap)
 
 
 def _select(q, k, v, causal, scale, dropout_p, softcap):
@@ -147,7 +143,7 @@ def varlen_fwd(
 def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, causal, scale,
                      dropout_p, softcap=0.0, cu_seqlens_v=None):
     out = q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
-    lse = q.new_empty((q.shape[0], q.shape[1]), dtype=lse_dtype(q.dtype))
+    lse = q.new_empty((q.shape[0], q.shape[1]), dtype=accumulation_dtype(q.dtype))
     rng = q.new_empty((2,) if dropout_p > 0.0 else (0,), dtype=torch.int64)
     return out, lse, rng
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import socket
+
 import torch
 
 
@@ -43,3 +46,42 @@ def make_qkv(
     return tuple(
         torch.randn(s, dtype=dtype, device=device).requires_grad_(requires_grad) for s in shapes
     )
+
+
+# ---- several processes (tests/test_distributed.py, tests/test_context_parallel.py) ----------------
+
+
+def spawn_ranks(target, args: tuple, world: int, timeout: float = 600) -> dict:
+    """Run target(rank, port, *args, results) in `world` spawned processes; return {rank: payload}.
+
+    Each process puts (rank, payload) on `results` once; a payload that is a str is the error
+    the rank raised, and fails the calling test with it.
+    """
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(r, port, *args, results)) for r in range(world)]
+    for p in procs:
+        p.start()
+    got = dict(results.get(timeout=timeout) for _ in range(world))
+    for p in procs:
+        p.join(60)
+    for rank, payload in got.items():
+        assert not isinstance(payload, str), f"rank {rank}: {payload}"
+    return got
+
+
+def to_bytes(obj) -> bytes:
+    """Tensors to send back from a rank: bytes, because a tensor put on the queue lives in the
+    sender's shared memory, which is gone by the time the parent reads it."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def from_bytes(data: bytes):
+    return torch.load(io.BytesIO(data))

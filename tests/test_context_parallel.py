@@ -7,27 +7,18 @@ load balancing), with GQA.
 
 from __future__ import annotations
 
-import io
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from conftest import rel_err
+from conftest import from_bytes, rel_err, spawn_ranks, to_bytes
 
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _full_inputs(dtype):
@@ -53,9 +44,7 @@ def _rank_main(rank, port, causal, dtype, results):
         q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
         out = ring_attention(q, k, v, causal=causal)
         out.backward(dout)
-        buf = io.BytesIO()
-        torch.save({"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}, buf)
-        results.put((rank, buf.getvalue()))
+        results.put((rank, to_bytes({"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad})))
     except Exception as e:
         results.put((rank, f"{type(e).__name__}: {e}"))
     finally:
@@ -68,18 +57,8 @@ def test_ring_attention_matches_one_process(causal, dtype):
     from flash_inductor import attention_ref
     from flash_inductor.context_parallel import zigzag_unshard
 
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, port, causal, dtype, results)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    got = dict(results.get(timeout=300) for _ in range(WORLD))
-    for p in procs:
-        p.join(60)
-    for rank, res in got.items():
-        assert isinstance(res, bytes), f"rank {rank}: {res}"
-    shards = [torch.load(io.BytesIO(got[r])) for r in range(WORLD)]
+    got = spawn_ranks(_rank_main, (causal, dtype), WORLD, timeout=300)
+    shards = [from_bytes(got[r]) for r in range(WORLD)]
     join = (lambda xs: zigzag_unshard(xs)) if causal else (lambda xs: torch.cat(xs, dim=2))
     full = {name: join([s[name] for s in shards]) for name in ("out", "dq", "dk", "dv")}
 

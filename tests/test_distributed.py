@@ -11,16 +11,13 @@ op ran once per layer per rank, and under DDP the graph really was split at buck
 
 from __future__ import annotations
 
-import io
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from conftest import rel_err
+from conftest import from_bytes, rel_err, spawn_ranks, to_bytes
 
 pytest.importorskip("transformers")
 if not dist.is_available() or not dist.is_gloo_available():
@@ -28,12 +25,6 @@ if not dist.is_available() or not dist.is_gloo_available():
 
 WORLD = 2
 BATCH, SEQ, LAYERS = 4, 16, 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model_and_batch(hidden: int):
@@ -106,31 +97,16 @@ def _rank_main(rank: int, port: int, wrapper: str, hidden: int, results):
             grads[name] = g.detach().clone()
         losses = [torch.zeros(()) for _ in range(WORLD)]
         dist.all_gather(losses, loss.detach())
-        # Bytes, not tensors: a tensor sent through the queue lives in this process's shared
-        # memory, which is gone by the time the parent reads it.
-        buf = io.BytesIO()
-        torch.save({"loss": torch.stack(losses).mean(), "grads": grads}, buf)
-        results.put((rank, {"tensors": buf.getvalue(), "graphs": graphs, "op_calls": len(calls)}))
+        results.put((rank, to_bytes({"loss": torch.stack(losses).mean(), "grads": grads, "graphs": graphs,
+                                     "op_calls": len(calls)})))
     except Exception as e:  # reported to the parent, which fails the test with it
-        results.put((rank, {"error": f"{type(e).__name__}: {e}"}))
+        results.put((rank, f"{type(e).__name__}: {e}"))
     finally:
         dist.destroy_process_group()
 
 
 def _run(wrapper: str, hidden: int):
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, port, wrapper, hidden, results)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    out = dict(results.get(timeout=600) for _ in range(WORLD))
-    for p in procs:
-        p.join(60)
-    for rank, res in out.items():
-        assert "error" not in res, f"rank {rank}: {res['error']}"
-        res.update(torch.load(io.BytesIO(res.pop("tensors"))))
-    return out
+    return {rank: from_bytes(data) for rank, data in spawn_ranks(_rank_main, (wrapper, hidden), WORLD).items()}
 
 
 def _reference(hidden: int):

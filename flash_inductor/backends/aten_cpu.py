@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..inputs import AttentionInputs, Causal
+from ..inputs import AttentionInputs, Causal, accumulation_dtype
+from ..inputs import unit_last_dim as _unit_last  # the CPU kernel silently misreads a strided last dim
 from .base import KernelBackend
 
 _FORWARD = "_scaled_dot_product_flash_attention_for_cpu"
@@ -54,13 +55,6 @@ def _mask(inp: AttentionInputs):
 def _repeat_kv(t: torch.Tensor, groups: int) -> torch.Tensor:
     return t if groups == 1 else t.repeat_interleave(groups, dim=1)
 
-
-def _unit_last(t: torch.Tensor | None) -> torch.Tensor | None:
-    """The CPU kernel reads the last dim as contiguous without checking: a transposed view
-    (a key that arrives as Xᵀ) gave silently wrong results. Copy only when it is not."""
-    if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1:
-        return t
-    return t.contiguous()
 
 
 class AtenCpuBackend(KernelBackend):
@@ -97,7 +91,7 @@ class AtenCpuBackend(KernelBackend):
         out, lse = getattr(torch.ops.aten, _FORWARD)(
             q, k, v, 0.0, _is_causal(inp), attn_mask=_unit_last(mask), scale=inp.scale,
         )
-        lse = lse.to(torch.float64 if inp.dtype == torch.float64 else torch.float32)
+        lse = lse.to(accumulation_dtype(inp.dtype))
         if empty is not None:
             lse = lse.masked_fill(empty.squeeze(-1).expand(B, Hq, Nq), float("-inf"))
         return out, lse
@@ -109,7 +103,7 @@ class AtenCpuBackend(KernelBackend):
         groups = Hq // inp.heads_kv
         mask, _ = _mask(inp)
         # Fully masked rows carry lse = -inf here; the kernel expects its own 0 there (p = 0 either way).
-        lse_k = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).to(torch.float32 if inp.dtype != torch.float64 else lse.dtype)
+        lse_k = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
         q, k, v = (_unit_last(t) for t in (inp.q, _repeat_kv(inp.k, groups), _repeat_kv(inp.v, groups)))
         dq, dk, dv = getattr(torch.ops.aten, _BACKWARD)(
             dout.contiguous(), q, k, v, _unit_last(out), lse_k,

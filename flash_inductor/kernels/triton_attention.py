@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from ..inputs import AttentionInputs, Causal
+from ..inputs import unit_last_dim as _unit_last
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -721,11 +722,6 @@ def _attn_bwd_dq(
 
 _LOG2E = 1.4426950408889634
 _PREPROCESS_BLOCK_M = 16 if _interpreting() else 64
-
-
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    """The kernels assume a unit-stride last dim (vectorised loads); copy only if it is not."""
-    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
 def _block(d: int) -> int:
