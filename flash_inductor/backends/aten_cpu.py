@@ -1,8 +1,9 @@
 """PyTorch's own fused CPU FlashAttention kernel as a backend (`aten::_scaled_dot_product_flash_attention_for_cpu`).
 
 Why: on a CPU the reference (flash_inductor.reference) is a readable ground truth, not a fast
-kernel: for BERT-size attention it ran about 8× slower than eager PyTorch (12.5 vs 1.6 ms,
-B=2 H=12 N=128 D=64 on this project's 2-core CI machine), so `backend="flash"` made CPU models
+kernel: for BERT-size attention it runs about 5× slower than eager PyTorch (4.1 vs 0.8 ms,
+B=2 H=12 N=128 D=64 on this project's 2-core CI machine; benchmarks/cpu_attention.py), so
+`backend="flash"` made CPU models
 slower. PyTorch ships a tiled, O(N)-memory CPU kernel with forward and backward; this backend
 adapts our contract to it:
 
