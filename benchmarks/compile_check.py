@@ -21,12 +21,14 @@ from flash_inductor.kernels import triton_attention as ta
 KERNELS = {"fwd": (ta._attn_fwd, 128, 64, 8), "dkdv": (ta._attn_bwd_dkdv, 32, 128, 4), "dq": (ta._attn_bwd_dq, 128, 32, 4)}
 
 
-def compile_one(which, causal, bias, dropout, float_type="fp32", stages=3):
+def compile_one(which, causal, bias, dropout, float_type="fp32", stages=3, sparse=False, varlen=False):
     kernel, bm, bn, warps = KERNELS[which]
     fn = kernel.fn
     consts = dict(D=128, DV=128, BLOCK_D=128, BLOCK_DV=128, ELT_BYTES=2, BIAS_IS_BOOL=False,
                   DOT_PRECISION="tf32", CAUSAL=causal, HAS_BIAS=bias, HAS_DROPOUT=dropout,
-                  BLOCK_M=bm, BLOCK_N=bn, stride_bn=1)
+                  BLOCK_M=bm, BLOCK_N=bn, stride_bn=1, SPARSE=sparse, TILE=128, VARLEN=varlen)
+    if not varlen:
+        consts["stride_lm"] = 1  # dense lse/delta rows are contiguous, as real launches specialise
     if which == "dq":
         consts["STORE_DS"] = bias
     sig = {}
@@ -35,6 +37,8 @@ def compile_one(which, causal, bias, dropout, float_type="fp32", stages=3):
             sig[name] = "constexpr"
         elif name in ("Seed",):
             sig[name] = "*i64"
+        elif name in ("Counts", "Tiles", "CuQ", "CuK"):
+            sig[name] = "*i32"
         elif name in ("Lse", "Delta"):
             sig[name] = "*fp32"
         elif name in ("Q", "K", "V", "Bias", "Out", "DO", "DQ", "DK", "DV_", "DS"):
@@ -44,7 +48,8 @@ def compile_one(which, causal, bias, dropout, float_type="fp32", stages=3):
         else:
             sig[name] = "i32"
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-             if sig[n].startswith("*") or (n.startswith("stride") and sig[n] == "i32")}
+             if (sig[n].startswith("*") and n not in ("Counts", "Tiles", "CuQ", "CuK"))
+             or (n.startswith("stride") and sig[n] == "i32")}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
 
@@ -71,6 +76,10 @@ def main():
                 for dropout in (False, True):
                     for ft in ("fp32", "fp64"):
                         smem.append(compile_one(which, causal, bias, dropout, ft).metadata.shared)
+                    if bias:  # a mask-like bias: the tile-list loops (mask_tiles.py)
+                        smem.append(compile_one(which, causal, bias, dropout, sparse=True).metadata.shared)
+                    else:  # packed variable-length batches
+                        smem.append(compile_one(which, causal, bias, dropout, varlen=True).metadata.shared)
         print(f"{which}: {len(smem)} variants compile; shared memory {min(smem)}..{max(smem)} B")
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import math
 import platform
 import sys
@@ -48,6 +49,21 @@ BACKENDS = ("eager", "inductor", "flash")
 def _rel(a, b) -> float:
     a, b = a.float(), b.float()
     return ((a - b).norm() / b.norm()).item()
+
+
+class _OpaqueCounter(logging.Handler):
+    """Counts attention ops that stayed opaque under torch.compile (kernels_in_graph declined),
+    with the first reason: an opaque op is host-bound at small shapes."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.count, self.reasons = 0, set()
+
+    def emit(self, record):
+        msg = record.getMessage()
+        if "stays one opaque op" in msg:
+            self.count += 1
+            self.reasons.add(msg.split(": ", 1)[-1][:120])
 
 
 def run_row(name: str, size: str, device: torch.device, dtype, repeats: int, impl: str, out=print) -> dict:
@@ -83,10 +99,22 @@ def run_row(name: str, size: str, device: torch.device, dtype, repeats: int, imp
     for backend in BACKENDS:
         torch._dynamo.reset()
         fn = model if backend == "eager" else torch.compile(model, backend=backend)
+        counter = _OpaqueCounter()
+        logger = logging.getLogger("flash_inductor")
+        logger.addHandler(counter)
+        level = logger.level
+        logger.setLevel(logging.DEBUG)
         t0 = time.perf_counter()
-        y = forward(fn)
-        train_step(fn)
+        try:
+            y = forward(fn)
+            train_step(fn)
+        finally:
+            logger.removeHandler(counter)
+            logger.setLevel(level)
         row[f"{backend}_first_call_s"] = time.perf_counter() - t0
+        if backend == "flash":
+            row["flash_opaque_ops"] = counter.count
+            row["flash_opaque_reasons"] = sorted(counter.reasons)
         if backend != "eager":
             row[f"{backend}_rel_diff_fwd"] = _rel(y, y_eager)
         row[f"{backend}_fwd_ms"] = _median_ms(lambda: forward(fn), repeats, device)

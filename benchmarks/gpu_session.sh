@@ -20,7 +20,11 @@ for phase in "$@"; do
   echo "=== $phase $(date +%T)"
   case $phase in
     tests)
-      FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout 300 python3 -m pytest -q -x -m gpu tests/test_triton_kernels.py tests/test_kernels_in_graph.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+      FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout 300 python3 -m pytest -q -m gpu tests/test_triton_kernels.py tests/test_kernels_in_graph.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+    padding)
+      timeout 240 python3 benchmarks/padding.py --json "$OUT/padding.json" 2>&1 | grep -v Warning | tee "$OUT/padding.log" | tail -30 ;;
+    bench_bias_check)
+      bench 170 bench_8k_bias_check --lengths 8192 --cases none bias bias+causal --peers triton flex ;;
     bench8k)
       bench 420 bench_8k --lengths 8192 --cases none causal bias bias+causal dropout bias+causal+dropout \
         --peers triton sdpa_cudnn sdpa_flash flex ;;
@@ -35,11 +39,22 @@ for phase in "$@"; do
       bench 200 bench_8k_rest --lengths 8192 --cases causal+dropout bias+dropout --peers triton sdpa_cudnn sdpa_flash sdpa_efficient eager
       bench 150 bench_8k_bias_grad --lengths 8192 --cases bias bias+causal --bias-grad --peers triton flex
       bench 300 bench_2k_4k --lengths 2048 4096 --cases none causal bias bias+causal dropout --peers triton sdpa_cudnn flex ;;
+    issue3_rows)
+      bench 300 bench_2k_4k --lengths 2048 4096 --cases none causal bias+causal dropout --peers triton_compiled flex sdpa_cudnn
+      bench 120 bench_d64 --lengths 8192 --head-dim 64 --cases none causal --peers triton flex
+      bench 120 bench_d256 --lengths 8192 --head-dim 256 --cases none causal --peers triton flex ;;
     headdims)
       bench 150 bench_d64 --lengths 8192 --head-dim 64 --cases none causal --peers triton sdpa_cudnn flex
       bench 150 bench_d256 --lengths 8192 --head-dim 256 --cases none causal --peers triton sdpa_cudnn flex ;;
     e2e_models)
-      timeout 560 python3 benchmarks/e2e_models.py --json "$OUT/e2e_models.json" ${E2E_MODELS:+--models $E2E_MODELS} 2>&1 | grep -v Warning | tee "$OUT/e2e_models.log" | tail -12 ;;
+      # Autotuning off: each compile would otherwise tune every kernel variant (2-3 min per model);
+      # the default configs are the ones the autotuner picked most often (triton_attention.py).
+      FLASH_INDUCTOR_TRITON_AUTOTUNE=0 TORCH_LOGS=recompiles timeout 560 python3 benchmarks/e2e_models.py --json "$OUT/e2e_models.json" ${E2E_MODELS:+--models $E2E_MODELS} 2>&1 | grep -v Warning | tee "$OUT/e2e_models.log" | tail -12 ;;
+    profile_bert)
+      for tiles in 1 0; do FLASH_INDUCTOR_MASK_TILES=$tiles timeout 150 python3 benchmarks/profile_model.py --model bert --seq 512 --batch 8 2>&1 | grep -v Warning | tee -a "$OUT/profile_bert.log" | grep -E "forward|opaque" | sort | uniq -c | head; done
+      timeout 100 python3 benchmarks/profile_model.py --model bert --seq 512 --batch 8 --backend inductor 2>&1 | grep -v Warning | tee -a "$OUT/profile_bert.log" | grep forward ;;
+    profile_t5)
+      for be in flash inductor; do FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout 200 python3 benchmarks/profile_model.py --model t5-base --seq 512 --batch 8 --backend $be --rows 30 2>&1 | grep -v Warning | tee -a "$OUT/profile_t5.log" | grep -E "forward|opaque" | sort | uniq -c | head; done ;;
     e2e)
       timeout 200 python3 -m flash_inductor.cli demo --model bert --seq 512 --batch 8 --compare-inductor 2>&1 | tee "$OUT/demo_bert.log" | tail -8 ;;
   esac

@@ -10,7 +10,10 @@ Shapes (SDPA's convention)::
     v     [B, Hkv, Nk, Dv]
     bias  broadcastable to [B, Hq, Nq, Nk] (fewer dims are padded on the left, size-1 dims
           are read with stride 0 and never materialised); float = added to the scaled scores,
-          bool = keep-mask (True attends, False is masked)
+          bool = keep-mask (True attends, False is masked). A float entry <= MASKED_BIAS
+          (-1e30: finfo(float32|bfloat16).min, -inf) masks its key exactly as False does, so
+          a row of nothing but such entries is fully masked (zeros, lse = -inf); see
+          docs/design.md §3 for what the rewrite does where eager averages such a row.
     softcap  0 (off), or c > 0: the scaled scores become c·tanh(s / c) before the bias and
           masks (Gemma 2's logit soft-capping)
     out   [B, Hq, Nq, Dv]
@@ -28,6 +31,9 @@ import torch
 # Every kernel keeps a [BLOCK, D] tile of q, k and v on chip; 256 is where FlashAttention and
 # cuDNN stop too, so a larger head dim is refused at the API rather than by one backend.
 MAX_HEAD_DIM = 256
+# A float bias at or below this masks its key (what HF's finfo(dtype).min fills mean). fp16's
+# -65504 is above it: an fp16 fill is an ordinary bias value.
+MASKED_BIAS = -1e30
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

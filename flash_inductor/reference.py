@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .inputs import AttentionInputs, Causal, accumulation_dtype
+from .inputs import MASKED_BIAS, AttentionInputs, Causal, accumulation_dtype
 
 KEY_CHUNK = 1024
 
@@ -75,6 +75,7 @@ def _scores(inp: AttentionInputs, q5, k_c, start, stop, acc, want_cap_grad: bool
             keep = bias
         else:
             s = s + bias.to(acc)
+            keep = bias > MASKED_BIAS
     causal = _causal_keep(inp, start, stop, s.device)
     if causal is not None:
         keep = causal if keep is None else keep & causal
@@ -212,6 +213,7 @@ def attention_ref(
             keep = bias
         else:
             s = s + bias.to(s.dtype)
+            keep = bias > MASKED_BIAS
     c = _causal_keep(inp, 0, inp.len_k, q.device)
     if c is not None:
         keep = c if keep is None else keep & c

@@ -15,9 +15,12 @@ The op is `flash::varlen_fwd` / `flash::varlen_bwd` (custom ops with fakes and a
 lse = -inf, as a fully masked row does. Dropout draws each sequence's mask from the call's seed
 and the sequence index, so two sequences never share a mask.
 
-Kernels: the reference runs each sequence through flash_inductor.reference (any device; it
-reads the offsets on the host). The Triton and CUTLASS varlen kernels are issue 6's next step;
-until they exist the fused backends refuse varlen input and say so.
+Kernels: backends that declare `SUPPORTS_VARLEN`, in dispatch order. The Triton kernels run
+the packed batch in one launch per pass, one program per (query block of the longest sequence,
+sequence · head); blocks past a sequence's end exit at once, so the work is proportional to the
+real tokens and no padding is ever computed or read. The reference runs each sequence through
+flash_inductor.reference (any device; it reads the offsets on the host). A backend's dropout
+mask is its own (each regenerates its own in the backward, as for `flash::fwd`).
 """
 
 from __future__ import annotations
@@ -29,8 +32,6 @@ from torch import Tensor
 
 from . import dispatch, reference
 from .inputs import AttentionInputs, accumulation_dtype, validate
-
-VARLEN_REFUSAL = "variable-length (packed or nested) input has no fused kernel yet (issue 6); the reference runs it"
 
 
 def _lengths(cu: Tensor, name: str, total: int) -> list[int]:
@@ -102,17 +103,33 @@ def _as_dense_inputs(q, k, v, causal, scale, dropout_p, softcap) -> AttentionInp
                                    scale, dropout_p, softcap)
 
 
+def _varlen_reasons(name: str, inp: AttentionInputs) -> list[str]:
+    backend = dispatch.BY_NAME.get(name)
+    if backend is None:
+        return dispatch.reasons_by_backend(inp)[name]
+    if not backend.SUPPORTS_VARLEN:
+        return ["variable-length (packed or nested) input is not in this kernel"]
+    return backend.not_supported_reasons(inp)
+
+
 def _select(q, k, v, causal, scale, dropout_p, softcap):
-    """The backend for varlen input: only backends that declare varlen support qualify."""
+    """The backend for varlen input: the first, in dispatch order, that declares varlen support
+    and accepts the input (a forced one or an error, as for dense input)."""
     inp = _as_dense_inputs(q, k, v, causal, scale, dropout_p, softcap)
     forced = dispatch.forced_kernel()
-    if forced is not None and forced != "reference":
-        raise dispatch.NoKernelError(f"{dispatch.ENV_VAR}={forced} was forced but that kernel refuses this input: "
-                                     f"{VARLEN_REFUSAL}. Unset the setting to let dispatch fall back.")
-    reasons = dispatch.BY_NAME["reference"].not_supported_reasons(inp)
-    if reasons:
-        raise dispatch.NoKernelError("no attention kernel accepts this varlen input: " + "; ".join(reasons))
-    return "reference"
+    if forced is not None:
+        reasons = _varlen_reasons(forced, inp)
+        if reasons:
+            raise dispatch.NoKernelError(f"{dispatch.ENV_VAR}={forced} was forced but that kernel refuses this "
+                                         f"input: {'; '.join(reasons)}. Unset the setting to let dispatch fall back.")
+        return dispatch.BY_NAME[forced]
+    all_reasons = {}
+    for b in dispatch.BACKENDS:
+        all_reasons[b.NAME] = _varlen_reasons(b.NAME, inp)
+        if not all_reasons[b.NAME]:
+            return b
+    raise dispatch.NoKernelError("no attention kernel accepts this varlen input: " + " | ".join(
+        f"{n}: {'; '.join(r)}" for n, r in all_reasons.items()))
 
 
 @torch.library.custom_op("flash::varlen_fwd", mutates_args=())
@@ -123,7 +140,7 @@ def varlen_fwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """`cu_seqlens_v`, when given (nested input under torch.compile, where the offsets cannot be
     compared while tracing), must equal cu_seqlens_k; it is checked here, at run time."""
-    _select(q, k, v, causal, scale, dropout_p, softcap)
+    backend = _select(q, k, v, causal, scale, dropout_p, softcap)
     if cu_seqlens_v is not None and not torch.equal(cu_seqlens_v.to(cu_seqlens_k.dtype), cu_seqlens_k):
         raise ValueError("k and v must have the same sequence lengths (offsets)")
     if dropout_p > 0.0:
@@ -134,8 +151,12 @@ def varlen_fwd(
         rng = torch.empty(0, dtype=torch.int64, device=q.device)
     _check_max(_lengths(cu_seqlens_q, "cu_seqlens_q", q.shape[0]), max_seqlen_q, "max_seqlen_q")
     _check_max(_lengths(cu_seqlens_k, "cu_seqlens_k", k.shape[0]), max_seqlen_k, "max_seqlen_k")
-    out, lse = _reference_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, dropout_p, softcap,
-                                  rng if dropout_p > 0.0 else None)
+    if backend.NAME == "reference":
+        out, lse = _reference_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, dropout_p, softcap,
+                                      rng if dropout_p > 0.0 else None)
+    else:
+        out, lse = backend.forward_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                                          scale, dropout_p, rng if dropout_p > 0.0 else None)
     return out, lse, rng
 
 
@@ -154,9 +175,14 @@ def varlen_bwd(
     cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, rng: Tensor, out: Tensor, lse: Tensor,
     causal: int, scale: float, dropout_p: float, softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _select(q, k, v, causal, scale, dropout_p, softcap)
-    return _reference_backward(dout, dlse, q, k, v, cu_seqlens_q, cu_seqlens_k, rng if dropout_p > 0.0 else None,
-                               out, lse, causal, scale, dropout_p, softcap)
+    backend = _select(q, k, v, causal, scale, dropout_p, softcap)
+    seed = rng if dropout_p > 0.0 else None
+    if backend.NAME == "reference":
+        return _reference_backward(dout, dlse, q, k, v, cu_seqlens_q, cu_seqlens_k, seed, out, lse, causal, scale,
+                                   dropout_p, softcap)
+    dq, dk, dv = backend.backward_varlen(dout, dlse, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                         seed, out, lse, causal, scale, dropout_p)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @varlen_bwd.register_fake

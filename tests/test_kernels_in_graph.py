@@ -85,6 +85,8 @@ CASES = {
     # (B, Hq, Hkv, N, D, dtype, causal, bias shape or None, dropout_p)
     "bf16_causal_bias_grad": (2, 4, 4, 300, 64, torch.bfloat16, True, (1, 4, 300, 300), 0.0),
     "fp16_gqa_mask": (2, 8, 2, 257, 128, torch.float16, False, (2, 1, 1, 257), 0.0),
+    # What HF's SDPA path hands over: a bool causal+padding mask, read through the mask tiles.
+    "bf16_bool_mask_tiles": (2, 4, 2, 400, 64, torch.bfloat16, False, "bool", 0.0),
 }
 
 
@@ -96,7 +98,11 @@ def test_gpu_inductor_launches_our_kernels(case, monkeypatch):
     B, Hq, Hkv, N, D, dtype, causal, bshape, p = CASES[case]
     q, k, v = make_qkv(B, Hq, Hkv, N, head_dim=D, dtype=dtype, device="cuda", requires_grad=True)
     bias = None
-    if bshape is not None:
+    if bshape == "bool":
+        idx = torch.arange(N, device="cuda")
+        bias = (idx[None, :] <= idx[:, None]) & (idx < torch.tensor([N, N // 3], device="cuda")[:, None, None])
+        bias = bias[:, None]  # [B, 1, N, N]
+    elif bshape is not None:
         bias = torch.randn(bshape, device="cuda", dtype=dtype, requires_grad=bshape[0] == 1)
 
     def step(q, k, v, bias):
@@ -111,7 +117,7 @@ def test_gpu_inductor_launches_our_kernels(case, monkeypatch):
     assert "flash.fwd" not in code and "flash.bwd" not in code
 
     leaves64 = [t.detach().double().requires_grad_(t.requires_grad) for t in (q, k, v)]
-    b64 = bias.detach().double().requires_grad_(bias.requires_grad) if bias is not None else None
+    b64 = bias.detach().double().requires_grad_(bias.requires_grad) if bias is not None and bias.is_floating_point() else bias
     ref = step(*leaves64, b64)
     for name, g, r in zip(("out", "dq", "dk", "dv", "dbias"), got, ref):
         assert torch.isfinite(g).all(), name
@@ -181,3 +187,28 @@ def test_gpu_rewrite_never_swaps_eager_attention_for_the_reference():
     q, k, v = make_qkv(1, 2, None, 64, head_dim=64, dtype=torch.bfloat16, device="cuda")
     torch.compile(f, backend=capture, fullgraph=True)(q, k, v)
     assert [r.guard for r in reports["r"]] == ["fused_kernel"]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])])
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_hf_llama_with_padding_matches_eager(padding, device, monkeypatch):
+    """A (small) HF LLaMA in float32 with a padded batch, compiled with backend="flash": its
+    [B, 1, N, N] causal+padding mask goes through the mask tiles; left padding leaves the first
+    rows of a sequence with no real key, which eager averages (the rewrite's fix-up). Every
+    position, padded ones included, against eager."""
+    monkeypatch.setenv("FLASH_INDUCTOR_TRITON_AUTOTUNE", "0")
+    from flash_inductor import models
+
+    built = models.build("llama", size="tiny", seq_len=300, device=device)
+    mask = torch.ones(2, 300, dtype=torch.long, device=device)
+    if padding == "left":
+        mask[1, :170] = 0
+    else:
+        mask[1, 130:] = 0
+    inputs = dict(built.inputs, attention_mask=mask)
+    model = built.model.eval()
+    with torch.no_grad():
+        want = model(**inputs).last_hidden_state
+        torch._dynamo.reset()
+        got = torch.compile(model, backend="flash")(**inputs).last_hidden_state
+    assert rel_err(got, want.double()) < 1e-4

@@ -220,6 +220,15 @@ def _masked_rows_case(source):
         bias[1, 0, 5, ::2] = float("-inf")  # partly -inf: still a normal row
         bias.requires_grad_()
         empty[:, :, 4] = True
+    elif source == "finfo_min_bias":
+        # HF's masks: finfo.min (and anything <= MASKED_BIAS) masks the key like -inf.
+        bias = torch.randn(b, 1, nq, nk)
+        bias[:, :, 2] = torch.finfo(torch.float32).min
+        bias[0, :, 6] = -1e30
+        bias[1, 0, 5, ::2] = torch.finfo(torch.float32).min  # partly masked: a normal row
+        bias.requires_grad_()
+        empty[:, :, 2] = True
+        empty[0, :, 6] = True
     else:
         causal = "bottom_right"
         empty[:, :, : nq - nk] = True
@@ -284,7 +293,7 @@ def test_triton_declares_softcap_unsupported():
     assert reasons["reference"] == []
 
 
-@pytest.mark.parametrize("source", ["bool_mask", "neg_inf_bias", "bottom_right"])
+@pytest.mark.parametrize("source", ["bool_mask", "neg_inf_bias", "finfo_min_bias", "bottom_right"])
 def test_fully_masked_rows(source, small_chunks):
     q, k, v, bias, causal, empty = _masked_rows_case(source)
     assert empty.any() and not empty.all()
@@ -299,6 +308,8 @@ def test_fully_masked_rows(source, small_chunks):
     assert torch.equal(q.grad[empty], torch.zeros_like(q.grad[empty]))
     if source == "neg_inf_bias":
         assert torch.equal(bias.grad[:, :, 4], torch.zeros_like(bias.grad[:, :, 4]))
+    if source == "finfo_min_bias":
+        assert torch.equal(bias.grad[:, :, 2], torch.zeros_like(bias.grad[:, :, 2]))
 
     for t in (q, k, v, bias):
         if t is not None and t.requires_grad:

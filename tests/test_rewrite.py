@@ -198,9 +198,13 @@ mul = l_q3_ * 0.25
 unflatten = mul.unflatten(-3, (2, 4))
 unflatten_1 = l_k3_.unflatten(-3, (2, 4))
 unflatten_2 = l_v3_.unflatten(-3, (2, 4))
+le = mask <= -1e+30
+all_1 = le.all(-1, keepdim = True)
 fwd_default = torch.ops.flash.fwd.default(unflatten, unflatten_1, unflatten_2, mask, None, 0, 1.0, 0.0)
 getitem = fwd_default[0]
-flatten = getitem.flatten(0, 1)
+mean = unflatten_2.mean(-2, keepdim = True)
+where_1 = torch.where(all_1, mean, getitem)
+flatten = where_1.flatten(0, 1)
 return (flatten,)""")
 
     def test_key_already_transposed_by_a_view(self):
@@ -402,6 +406,46 @@ getitem = fwd_default[0]
 mean = l_v_.mean(-2, keepdim = True)
 where_1 = torch.where(all_1, mean, getitem)
 return (where_1,)""")
+
+    def test_hf_additive_mask_with_rows_of_padding_only(self):
+        """HF's mask helpers: scores + where(keep, 0, finfo.min), causal and left padding in one
+        [B, 1, N, N] mask. The op masks the finfo.min keys; a row with no real key (the first
+        rows of a left-padded sequence) is averaged uniformly by eager, and by the fix-up."""
+
+        def f(q, k, v, mask):
+            return torch.matmul(F.softmax(torch.matmul(q, k.transpose(-1, -2)) * 0.25 + mask, dim=-1), v)
+
+        q, k, v = qkv(nk=7)
+        pad = torch.tensor([[True] * 7, [False] * 3 + [True] * 4])
+        keep = torch.tril(torch.ones(7, 7, dtype=torch.bool)) & pad[:, None, None, :]
+        build = lambda dtype: torch.where(keep, torch.zeros((), dtype=dtype), torch.finfo(dtype).min)  # noqa: E731
+
+        def f_mask(q, k, v):
+            return f(q, k, v, build(q.dtype))
+
+        code, _ = self.run_rewritten(f_mask, q, k, v, grads=False)
+        self.assertExpectedInline(code, """\
+zeros = torch.zeros((), dtype = torch.float32)
+where = torch.where(l_build_closure_0_cell_contents, zeros, -3.4028234663852886e+38)
+le = where <= -1e+30
+all_1 = le.all(-1, keepdim = True)
+fwd_default = torch.ops.flash.fwd.default(l_q_, l_k_, l_v_, where, None, 0, 0.25, 0.0)
+getitem = fwd_default[0]
+mean = l_v_.mean(-2, keepdim = True)
+where_1 = torch.where(all_1, mean, getitem)
+return (where_1,)""")
+        # Gradients: equal wherever a row has a real key. On a row of padding only, eager's
+        # autograd differentiates scores that finfo.min absorbed (s + finfo.min == finfo.min),
+        # so its dq/dk there are an artefact; ours are 0. A model's loss never reaches those
+        # rows (labels are -100 on padding), so training sees no difference: zero them here.
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        torch._dynamo.reset()
+        out = torch.compile(f_mask, backend=lambda gm, ex: (rewrite_graph(gm), gm.forward)[1])(*leaves)
+        ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        ref = f_mask(*ref_leaves)
+        dout = torch.randn_like(ref) * (~(~keep).all(-1, keepdim=True))
+        for got, want in zip(torch.autograd.grad(out, leaves, dout.float()), torch.autograd.grad(ref, ref_leaves, dout)):
+            self.assertLess(((got.double() - want).norm() / want.norm()).item(), 1e-5)
 
     def test_added_zero_neg_inf_mask(self):
         def f(q, k, v, mask):

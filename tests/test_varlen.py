@@ -193,11 +193,13 @@ def test_nested_input_errors():
         attention(qt, qt, qt)
 
 
-def test_forced_triton_refuses_varlen(monkeypatch):
-    monkeypatch.setattr(flash_inductor.config, "kernel", "triton")
+@pytest.mark.parametrize("forced,why", [("triton", "device=cpu"), ("aten_cpu", "variable-length .* is not in this kernel")])
+def test_forced_kernel_that_refuses_varlen_raises(monkeypatch, forced, why):
+    """A forced kernel never falls back: on CPU Triton refuses the device, aten_cpu varlen itself."""
+    monkeypatch.setattr(flash_inductor.config, "kernel", forced)
     q = torch.randn(9, 2, 8)
     cu = torch.tensor([0, 4, 9], dtype=torch.int32)
-    with pytest.raises(dispatch.NoKernelError, match="no fused kernel yet"):
+    with pytest.raises(dispatch.NoKernelError, match=f"FLASH_INDUCTOR_KERNEL={forced} was forced.*{why}"):
         attention_varlen(q, q, q, cu, cu, 5, 5)
 
 

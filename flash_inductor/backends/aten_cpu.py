@@ -7,8 +7,9 @@ B=2 H=12 N=128 D=64 on this project's 2-core CI machine; benchmarks/cpu_attentio
 slower. PyTorch ships a tiled, O(N)-memory CPU kernel with forward and backward; this backend
 adapts our contract to it:
 
-* bool keep-masks become additive 0/-inf masks; a float bias is passed as is (the kernel needs
-  it in q's dtype: a wider bias is refused rather than rounded);
+* bool keep-masks become additive 0/-inf masks; a float bias is passed with its entries
+  <= MASKED_BIAS set to -inf (the kernel needs it in q's dtype: a wider bias is refused rather
+  than rounded);
 * GQA/MQA: K/V heads are repeated for the kernel and their gradients summed back;
 * fully masked rows: the kernel returns zeros but lse = 0; they are found from the mask and
   given lse = -inf, as every other backend returns them;
@@ -25,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..inputs import AttentionInputs, Causal, accumulation_dtype
+from ..inputs import MASKED_BIAS, AttentionInputs, Causal, accumulation_dtype
 from ..inputs import unit_last_dim as _unit_last  # the CPU kernel silently misreads a strided last dim
 from .base import KernelBackend
 
@@ -49,8 +50,10 @@ def _mask(inp: AttentionInputs):
     if b.dtype == torch.bool:
         empty = (~b).all(-1, keepdim=True)
         return torch.zeros(b.shape, dtype=inp.dtype, device=b.device).masked_fill(~b, float("-inf")), empty
-    empty = torch.isneginf(b).all(-1, keepdim=True)
-    return b.to(inp.dtype), empty
+    # Entries at or below MASKED_BIAS mask their key (our contract); the kernel would average a
+    # row of finite fills instead of masking it.
+    masked = b <= MASKED_BIAS
+    return b.masked_fill(masked, float("-inf")).to(inp.dtype), masked.all(-1, keepdim=True)
 
 
 def _repeat_kv(t: torch.Tensor, groups: int) -> torch.Tensor:

@@ -31,6 +31,8 @@ class KernelBackend:
     SUPPORTED_CAUSAL: tuple[Causal, ...] = (Causal.NONE, Causal.TOP_LEFT, Causal.BOTTOM_RIGHT)
     SUPPORTS_DIFFERENT_V_DIM: bool = True
     SUPPORTS_SOFTCAP: bool = True
+    # Packed variable-length batches (flash_inductor/varlen.py): forward_varlen / backward_varlen.
+    SUPPORTS_VARLEN: bool = False
     IS_DETERMINISTIC: bool = True
 
     # ---- availability of the backend itself (package missing, build failed, ...) -----------

@@ -13,6 +13,7 @@ class ReferenceBackend(KernelBackend):
     NAME = "reference"
     DEVICE_TYPES = ("cpu", "cuda", "meta", "mps", "xpu")
     SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    SUPPORTS_VARLEN = True  # sequence by sequence, in flash_inductor/varlen.py
 
     def forward(self, inp: AttentionInputs, seed):
         return reference.forward(inp, seed)

@@ -36,6 +36,7 @@ class TritonBackend(KernelBackend):
     SUPPORTED_HEAD_DIMS = (1, 256)
     # tanh soft-capping needs its derivative in both backward kernels; not written yet.
     SUPPORTS_SOFTCAP = False
+    SUPPORTS_VARLEN = True
 
     def device_reasons(self, device):
         if device.type == "cpu" and interpreting():
@@ -60,3 +61,15 @@ class TritonBackend(KernelBackend):
         from ..kernels import triton_attention
 
         return triton_attention.backward(inp, seed, out, lse, dout, dlse, bias_requires_grad)
+
+    def forward_varlen(self, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed):
+        from ..kernels import triton_attention
+
+        return triton_attention.forward_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed)
+
+    def backward_varlen(self, dout, dlse, q, k, v, cu_q, cu_k, max_q, max_k, seed, out, lse, causal, scale,
+                        dropout_p):
+        from ..kernels import triton_attention
+
+        return triton_attention.backward_varlen(dout, dlse, q, k, v, cu_q, cu_k, max_q, max_k, seed, out, lse,
+                                                causal, scale, dropout_p)

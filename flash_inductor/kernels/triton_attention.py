@@ -7,7 +7,8 @@ helpers, the forward inner loop and kernel, the backward kernels, then `forward`
 Semantics are `flash_inductor.reference`'s, exactly:
 
 * s = scale·q·kᵀ + bias (float bias, converted to float32) or masked to -inf where a bool
-  keep-mask is False, where causal hides the key, or past the sequence ends.
+  keep-mask is False, where a float bias is <= MASKED_BIAS, where causal hides the key, or
+  past the sequence ends.
 * A row with no visible key returns zeros and lse = -inf; the running max is guarded
   (0 where it is -inf) so no NaN is ever formed, and the backward treats p = 0 there.
 * Dropout: the normaliser l sums the undropped probabilities; only P·V (and dP, dV in the
@@ -17,7 +18,8 @@ Scores are kept in the base-2 domain (multiplied by log2(e)) so the inner loop u
 the tutorial does; lse is converted back to natural log on the way out.
 
 Every tensor is read through its strides (size-1 bias dims with stride 0, never expanded); only
-the last dim is assumed unit-stride, and a q/k/v/out/dout whose last dim is not gets a copy.
+the last dim is assumed unit-stride, and a q/k/v/out/dout/bias whose last dim is not gets a copy
+(of the bias, only its unbroadcast part).
 GQA: query head h reads KV head h // (Hq // Hkv); the dK/dV kernel loops over the group's query
 heads, so K/V are never repeated and the backward needs no atomics (deterministic).
 
@@ -34,8 +36,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..inputs import MASKED_BIAS as _MASKED_BIAS
 from ..inputs import AttentionInputs, Causal
 from ..inputs import unit_last_dim as _unit_last
+from . import mask_tiles
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -44,6 +48,7 @@ CAUSAL_BOTTOM_RIGHT = tl.constexpr(int(Causal.BOTTOM_RIGHT))
 # Dropout compares 16-bit draws with p·2**16 (integer-only, the same on every Triton
 # version); one Philox call gives the DROP_GROUP = 8 draws of 8 neighbouring keys.
 DROPOUT_BITS = tl.constexpr(16)
+MASKED_BIAS = tl.constexpr(_MASKED_BIAS)
 DROP_GROUP = tl.constexpr(8)
 
 
@@ -80,7 +85,10 @@ def _masked_scores(
                 keep = keep & (kj <= qi + shift)
             s = tl.where(keep, s, float("-inf"))
         else:
-            s = s + b.to(tl.float32) * LOG2E
+            # <= MASKED_BIAS masks the key (inputs.py); finfo.min * log2(e) would round to
+            # -inf anyway, but -1e30 would not.
+            bf = b.to(tl.float32)
+            s = tl.where(bf <= MASKED_BIAS, float("-inf"), s + bf * LOG2E)
             s = _hide_keys(s, qi, kj, Nk, shift, MASK_KEYS, MASK_CAUSAL)
     else:
         s = _hide_keys(s, qi, kj, Nk, shift, MASK_KEYS, MASK_CAUSAL)
@@ -180,6 +188,33 @@ def _key_ranges(start_m, Nk, shift, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
     return hi, tl.minimum(mid, Nk // BLOCK_N * BLOCK_N)
 
 
+@triton.jit
+def _sequence(Cu, b, N, VARLEN: tl.constexpr):
+    """(first row, length) of sequence b: from the cumulative offsets with VARLEN, else (0, N)."""
+    if VARLEN:
+        start = tl.load(Cu + b).to(tl.int64)
+        n = (tl.load(Cu + b + 1) - start).to(tl.int32)
+    else:
+        start = 0
+        n = N
+    return start, n
+
+
+@triton.jit
+def _listed_block(it, tiles, TILE: tl.constexpr, BLOCK: tl.constexpr):
+    """First index of the it-th block of the listed tiles (TILE // BLOCK blocks per tile)."""
+    return tl.load(tiles + it // (TILE // BLOCK)) * TILE + (it % (TILE // BLOCK)) * BLOCK
+
+
+@triton.jit
+def _tile_lists(Counts, Tiles, b, h, row, stride_tb, stride_th, list_stride, row_len):
+    """(partial count, partial tiles, full count, full tiles) of one map row."""
+    r = b * stride_tb + h * stride_th + row
+    n_partial = tl.load(Counts + r)
+    n_full = tl.load(Counts + list_stride + r)
+    return n_partial, Tiles + r * row_len, n_full, Tiles + (list_stride + r) * row_len
+
+
 # =============================================================================================
 # Forward
 # =============================================================================================
@@ -189,7 +224,41 @@ def _key_ranges(start_m, Nk, shift, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
 def _attn_fwd_inner(
     acc, l_i, m_i, q,
     K_head, V_head, bias_rows, philox_seed, philox_offset, bh,
-    offs_m, offs_d, offs_dv, lo, hi,
+    offs_m, offs_d, offs_dv, lo, hi, tiles,
+    stride_kn, stride_vn, stride_bn,
+    Nq, Nk, shift, qk_scale, drop_threshold,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    MASK_KEYS: tl.constexpr, MASK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPARSE: tl.constexpr, TILE: tl.constexpr,
+):
+    """Key blocks [lo, hi); with SPARSE, the blocks of the `hi` key tiles listed at `tiles`
+    (flash_inductor/kernels/mask_tiles.py). Both loops run the same step."""
+    if SPARSE:
+        for it in range(0, hi * (TILE // BLOCK_N)):
+            start_n = _listed_block(it, tiles, TILE, BLOCK_N)
+            acc, l_i, m_i = _attn_fwd_step(
+                acc, l_i, m_i, q, start_n, K_head, V_head, bias_rows, philox_seed, philox_offset, bh,
+                offs_m, offs_d, offs_dv, stride_kn, stride_vn, stride_bn, Nq, Nk, shift, qk_scale,
+                drop_threshold, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
+                MASK_KEYS, MASK_CAUSAL, DOT_PRECISION,
+            )
+    else:
+        for start_n in range(lo, hi, BLOCK_N):
+            acc, l_i, m_i = _attn_fwd_step(
+                acc, l_i, m_i, q, start_n, K_head, V_head, bias_rows, philox_seed, philox_offset, bh,
+                offs_m, offs_d, offs_dv, stride_kn, stride_vn, stride_bn, Nq, Nk, shift, qk_scale,
+                drop_threshold, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
+                MASK_KEYS, MASK_CAUSAL, DOT_PRECISION,
+            )
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_step(
+    acc, l_i, m_i, q, start_n,
+    K_head, V_head, bias_rows, philox_seed, philox_offset, bh,
+    offs_m, offs_d, offs_dv,
     stride_kn, stride_vn, stride_bn,
     Nq, Nk, shift, qk_scale, drop_threshold,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -197,38 +266,36 @@ def _attn_fwd_inner(
     MASK_KEYS: tl.constexpr, MASK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     m_ok = offs_m[:, None] < Nq
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kT = tl.load(
-            K_head + offs_n[None, :] * stride_kn + offs_d[:, None],
-            mask=(offs_n[None, :] < Nk) & (offs_d[:, None] < D), other=0.0,
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    kT = tl.load(
+        K_head + offs_n[None, :] * stride_kn + offs_d[:, None],
+        mask=(offs_n[None, :] < Nk) & (offs_d[:, None] < D), other=0.0,
+    )
+    b = _load_bias(bias_rows + offs_n[None, :] * stride_bn, m_ok & (offs_n[None, :] < Nk), HAS_BIAS)
+    s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
+    s = _masked_scores(
+        s, offs_m[:, None], offs_n[None, :], b, Nk, shift,
+        HAS_BIAS, BIAS_IS_BOOL, MASK_KEYS, MASK_CAUSAL,
+    )
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen only -inf so far keeps m = -inf; subtracting 0 instead keeps
+    # exp2(-inf - m) = 0 rather than NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(
+            philox_seed, philox_offset, bh, offs_m, start_n, drop_threshold,
+            BLOCK_M, BLOCK_N, False,
         )
-        b = _load_bias(bias_rows + offs_n[None, :] * stride_bn, m_ok & (offs_n[None, :] < Nk), HAS_BIAS)
-        s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
-        s = _masked_scores(
-            s, offs_m[:, None], offs_n[None, :], b, Nk, shift,
-            HAS_BIAS, BIAS_IS_BOOL, MASK_KEYS, MASK_CAUSAL,
-        )
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen only -inf so far keeps m = -inf; subtracting 0 instead keeps
-        # exp2(-inf - m) = 0 rather than NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(
-                philox_seed, philox_offset, bh, offs_m, start_n, drop_threshold,
-                BLOCK_M, BLOCK_N, False,
-            )
-            p = tl.where(keep, p, 0.0)
-        v = tl.load(
-            V_head + offs_n[:, None] * stride_vn + offs_dv[None, :],
-            mask=(offs_n[:, None] < Nk) & (offs_dv[None, :] < DV), other=0.0,
-        )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
-    return acc, l_i, m_i
+        p = tl.where(keep, p, 0.0)
+    v = tl.load(
+        V_head + offs_n[:, None] * stride_vn + offs_dv[None, :],
+        mask=(offs_n[:, None] < Nk) & (offs_dv[None, :] < DV), other=0.0,
+    )
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
 
 
 def _config_list(default, block_m, block_n, warps_for, stages):
@@ -252,17 +319,17 @@ if _interpreting():
     _DKDV_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     _DQ_CONFIGS = _FWD_CONFIGS
 else:
-    # The first (default) config of each list follows the block shapes of Triton's
-    # 06-fused-attention tutorial; not yet measured for this kernel.
+    # The first (default) config of each list, what runs with autotuning off, is the one the
+    # autotuner picked most often on H100 at N=4096/8192, D=128 (benchmarks/results/*s3*.json).
     _FWD_CONFIGS = _config_list(
         (128, 64, 8, 3), (64, 128), (32, 64, 128), lambda m, n: (8,) if m == 128 else (4,), (2, 3)
     )
     # dK/dV: BLOCK_N keys stay on chip, BLOCK_M query rows stream past them.
     _DKDV_CONFIGS = _config_list(
-        (32, 128, 4, 3), (32, 64), (64, 128), lambda m, n: (8,) if n == 128 and m == 64 else (4,), (2, 3)
+        (64, 128, 8, 3), (32, 64), (64, 128), lambda m, n: (8,) if n == 128 and m == 64 else (4,), (2, 3)
     )
     _DQ_CONFIGS = _config_list(
-        (128, 32, 4, 3), (64, 128), (32, 64), lambda m, n: (8,) if m == 128 else (4,), (2, 3)
+        (128, 64, 8, 3), (64, 128), (32, 64), lambda m, n: (8,) if m == 128 else (4,), (2, 3)
     )
 
 # FLASH_INDUCTOR_TRITON_AUTOTUNE=0 runs the first config that fits instead of benchmarking
@@ -303,7 +370,7 @@ _AUTOTUNE_EXTRA = (
     {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 )
 _TUNE_KEY = [
-    "BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_BIAS", "BIAS_IS_BOOL", "HAS_DROPOUT", "N_BUCKET",
+    "BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_BIAS", "BIAS_IS_BOOL", "HAS_DROPOUT", "SPARSE", "N_BUCKET",
 ]
 
 
@@ -313,19 +380,26 @@ _TUNE_KEY = [
 )
 @triton.jit
 def _attn_fwd(
-    Q, K, V, Bias, Seed, Out, Lse,
+    Q, K, V, Bias, Seed, Out, Lse, Counts, Tiles, CuQ, CuK,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_ob, stride_oh, stride_om,
+    stride_lb, stride_lh, stride_lm,
+    stride_tb, stride_th, list_stride, row_len,
     Hq, G, Nq, Nk, qk_scale, drop_threshold, drop_scale, N_BUCKET,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ELT_BYTES: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPARSE: tl.constexpr, TILE: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """One program per (query block, b·Hq + h). With VARLEN, b is a sequence of the packed
+    batch: its rows start at CuQ[b] / CuK[b] and Nq, Nk are its own lengths; programs past
+    its end return at once, so padding costs nothing."""
     tl.static_assert(BLOCK_D >= D)
+    tl.static_assert((not SPARSE) or (TILE % BLOCK_M == 0 and TILE % BLOCK_N == 0))
     # Inductor passes Python floats as float64 scalars; the arithmetic stays float32.
     qk_scale = tl.cast(qk_scale, tl.float32)
     drop_scale = tl.cast(drop_scale, tl.float32)
@@ -336,16 +410,21 @@ def _attn_fwd(
     h = (bh % Hq).to(tl.int64)
     hk = h // G
     start_m = pid_m * BLOCK_M
+    q_start, Nq = _sequence(CuQ, b, Nq, VARLEN)
+    k_start, Nk = _sequence(CuK, b, Nk, VARLEN)
+    if VARLEN:
+        if start_m >= Nq:
+            return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
     q = tl.load(
-        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+        Q + b * stride_qb + h * stride_qh + q_start * stride_qm + offs_m[:, None] * stride_qm + offs_d[None, :],
         mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D), other=0.0,
     )
-    K_head = K + b * stride_kb + hk * stride_kh
-    V_head = V + b * stride_vb + hk * stride_vh
+    K_head = K + b * stride_kb + hk * stride_kh + k_start * stride_kn
+    V_head = V + b * stride_vb + hk * stride_vh + k_start * stride_vn
     bias_rows = Bias + b * stride_bb + h * stride_bh + offs_m[:, None].to(tl.int64) * stride_bm
     if HAS_DROPOUT:
         philox_seed, philox_offset = _load_philox(Seed)
@@ -353,24 +432,44 @@ def _attn_fwd(
         philox_seed, philox_offset = 0, 0
 
     shift = _causal_shift(Nq, Nk, CAUSAL)
-    hi, mid = _key_ranges(start_m, Nk, shift, CAUSAL, BLOCK_M, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, K_head, V_head, bias_rows, philox_seed, philox_offset, bh,
-        offs_m, offs_d, offs_dv, 0, mid, stride_kn, stride_vn, stride_bn,
-        Nq, Nk, shift, qk_scale, drop_threshold,
-        D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, False, False, DOT_PRECISION,
-    )
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, K_head, V_head, bias_rows, philox_seed, philox_offset, bh,
-        offs_m, offs_d, offs_dv, mid, hi, stride_kn, stride_vn, stride_bn,
-        Nq, Nk, shift, qk_scale, drop_threshold,
-        D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, True,
-        CAUSAL != CAUSAL_NONE, DOT_PRECISION,
-    )
+    if SPARSE:
+        # Partial key tiles (bias and element masks), then full ones (neither).
+        n_partial, partial, n_full, full = _tile_lists(
+            Counts, Tiles, b, h, start_m // TILE, stride_tb, stride_th, list_stride, row_len
+        )
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, K_head, V_head, bias_rows, philox_seed, philox_offset, bh,
+            offs_m, offs_d, offs_dv, 0, n_partial, partial, stride_kn, stride_vn, stride_bn,
+            Nq, Nk, shift, qk_scale, drop_threshold,
+            D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, True,
+            CAUSAL != CAUSAL_NONE, DOT_PRECISION, True, TILE,
+        )
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, K_head, V_head, bias_rows, philox_seed, philox_offset, bh,
+            offs_m, offs_d, offs_dv, 0, n_full, full, stride_kn, stride_vn, stride_bn,
+            Nq, Nk, shift, qk_scale, drop_threshold,
+            D, DV, BLOCK_M, BLOCK_N, False, False, HAS_DROPOUT, False, False, DOT_PRECISION, True, TILE,
+        )
+    else:
+        hi, mid = _key_ranges(start_m, Nk, shift, CAUSAL, BLOCK_M, BLOCK_N)
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, K_head, V_head, bias_rows, philox_seed, philox_offset, bh,
+            offs_m, offs_d, offs_dv, 0, mid, Tiles, stride_kn, stride_vn, stride_bn,
+            Nq, Nk, shift, qk_scale, drop_threshold,
+            D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, False, False, DOT_PRECISION,
+            False, TILE,
+        )
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, K_head, V_head, bias_rows, philox_seed, philox_offset, bh,
+            offs_m, offs_d, offs_dv, mid, hi, Tiles, stride_kn, stride_vn, stride_bn,
+            Nq, Nk, shift, qk_scale, drop_threshold,
+            D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, True,
+            CAUSAL != CAUSAL_NONE, DOT_PRECISION, False, TILE,
+        )
 
     # l = 0 exactly when the row saw no key (the row max contributes exp2(0) = 1 otherwise):
     # acc is 0 there too, so the row stores zeros and lse = -inf.
@@ -380,10 +479,10 @@ def _attn_fwd(
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     lse = tl.where(empty, float("-inf"), (m_safe + tl.math.log2(l_safe)) * LN2)
     tl.store(
-        Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :],
+        Out + b * stride_ob + h * stride_oh + q_start * stride_om + offs_m[:, None] * stride_om + offs_dv[None, :],
         out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < DV),
     )
-    tl.store(Lse + bh.to(tl.int64) * Nq + offs_m, lse, mask=offs_m < Nq)
+    tl.store(Lse + b * stride_lb + h * stride_lh + (q_start + offs_m) * stride_lm, lse, mask=offs_m < Nq)
 
 
 # =============================================================================================
@@ -425,53 +524,84 @@ def _attn_bwd_preprocess(
 def _attn_bwd_dkdv_inner(
     dk, dv, k, v,
     Q_head, DO_head, Lse_head, Delta_head, bias_cols, philox_seed, philox_offset, bh,
-    start_n, offs_n, offs_d, offs_dv, lo, hi,
-    stride_qm, stride_dom, stride_bm,
+    start_n, offs_n, offs_d, offs_dv, lo, hi, tiles,
+    stride_qm, stride_dom, stride_bm, stride_lm,
+    Nq, Nk, shift, qk_scale, drop_threshold, drop_scale,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    MASK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, SPARSE: tl.constexpr, TILE: tl.constexpr,
+):
+    """Accumulate this key block's dK, dV over query rows [lo, hi) of one query head (on sᵀ);
+    with SPARSE, over the blocks of the `hi` query tiles listed at `tiles`."""
+    if SPARSE:
+        for it in range(0, hi * (TILE // BLOCK_M)):
+            start_m = _listed_block(it, tiles, TILE, BLOCK_M)
+            dk, dv = _attn_bwd_dkdv_step(
+                dk, dv, k, v, start_m, Q_head, DO_head, Lse_head, Delta_head, bias_cols, philox_seed,
+                philox_offset, bh, start_n, offs_n, offs_d, offs_dv, stride_qm, stride_dom, stride_bm, stride_lm,
+                Nq, Nk, shift, qk_scale, drop_threshold, drop_scale, D, DV, BLOCK_M, BLOCK_N,
+                HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, MASK_CAUSAL, DOT_PRECISION,
+            )
+    else:
+        for start_m in range(lo, hi, BLOCK_M):
+            dk, dv = _attn_bwd_dkdv_step(
+                dk, dv, k, v, start_m, Q_head, DO_head, Lse_head, Delta_head, bias_cols, philox_seed,
+                philox_offset, bh, start_n, offs_n, offs_d, offs_dv, stride_qm, stride_dom, stride_bm, stride_lm,
+                Nq, Nk, shift, qk_scale, drop_threshold, drop_scale, D, DV, BLOCK_M, BLOCK_N,
+                HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, MASK_CAUSAL, DOT_PRECISION,
+            )
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_step(
+    dk, dv, k, v, start_m,
+    Q_head, DO_head, Lse_head, Delta_head, bias_cols, philox_seed, philox_offset, bh,
+    start_n, offs_n, offs_d, offs_dv,
+    stride_qm, stride_dom, stride_bm, stride_lm,
     Nq, Nk, shift, qk_scale, drop_threshold, drop_scale,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     MASK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Accumulate this key block's dK, dV over query rows [lo, hi) of one query head (on sᵀ)."""
     n_ok = offs_n[:, None] < Nk
-    for start_m in range(lo, hi, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < Nq
-        b = _load_bias(
-            bias_cols + offs_m[None, :].to(tl.int64) * stride_bm, n_ok & m_ok[None, :], HAS_BIAS
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < Nq
+    b = _load_bias(
+        bias_cols + offs_m[None, :].to(tl.int64) * stride_bm, n_ok & m_ok[None, :], HAS_BIAS
+    )
+    qT = tl.load(
+        Q_head + offs_m[None, :] * stride_qm + offs_d[:, None],
+        mask=m_ok[None, :] & (offs_d[:, None] < D), other=0.0,
+    )
+    # lse = -inf marks a row with no visible key: +inf makes its p exactly 0.
+    lse = tl.load(Lse_head + offs_m * stride_lm, mask=m_ok, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale
+    sT = _masked_scores(
+        sT, offs_m[None, :], offs_n[:, None], b, Nk, shift,
+        HAS_BIAS, BIAS_IS_BOOL, False, MASK_CAUSAL,
+    )
+    pT = tl.math.exp2(sT - lse2[None, :])
+    do = tl.load(
+        DO_head + offs_m[:, None] * stride_dom + offs_dv[None, :],
+        mask=m_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
+    )
+    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        keepT = _dropout_keep(
+            philox_seed, philox_offset, bh, offs_m, start_n, drop_threshold,
+            BLOCK_M, BLOCK_N, True,
         )
-        qT = tl.load(
-            Q_head + offs_m[None, :] * stride_qm + offs_d[:, None],
-            mask=m_ok[None, :] & (offs_d[:, None] < D), other=0.0,
-        )
-        # lse = -inf marks a row with no visible key: +inf makes its p exactly 0.
-        lse = tl.load(Lse_head + offs_m, mask=m_ok, other=float("-inf"))
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-        sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale
-        sT = _masked_scores(
-            sT, offs_m[None, :], offs_n[:, None], b, Nk, shift,
-            HAS_BIAS, BIAS_IS_BOOL, False, MASK_CAUSAL,
-        )
-        pT = tl.math.exp2(sT - lse2[None, :])
-        do = tl.load(
-            DO_head + offs_m[:, None] * stride_dom + offs_dv[None, :],
-            mask=m_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
-        )
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        if HAS_DROPOUT:
-            keepT = _dropout_keep(
-                philox_seed, philox_offset, bh, offs_m, start_n, drop_threshold,
-                BLOCK_M, BLOCK_N, True,
-            )
-            pdT = tl.where(keepT, pT, 0.0)
-            dpT = tl.where(keepT, dpT * drop_scale, 0.0)
-        else:
-            pdT = pT
-        # dV's 1/(1-p) is applied once, after the loop.
-        dv += tl.dot(pdT.to(do.dtype), do, input_precision=DOT_PRECISION)
-        delta = tl.load(Delta_head + offs_m, mask=m_ok, other=0.0)
-        dsT = pT * (dpT - delta[None, :])
-        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PRECISION)
+        pdT = tl.where(keepT, pT, 0.0)
+        dpT = tl.where(keepT, dpT * drop_scale, 0.0)
+    else:
+        pdT = pT
+    # dV's 1/(1-p) is applied once, after the loop.
+    dv += tl.dot(pdT.to(do.dtype), do, input_precision=DOT_PRECISION)
+    delta = tl.load(Delta_head + offs_m * stride_lm, mask=m_ok, other=0.0)
+    dsT = pT * (dpT - delta[None, :])
+    dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -481,7 +611,7 @@ def _attn_bwd_dkdv_inner(
 )
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, Bias, Seed, DO, Lse, Delta, DK, DV_,
+    Q, K, V, Bias, Seed, DO, Lse, Delta, DK, DV_, Counts, Tiles, CuQ, CuK,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -489,14 +619,19 @@ def _attn_bwd_dkdv(
     stride_dob, stride_doh, stride_dom,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
+    stride_lb, stride_lh, stride_lm,
+    stride_tb, stride_th, list_stride, row_len,
     Hq, G, Nq, Nk, qk_scale, sm_scale, drop_threshold, drop_scale, N_BUCKET,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ELT_BYTES: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPARSE: tl.constexpr, TILE: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One program per (b, KV head, key block); loops over the G query heads of its group."""
+    """One program per (b, KV head, key block); loops over the G query heads of its group.
+    Lse and Delta share one layout (strides stride_l*); VARLEN as in `_attn_fwd`."""
     tl.static_assert(BLOCK_D >= D)
+    tl.static_assert((not SPARSE) or (TILE % BLOCK_M == 0 and TILE % BLOCK_N == 0))
     qk_scale = tl.cast(qk_scale, tl.float32)
     sm_scale = tl.cast(sm_scale, tl.float32)
     drop_scale = tl.cast(drop_scale, tl.float32)
@@ -507,16 +642,21 @@ def _attn_bwd_dkdv(
     b = (bhk // Hkv).to(tl.int64)
     hk = (bhk % Hkv).to(tl.int64)
     start_n = pid_n * BLOCK_N
+    q_start, Nq = _sequence(CuQ, b, Nq, VARLEN)
+    k_start, Nk = _sequence(CuK, b, Nk, VARLEN)
+    if VARLEN:
+        if start_n >= Nk:
+            return
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     n_ok = offs_n < Nk
     k = tl.load(
-        K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+        K + b * stride_kb + hk * stride_kh + (k_start + offs_n[:, None]) * stride_kn + offs_d[None, :],
         mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0,
     )
     v = tl.load(
-        V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :],
+        V + b * stride_vb + hk * stride_vh + (k_start + offs_n[:, None]) * stride_vn + offs_dv[None, :],
         mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
     )
     if HAS_DROPOUT:
@@ -542,35 +682,54 @@ def _attn_bwd_dkdv(
     for g in range(0, G):
         h = hk * G + g
         bh = (b * Hq + h).to(tl.int32)
-        Q_head = Q + b * stride_qb + h * stride_qh
-        DO_head = DO + b * stride_dob + h * stride_doh
-        Lse_head = Lse + (b * Hq + h) * Nq
-        Delta_head = Delta + (b * Hq + h) * Nq
+        Q_head = Q + b * stride_qb + h * stride_qh + q_start * stride_qm
+        DO_head = DO + b * stride_dob + h * stride_doh + q_start * stride_dom
+        Lse_head = Lse + b * stride_lb + h * stride_lh + q_start * stride_lm
+        Delta_head = Delta + b * stride_lb + h * stride_lh + q_start * stride_lm
         bias_cols = Bias + b * stride_bb + h * stride_bh + offs_n[:, None] * stride_bn
-        if CAUSAL != CAUSAL_NONE:
+        if SPARSE:
+            n_partial, partial, n_full, full = _tile_lists(
+                Counts, Tiles, b, h, start_n // TILE, stride_tb, stride_th, list_stride, row_len
+            )
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, bias_cols,
-                philox_seed, philox_offset, bh, start_n, offs_n, offs_d, offs_dv, lo, mid,
-                stride_qm, stride_dom, stride_bm, Nq, Nk, shift, qk_scale, drop_threshold,
-                drop_scale, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, True,
-                DOT_PRECISION,
+                philox_seed, philox_offset, bh, start_n, offs_n, offs_d, offs_dv, 0, n_partial, partial,
+                stride_qm, stride_dom, stride_bm, stride_lm, Nq, Nk, shift, qk_scale, drop_threshold,
+                drop_scale, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
+                CAUSAL != CAUSAL_NONE, DOT_PRECISION, True, TILE,
             )
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, bias_cols,
-            philox_seed, philox_offset, bh, start_n, offs_n, offs_d, offs_dv, mid, Nq,
-            stride_qm, stride_dom, stride_bm, Nq, Nk, shift, qk_scale, drop_threshold,
-            drop_scale, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, False,
-            DOT_PRECISION,
-        )
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, bias_cols,
+                philox_seed, philox_offset, bh, start_n, offs_n, offs_d, offs_dv, 0, n_full, full,
+                stride_qm, stride_dom, stride_bm, stride_lm, Nq, Nk, shift, qk_scale, drop_threshold,
+                drop_scale, D, DV, BLOCK_M, BLOCK_N, False, False, HAS_DROPOUT, False,
+                DOT_PRECISION, True, TILE,
+            )
+        else:
+            if CAUSAL != CAUSAL_NONE:
+                dk, dv = _attn_bwd_dkdv_inner(
+                    dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, bias_cols,
+                    philox_seed, philox_offset, bh, start_n, offs_n, offs_d, offs_dv, lo, mid, Tiles,
+                    stride_qm, stride_dom, stride_bm, stride_lm, Nq, Nk, shift, qk_scale, drop_threshold,
+                    drop_scale, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, True,
+                    DOT_PRECISION, False, TILE,
+                )
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, bias_cols,
+                philox_seed, philox_offset, bh, start_n, offs_n, offs_d, offs_dv, mid, Nq, Tiles,
+                stride_qm, stride_dom, stride_bm, stride_lm, Nq, Nk, shift, qk_scale, drop_threshold,
+                drop_scale, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, False,
+                DOT_PRECISION, False, TILE,
+            )
 
     dk *= sm_scale
     dv *= drop_scale
     tl.store(
-        DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+        DK + b * stride_dkb + hk * stride_dkh + (k_start + offs_n[:, None]) * stride_dkn + offs_d[None, :],
         dk.to(DK.dtype.element_ty), mask=n_ok[:, None] & (offs_d[None, :] < D),
     )
     tl.store(
-        DV_ + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :],
+        DV_ + b * stride_dvb + hk * stride_dvh + (k_start + offs_n[:, None]) * stride_dvn + offs_dv[None, :],
         dv.to(DV_.dtype.element_ty), mask=n_ok[:, None] & (offs_dv[None, :] < DV),
     )
 
@@ -579,7 +738,40 @@ def _attn_bwd_dkdv(
 def _attn_bwd_dq_inner(
     dq, q, do, lse2, delta,
     K_head, V_head, bias_rows, DS_rows, philox_seed, philox_offset, bh,
-    offs_m, offs_d, offs_dv, lo, hi,
+    offs_m, offs_d, offs_dv, lo, hi, tiles,
+    stride_kn, stride_vn, stride_bn,
+    Nq, Nk, shift, qk_scale, drop_threshold, drop_scale,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    STORE_DS: tl.constexpr, MASK_KEYS: tl.constexpr, MASK_CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SPARSE: tl.constexpr, TILE: tl.constexpr,
+):
+    """Key blocks [lo, hi), or with SPARSE the blocks of the `hi` key tiles listed at `tiles`."""
+    if SPARSE:
+        for it in range(0, hi * (TILE // BLOCK_N)):
+            start_n = _listed_block(it, tiles, TILE, BLOCK_N)
+            dq = _attn_bwd_dq_step(
+                dq, q, do, lse2, delta, start_n, K_head, V_head, bias_rows, DS_rows, philox_seed,
+                philox_offset, bh, offs_m, offs_d, offs_dv, stride_kn, stride_vn, stride_bn, Nq, Nk,
+                shift, qk_scale, drop_threshold, drop_scale, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS,
+                BIAS_IS_BOOL, HAS_DROPOUT, STORE_DS, MASK_KEYS, MASK_CAUSAL, DOT_PRECISION,
+            )
+    else:
+        for start_n in range(lo, hi, BLOCK_N):
+            dq = _attn_bwd_dq_step(
+                dq, q, do, lse2, delta, start_n, K_head, V_head, bias_rows, DS_rows, philox_seed,
+                philox_offset, bh, offs_m, offs_d, offs_dv, stride_kn, stride_vn, stride_bn, Nq, Nk,
+                shift, qk_scale, drop_threshold, drop_scale, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS,
+                BIAS_IS_BOOL, HAS_DROPOUT, STORE_DS, MASK_KEYS, MASK_CAUSAL, DOT_PRECISION,
+            )
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_step(
+    dq, q, do, lse2, delta, start_n,
+    K_head, V_head, bias_rows, DS_rows, philox_seed, philox_offset, bh,
+    offs_m, offs_d, offs_dv,
     stride_kn, stride_vn, stride_bn,
     Nq, Nk, shift, qk_scale, drop_threshold, drop_scale,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -588,38 +780,37 @@ def _attn_bwd_dq_inner(
     DOT_PRECISION: tl.constexpr,
 ):
     m_ok = offs_m[:, None] < Nq
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < Nk
-        kT = tl.load(
-            K_head + offs_n[None, :] * stride_kn + offs_d[:, None],
-            mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0,
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < Nk
+    kT = tl.load(
+        K_head + offs_n[None, :] * stride_kn + offs_d[:, None],
+        mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0,
+    )
+    vT = tl.load(
+        V_head + offs_n[None, :] * stride_vn + offs_dv[:, None],
+        mask=n_ok[None, :] & (offs_dv[:, None] < DV), other=0.0,
+    )
+    s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
+    b = _load_bias(bias_rows + offs_n[None, :] * stride_bn, m_ok & n_ok[None, :], HAS_BIAS)
+    s = _masked_scores(
+        s, offs_m[:, None], offs_n[None, :], b, Nk, shift,
+        HAS_BIAS, BIAS_IS_BOOL, MASK_KEYS, MASK_CAUSAL,
+    )
+    p = tl.math.exp2(s - lse2[:, None])
+    dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(
+            philox_seed, philox_offset, bh, offs_m, start_n, drop_threshold,
+            BLOCK_M, BLOCK_N, False,
         )
-        vT = tl.load(
-            V_head + offs_n[None, :] * stride_vn + offs_dv[:, None],
-            mask=n_ok[None, :] & (offs_dv[:, None] < DV), other=0.0,
+        dp = tl.where(keep, dp * drop_scale, 0.0)
+    ds = p * (dp - delta[:, None])
+    if STORE_DS:
+        tl.store(
+            DS_rows + offs_n[None, :], ds.to(DS_rows.dtype.element_ty),
+            mask=(offs_m[:, None] < Nq) & n_ok[None, :],
         )
-        s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
-        b = _load_bias(bias_rows + offs_n[None, :] * stride_bn, m_ok & n_ok[None, :], HAS_BIAS)
-        s = _masked_scores(
-            s, offs_m[:, None], offs_n[None, :], b, Nk, shift,
-            HAS_BIAS, BIAS_IS_BOOL, MASK_KEYS, MASK_CAUSAL,
-        )
-        p = tl.math.exp2(s - lse2[:, None])
-        dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(
-                philox_seed, philox_offset, bh, offs_m, start_n, drop_threshold,
-                BLOCK_M, BLOCK_N, False,
-            )
-            dp = tl.where(keep, dp * drop_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        if STORE_DS:
-            tl.store(
-                DS_rows + offs_n[None, :], ds.to(DS_rows.dtype.element_ty),
-                mask=(offs_m[:, None] < Nq) & n_ok[None, :],
-            )
-        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=DOT_PRECISION)
+    dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=DOT_PRECISION)
     return dq
 
 
@@ -629,18 +820,21 @@ def _attn_bwd_dq_inner(
 )
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, Bias, Seed, DO, Lse, Delta, DQ, DS,
+    Q, K, V, Bias, Seed, DO, Lse, Delta, DQ, DS, Counts, Tiles, CuQ, CuK,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
+    stride_lb, stride_lh, stride_lm,
+    stride_tb, stride_th, list_stride, row_len,
     Hq, G, Nq, Nk, qk_scale, sm_scale, drop_threshold, drop_scale, N_BUCKET,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ELT_BYTES: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_DS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SPARSE: tl.constexpr, TILE: tl.constexpr,
+    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (b, query head, query block); loops over key blocks like the forward.
 
@@ -648,6 +842,7 @@ def _attn_bwd_dq(
     stores are coalesced) for the bias gradient, every element of it.
     """
     tl.static_assert(BLOCK_D >= D)
+    tl.static_assert((not SPARSE) or (TILE % BLOCK_M == 0 and TILE % BLOCK_N == 0))
     qk_scale = tl.cast(qk_scale, tl.float32)
     sm_scale = tl.cast(sm_scale, tl.float32)
     drop_scale = tl.cast(drop_scale, tl.float32)
@@ -658,60 +853,84 @@ def _attn_bwd_dq(
     h = (bh % Hq).to(tl.int64)
     hk = h // G
     start_m = pid_m * BLOCK_M
+    q_start, Nq = _sequence(CuQ, b, Nq, VARLEN)
+    k_start, Nk = _sequence(CuK, b, Nk, VARLEN)
+    if VARLEN:
+        if start_m >= Nq:
+            return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < Nq
     q = tl.load(
-        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+        Q + b * stride_qb + h * stride_qh + (q_start + offs_m[:, None]) * stride_qm + offs_d[None, :],
         mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0,
     )
     do = tl.load(
-        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :],
+        DO + b * stride_dob + h * stride_doh + (q_start + offs_m[:, None]) * stride_dom + offs_dv[None, :],
         mask=m_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
     )
-    row = bh.to(tl.int64) * Nq + offs_m
+    row = b * stride_lb + h * stride_lh + (q_start + offs_m) * stride_lm
     lse = tl.load(Lse + row, mask=m_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
     delta = tl.load(Delta + row, mask=m_ok, other=0.0)
-    K_head = K + b * stride_kb + hk * stride_kh
-    V_head = V + b * stride_vb + hk * stride_vh
+    K_head = K + b * stride_kb + hk * stride_kh + k_start * stride_kn
+    V_head = V + b * stride_vb + hk * stride_vh + k_start * stride_vn
     bias_rows = Bias + b * stride_bb + h * stride_bh + offs_m[:, None].to(tl.int64) * stride_bm
-    DS_rows = DS + row[:, None] * Nk
+    DS_rows = DS + (bh.to(tl.int64) * Nq + offs_m)[:, None] * Nk
     if HAS_DROPOUT:
         philox_seed, philox_offset = _load_philox(Seed)
     else:
         philox_seed, philox_offset = 0, 0
 
     shift = _causal_shift(Nq, Nk, CAUSAL)
-    hi, mid = _key_ranges(start_m, Nk, shift, CAUSAL, BLOCK_M, BLOCK_N)
-
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, K_head, V_head, bias_rows, DS_rows, philox_seed, philox_offset,
-        bh, offs_m, offs_d, offs_dv, 0, mid, stride_kn, stride_vn, stride_bn,
-        Nq, Nk, shift, qk_scale, drop_threshold, drop_scale,
-        D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, STORE_DS, False, False,
-        DOT_PRECISION,
-    )
-    dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, K_head, V_head, bias_rows, DS_rows, philox_seed,
-        philox_offset, bh, offs_m, offs_d, offs_dv, mid, hi, stride_kn, stride_vn,
-        stride_bn, Nq, Nk, shift, qk_scale, drop_threshold, drop_scale,
-        D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, STORE_DS, True,
-        CAUSAL != CAUSAL_NONE, DOT_PRECISION,
-    )
-    if STORE_DS and CAUSAL != CAUSAL_NONE:
-        # dS is allocated uninitialised: the key blocks causal skipped are written as zeros
-        # here (from where the band loop stopped), so no separate memset pass is needed.
-        written = tl.maximum(mid + tl.cdiv(hi - mid, BLOCK_N) * BLOCK_N, 0)
-        zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=DS.dtype.element_ty)
-        for start_n in range(written, Nk, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            tl.store(DS_rows + offs_n[None, :], zeros, mask=m_ok[:, None] & (offs_n[None, :] < Nk))
+    if SPARSE:
+        # dS is zero-initialised by the caller: skipped tiles have dS = 0.
+        n_partial, partial, n_full, full = _tile_lists(
+            Counts, Tiles, b, h, start_m // TILE, stride_tb, stride_th, list_stride, row_len
+        )
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, K_head, V_head, bias_rows, DS_rows, philox_seed, philox_offset,
+            bh, offs_m, offs_d, offs_dv, 0, n_partial, partial, stride_kn, stride_vn, stride_bn,
+            Nq, Nk, shift, qk_scale, drop_threshold, drop_scale,
+            D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, STORE_DS, True,
+            CAUSAL != CAUSAL_NONE, DOT_PRECISION, True, TILE,
+        )
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, K_head, V_head, bias_rows, DS_rows, philox_seed, philox_offset,
+            bh, offs_m, offs_d, offs_dv, 0, n_full, full, stride_kn, stride_vn, stride_bn,
+            Nq, Nk, shift, qk_scale, drop_threshold, drop_scale,
+            D, DV, BLOCK_M, BLOCK_N, False, False, HAS_DROPOUT, STORE_DS, False, False,
+            DOT_PRECISION, True, TILE,
+        )
+    else:
+        hi, mid = _key_ranges(start_m, Nk, shift, CAUSAL, BLOCK_M, BLOCK_N)
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, K_head, V_head, bias_rows, DS_rows, philox_seed, philox_offset,
+            bh, offs_m, offs_d, offs_dv, 0, mid, Tiles, stride_kn, stride_vn, stride_bn,
+            Nq, Nk, shift, qk_scale, drop_threshold, drop_scale,
+            D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, STORE_DS, False, False,
+            DOT_PRECISION, False, TILE,
+        )
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, K_head, V_head, bias_rows, DS_rows, philox_seed,
+            philox_offset, bh, offs_m, offs_d, offs_dv, mid, hi, Tiles, stride_kn, stride_vn,
+            stride_bn, Nq, Nk, shift, qk_scale, drop_threshold, drop_scale,
+            D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, STORE_DS, True,
+            CAUSAL != CAUSAL_NONE, DOT_PRECISION, False, TILE,
+        )
+        if STORE_DS and CAUSAL != CAUSAL_NONE:
+            # dS is allocated uninitialised: the key blocks causal skipped are written as zeros
+            # here (from where the band loop stopped), so no separate memset pass is needed.
+            written = tl.maximum(mid + tl.cdiv(hi - mid, BLOCK_N) * BLOCK_N, 0)
+            zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=DS.dtype.element_ty)
+            for start_n in range(written, Nk, BLOCK_N):
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                tl.store(DS_rows + offs_n[None, :], zeros, mask=m_ok[:, None] & (offs_n[None, :] < Nk))
     dq *= sm_scale
     tl.store(
-        DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+        DQ + b * stride_dqb + h * stride_dqh + (q_start + offs_m[:, None]) * stride_dqm + offs_d[None, :],
         dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < D),
     )
 
@@ -729,13 +948,22 @@ def _block(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _bias_args(inp: AttentionInputs, dummy: torch.Tensor):
-    """(pointer tensor, 4 strides) with stride 0 on the size-1 (broadcast) dims."""
+def _bias_args(inp: AttentionInputs, dummy: torch.Tensor, launch=None):
+    """(pointer tensor, 4 strides) with stride 0 on the size-1 (broadcast) dims.
+
+    A bool mask is read as uint8 (sidesteps i1 pointer handling across Triton versions): a
+    free view when called eagerly; traced for Inductor (`launch` is wrap_triton), a copy, as
+    Inductor cannot lower a bool -> uint8 view."""
     b4 = inp.bias_4d()
     if b4 is None:
         return dummy, (0, 0, 0, 0)
+    if b4.shape[-1] > 1 and b4.stride(-1) != 1:
+        # Keys strided apart (T5's position bias is an embedding permuted to [1, H, Nq, Nk],
+        # its key stride is H): every bias load would be uncoalesced, 5-7× slower per call in
+        # the T5 profile (RESULTS.md). One copy of the unbroadcast part, keys contiguous.
+        b4 = b4[tuple(slice(0, 1) if b4.stride(i) == 0 else slice(None) for i in range(4))].contiguous()
     if b4.dtype == torch.bool:
-        b4 = b4.view(torch.uint8)  # same bytes; sidesteps i1 pointer handling across versions
+        b4 = b4.view(torch.uint8) if launch in (None, _direct) else b4.to(torch.uint8)
     strides = tuple(0 if b4.shape[i] == 1 else b4.stride(i) for i in range(4))
     return b4, strides
 
@@ -768,6 +996,23 @@ def _direct(kernel):
     return kernel
 
 
+def _tiles(inp: AttentionInputs, bias, sb, launch) -> mask_tiles.MaskTiles | None:
+    """Skippable and bias-free tiles of a mask-like bias (mask_tiles.py), or None: dense loops."""
+    return mask_tiles.classify(inp, bias, sb, launch) if mask_tiles.worth_it(inp) else None
+
+
+def _tile_args(tiles: mask_tiles.MaskTiles | None, by_query: bool, placeholder: torch.Tensor):
+    """(Counts, Tiles) pointers and (stride_tb, stride_th, list_stride, row_len) for a kernel.
+
+    Unused pointer arguments get a tensor the kernel only reads (q): under torch.compile,
+    wrap_triton works out which arguments a kernel writes, and an output passed again as a
+    placeholder would be returned from the wrong copy."""
+    if tiles is None:
+        return (placeholder, placeholder), (0, 0, 0, 0)
+    a = tiles.query_args() if by_query else tiles.key_args()
+    return a[:2], a[2:]
+
+
 def forward(
     inp: AttentionInputs, seed: torch.Tensor | None, launch=_direct
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -784,19 +1029,23 @@ def forward(
     if Nk == 0:
         return out.zero_(), lse.fill_(float("-inf"))
     q, k, v = _unit_last(inp.q), _unit_last(inp.k), _unit_last(inp.v)
-    bias, sb = _bias_args(inp, q)
+    bias, sb = _bias_args(inp, q, launch)
     sc = _scalars(inp)
+    tiles = _tiles(inp, bias, sb, launch)
+    tile_ptrs, tile_strides = _tile_args(tiles, True, q)
     grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
     launch(_attn_fwd)[grid](
-        q, k, v, bias, seed if seed is not None else q, out, lse,
+        q, k, v, bias, seed if seed is not None else q, out, lse, *tile_ptrs, q, q,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         *sb,
         out.stride(0), out.stride(1), out.stride(2),
+        *lse.stride(),
+        *tile_strides,
         Hq, Hq // inp.heads_kv, Nq, Nk,
         sc["qk_scale"], sc["drop_threshold"], sc["drop_scale"], sc["N_BUCKET"],
-        **_common_meta(inp),
+        SPARSE=tiles is not None, TILE=mask_tiles.TILE, VARLEN=False, **_common_meta(inp),
     )
     return out, lse
 
@@ -826,10 +1075,13 @@ def backward(
     dk = torch.empty(inp.k.shape, dtype=inp.dtype, device=dev)
     dv = torch.empty(inp.v.shape, dtype=inp.dtype, device=dev)
     ds = None
+    sparse = B * Hq > 0 and Nq > 0 and Nk > 0 and mask_tiles.worth_it(inp)
     if bias_requires_grad:
-        # The kernel writes every element (zeros where causal skipped a block). In the bias's
-        # own dtype: for an unbroadcast bias this buffer *is* dbias, with no extra pass.
-        ds = torch.empty((B, Hq, Nq, Nk), dtype=inp.bias.dtype, device=dev)
+        # The kernel writes every element (zeros where causal skipped a block), except the
+        # tiles a mask lets it skip. In the bias's own dtype: for an unbroadcast bias this
+        # buffer *is* dbias, with no extra pass.
+        alloc = torch.zeros if sparse else torch.empty
+        ds = alloc((B, Hq, Nq, Nk), dtype=inp.bias.dtype, device=dev)
     if B * Hq == 0 or Nq == 0 or Nk == 0:
         for t in (dq, dk, dv):
             t.zero_()
@@ -837,7 +1089,7 @@ def backward(
         q, k, v = _unit_last(inp.q), _unit_last(inp.k), _unit_last(inp.v)
         out, dout = _unit_last(out), _unit_last(dout)
         lse = lse.contiguous()
-        bias, sb = _bias_args(inp, q)
+        bias, sb = _bias_args(inp, q, launch)
         meta, sc = _common_meta(inp), _scalars(inp)
         G = Hq // Hkv
         seed_arg = seed if seed is not None else q
@@ -862,20 +1114,28 @@ def backward(
             Hq, G, Nq, Nk, sc["qk_scale"], inp.scale, sc["drop_threshold"], sc["drop_scale"],
             sc["N_BUCKET"],
         )
+        tiles = mask_tiles.classify(inp, bias, sb, launch) if sparse else None
+        meta.update(SPARSE=sparse, TILE=mask_tiles.TILE)
         grid_kv = lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
+        tile_ptrs, tile_strides = _tile_args(tiles, False, q)
         launch(_attn_bwd_dkdv)[grid_kv](
-            q, k, v, bias, seed_arg, dout, lse, delta, dk, dv,
+            q, k, v, bias, seed_arg, dout, lse, delta, dk, dv, *tile_ptrs, q, q,
             *common,
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
-            *scalars, **meta,
+            *delta.stride(),
+            *tile_strides,
+            *scalars, VARLEN=False, **meta,
         )
         grid_q = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+        tile_ptrs, tile_strides = _tile_args(tiles, True, q)
         launch(_attn_bwd_dq)[grid_q](
-            q, k, v, bias, seed_arg, dout, lse, delta, dq, ds if ds is not None else delta,
+            q, k, v, bias, seed_arg, dout, lse, delta, dq, ds if ds is not None else q, *tile_ptrs, q, q,
             *common,
             dq.stride(0), dq.stride(1), dq.stride(2),
-            *scalars, STORE_DS=ds is not None, **meta,
+            *delta.stride(),
+            *tile_strides,
+            *scalars, STORE_DS=ds is not None, VARLEN=False, **meta,
         )
 
     dbias = None
@@ -885,3 +1145,94 @@ def backward(
             ds = ds.sum(dim=dims, keepdim=True, dtype=torch.float32)
         dbias = ds.reshape(inp.bias.shape).to(inp.bias.dtype)
     return dq, dk, dv, dbias
+
+
+# =============================================================================================
+# Packed variable-length batches (flash_inductor/varlen.py): the same kernels with VARLEN
+# =============================================================================================
+
+
+def _packed_inputs(q, k, v, causal, scale, dropout_p) -> AttentionInputs:
+    """[1, H, total, D] views of the packed tensors: the dense description the meta needs."""
+    return AttentionInputs.from_op(*(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)), None, causal, scale,
+                                   dropout_p)
+
+
+def _packed_meta(inp: AttentionInputs, max_q: int, max_k: int) -> tuple[dict, dict]:
+    sc = _scalars(inp)
+    sc["N_BUCKET"] = triton.next_power_of_2(max(max_q, max_k, 16))
+    return dict(_common_meta(inp), SPARSE=False, TILE=mask_tiles.TILE, VARLEN=True), sc
+
+
+def forward_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: int, scale: float, dropout_p: float,
+                   seed, launch=_direct):
+    """Packed q [total_q, Hq, D], k/v [total_k, Hkv, D|Dv], offsets cu_q / cu_k [B+1]:
+    (out [total_q, Hq, Dv], lse [total_q, Hq] float32). One program per (query block of the
+    longest sequence, sequence · head); blocks past a sequence's end exit at once."""
+    inp = _packed_inputs(q, k, v, causal, scale, dropout_p)
+    B, Hq, Hkv = cu_q.numel() - 1, q.shape[1], k.shape[1]
+    out = torch.empty((q.shape[0], Hq, v.shape[2]), dtype=q.dtype, device=q.device)
+    lse = torch.empty((q.shape[0], Hq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or B == 0:
+        return out, lse
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    meta, sc = _packed_meta(inp, max_q, max_k)
+    grid = lambda m: (triton.cdiv(max(max_q, 1), m["BLOCK_M"]), B * Hq)  # noqa: E731
+    launch(_attn_fwd)[grid](
+        q, k, v, q, seed if seed is not None else q, out, lse, q, q, cu_q, cu_k,
+        0, q.stride(1), q.stride(0),
+        0, k.stride(1), k.stride(0),
+        0, v.stride(1), v.stride(0),
+        0, 0, 0, 0,
+        0, out.stride(1), out.stride(0),
+        0, lse.stride(1), lse.stride(0),
+        0, 0, 0, 0,
+        Hq, Hq // Hkv, 0, 0,
+        sc["qk_scale"], sc["drop_threshold"], sc["drop_scale"], sc["N_BUCKET"],
+        **meta,
+    )
+    return out, lse
+
+
+def backward_varlen(dout, dlse, q, k, v, cu_q, cu_k, max_q: int, max_k: int, seed, out, lse, causal: int,
+                    scale: float, dropout_p: float, launch=_direct):
+    """(dq, dk, dv) for `forward_varlen`, deterministic (no atomics)."""
+    inp = _packed_inputs(q, k, v, causal, scale, dropout_p)
+    B, Hq, Hkv = cu_q.numel() - 1, q.shape[1], k.shape[1]
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    if B == 0 or q.shape[0] == 0 or k.shape[0] == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    q, k, v, out, dout = (_unit_last(t) for t in (q, k, v, out, dout))
+    lse = lse.contiguous()
+    # delta = rowsum(dO ∘ O) - dlse, [total_q, Hq] like lse.
+    delta = (out.float() * dout.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse
+    delta = delta.contiguous()
+    meta, sc = _packed_meta(inp, max_q, max_k)
+    seed_arg = seed if seed is not None else q
+    common = (
+        0, q.stride(1), q.stride(0),
+        0, k.stride(1), k.stride(0),
+        0, v.stride(1), v.stride(0),
+        0, 0, 0, 0,
+        0, dout.stride(1), dout.stride(0),
+    )
+    scalars = (Hq, Hq // Hkv, 0, 0, sc["qk_scale"], scale, sc["drop_threshold"], sc["drop_scale"], sc["N_BUCKET"])
+    lse_strides = (0, lse.stride(1), lse.stride(0))
+    launch(_attn_bwd_dkdv)[lambda m: (triton.cdiv(max(max_k, 1), m["BLOCK_N"]), B * Hkv)](
+        q, k, v, q, seed_arg, dout, lse, delta, dk, dv, q, q, cu_q, cu_k,
+        *common,
+        0, dk.stride(1), dk.stride(0),
+        0, dv.stride(1), dv.stride(0),
+        *lse_strides, 0, 0, 0, 0,
+        *scalars, **meta,
+    )
+    launch(_attn_bwd_dq)[lambda m: (triton.cdiv(max(max_q, 1), m["BLOCK_M"]), B * Hq)](
+        q, k, v, q, seed_arg, dout, lse, delta, dq, q, q, q, cu_q, cu_k,
+        *common,
+        0, dq.stride(1), dq.stride(0),
+        *lse_strides, 0, 0, 0, 0,
+        *scalars, STORE_DS=False, **meta,
+    )
+    return dq, dk, dv

@@ -22,7 +22,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from .. import dispatch
-from ..inputs import Causal, validate
+from ..inputs import MASKED_BIAS, Causal, validate
 from ..patterns import dropout as dropout_family
 from ..patterns import gqa, layout, masks, scale as scale_family, scores as scores_family, sdpa as sdpa_family
 from ..patterns import softmax as softmax_family
@@ -412,6 +412,22 @@ def _may_hold_neg_inf(bias: Node | None) -> bool:
     return not (c is not None and c.op == "where" and all(_finite_operand(x) for x in (c["a"], c["b"])))
 
 
+def _fills_below_masked_bias(bias: Node | None) -> bool:
+    """where(mask, a, b) with a constant <= MASKED_BIAS (HF's finfo.min masks): the op masks
+    those keys, where eager gives them equal scores, so a row of nothing else is averaged."""
+    c = canon(bias) if bias is not None else None
+    if c is None or c.op != "where":
+        return False
+    return any((v := constant_value(x)) is not None and v <= MASKED_BIAS for x in (c["a"], c["b"]))
+
+
+def _masked_rows(emit: Emitter, bias: Node) -> Node:
+    """[..., Nq, 1] bool: rows whose every key the op masks (its bias or keep-mask says so)."""
+    if example(bias).dtype == torch.bool:
+        return emit.call_method("all", emit.call(torch.logical_not, bias), -1, keepdim=True)
+    return emit.call_method("all", emit.call(operator.le, bias, MASKED_BIAS), -1, keepdim=True)
+
+
 def _finite_operand(x) -> bool:
     v = constant_value(x)
     if v is not None:
@@ -454,9 +470,11 @@ def _rewrite_softmax(gm: GraphModule, node: Node, call) -> SiteReport:
         q_node, k_node, v = (_to_dtype(emit, x, out_dtype) for x in (q_node, k_node, v))
         _check_score_shape(q_node, k_node)
         if st.fill is not None and st.fill != -math.inf:
-            empty_rows = ("uniform", emit.call_method("all", emit.call(torch.logical_not, st.keep), -1, keepdim=True))
+            empty_rows = ("uniform", _masked_rows(emit, bias))
         elif st.fill == -math.inf or _may_hold_neg_inf(st.bias):
             empty_rows = ("nan", None)
+        elif _fills_below_masked_bias(st.bias):
+            empty_rows = ("uniform", _masked_rows(emit, bias))
         else:
             empty_rows = ("zero", None)
         new, kernel = _emit_op(emit, q_node, k_node, v, bias, Causal.NONE, st.scale, site.dropout_p, out_dtype,
@@ -522,8 +540,11 @@ def _rewrite_sdpa(gm: GraphModule, node: Node, call) -> SiteReport:
         else:
             scale = m.scale if m.scale is not None else 1.0 / math.sqrt(example(m.q).shape[-1])
         out_dtype = example(node).dtype
+        # SDPA returns zeros on a row of -inf (as the op does), but averages a row of finite
+        # fills, which the op masks.
+        empty_rows = ("uniform", _masked_rows(emit, m.mask)) if _fills_below_masked_bias(m.mask) else ("zero", None)
         new, kernel = _emit_op(emit, q, k, v, m.mask, Causal.TOP_LEFT if m.causal else Causal.NONE,
-                               scale, m.dropout_p, out_dtype, ("zero", None))
+                               scale, m.dropout_p, out_dtype, empty_rows)
     except Refusal:
         emit.rollback()
         raise
