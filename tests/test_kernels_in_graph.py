@@ -191,15 +191,17 @@ def test_gpu_rewrite_never_swaps_eager_attention_for_the_reference():
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])])
 @pytest.mark.parametrize("padding", ["right", "left"])
-def test_hf_llama_with_padding_matches_eager(padding, device, monkeypatch):
-    """A (small) HF LLaMA in float32 with a padded batch, compiled with backend="flash": its
-    [B, 1, N, N] causal+padding mask goes through the mask tiles; left padding leaves the first
-    rows of a sequence with no real key, which eager averages (the rewrite's fix-up). Every
-    position, padded ones included, against eager."""
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_hf_model_with_ragged_padding_matches_eager(name, padding, device, monkeypatch):
+    """A (small) HF model in float32 with a ragged padded batch, compiled with backend="flash":
+    its padding mask ([B, 1, N, N] causal + padding for LLaMA, key padding for BERT) goes through
+    the mask tiles on a GPU; left padding leaves LLaMA rows with no real key, which eager averages
+    (the rewrite's fix-up). Forward at every position, padded ones included, and the gradient of
+    every parameter for a loss over the real tokens (as training computes it), against eager."""
     monkeypatch.setenv("FLASH_INDUCTOR_TRITON_AUTOTUNE", "0")
     from flash_inductor import models
 
-    built = models.build("llama", size="tiny", seq_len=300, device=device)
+    built = models.build(name, size="tiny", seq_len=300, device=device)
     mask = torch.ones(2, 300, dtype=torch.long, device=device)
     if padding == "left":
         mask[1, :170] = 0
@@ -212,3 +214,26 @@ def test_hf_llama_with_padding_matches_eager(padding, device, monkeypatch):
         torch._dynamo.reset()
         got = torch.compile(model, backend="flash")(**inputs).last_hidden_state
     assert rel_err(got, want.double()) < 1e-4
+
+    # A fixed random projection of the real tokens' states (a norm of a LayerNorm output would
+    # be constant, and its gradients rounding noise).
+    proj = torch.randn(want.shape[-1], generator=torch.Generator().manual_seed(0)).to(device)
+
+    def grads(fn):
+        model.zero_grad(set_to_none=True)
+        h = fn(**inputs).last_hidden_state
+        ((h @ proj) * mask).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.train()
+    want_g = grads(model)
+    torch._dynamo.reset()
+    got_g = grads(torch.compile(model, backend="flash"))
+    # Parameters outside the loss (BERT's pooler) get no gradient in eager, zeros compiled.
+    assert want_g.keys() <= got_g.keys()
+    assert all(not got_g[n].any() for n in got_g.keys() - want_g.keys())
+    # BERT's key.bias gradient is zero in exact arithmetic (softmax cancels a per-row shift):
+    # rounding noise, bounded by an absolute floor relative to the largest gradient.
+    floor = 1e-8 * max(g.norm().item() for g in want_g.values())
+    for n, w in want_g.items():
+        assert (got_g[n] - w).norm().item() <= 1e-3 * w.norm().item() + floor, n
