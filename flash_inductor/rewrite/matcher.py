@@ -540,10 +540,13 @@ def _rewrite_sdpa(gm: GraphModule, node: Node, call) -> SiteReport:
         else:
             scale = m.scale if m.scale is not None else 1.0 / math.sqrt(example(m.q).shape[-1])
         out_dtype = example(node).dtype
+        # The op broadcasts the mask itself: HF expands [B, 1, 1, N] padding masks to the score
+        # shape, which, traced, the kernels' glue would otherwise copy at full size.
+        mask = _unexpanded(m.mask) if m.mask is not None else None
         # SDPA returns zeros on a row of -inf (as the op does), but averages a row of finite
         # fills, which the op masks.
-        empty_rows = ("uniform", _masked_rows(emit, m.mask)) if _fills_below_masked_bias(m.mask) else ("zero", None)
-        new, kernel = _emit_op(emit, q, k, v, m.mask, Causal.TOP_LEFT if m.causal else Causal.NONE,
+        empty_rows = ("uniform", _masked_rows(emit, mask)) if _fills_below_masked_bias(mask) else ("zero", None)
+        new, kernel = _emit_op(emit, q, k, v, mask, Causal.TOP_LEFT if m.causal else Causal.NONE,
                                scale, m.dropout_p, out_dtype, empty_rows)
     except Refusal:
         emit.rollback()
