@@ -85,3 +85,22 @@ def to_bytes(obj) -> bytes:
 
 def from_bytes(data: bytes):
     return torch.load(io.BytesIO(data))
+
+
+def process_groups():
+    """pytest params for the multi-process tests: gloo on CPU always; NCCL on GPUs (one per
+    rank, marked `gpu`) where two CUDA devices and NCCL are present."""
+    import pytest
+    import torch.distributed as dist
+
+    two_gpus = torch.cuda.is_available() and torch.cuda.device_count() >= 2 and dist.is_nccl_available()
+    nccl = pytest.param("nccl", marks=[pytest.mark.gpu, pytest.mark.skipif(not two_gpus, reason="needs 2 CUDA GPUs and NCCL")])
+    return ["gloo", nccl]
+
+
+def rank_device(backend: str, rank: int) -> torch.device:
+    """The device a rank computes on: its own GPU under NCCL, the CPU under gloo."""
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        return torch.device("cuda", rank)
+    return torch.device("cpu")

@@ -1,4 +1,4 @@
-"""Ring attention over a 2-rank gloo group on CPU, against one process attending the whole sequence.
+"""Ring attention over 2 ranks (gloo on CPU; NCCL on 2 GPUs where present), against one process attending the whole sequence.
 
 Fresh random inputs, a float64 ground truth (`attention_ref` on the full sequence), forward and
 the gradients of q, k and v gathered from the ranks' shards; with and without causal (zigzag
@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import from_bytes, rel_err, spawn_ranks, to_bytes
+from conftest import from_bytes, process_groups, rank_device, rel_err, spawn_ranks, to_bytes
 
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
@@ -30,13 +30,14 @@ def _full_inputs(dtype):
     return q, k, v, dout
 
 
-def _rank_main(rank, port, causal, dtype, results):
+def _rank_main(rank, port, causal, dtype, pg, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group(pg, rank=rank, world_size=WORLD)
     try:
         from flash_inductor.context_parallel import ring_attention, zigzag_shard
 
-        q, k, v, dout = _full_inputs(dtype)
+        device = rank_device(pg, rank)
+        q, k, v, dout = (t.to(device) for t in _full_inputs(dtype))
         if causal:
             q, k, v, dout = (zigzag_shard(t, rank, WORLD) for t in (q, k, v, dout))
         else:
@@ -44,20 +45,24 @@ def _rank_main(rank, port, causal, dtype, results):
         q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
         out = ring_attention(q, k, v, causal=causal)
         out.backward(dout)
-        results.put((rank, to_bytes({"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad})))
+        got = {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+        results.put((rank, to_bytes({n: t.cpu() for n, t in got.items()})))
     except Exception as e:
         results.put((rank, f"{type(e).__name__}: {e}"))
     finally:
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("pg", process_groups())
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal_zigzag"])
-def test_ring_attention_matches_one_process(causal, dtype):
+def test_ring_attention_matches_one_process(causal, dtype, pg):
+    """Under NCCL each rank runs the op on its own GPU (Triton for float32, the reference for
+    float64) and the K/V blocks travel GPU to GPU."""
     from flash_inductor import attention_ref
     from flash_inductor.context_parallel import zigzag_unshard
 
-    got = spawn_ranks(_rank_main, (causal, dtype), WORLD, timeout=300)
+    got = spawn_ranks(_rank_main, (causal, dtype, pg), WORLD, timeout=300)
     shards = [from_bytes(got[r]) for r in range(WORLD)]
     join = (lambda xs: zigzag_unshard(xs)) if causal else (lambda xs: torch.cat(xs, dim=2))
     full = {name: join([s[name] for s in shards]) for name in ("out", "dq", "dk", "dv")}

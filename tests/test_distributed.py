@@ -1,4 +1,5 @@
-"""backend="flash" under DDP and FSDP2: 2 ranks on a gloo process group, on CPU.
+"""backend="flash" under DDP and FSDP2: 2 ranks on a gloo process group on CPU (and on NCCL,
+one GPU per rank, where two GPUs are present).
 
 Each rank trains one step of a BERT config (random weights) on its half of a padded batch, with
 the model compiled by `torch.compile(..., backend="flash")`. Checked against one process running
@@ -17,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import from_bytes, rel_err, spawn_ranks, to_bytes
+from conftest import from_bytes, process_groups, rank_device, rel_err, spawn_ranks, to_bytes
 
 pytest.importorskip("transformers")
 if not dist.is_available() or not dist.is_gloo_available():
@@ -47,12 +48,12 @@ def _loss(model, ids, mask, rows=slice(None)):
     a LayerNorm output would not: its mean is ~1 whatever the input)."""
     out = model(input_ids=ids[rows], attention_mask=mask[rows]).last_hidden_state
     target = torch.randn((BATCH, *out.shape[1:]), generator=torch.Generator().manual_seed(2))[rows]
-    return (out * target).mean()
+    return (out * target.to(out.device)).mean()
 
 
-def _rank_main(rank: int, port: int, wrapper: str, hidden: int, results):
+def _rank_main(rank: int, port: int, wrapper: str, hidden: int, pg: str, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group(pg, rank=rank, world_size=WORLD)
     try:
         import flash_inductor.backend as backend_module
         from flash_inductor import dispatch
@@ -71,17 +72,19 @@ def _rank_main(rank: int, port: int, wrapper: str, hidden: int, results):
             fwd = b.forward
             b.forward = (lambda f: (lambda inp, seed: (calls.append(1), f(inp, seed))[1]))(fwd)
 
+        device = rank_device(pg, rank)
         model, ids, mask = _model_and_batch(hidden)
+        model, ids, mask = model.to(device), ids.to(device), mask.to(device)
         if wrapper == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             # 1 MiB buckets split this model's graph into several pieces.
-            wrapped = DDP(model, bucket_cap_mb=1)
+            wrapped = DDP(model, bucket_cap_mb=1, device_ids=[rank] if device.type == "cuda" else None)
         else:
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
 
-            mesh = init_device_mesh("cpu", (WORLD,))
+            mesh = init_device_mesh(device.type, (WORLD,))
             for layer in model.encoder.layer:
                 fully_shard(layer, mesh=mesh)
             wrapped = fully_shard(model, mesh=mesh)
@@ -94,19 +97,21 @@ def _rank_main(rank: int, port: int, wrapper: str, hidden: int, results):
             g = p.grad
             if hasattr(g, "full_tensor"):
                 g = g.full_tensor()
-            grads[name] = g.detach().clone()
-        losses = [torch.zeros(()) for _ in range(WORLD)]
+            grads[name] = g.detach().cpu().clone()
+        losses = [torch.zeros((), device=device) for _ in range(WORLD)]
         dist.all_gather(losses, loss.detach())
-        results.put((rank, to_bytes({"loss": torch.stack(losses).mean(), "grads": grads, "graphs": graphs,
-                                     "op_calls": len(calls)})))
+        # On a GPU, Inductor launches the Triton kernels itself (kernels_in_graph): the op's
+        # backends are never called, so only the CPU run counts calls.
+        results.put((rank, to_bytes({"loss": torch.stack(losses).mean().cpu(), "grads": grads, "graphs": graphs,
+                                     "op_calls": len(calls) if device.type == "cpu" else None})))
     except Exception as e:  # reported to the parent, which fails the test with it
         results.put((rank, f"{type(e).__name__}: {e}"))
     finally:
         dist.destroy_process_group()
 
 
-def _run(wrapper: str, hidden: int):
-    return {rank: from_bytes(data) for rank, data in spawn_ranks(_rank_main, (wrapper, hidden), WORLD).items()}
+def _run(wrapper: str, hidden: int, pg: str):
+    return {rank: from_bytes(data) for rank, data in spawn_ranks(_rank_main, (wrapper, hidden, pg), WORLD).items()}
 
 
 def _reference(hidden: int):
@@ -116,9 +121,10 @@ def _reference(hidden: int):
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("pg", process_groups())
 @pytest.mark.parametrize("wrapper,hidden", [("ddp", 256), ("fsdp2", 64)])
-def test_flash_backend_under_data_parallel(wrapper, hidden):
-    out = _run(wrapper, hidden)
+def test_flash_backend_under_data_parallel(wrapper, hidden, pg):
+    out = _run(wrapper, hidden, pg)
     ref_loss, ref_grads = _reference(hidden)
     for rank, res in out.items():
         assert rel_err(res["loss"], ref_loss) < 1e-5, rank
@@ -134,6 +140,6 @@ def test_flash_backend_under_data_parallel(wrapper, hidden):
         # Every site seen by the backend was rewritten, and the op ran once per layer.
         sites = [s for graph in res["graphs"] for s in graph]
         assert sites and all(sites), res["graphs"]
-        assert res["op_calls"] == LAYERS, res["op_calls"]
+        assert res["op_calls"] in (LAYERS, None), res["op_calls"]
         if wrapper == "ddp":
             assert len(res["graphs"]) > 1, "DDP's bucket boundaries did not split the graph"
