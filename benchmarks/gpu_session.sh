@@ -22,7 +22,8 @@ for phase in "$@"; do
     tests)
       FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout 300 python3 -m pytest -q -m gpu tests/test_triton_kernels.py tests/test_kernels_in_graph.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
     multigpu)  # on a kind with 2 GPUs (nvidia-h100-x2 / nvidia-h200-x2): the NCCL variants
-      timeout 500 python3 -m pytest -q -m gpu tests/test_distributed.py tests/test_context_parallel.py 2>&1 | tee "$OUT/multigpu_tests.log" | tail -15 ;;
+      timeout 300 python3 -m pytest -q -m gpu tests/test_distributed.py tests/test_context_parallel.py 2>&1 | tee "$OUT/multigpu_tests.log" | tail -15
+      timeout 250 python3 benchmarks/ring_scaling.py --world 2 --json "$OUT/ring_scaling.json" 2>&1 | tee "$OUT/ring_scaling.log" | tail -5 ;;
     padding)
       timeout 240 python3 benchmarks/padding.py --json "$OUT/padding.json" 2>&1 | grep -v Warning | tee "$OUT/padding.log" | tail -30 ;;
     bench_bias_check)
