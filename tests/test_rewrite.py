@@ -447,6 +447,21 @@ return (where_1,)""")
         for got, want in zip(torch.autograd.grad(out, leaves, dout.float()), torch.autograd.grad(ref, ref_leaves, dout)):
             self.assertLess(((got.double() - want).norm() / want.norm()).item(), 1e-5)
 
+    def test_hf_mask_added_before_the_scale(self):
+        """(s + where(keep, 0, finfo.min)) / 4: the fill is still <= -1e30 after the scale, so a
+        row with no real key is averaged by eager and by the fix-up (not NaN)."""
+
+        def f(q, k, v):
+            keep = torch.ones(2, 1, 7, 7, dtype=torch.bool)
+            keep[1, :, 2] = False  # one row with no real key
+            mask = torch.where(keep, torch.zeros((), dtype=q.dtype), torch.finfo(q.dtype).min)
+            return torch.matmul(((torch.matmul(q, k.transpose(-1, -2)) + mask) / 4.0).softmax(-1), v)
+
+        q, k, v = qkv(nk=7)
+        code, _ = self.run_rewritten(f, q, k, v, grads=False)
+        self.assertIn("mean = l_v_.mean(-2, keepdim = True)", code)
+        self.assertNotIn("isneginf", code)
+
     def test_added_zero_neg_inf_mask(self):
         def f(q, k, v, mask):
             return torch.matmul(F.softmax(torch.matmul(q, k.transpose(-1, -2)) * 0.25 + mask, dim=-1), v)

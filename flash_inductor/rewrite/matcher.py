@@ -405,20 +405,50 @@ def _emit_op(emit: Emitter, q, k, v, bias, causal: Causal, scale, dropout_p, out
 
 
 def _may_hold_neg_inf(bias: Node | None) -> bool:
-    """False when the bias is provably finite: where(mask, finite, finite), as HF's mask helpers make it."""
+    """False when the bias is provably finite: where(mask, finite, finite), as HF's mask helpers
+    make it (possibly scaled by a positive constant afterwards)."""
     if bias is None:
         return False
-    c = canon(bias)
-    return not (c is not None and c.op == "where" and all(_finite_operand(x) for x in (c["a"], c["b"])))
+    fills = _where_constants(bias)
+    return fills is None or not all(math.isfinite(v) for v in fills)
 
 
 def _fills_below_masked_bias(bias: Node | None) -> bool:
-    """where(mask, a, b) with a constant <= MASKED_BIAS (HF's finfo.min masks): the op masks
-    those keys, where eager gives them equal scores, so a row of nothing else is averaged."""
-    c = canon(bias) if bias is not None else None
+    """where(mask, a, b) with a constant <= MASKED_BIAS (HF's finfo.min masks), possibly scaled:
+    the op masks those keys, where eager gives them equal scores, so a row of nothing else is
+    averaged."""
+    fills = _where_constants(bias) if bias is not None else None
+    return fills is not None and any(v <= MASKED_BIAS for v in fills)
+
+
+def _where_constants(bias: Node):
+    """(a, b) when `bias` is where(mask, a, b) with constant a and b (zeros count as 0), times or
+    divided by positive constants (a bias added before the scale); else None."""
+    factor = 1.0
+    c = canon(bias)
+    while c is not None and c.op in ("mul", "div"):
+        f = constant_value(c["b"])
+        inner = c["a"]
+        if f is None and c.op == "mul":
+            f, inner = constant_value(c["a"]), c["b"]
+        if f is None or not f > 0 or not isinstance(inner, Node):
+            return None
+        factor = factor / f if c.op == "div" else factor * f
+        c = canon(inner)
     if c is None or c.op != "where":
-        return False
-    return any((v := constant_value(x)) is not None and v <= MASKED_BIAS for x in (c["a"], c["b"]))
+        return None
+    ex = example(bias)
+    big = torch.finfo(ex.dtype).max if ex is not None and ex.dtype.is_floating_point else math.inf
+    values = []
+    for x in (c["a"], c["b"]):
+        v = constant_value(x)
+        if v is None and isinstance(x, Node) and x.op == "call_function" and x.target in (torch.zeros, torch.zeros_like):
+            v = 0.0
+        if v is None:
+            return None
+        v *= factor
+        values.append(v if abs(v) <= big else math.copysign(math.inf, v))  # overflows as the tensor would
+    return tuple(values)
 
 
 def _masked_rows(emit: Emitter, bias: Node) -> Node:
@@ -426,13 +456,6 @@ def _masked_rows(emit: Emitter, bias: Node) -> Node:
     if example(bias).dtype == torch.bool:
         return emit.call_method("all", emit.call(torch.logical_not, bias), -1, keepdim=True)
     return emit.call_method("all", emit.call(operator.le, bias, MASKED_BIAS), -1, keepdim=True)
-
-
-def _finite_operand(x) -> bool:
-    v = constant_value(x)
-    if v is not None:
-        return math.isfinite(v)
-    return isinstance(x, Node) and x.op == "call_function" and x.target in (torch.zeros, torch.zeros_like)
 
 
 def _rewrite_softmax(gm: GraphModule, node: Node, call) -> SiteReport:
