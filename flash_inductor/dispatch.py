@@ -54,13 +54,13 @@ def forced_kernel() -> str | None:
     return name
 
 
-def reasons_by_backend(inp: AttentionInputs) -> dict[str, list[str]]:
+def reasons_by_backend(inp: AttentionInputs, varlen: bool = False) -> dict[str, list[str]]:
     """Every backend's refusal reasons for this input (empty list = accepts)."""
     out = {}
     if "cutlass" not in BY_NAME:
         out["cutlass"] = ["not built in this version of flash-inductor (Triton serves CUDA GPUs)"]
     for b in BACKENDS:
-        out[b.NAME] = b.not_supported_reasons(inp)
+        out[b.NAME] = b.not_supported_reasons(inp, varlen)
     return out
 
 
@@ -71,11 +71,12 @@ def _format(reasons: dict[str, list[str]]) -> str:
     return "\n".join(lines)
 
 
-def select(inp: AttentionInputs) -> KernelBackend:
+def select(inp: AttentionInputs, varlen: bool = False) -> KernelBackend:
+    """`varlen`: `inp` describes a packed variable-length batch (flash_inductor/varlen.py)."""
     forced = forced_kernel()
     if forced is not None:
         backend = BY_NAME.get(forced)
-        reasons = backend.not_supported_reasons(inp) if backend else reasons_by_backend(inp)[forced]
+        reasons = backend.not_supported_reasons(inp, varlen) if backend else reasons_by_backend(inp)[forced]
         if reasons:
             raise NoKernelError(
                 f"{ENV_VAR}={forced} was forced but that kernel refuses this input: "
@@ -84,9 +85,9 @@ def select(inp: AttentionInputs) -> KernelBackend:
             )
         return backend
     for b in BACKENDS:
-        if not b.not_supported_reasons(inp):
+        if not b.not_supported_reasons(inp, varlen):
             return b
-    raise NoKernelError("no attention kernel accepts this input:\n" + _format(reasons_by_backend(inp)))
+    raise NoKernelError("no attention kernel accepts this input:\n" + _format(reasons_by_backend(inp, varlen)))
 
 
 def explain_choice(inp: AttentionInputs) -> tuple[str, str]:

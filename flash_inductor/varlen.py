@@ -103,33 +103,10 @@ def _as_dense_inputs(q, k, v, causal, scale, dropout_p, softcap) -> AttentionInp
                                    scale, dropout_p, softcap)
 
 
-def _varlen_reasons(name: str, inp: AttentionInputs) -> list[str]:
-    backend = dispatch.BY_NAME.get(name)
-    if backend is None:
-        return dispatch.reasons_by_backend(inp)[name]
-    if not backend.SUPPORTS_VARLEN:
-        return ["variable-length (packed or nested) input is not in this kernel"]
-    return backend.not_supported_reasons(inp)
-
-
 def _select(q, k, v, causal, scale, dropout_p, softcap):
-    """The backend for varlen input: the first, in dispatch order, that declares varlen support
-    and accepts the input (a forced one or an error, as for dense input)."""
-    inp = _as_dense_inputs(q, k, v, causal, scale, dropout_p, softcap)
-    forced = dispatch.forced_kernel()
-    if forced is not None:
-        reasons = _varlen_reasons(forced, inp)
-        if reasons:
-            raise dispatch.NoKernelError(f"{dispatch.ENV_VAR}={forced} was forced but that kernel refuses this "
-                                         f"input: {'; '.join(reasons)}. Unset the setting to let dispatch fall back.")
-        return dispatch.BY_NAME[forced]
-    all_reasons = {}
-    for b in dispatch.BACKENDS:
-        all_reasons[b.NAME] = _varlen_reasons(b.NAME, inp)
-        if not all_reasons[b.NAME]:
-            return b
-    raise dispatch.NoKernelError("no attention kernel accepts this varlen input: " + " | ".join(
-        f"{n}: {'; '.join(r)}" for n, r in all_reasons.items()))
+    """The backend for varlen input: dispatch's own choice, among backends that declare varlen
+    support (a forced one that does not raises, as for dense input)."""
+    return dispatch.select(_as_dense_inputs(q, k, v, causal, scale, dropout_p, softcap), varlen=True)
 
 
 @torch.library.custom_op("flash::varlen_fwd", mutates_args=())

@@ -54,7 +54,8 @@ class KernelBackend:
                 )
         return reasons
 
-    def not_supported_reasons(self, inp: AttentionInputs) -> list[str]:
+    def not_supported_reasons(self, inp: AttentionInputs, varlen: bool = False) -> list[str]:
+        """`varlen`: the input is a packed variable-length batch (`inp` is its [1, H, total, D] view)."""
         reasons = self.device_reasons(inp.device)
         if not reasons:
             reasons += self.unavailable_reasons(inp.device)
@@ -83,6 +84,8 @@ class KernelBackend:
             reasons.append(f"softcap={inp.softcap:g} (logit soft-capping is not in this kernel yet)")
         if inp.causal not in self.SUPPORTED_CAUSAL:
             reasons.append(f"causal={inp.causal.name.lower()} (not supported by this kernel)")
+        if varlen and not self.SUPPORTS_VARLEN:
+            reasons.append("variable-length (packed or nested) input is not in this kernel")
         return reasons + self.extra_reasons(inp)
 
     def extra_reasons(self, inp: AttentionInputs) -> list[str]:
