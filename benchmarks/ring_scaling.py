@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import triton
+from ranks import run_ranks
 
 os.environ.setdefault("FLASH_INDUCTOR_TRITON_AUTOTUNE", "0")
 
@@ -86,23 +85,12 @@ def _rank(rank, world, port, n, out):
         dist.all_reduce(res, op=dist.ReduceOp.MAX)
         if rank == 0:
             out.put(res.tolist())
+    except Exception as e:  # reported to the parent, which would otherwise wait for rank 0
+        if rank == 0:
+            out.put(f"{type(e).__name__}: {e}")
+        raise
     finally:
         dist.destroy_process_group()
-
-
-def _ring(world, n):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, world, port, n, out)) for r in range(world)]
-    for p in procs:
-        p.start()
-    res = out.get(timeout=900)
-    for p in procs:
-        p.join(60)
-    return res
 
 
 def main():
@@ -117,7 +105,7 @@ def main():
     for n in args.lengths:
         flop = 2 * H * D * n * n
         f1, b1 = _single(n)
-        fw, bw = _ring(args.world, n)
+        fw, bw = run_ranks(_rank, (n,), args.world)
         row = dict(n=n, world=args.world, single_fwd_us=f1, single_fwd_bwd_us=b1, ring_fwd_us=fw, ring_fwd_bwd_us=bw,
                    single_fwd_tflops=flop / f1 / 1e6, ring_fwd_tflops=flop / fw / 1e6,
                    efficiency_fwd=f1 / (args.world * fw), efficiency_fwd_bwd=b1 / (args.world * bw))

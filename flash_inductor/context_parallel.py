@@ -5,7 +5,8 @@ Each rank holds a shard of q, k and v along the sequence. K/V blocks travel arou
 its queries to each block with the op (`flash::fwd`) and merges the partial results through the
 op's lse:  lse = logaddexp(lse_a, lse_b),  out = out_a·e^(lse_a − lse) + out_b·e^(lse_b − lse).
 The backward runs the ring again: each block's dK/dV accumulate as it travels and go home at the
-end; dQ stays local. It calls `flash::bwd` per block with the merged out and lse, which is exact
+end; dQ stays local. Every exchange is posted before the step's kernels and waited for after
+them, so the transfers overlap the attention work. It calls `flash::bwd` per block with the merged out and lse, which is exact
 (FlashAttention's backward needs only the final O and lse of each row).
 
 Causal load balancing ("zigzag"): the sequence is cut into 2·W chunks and rank r holds chunks r
@@ -51,38 +52,56 @@ def zigzag_unshard(shards: list[Tensor], dim: int = 2) -> Tensor:
     return torch.cat(parts, dim=dim)
 
 
-def _pairs(rank: int, src: int, world: int, causal: bool, n_local: int, n_local_k: int):
-    """(q slice, k slice, causal flag) for each block pair that is not fully masked."""
-    q_chunks, k_chunks = _chunks(rank, world, causal), _chunks(src, world, causal)
-    cq, ck = n_local // len(q_chunks), n_local_k // len(k_chunks)
-    for i, qc in enumerate(q_chunks):
-        for j, kc in enumerate(k_chunks):
-            if causal and kc > qc:
-                continue  # every key of this chunk is after every query: fully masked, skipped
-            flag = Causal.TOP_LEFT if causal and kc == qc else Causal.NONE
-            yield slice(i * cq, (i + 1) * cq), slice(j * ck, (j + 1) * ck), int(flag)
+def _calls(rank: int, src: int, world: int, causal: bool, n: int):
+    """The op calls that attend this rank's queries to the K/V block from rank `src`:
+    (q slice, k slice, causal flag) over the local shards of length n.
+
+    With zigzag sharding (chunks r and 2W−1−r here, s and 2W−1−s in the block) the unmasked chunk
+    pairs always form one rectangle, or two on the diagonal block, so a block costs one or two
+    large calls instead of up to four small ones.
+    """
+    everything = slice(None)
+    if not causal:
+        return [(everything, everything, Causal.NONE)]
+    first, second = slice(0, n // 2), slice(n // 2, n)
+    if src == rank:
+        # Chunk r sees itself causally; chunk 2W−1−r sees all of chunk r and itself causally,
+        # which is one bottom-right-aligned call over the whole block.
+        return [(first, first, Causal.TOP_LEFT), (second, everything, Causal.BOTTOM_RIGHT)]
+    if src < rank:  # chunk s precedes both query chunks; chunk 2W−1−s follows both
+        return [(everything, first, Causal.NONE)]
+    return [(second, everything, Causal.NONE)]  # only chunk 2W−1−r comes after both key chunks
 
 
-def _ring_exchange(tensors: list[Tensor], group) -> list[Tensor]:
-    """Send `tensors` to the next rank, receive the previous rank's (same shapes)."""
+def _post_exchange(tensors: list[Tensor], group):
+    """Start sending `tensors` to the next rank and receiving the previous rank's (same shapes).
+
+    Returns what `_finish_exchange` needs; the transfer runs while the caller computes (NCCL
+    runs point-to-point on its own stream, gloo on its own thread)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     nxt = dist.get_global_rank(group, (rank + 1) % world) if group is not None else (rank + 1) % world
     prv = dist.get_global_rank(group, (rank - 1) % world) if group is not None else (rank - 1) % world
-    received = [torch.empty_like(t) for t in tensors]
-    ops = [dist.P2POp(dist.isend, t.contiguous(), nxt, group) for t in tensors]
+    sent = [t.contiguous() for t in tensors]
+    received = [torch.empty_like(t) for t in sent]
+    ops = [dist.P2POp(dist.isend, t, nxt, group) for t in sent]
     ops += [dist.P2POp(dist.irecv, r, prv, group) for r in received]
-    for req in dist.batch_isend_irecv(ops):
+    return received, dist.batch_isend_irecv(ops), sent
+
+
+def _finish_exchange(pending) -> list[Tensor]:
+    received, requests, _sent = pending  # `_sent` keeps the send buffers alive until here
+    for req in requests:
         req.wait()
     return received
 
 
-def _merge(out, lse, o_p, l_p):
-    """Fold one block's (out, lse) into the running ones, rows with no key yet included."""
+def _merge_(out: Tensor, lse: Tensor, o_p: Tensor, l_p: Tensor) -> None:
+    """Fold one call's (out, lse) into the running ones, in place; rows with no key yet
+    (lse = −inf) take weight 0 on that side."""
     new = torch.logaddexp(lse, l_p)
     safe = torch.where(torch.isneginf(new), torch.zeros_like(new), new)
-    wa = torch.where(torch.isneginf(lse), torch.zeros_like(lse), torch.exp(lse - safe))
-    wb = torch.where(torch.isneginf(l_p), torch.zeros_like(l_p), torch.exp(l_p - safe))
-    return out * wa.unsqueeze(-1) + o_p * wb.unsqueeze(-1), new
+    out.mul_(torch.exp(lse - safe).unsqueeze(-1)).add_(o_p * torch.exp(l_p - safe).unsqueeze(-1))
+    lse.copy_(new)
 
 
 class _RingAttention(torch.autograd.Function):
@@ -90,16 +109,20 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, group, causal: bool, scale: float):
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         acc = accumulation_dtype(q.dtype)
-        out = torch.zeros(*q.shape[:3], v.shape[3], dtype=acc, device=q.device)
-        lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
-        kv, src = (k.contiguous(), v.contiguous()), rank
+        out = torch.empty(*q.shape[:3], v.shape[3], dtype=acc, device=q.device)
+        lse = torch.empty(q.shape[:3], dtype=acc, device=q.device)
+        kv, src = [k.contiguous(), v.contiguous()], rank
         for step in range(world):
-            for qs, ks, flag in _pairs(rank, src, world, causal, q.shape[2], kv[0].shape[2]):
-                o_p, l_p, _ = torch.ops.flash.fwd(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], None, None, flag,
-                                                  scale, 0.0)
-                out[:, :, qs], lse[:, :, qs] = _merge(out[:, :, qs], lse[:, :, qs], o_p.to(acc), l_p.to(acc))
-            if step < world - 1:
-                kv, src = tuple(_ring_exchange(list(kv), group)), (src - 1) % world
+            pending = _post_exchange(kv, group) if step < world - 1 else None
+            for qs, ks, flag in _calls(rank, src, world, causal, q.shape[2]):
+                o_p, l_p, _ = torch.ops.flash.fwd(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], None, None,
+                                                  int(flag), scale, 0.0)
+                if step == 0:  # the local block's calls cover every query row exactly once
+                    out[:, :, qs], lse[:, :, qs] = o_p, l_p
+                else:
+                    _merge_(out[:, :, qs], lse[:, :, qs], o_p, l_p)
+            if pending is not None:
+                kv, src = _finish_exchange(pending), (src - 1) % world
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.group, ctx.causal, ctx.scale = group, causal, scale
@@ -114,23 +137,32 @@ class _RingAttention(torch.autograd.Function):
         rng = torch.empty(0, dtype=torch.int64, device=q.device)
         acc = accumulation_dtype(q.dtype)
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        blocks = [k.contiguous(), v.contiguous(), torch.zeros(k.shape, dtype=acc, device=k.device),
-                  torch.zeros(v.shape, dtype=acc, device=v.device)]
-        src = rank
+        kv, src = [k.contiguous(), v.contiguous()], rank
+        # Each block's dK/dV accumulators travel one hop behind its K/V: the K/V for the next
+        # step are in flight during this step's kernels, and the accumulators arriving from
+        # behind are waited for only when this step's partial gradients are ready to add.
+        dkdv = [torch.zeros(k.shape, dtype=acc, device=k.device), torch.zeros(v.shape, dtype=acc, device=v.device)]
+        pending_dkdv = None
         for step in range(world):
-            kb, vb, dk_acc, dv_acc = blocks
-            for qs, ks, flag in _pairs(rank, src, world, causal, q.shape[2], kb.shape[2]):
+            pending_kv = _post_exchange(kv, group) if step < world - 1 else None
+            partials = []
+            for qs, ks, flag in _calls(rank, src, world, causal, q.shape[2]):
                 dq_p, dk_p, dv_p, _ = torch.ops.flash.bwd(
-                    dout[:, :, qs].contiguous(), None, q[:, :, qs], kb[:, :, ks], vb[:, :, ks], None, rng,
-                    out[:, :, qs].contiguous(), lse[:, :, qs].contiguous(), flag, scale, 0.0, False,
+                    dout[:, :, qs].contiguous(), None, q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], None, rng,
+                    out[:, :, qs].contiguous(), lse[:, :, qs].contiguous(), int(flag), scale, 0.0, False,
                 )
-                dq[:, :, qs] += dq_p.to(acc)
-                dk_acc[:, :, ks] += dk_p.to(acc)
-                dv_acc[:, :, ks] += dv_p.to(acc)
-            if step < world - 1:
-                blocks, src = _ring_exchange(blocks, group), (src - 1) % world
-        # The block here now is the next rank's own: its dK/dV go home; ours arrive from behind.
-        dk, dv = _ring_exchange([blocks[2], blocks[3]], group) if world > 1 else (blocks[2], blocks[3])
+                dq[:, :, qs] += dq_p
+                partials.append((ks, dk_p, dv_p))
+            if pending_dkdv is not None:
+                dkdv = _finish_exchange(pending_dkdv)
+            for ks, dk_p, dv_p in partials:
+                dkdv[0][:, :, ks] += dk_p
+                dkdv[1][:, :, ks] += dv_p
+            if world > 1:  # after the last step this sends the next rank its own block's gradients
+                pending_dkdv = _post_exchange(dkdv, group)
+            if pending_kv is not None:
+                kv, src = _finish_exchange(pending_kv), (src - 1) % world
+        dk, dv = _finish_exchange(pending_dkdv) if world > 1 else dkdv
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 

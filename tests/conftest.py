@@ -87,15 +87,18 @@ def from_bytes(data: bytes):
     return torch.load(io.BytesIO(data))
 
 
-def process_groups():
+def process_groups(*values):
     """pytest params for the multi-process tests: gloo on CPU always; NCCL on GPUs (one per
-    rank, marked `gpu`) where two CUDA devices and NCCL are present."""
+    rank, marked `gpu`) where two CUDA devices and NCCL are present. With `values`, each param is
+    the tuple (backend, *values), for a parametrize over several names."""
     import pytest
     import torch.distributed as dist
 
     two_gpus = torch.cuda.is_available() and torch.cuda.device_count() >= 2 and dist.is_nccl_available()
-    nccl = pytest.param("nccl", marks=[pytest.mark.gpu, pytest.mark.skipif(not two_gpus, reason="needs 2 CUDA GPUs and NCCL")])
-    return ["gloo", nccl]
+    marks = [pytest.mark.gpu, pytest.mark.skipif(not two_gpus, reason="needs 2 CUDA GPUs and NCCL")]
+    if not values:
+        return ["gloo", pytest.param("nccl", marks=marks)]
+    return [("gloo", *values), pytest.param("nccl", *values, marks=marks)]
 
 
 def rank_device(backend: str, rank: int) -> torch.device:

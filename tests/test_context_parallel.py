@@ -1,4 +1,4 @@
-"""Ring attention over 2 ranks (gloo on CPU; NCCL on 2 GPUs where present), against one process attending the whole sequence.
+"""Ring attention over 2 ranks (gloo on CPU; NCCL on 2 GPUs where present) and 3 (gloo), against one process attending the whole sequence.
 
 Fresh random inputs, a float64 ground truth (`attention_ref` on the full sequence), forward and
 the gradients of q, k and v gathered from the ranks' shards; with and without causal (zigzag
@@ -18,9 +18,6 @@ from conftest import from_bytes, process_groups, rank_device, rel_err, spawn_ran
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
-WORLD = 2
-
-
 def _full_inputs(dtype):
     g = torch.Generator().manual_seed(7)
     q = torch.randn(2, 4, 24, 16, generator=g).to(dtype)
@@ -30,18 +27,18 @@ def _full_inputs(dtype):
     return q, k, v, dout
 
 
-def _rank_main(rank, port, causal, dtype, pg, results):
+def _rank_main(rank, port, causal, dtype, pg, world, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group(pg, rank=rank, world_size=WORLD)
+    dist.init_process_group(pg, rank=rank, world_size=world)
     try:
         from flash_inductor.context_parallel import ring_attention, zigzag_shard
 
         device = rank_device(pg, rank)
         q, k, v, dout = (t.to(device) for t in _full_inputs(dtype))
         if causal:
-            q, k, v, dout = (zigzag_shard(t, rank, WORLD) for t in (q, k, v, dout))
+            q, k, v, dout = (zigzag_shard(t, rank, world) for t in (q, k, v, dout))
         else:
-            q, k, v, dout = (t.chunk(WORLD, dim=2)[rank] for t in (q, k, v, dout))
+            q, k, v, dout = (t.chunk(world, dim=2)[rank] for t in (q, k, v, dout))
         q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
         out = ring_attention(q, k, v, causal=causal)
         out.backward(dout)
@@ -53,17 +50,18 @@ def _rank_main(rank, port, causal, dtype, pg, results):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("pg", process_groups())
+@pytest.mark.parametrize("pg,world", process_groups(2) + [("gloo", 3)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal_zigzag"])
-def test_ring_attention_matches_one_process(causal, dtype, pg):
+def test_ring_attention_matches_one_process(causal, dtype, pg, world):
     """Under NCCL each rank runs the op on its own GPU (Triton for float32, the reference for
-    float64) and the K/V blocks travel GPU to GPU."""
+    float64) and the K/V blocks travel GPU to GPU. Three ranks reach every zigzag case: blocks
+    from ranks before and after this one, and more than one hop."""
     from flash_inductor import attention_ref
     from flash_inductor.context_parallel import zigzag_unshard
 
-    got = spawn_ranks(_rank_main, (causal, dtype, pg), WORLD, timeout=300)
-    shards = [from_bytes(got[r]) for r in range(WORLD)]
+    got = spawn_ranks(_rank_main, (causal, dtype, pg, world), world, timeout=300)
+    shards = [from_bytes(got[r]) for r in range(world)]
     join = (lambda xs: zigzag_unshard(xs)) if causal else (lambda xs: torch.cat(xs, dim=2))
     full = {name: join([s[name] for s in shards]) for name in ("out", "dq", "dk", "dv")}
 
