@@ -10,7 +10,7 @@ export PYTHONUNBUFFERED=1
 # the host's shared GPUs out of service.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # Compiled kernels and autotune choices survive between calls on a machine that stays warm.
-export TRITON_CACHE_DIR=$PWD/.cache/triton
+export TRITON_CACHE_DIR=$PWD/.cache/triton FLASH_INDUCTOR_CACHE_DIR=$PWD/.cache/flash_inductor
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
@@ -29,6 +29,22 @@ for phase in "$@"; do
       timeout 220 python3 -m pytest -q -m gpu tests/test_distributed.py tests/test_context_parallel.py 2>&1 | tee "$OUT/multigpu_tests.log" | tail -15
       timeout 170 python3 benchmarks/ring_scaling.py --world 2 --json "$OUT/ring_scaling.json" 2>&1 | grep -v Warning | tee "$OUT/ring_scaling.log" | tail -5
       timeout 190 python3 benchmarks/ddp_step.py --world 2 --json "$OUT/ddp_step.json" 2>&1 | grep -v Warning | tee "$OUT/ddp_step.log" | tail -5 ;;
+    ring)  # 2 GPUs: the ring-attention NCCL tests and its scaling figure only
+      timeout 150 python3 -m pytest -q -m gpu tests/test_context_parallel.py 2>&1 | tee "$OUT/ring_tests.log" | tail -5
+      timeout 170 python3 benchmarks/ring_scaling.py --world 2 --json "$OUT/ring_scaling.json" 2>&1 | grep -v Warning | tee "$OUT/ring_scaling.log" | tail -3 ;;
+    cutlass_build)  # the nvidia-cutlass wheel comes in .whl/ (carried)
+      ( time timeout 400 python3 -m flash_inductor.cli build ) 2>&1 | tee "$OUT/cutlass_build.log" | tail -5
+      cp "$(python3 -m flash_inductor.cli build --print-plan | sed -n 's/^directory: //p')/build.log" "$OUT/cutlass_build_errors.log" 2>/dev/null
+      python3 -m flash_inductor.cli info 2>&1 | tail -7 ;;
+    cutlass_tests)
+      FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout 300 python3 -m pytest -q -m gpu tests/test_cutlass.py 2>&1 | tee "$OUT/cutlass_tests.log" | tail -8 ;;
+    cutlass_compiled)  # both kernels as backend="flash" runs them, where the eager op is host-bound
+      ( export FLASH_INDUCTOR_TRITON_AUTOTUNE=0; bench 170 bench_cutlass_compiled --lengths 2048 4096 --cases none causal --peers flash_compiled cutlass_compiled triton_compiled ) ;;
+    cutlass_bench)
+      bench 200 bench_cutlass_8k --lengths 8192 --cases none causal --peers cutlass triton sdpa_cudnn flex
+      bench 200 bench_cutlass_2k_4k --lengths 2048 4096 --cases none causal --peers cutlass triton sdpa_cudnn
+      bench 100 bench_cutlass_d64 --lengths 8192 --head-dim 64 --cases none causal --peers cutlass triton sdpa_cudnn
+      bench 100 bench_cutlass_d256 --lengths 8192 --head-dim 256 --cases none causal --peers cutlass triton sdpa_cudnn ;;
     padding)
       timeout 240 python3 benchmarks/padding.py --json "$OUT/padding.json" 2>&1 | grep -v Warning | tee "$OUT/padding.log" | tail -30 ;;
     bench_bias_check)

@@ -6,6 +6,10 @@ forward+backward times in µs (medians of triton.testing.do_bench), TFLOP/s, and
 extra memory of one forward+backward. Every peer runs in the same process on the same inputs:
 
 - triton: our op with the Triton kernels forced (FLASH_INDUCTOR_KERNEL=triton), called eagerly;
+- cutlass / cutlass_compiled: the same two ways with the CUTLASS kernels forced (its backward
+  is Triton's; it refuses bias and dropout today, which the table shows as "refused");
+- flash_compiled: the op under torch.compile with dispatch left to choose, nothing forced
+  (exactly what `backend="flash"` does);
 - triton_compiled: the same op under torch.compile (how backend="flash" runs it: Inductor
   launches the kernels, no eager dispatch or autograd overhead per call);
 - sdpa_flash / sdpa_efficient / sdpa_cudnn / sdpa_math: F.scaled_dot_product_attention with
@@ -71,22 +75,29 @@ def _ours(kernel):
     return run
 
 
-def _ours_compiled():
-    """Our op as a compiled model runs it: Inductor launches the Triton kernels itself
-    (flash_inductor.kernels_in_graph), without the eager op's Python and autograd overhead.
-    Compiled once per case, as FlexAttention is."""
+def _ours_compiled(kernel):
+    """Our op as a compiled model runs it, with `kernel` forced: Triton's kernels are launched by
+    Inductor itself (flash_inductor.kernels_in_graph), without the eager op's Python and autograd
+    overhead; a CUTLASS forward stays one opaque op in the graph. Compiled once per case, as
+    FlexAttention is."""
     import flash_inductor
 
     compiled = {}
 
     def run(q, k, v, bias, causal, p):
         key = (q.shape, bias is not None and bias.requires_grad, causal, p)
-        if key not in compiled:
-            compiled[key] = torch.compile(
-                lambda q, k, v, bias: flash_inductor.attention(q, k, v, bias, causal=causal, dropout_p=p),
-                dynamic=False,
-            )
-        return compiled[key](q, k, v, bias)
+        if kernel is not None:  # read when tracing and, for an opaque op, when running
+            flash_inductor.config.kernel = kernel
+        try:
+            if key not in compiled:
+                compiled[key] = torch.compile(
+                    lambda q, k, v, bias: flash_inductor.attention(q, k, v, bias, causal=causal, dropout_p=p),
+                    dynamic=False,
+                )
+            return compiled[key](q, k, v, bias)
+        finally:
+            if kernel is not None:
+                flash_inductor.config.kernel = None
 
     return run
 
@@ -150,7 +161,10 @@ def _flex():
 
 PEERS = {
     "triton": lambda: _ours("triton"),
-    "triton_compiled": _ours_compiled,
+    "cutlass": lambda: _ours("cutlass"),
+    "triton_compiled": lambda: _ours_compiled("triton"),
+    "cutlass_compiled": lambda: _ours_compiled("cutlass"),
+    "flash_compiled": lambda: _ours_compiled(None),
     "sdpa_flash": lambda: _sdpa("flash"),
     "sdpa_cudnn": lambda: _sdpa("cudnn"),
     "sdpa_efficient": lambda: _sdpa("efficient"),
@@ -234,8 +248,9 @@ def markdown(rows, peers) -> str:
                     cells.append(f"{r['fwd_us']:.0f} / {r['bwd_us']:.0f} / {r['fwd+bwd_us']:.0f} "
                                  f"({r['fwd_tflops']:.0f} / {r['bwd_tflops']:.0f})")
             ratios = ["", ""]
-            others = [r for p, r in got.items() if p not in ("triton", "triton_compiled", "eager", "sdpa_math")]
-            mine = [r for p, r in got.items() if p in ("triton", "triton_compiled")]
+            ours_names = ("triton", "triton_compiled", "cutlass", "cutlass_compiled", "flash_compiled")
+            others = [r for p, r in got.items() if p not in (*ours_names, "eager", "sdpa_math")]
+            mine = [r for p, r in got.items() if p in ours_names]
             if mine and others:
                 ours = {ph: min(r[f"{ph}_us"] for r in mine) for ph in ("fwd", "bwd")}
                 ours = {f"{ph}_us": t for ph, t in ours.items()}

@@ -1,4 +1,4 @@
-"""The `flash-inductor` command: info, explain, demo."""
+"""The `flash-inductor` command: info, build, bench, explain, demo, coverage."""
 
 from __future__ import annotations
 
@@ -33,7 +33,9 @@ def _info(args) -> int:
         print(f"CUDA: not available ({why}); attention runs on the CPU: PyTorch's fused CPU kernel "
               "(aten_cpu) where it accepts the input, else the PyTorch reference")
         device = "cpu"
-    print("CUTLASS kernels: not part of this version (the Triton kernels serve CUDA GPUs)")
+    from .cutlass_build import status
+
+    print(f"CUTLASS kernels: {status()}")
     forced = dispatch.forced_kernel()
     print(f"kernel setting ({dispatch.ENV_VAR}): {forced or 'automatic'}")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -90,11 +92,17 @@ def main(argv=None) -> int:
         from .bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["build"]:  # its own argparse (flash_inductor/cutlass_build.py)
+        from .cutlass_build import main as build_main
+
+        return build_main(argv[1:])
     parser = argparse.ArgumentParser(prog="flash-inductor", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="what is available on this machine, and why anything is not")
     sub.add_parser("bench", help="time the kernels against SDPA's backends, FlexAttention and eager "
                    "(GPU; `flash-inductor bench --help`)")
+    sub.add_parser("build", help="build the CUTLASS kernels ahead of time (otherwise built on first use; "
+                   "`flash-inductor build --help`)")
 
     def model_args(p, size, seq):
         from .models import MODELS

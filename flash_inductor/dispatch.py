@@ -14,6 +14,7 @@ import threading
 
 from .backends.aten_cpu import AtenCpuBackend
 from .backends.base import KernelBackend
+from .backends.cutlass import CutlassBackend
 from .backends.reference import ReferenceBackend
 from .backends.triton import TritonBackend
 from .inputs import AttentionInputs
@@ -33,7 +34,7 @@ class _Config(threading.local):
 
 config = _Config()
 
-BACKENDS: tuple[KernelBackend, ...] = (TritonBackend(), AtenCpuBackend(), ReferenceBackend())
+BACKENDS: tuple[KernelBackend, ...] = (CutlassBackend(), TritonBackend(), AtenCpuBackend(), ReferenceBackend())
 BY_NAME = {b.NAME: b for b in BACKENDS}
 KNOWN_NAMES = ("cutlass", "triton", "aten_cpu", "reference")
 
@@ -57,8 +58,6 @@ def forced_kernel() -> str | None:
 def reasons_by_backend(inp: AttentionInputs, varlen: bool = False) -> dict[str, list[str]]:
     """Every backend's refusal reasons for this input (empty list = accepts)."""
     out = {}
-    if "cutlass" not in BY_NAME:
-        out["cutlass"] = ["not built in this version of flash-inductor (Triton serves CUDA GPUs)"]
     for b in BACKENDS:
         out[b.NAME] = b.not_supported_reasons(inp, varlen)
     return out
@@ -76,7 +75,7 @@ def select(inp: AttentionInputs, varlen: bool = False) -> KernelBackend:
     forced = forced_kernel()
     if forced is not None:
         backend = BY_NAME.get(forced)
-        reasons = backend.not_supported_reasons(inp, varlen) if backend else reasons_by_backend(inp)[forced]
+        reasons = backend.not_supported_reasons(inp, varlen)
         if reasons:
             raise NoKernelError(
                 f"{ENV_VAR}={forced} was forced but that kernel refuses this input: "

@@ -14,7 +14,9 @@ rule below decomposes only when all of these hold, and otherwise leaves the op o
 dispatch at run time exactly as in eager:
 
 - every tensor argument is on CUDA (the CPU reference stays one call, not an unrolled graph);
-- dispatch picks the Triton backend for this input (a forced or refusing backend is honoured);
+- dispatch picks the Triton backend for this input (a forced or refusing backend is honoured),
+  or, for the backward, a backend whose backward is Triton's (CUTLASS today: its forward stays
+  one opaque op, its backward is Triton's kernels in the graph);
 - sizes and strides are static: the kernels specialise and autotune per shape, and Inductor
   would have to guard on every one of them anyway (`dynamic=True` keeps the opaque op);
 - the setting is on: `flash_inductor.config.kernels_in_graph` (default True) or the
@@ -49,8 +51,12 @@ def _is_static(t: torch.Tensor) -> bool:
     )
 
 
-def _triton_decision(inp: AttentionInputs, tensors) -> str | None:
-    """None if the op may decompose into the Triton kernels; else why not (for the log)."""
+def _triton_decision(inp: AttentionInputs, tensors, phase: str = "fwd") -> str | None:
+    """None if the op may decompose into the Triton kernels; else why not (for the log).
+
+    `phase="bwd"` asks about the backward, which a backend may hand to another kernel
+    (`KernelBackend.BACKWARD_KERNEL`: a CUTLASS forward is followed by the Triton backward, and
+    that backward then runs in the graph like any other)."""
     if not enabled():
         return "switched off"
     if any(t.device.type != "cuda" for t in tensors):
@@ -58,9 +64,10 @@ def _triton_decision(inp: AttentionInputs, tensors) -> str | None:
     if not all(_is_static(t) for t in tensors):
         return "symbolic shapes"
     try:
-        chosen = dispatch.select(inp).NAME
+        backend = dispatch.select(inp)
     except Exception as e:  # the opaque op will raise the same error at run time
         return f"dispatch refused: {e}"
+    chosen = (backend.BACKWARD_KERNEL or backend.NAME) if phase == "bwd" else backend.NAME
     if chosen != "triton":
         return f"dispatch picks {chosen}"
     return None
@@ -110,7 +117,7 @@ def _bwd_in_graph(
     return dq, dk, dv, dbias
 
 
-def _rule(op_name, in_graph, inputs_of):
+def _rule(op_name, in_graph, inputs_of, phase):
     from torch._subclasses.fake_tensor import FakeTensor
     from torch._subclasses.functional_tensor import FunctionalTensor
 
@@ -122,7 +129,7 @@ def _rule(op_name, in_graph, inputs_of):
         if kwargs or _export_in_progress():
             return mode.__torch_dispatch__(func, types, args, kwargs or {})
         inp, tensors = inputs_of(*args)
-        why_not = _triton_decision(inp, tensors)
+        why_not = _triton_decision(inp, tensors, phase)
         if why_not is not None:
             log.debug("%s stays one opaque op in the graph: %s", op_name, why_not)
             return mode.__torch_dispatch__(func, types, args, {})
@@ -150,6 +157,6 @@ def register(fwd_op, bwd_op) -> bool:
     except ImportError as e:
         log.info("kernels stay opaque under torch.compile: %s", e)
         return False
-    fwd_op.register_torch_dispatch(FunctionalTensorMode, _rule("flash::fwd", _fwd_in_graph, _fwd_inputs))
-    bwd_op.register_torch_dispatch(FunctionalTensorMode, _rule("flash::bwd", _bwd_in_graph, _bwd_inputs))
+    fwd_op.register_torch_dispatch(FunctionalTensorMode, _rule("flash::fwd", _fwd_in_graph, _fwd_inputs, "fwd"))
+    bwd_op.register_torch_dispatch(FunctionalTensorMode, _rule("flash::bwd", _bwd_in_graph, _bwd_inputs, "bwd"))
     return True

@@ -48,6 +48,27 @@ def test_cpu_op_stays_opaque_in_the_aot_graphs():
     assert rel_err(out, ref) < 1e-5
 
 
+def test_a_cutlass_forward_keeps_its_triton_backward_in_the_graph(monkeypatch):
+    """CUTLASS runs the forward as one opaque op; its backward is Triton's, so the backward
+    decision goes in-graph while the forward's says why not. Tensors stand in for CUDA ones."""
+    import types
+
+    from flash_inductor import dispatch
+    from flash_inductor import kernels_in_graph as kig
+    from flash_inductor.backends.cutlass import CutlassBackend
+    from flash_inductor.inputs import validate
+
+    q, k, v = make_qkv()
+    inp = validate(q, k, v)
+    on_cuda = [types.SimpleNamespace(device=torch.device("cuda"), shape=t.shape, stride=t.stride,
+                                     storage_offset=t.storage_offset) for t in (q, k, v)]
+    monkeypatch.setattr(dispatch, "select", lambda inp, varlen=False: CutlassBackend())
+    assert kig._triton_decision(inp, on_cuda, "fwd") == "dispatch picks cutlass"
+    assert kig._triton_decision(inp, on_cuda, "bwd") is None
+    monkeypatch.setattr(dispatch, "select", lambda inp, varlen=False: dispatch.BY_NAME["reference"])
+    assert kig._triton_decision(inp, on_cuda, "bwd") == "dispatch picks reference"
+
+
 def test_decision_says_why_the_op_stays_opaque(monkeypatch):
     """The gate in words (what the debug log prints): switched off, not on CUDA, symbolic sizes."""
     from torch._subclasses.fake_tensor import FakeTensorMode

@@ -625,7 +625,7 @@ def test_default_dispatch_on_cpu(default_dispatch):
     chosen, why_not_others = dispatch.explain_choice(inp)
     assert chosen == "aten_cpu"
     assert "triton: device=cpu (supported: cuda)" in why_not_others
-    assert "cutlass: not built" in why_not_others
+    assert "cutlass: device=cpu (supported: cuda)" in why_not_others
     # What PyTorch's CPU kernel lacks falls through to the reference, with the reason.
     dropout = validate(q, k, v, dropout_p=0.1)
     chosen, why_not_others = dispatch.explain_choice(dropout)
@@ -656,10 +656,10 @@ def test_force_triton_on_cpu_raises(how, monkeypatch):
 
 
 @pytest.mark.parametrize("how", HOW)
-def test_force_cutlass_unbuilt_raises(how, monkeypatch):
+def test_force_cutlass_on_cpu_raises(how, monkeypatch):
     q, k, v, _ = _inputs()
     _force(how, "cutlass", monkeypatch)
-    with pytest.raises(NoKernelError, match=r"FLASH_INDUCTOR_KERNEL=cutlass was forced .*not built"):
+    with pytest.raises(NoKernelError, match=r"FLASH_INDUCTOR_KERNEL=cutlass was forced .*device=cpu \(supported: cuda\)"):
         attention(q, k, v)
 
 

@@ -34,6 +34,9 @@ class KernelBackend:
     # Packed variable-length batches (flash_inductor/varlen.py): forward_varlen / backward_varlen.
     SUPPORTS_VARLEN: bool = False
     IS_DETERMINISTIC: bool = True
+    # The backend whose kernels run this one's backward, when not its own (None: its own).
+    # kernels_in_graph reads it to put that backward in Inductor's graph.
+    BACKWARD_KERNEL: str | None = None
 
     # ---- availability of the backend itself (package missing, build failed, ...) -----------
     def unavailable_reasons(self, device: torch.device) -> list[str]:

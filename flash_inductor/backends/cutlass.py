@@ -1,0 +1,196 @@
+"""The CUTLASS kernels (csrc/) as a backend: Hopper forward, with the Triton backward behind it.
+
+Today it runs the forward of unmasked and top-left causal attention, fp16/bf16, head dims 128
+and 256, on sm_90 (H100/H200). Built but refused until their GPU tests have run (`UNVALIDATED`):
+bottom-right causal with Nq <= Nk, and grouped KV heads (GQA/MQA), run by folding each KV head's
+G query heads into its rows ([B, Hkv, G·Nq, D], a free view of contiguous q): exact without a
+mask; with causal, when Nq = Nk is a multiple of 128 (a 128-row block then never straddles two
+heads, and the mask reads row mod Nk). Head dim 64 stays with Triton, which
+measured faster there (H200, N=8192, bf16 forward: Triton 422 / 331 TFLOP/s against this
+kernel's 344 / 288, no mask / causal; benchmarks/RESULTS.md, session 5). Its backward is the Triton
+backward, which needs only the forward's output and lse (natural log, the same contract), so a
+training step runs CUTLASS forward + Triton backward. Everything else it refuses with the reason,
+and dispatch moves on to Triton.
+
+The library is built on first use (flash_inductor/cutlass_build.py; minutes, once per machine
+and source version) or ahead of time by `flash-inductor build`. A missing toolkit, missing
+headers or a failed build is reported once, as a warning with the reason, and then as this
+backend's refusal reason in `explain`; Triton runs instead. FLASH_INDUCTOR_CUTLASS=0 turns the
+backend off without trying to build.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import threading
+
+import torch
+
+from ..inputs import AttentionInputs, Causal
+from .base import KernelBackend
+from .triton import TritonBackend
+
+log = logging.getLogger(__name__)
+ENV_VAR = "FLASH_INDUCTOR_CUTLASS"
+
+_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
+# Built and compiled, not yet run on a GPU: refused until their GPU tests pass (tests/test_cutlass.py
+# empties this set to run them), so no user runs device code that no test has run.
+UNVALIDATED = {"bottom-right causal", "grouped KV heads"}
+
+# csrc/flash_cutlass.h's FlashCutlassMask
+NO_MASK, TOP_LEFT, BOTTOM_RIGHT, FOLDED = 0, 1, 2, 3
+TILE_M = 128  # query rows per CUTLASS block, for every head dim built
+_INT32_MAX = 2**31 - 1
+
+
+class _Params(ctypes.Structure):
+    """Mirror of FlashCutlassFwdParams in csrc/flash_cutlass.h (field for field)."""
+
+    _fields_ = [
+        ("q", ctypes.c_void_p), ("k", ctypes.c_void_p), ("v", ctypes.c_void_p),
+        ("out", ctypes.c_void_p), ("lse", ctypes.c_void_p),
+        ("batch", ctypes.c_int32), ("heads", ctypes.c_int32), ("len_q", ctypes.c_int32),
+        ("len_k", ctypes.c_int32), ("head_dim", ctypes.c_int32),
+        ("q_stride", ctypes.c_int64 * 3), ("k_stride", ctypes.c_int64 * 3),
+        ("v_stride", ctypes.c_int64 * 3), ("out_stride", ctypes.c_int64 * 3),
+        ("scale", ctypes.c_float), ("sm_count", ctypes.c_int32), ("stream", ctypes.c_void_p),
+    ]
+
+
+_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=None)
+def _library():
+    """(the loaded library, None) or (None, why not): built, or found in the cache, once per process."""
+    if os.environ.get(ENV_VAR, "1") == "0":
+        return None, f"turned off ({ENV_VAR}=0)"
+    from .. import cutlass_build
+
+    with _lock:
+        try:
+            path = cutlass_build.build(log=log.warning)
+            lib = ctypes.CDLL(str(path))
+        except (cutlass_build.BuildError, OSError) as e:
+            log.warning("CUTLASS kernels unavailable, Triton runs instead: %s", e)
+            return None, f"not available ({str(e).splitlines()[0]})"
+    lib.flash_cutlass_fwd.restype = ctypes.c_int
+    lib.flash_cutlass_fwd.argtypes = [ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(_Params), ctypes.c_char_p,
+                                      ctypes.c_int32]
+    return lib, None
+
+
+def _effective_causal(inp: AttentionInputs) -> Causal:
+    """Bottom-right alignment with Nq = Nk is top-left."""
+    if inp.causal == Causal.BOTTOM_RIGHT and inp.len_q == inp.len_k:
+        return Causal.TOP_LEFT
+    return inp.causal
+
+
+def _strides(t: torch.Tensor):
+    return (ctypes.c_int64 * 3)(t.stride(0), t.stride(1), t.stride(2))
+
+
+def _tma_ready(t: torch.Tensor) -> torch.Tensor:
+    """TMA reads rows of 16-byte-aligned addresses with unit-stride head dims; anything else is
+    copied once (a strided view of a larger buffer, say)."""
+    elems = 16 // t.element_size()
+    if t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all(s % elems == 0 for s in t.stride()[:3]):
+        return t
+    # Not .contiguous(): a contiguous view at a misaligned offset would come back unchanged.
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+class CutlassBackend(KernelBackend):
+    NAME = "cutlass"
+    DEVICE_TYPES = ("cuda",)
+    MIN_COMPUTE_CAPABILITY = (9, 0)
+    SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+    SUPPORTED_HEAD_DIMS = (128, 256)
+    SUPPORTED_BIAS_KINDS = ("none",)
+    SUPPORTS_DROPOUT = False
+    SUPPORTS_DIFFERENT_V_DIM = False
+    SUPPORTS_SOFTCAP = False
+    HEAD_DIMS = (128, 256)
+    BACKWARD_KERNEL = "triton"
+
+    def device_reasons(self, device):
+        reasons = super().device_reasons(device)
+        if not reasons and device.type == "cuda" and torch.cuda.get_device_capability(device) != (9, 0):
+            cc = torch.cuda.get_device_capability(device)
+            reasons.append(f"compute capability {cc[0]}.{cc[1]}: the kernels are built for sm_90a (H100/H200) only")
+        return reasons
+
+    def unavailable_reasons(self, device):
+        _, why = _library()
+        return [f"the CUTLASS library is {why}"] if why else []
+
+    def extra_reasons(self, inp: AttentionInputs) -> list[str]:
+        # Off an sm_90 GPU nothing below matters; and the rewrite asks on traced values, where a
+        # size test on a symbolic size would add a guard (a recompile per length, dynamic=True).
+        if self.device_reasons(inp.device):
+            return []
+        if any(isinstance(x, torch.SymInt) for x in (*inp.q.shape, *inp.k.shape)):
+            return ["symbolic sizes (dynamic shapes): CUTLASS's limits are checked per call, at run time"]
+        reasons = []
+        if inp.head_dim == 64:
+            reasons.append("head_dim=64: the Triton kernel is faster there (measured 422 vs 344 TFLOP/s forward, H200)")
+        elif inp.head_dim not in self.HEAD_DIMS:
+            reasons.append(f"head_dim={inp.head_dim} (CUTLASS instances: {', '.join(map(str, self.HEAD_DIMS))})")
+        grouped = inp.heads_q != inp.heads_kv
+        causal = _effective_causal(inp)
+        for feature, used in (("bottom-right causal", causal == Causal.BOTTOM_RIGHT), ("grouped KV heads", grouped)):
+            if used and feature in UNVALIDATED:
+                reasons.append(f"{feature}: built, awaiting its first GPU test run (Triton runs it)")
+        if causal == Causal.BOTTOM_RIGHT and inp.len_q > inp.len_k:
+            reasons.append(f"bottom-right causal with len_q={inp.len_q} > len_k={inp.len_k} (rows with no key "
+                           "are not in the CUTLASS kernels)")
+        if grouped and causal != Causal.NONE and (inp.len_q != inp.len_k or inp.len_q % TILE_M):
+            reasons.append(f"causal with grouped KV heads needs len_q = len_k, a multiple of {TILE_M} "
+                           f"(got {inp.len_q} and {inp.len_k})")
+        if inp.len_q % 8:
+            reasons.append(f"len_q={inp.len_q} (the CUTLASS kernels need a multiple of 8)")
+        if inp.len_k == 0:
+            reasons.append("len_k=0")
+        biggest = max(t.numel() for t in (inp.q, inp.k, inp.v))
+        if biggest > _INT32_MAX or inp.batch * inp.heads_q * inp.len_q > _INT32_MAX:
+            reasons.append("a tensor has more than 2^31 elements (the kernels index with 32 bits)")
+        return reasons
+
+    def forward(self, inp: AttentionInputs, seed):
+        lib, why = _library()
+        if lib is None:
+            raise RuntimeError(f"the CUTLASS library is {why}")
+        b, hq, nq, d = inp.q.shape
+        hkv, nk = inp.k.shape[1], inp.k.shape[2]
+        groups = hq // hkv
+        # Grouped KV heads: the G query heads of each KV head become G·Nq rows (a view when q is
+        # contiguous in [B, H, N, D], a copy otherwise); out and lse are viewed back.
+        q = inp.q.reshape(b, hkv, groups * nq, d) if groups > 1 else inp.q
+        q, k, v = (_tma_ready(t) for t in (q, inp.k, inp.v))
+        causal = _effective_causal(inp)
+        mask = {Causal.NONE: NO_MASK, Causal.TOP_LEFT: FOLDED if groups > 1 else TOP_LEFT,
+                Causal.BOTTOM_RIGHT: BOTTOM_RIGHT}[causal]
+        rows = q.shape[2]
+        out = torch.empty(b, hkv, rows, d, dtype=q.dtype, device=q.device)
+        lse = torch.empty(b, hkv, rows, dtype=torch.float32, device=q.device)
+        with torch.cuda.device(q.device):
+            params = _Params(
+                q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+                b, hkv, rows, nk, d, _strides(q), _strides(k), _strides(v), _strides(out),
+                float(inp.scale), torch.cuda.get_device_properties(q.device).multi_processor_count,
+                torch.cuda.current_stream(q.device).cuda_stream,
+            )
+            err = ctypes.create_string_buffer(512)
+            code = lib.flash_cutlass_fwd(_DTYPE_CODES[q.dtype], mask, ctypes.byref(params), err, len(err))
+        if code:
+            raise RuntimeError(f"CUTLASS forward failed: {err.value.decode(errors='replace')}")
+        return out.view(b, hq, nq, d), lse.view(b, hq, nq)
+
+    def backward(self, inp, seed, out, lse, dout, dlse, bias_requires_grad):
+        # The CUTLASS backward is not written yet; Triton's reads the same (out, lse).
+        return TritonBackend().backward(inp, seed, out, lse, dout, dlse, bias_requires_grad)

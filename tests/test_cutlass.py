@@ -1,0 +1,111 @@
+"""The CUTLASS forward (csrc/, built on first use) against float64 attention, on an sm_90 GPU.
+
+Every instance (fp16/bf16 × head dims 128/256 × no mask/top-left causal) on shapes with
+lengths that are not multiples of the tiles, Nq ≠ Nk both ways, and the [B, N, H, D] layout HF
+models pass; bottom-right causal and grouped KV heads (folded into rows) on a few of each. The backward is the Triton backward fed the CUTLASS forward's out and lse, so the
+gradients check that the lse contract holds. Outputs are poisoned (NaN) before each run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+
+import pytest
+import torch
+
+from flash_inductor import dispatch
+from flash_inductor.backends.cutlass import CutlassBackend
+from flash_inductor.inputs import validate
+from test_triton_kernels import _check_against_ref, _randn, poisoned  # noqa: F401  (poisoned: a fixture)
+
+SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not SM90, reason="needs an sm_90 GPU (H100/H200)")]
+
+# (B, Hq, Hkv, Nq, Nk, layout)
+SHAPES = [(2, 3, 3, 256, 256, "bhnd"), (1, 2, 2, 136, 200, "bnhd"), (1, 2, 2, 264, 136, "bhnd")]
+CASES = list(itertools.product((torch.float16, torch.bfloat16), (128, 256), (False, "top_left"), SHAPES))
+# Bottom-right causal (Nq < Nk) and grouped KV heads, folded into rows: exact for any lengths
+# without a mask, and with causal when Nq = Nk is a multiple of 128.
+CASES += [
+    (torch.bfloat16, 128, "bottom_right", (2, 3, 3, 136, 392, "bhnd")),
+    (torch.float16, 256, "bottom_right", (1, 2, 2, 256, 320, "bnhd")),
+    (torch.bfloat16, 128, False, (2, 8, 2, 200, 136, "bhnd")),
+    (torch.float16, 128, False, (1, 4, 1, 72, 300, "bnhd")),
+    (torch.bfloat16, 128, "top_left", (2, 8, 2, 384, 384, "bhnd")),
+    (torch.bfloat16, 256, "top_left", (1, 6, 1, 256, 256, "bnhd")),
+    (torch.float16, 128, "bottom_right", (1, 4, 2, 256, 256, "bhnd")),  # = top-left, folded
+]
+
+
+@pytest.fixture(scope="module")
+def cutlass():
+    from flash_inductor.backends import cutlass as module
+
+    module.UNVALIDATED.clear()  # these tests are the validation
+    backend = CutlassBackend()
+    why = backend.unavailable_reasons(torch.device("cuda"))
+    assert not why, why  # on an H100/H200 with the toolkit and headers, the build must succeed
+    return backend
+
+
+@pytest.mark.parametrize("dtype,d,causal,shape", CASES, ids=lambda x: str(x).replace("torch.", ""))
+def test_forward_and_triton_backward(cutlass, poisoned, dtype, d, causal, shape):
+    b, hq, hkv, nq, nk, layout = shape
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((dtype, d, causal, shape)).encode()))
+    q = _randn((b, hq, nq, d), dtype, gen, layout).cuda()
+    k, v = (_randn((b, hkv, nk, d), dtype, gen, layout).cuda() for _ in range(2))
+    inp = validate(q, k, v, causal=causal)
+    assert not cutlass.not_supported_reasons(inp), cutlass.not_supported_reasons(inp)
+    _check_against_ref(cutlass, poisoned, q, k, v, None, causal, gen)
+
+
+def test_misaligned_and_scaled_input_is_copied_not_refused(cutlass, poisoned):
+    gen = torch.Generator().manual_seed(3)
+    flat = torch.randn(1 + 2 * 4 * 128 * 128, generator=gen).to(torch.bfloat16).cuda()
+    q = flat[1:].view(2, 4, 128, 128)  # data_ptr 2 bytes past a 16-byte boundary
+    k, v = (_randn((2, 4, 128, 128), torch.bfloat16, gen).cuda() for _ in range(2))
+    inp = validate(q, k, v, scale=0.3)
+    assert not cutlass.not_supported_reasons(inp)
+    out, lse = poisoned(cutlass.forward, inp, None)
+    ref = torch.softmax((q.double() @ k.double().transpose(-1, -2)) * 0.3, -1) @ v.double()
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+    torch.testing.assert_close(lse.double(), torch.logsumexp(q.double() @ k.double().transpose(-1, -2) * 0.3, -1),
+                               rtol=0, atol=2e-3)
+
+
+def test_dispatch_prefers_cutlass_and_explains_refusals(cutlass):
+    q = torch.randn(1, 4, 256, 128, device="cuda", dtype=torch.bfloat16)
+    assert dispatch.select(validate(q, q, q, causal=True)).NAME == "cutlass"
+    q200, k200 = (torch.randn(1, h, 200, 128, device="cuda", dtype=torch.bfloat16) for h in (4, 2))
+    chosen, why = dispatch.explain_choice(validate(q200, k200, k200, causal=True))
+    assert chosen == "triton" and "causal with grouped KV heads needs len_q = len_k, a multiple of 128" in why
+    assert dispatch.select(validate(q200, k200, k200)).NAME == "cutlass"
+    chosen, why = dispatch.explain_choice(validate(q, q, q, torch.zeros(256, 256, device="cuda")))
+    assert chosen == "triton" and "bias of kind 'float'" in why
+    q64 = torch.randn(1, 4, 256, 64, device="cuda", dtype=torch.bfloat16)
+    chosen, why = dispatch.explain_choice(validate(q64, q64, q64))
+    assert chosen == "triton" and "head_dim=64: the Triton kernel is faster there" in why
+
+
+def test_compiled_training_keeps_the_triton_backward_in_the_graph(cutlass):
+    """Under torch.compile the CUTLASS forward is one opaque op and its backward, Triton's, is
+    decomposed into the graph's own kernels; the gradients still match float64 attention."""
+    import flash_inductor
+    from test_kernels_in_graph import _aot_graphs
+
+    gen = torch.Generator().manual_seed(11)
+    q, k, v, dout = (_randn((1, 4, 384, 128), torch.bfloat16, gen).cuda() for _ in range(4))
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    out, graphs = _aot_graphs(lambda q, k, v: flash_inductor.attention(q, k, v, causal=True), *leaves)
+    out.backward(dout)
+    fw, bw = (g.code for g in graphs)
+    assert "torch.ops.flash.fwd.default" in fw and "triton_kernel_wrapper" not in fw
+    assert "triton_kernel_wrapper" in bw and "torch.ops.flash.bwd" not in bw
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = flash_inductor.attention_ref(*ref_leaves, causal=True)
+    ref.backward(dout.double())
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *(t.grad for t in leaves)),
+                               (ref, *(t.grad for t in ref_leaves))):
+        err = ((got.double() - want).norm() / want.norm()).item()
+        assert err < 2e-2, f"{name}: {err:.3g}"

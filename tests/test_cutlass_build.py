@@ -1,0 +1,194 @@
+"""The CUTLASS build logic on CPU (no GPU, no kernel launch): instance sources, the ninja file,
+cache keys, and every way the build can be unavailable, each with a reason and Triton taking over.
+One real compile of the entry point and one instance where nvcc and the headers are present."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import stat
+import subprocess
+
+import pytest
+import torch
+
+from flash_inductor import cutlass_build as cb
+from flash_inductor.backends import cutlass as cutlass_backend
+
+HAVE_HEADERS = True
+try:
+    cb.cutlass_source_dir()
+except cb.BuildError:
+    HAVE_HEADERS = False
+
+
+def test_instances_cover_every_dtype_head_dim_and_mask_once():
+    keys = {(i.dtype, i.head_dim, i.mask) for i in cb.INSTANCES}
+    assert keys == {(d, h, m) for d in cb.DTYPES for h in cb.HEAD_DIMS for m in cb.MASKS}
+    assert len({i.stem for i in cb.INSTANCES}) == len(cb.INSTANCES)
+    inst = cb.Instance("bf16", 128, "causal")
+    assert inst.source().splitlines() == ['#include "fwd_kernel.cuh"',
+                                          "FLASH_CUTLASS_INSTANCE(FLASH_CUTLASS_BF16, 128, FLASH_CUTLASS_CAUSAL_TOP_LEFT)"]
+
+
+def test_api_switches_over_exactly_the_built_instances():
+    some = (cb.Instance("fp16", 64, "none"), cb.Instance("bf16", 256, "causal"))
+    src = cb.api_source(some)
+    assert src.count("return flash_cutlass::run_fwd<") == 2
+    assert "run_fwd<FLASH_CUTLASS_BF16, 256, FLASH_CUTLASS_CAUSAL_TOP_LEFT>" in src
+    assert '"fp16/64/none\\nbf16/256/causal"' in src
+
+
+def test_ninja_file_compiles_each_unit_and_links_one_library():
+    text = cb.ninja_file("/cuda/bin/nvcc", ["-O3"], cb.INSTANCES[:2])
+    assert "build api.o: cu api.cu" in text
+    for inst in cb.INSTANCES[:2]:
+        assert f"build {inst.stem}.o: cu {inst.stem}.cu" in text
+    assert f"build {cb.LIB_NAME}: link api.o {cb.INSTANCES[0].stem}.o {cb.INSTANCES[1].stem}.o" in text
+
+
+def test_cache_key_tracks_sources_flags_toolkit_and_headers(tmp_path, monkeypatch):
+    flags = ["-O3", "-I/somewhere"]
+    key = cb.cache_key(flags, "release 13.0", "4.2.0")
+    assert key == cb.cache_key(flags, "release 13.0", "4.2.0")
+    assert key == cb.cache_key(["-O3", "-I/elsewhere"], "release 13.0", "4.2.0")  # paths are not content
+    assert key != cb.cache_key(["-O2", "-I/somewhere"], "release 13.0", "4.2.0")
+    assert key != cb.cache_key(flags, "release 12.8", "4.2.0")
+    assert key != cb.cache_key(flags, "release 13.0", "4.3.0")
+    assert key != cb.cache_key(flags, "release 13.0", "4.2.0", cb.INSTANCES[:1])
+    copy = tmp_path / "csrc"
+    shutil.copytree(cb.CSRC, copy)
+    monkeypatch.setattr(cb, "CSRC", copy)
+    assert cb.cache_key(flags, "release 13.0", "4.2.0") == key
+    (copy / "fwd_kernel.cuh").write_text((copy / "fwd_kernel.cuh").read_text() + "\n// edited\n")
+    assert cb.cache_key(flags, "release 13.0", "4.2.0") != key
+
+
+def test_missing_headers_say_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("FLASH_INDUCTOR_CUTLASS_DIR", str(tmp_path))
+    with pytest.raises(cb.BuildError, match="has no include/cute/tensor.hpp"):
+        cb.cutlass_source_dir()
+    monkeypatch.delenv("FLASH_INDUCTOR_CUTLASS_DIR")
+    monkeypatch.setattr(cb.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(cb.BuildError, match="pip install nvidia-cutlass"):
+        cb.cutlass_source_dir()
+
+
+def test_missing_nvcc_says_what_to_install(monkeypatch, tmp_path):
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.setenv(var, str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    import torch.utils.cpp_extension as ext
+
+    monkeypatch.setattr(ext, "CUDA_HOME", None)
+    with pytest.raises(cb.BuildError, match="nvcc .* was not found: install the CUDA toolkit"):
+        cb.find_nvcc()
+
+
+def _fake_nvcc(tmp_path, body: str) -> str:
+    script = tmp_path / "nvcc"
+    script.write_text("#!/bin/sh\n" + body)
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return str(script)
+
+
+def _plan(tmp_path, nvcc):
+    return cb.Plan(nvcc, cb.find_ninja(), ["-O3"], tmp_path / "cache" / "key", cb.INSTANCES[:2])
+
+
+def test_a_failed_build_raises_with_the_compiler_output(tmp_path):
+    nvcc = _fake_nvcc(tmp_path, 'echo "fwd_kernel.cuh(42): error: no instance of overload" >&2; exit 1\n')
+    p = _plan(tmp_path, nvcc)
+    with pytest.raises(cb.BuildError, match=r"the CUTLASS build failed[\s\S]*no instance of overload"):
+        cb.build(p)
+    assert "no instance of overload" in (p.directory / "build.log").read_text()
+    assert not p.library.exists()
+
+
+def test_a_build_runs_once_then_the_cache_serves(tmp_path):
+    calls = tmp_path / "calls"
+    # Writes its -o target and counts its runs.
+    nvcc = _fake_nvcc(tmp_path, f'echo x >> {calls}\nwhile [ "$1" != "-o" ]; do shift; done\ntouch "$2"\n')
+    p = _plan(tmp_path, nvcc)
+    assert cb.build(p) == p.library and p.library.is_file()
+    runs = len(calls.read_text().splitlines())
+    assert runs == 1 + 2 + 1  # api, two instances, link
+    assert sorted(f.name for f in p.directory.glob("*.cu")) == sorted(["api.cu"] + [f"{i.stem}.cu" for i in p.instances])
+    cb.build(p)
+    assert len(calls.read_text().splitlines()) == runs
+
+
+def test_unavailable_library_is_a_refusal_reason_and_warns_once(monkeypatch, caplog):
+    def fail(**kwargs):
+        raise cb.BuildError("nvcc (the CUDA toolkit's compiler) was not found: install the CUDA toolkit")
+
+    monkeypatch.setattr(cb, "build", fail)
+    cutlass_backend._library.cache_clear()
+    try:
+        with caplog.at_level("WARNING"):
+            for _ in range(3):
+                reasons = cutlass_backend.CutlassBackend().unavailable_reasons(torch.device("cuda"))
+        assert reasons == ["the CUTLASS library is not available (nvcc (the CUDA toolkit's compiler) was not found: "
+                           "install the CUDA toolkit)"]
+        assert sum("Triton runs instead" in r.getMessage() for r in caplog.records) == 1
+        monkeypatch.setenv(cutlass_backend.ENV_VAR, "0")
+        cutlass_backend._library.cache_clear()
+        assert "turned off (FLASH_INDUCTOR_CUTLASS=0)" in cutlass_backend.CutlassBackend().unavailable_reasons(
+            torch.device("cuda"))[0]
+    finally:
+        cutlass_backend._library.cache_clear()
+
+
+def test_build_command_reports_a_missing_toolchain(monkeypatch, tmp_path, capsys):
+    from flash_inductor.cli import main
+
+    monkeypatch.setenv("FLASH_INDUCTOR_CUTLASS_DIR", str(tmp_path))
+    assert main(["build"]) == 1
+    assert "flash-inductor build: " in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not HAVE_HEADERS or shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"),
+                    reason="needs nvcc and the nvidia-cutlass headers")
+def test_the_entry_point_and_one_instance_compile_for_sm90a(tmp_path):
+    """A real nvcc run (about a minute on 2 cores): the generated units and csrc/ are valid CUDA
+    C++ against the installed CUTLASS, before any GPU sees them."""
+    p = cb.plan(cb.INSTANCES[:0])
+    inst = cb.Instance("bf16", 128, "causal")
+    (tmp_path / "api.cu").write_text(cb.api_source((inst,)))
+    (tmp_path / "unit.cu").write_text(inst.source())
+    for unit in ("api", "unit"):
+        res = subprocess.run([p.nvcc, *p.flags, "-c", f"{unit}.cu", "-o", f"{unit}.o"], cwd=tmp_path,
+                             capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-3000:]
+    assert pathlib.Path(tmp_path / "unit.o").stat().st_size > 10_000
+
+
+def test_cutlass_refusals_are_sentences_a_user_can_act_on(monkeypatch):
+    """The backend's limits, as dispatch and `explain` print them (the device checks stubbed out:
+    this is the table of what an H100 would be told)."""
+    from flash_inductor.backends.cutlass import CutlassBackend
+    from flash_inductor.inputs import validate
+
+    monkeypatch.setattr(CutlassBackend, "device_reasons", lambda self, device: [])
+    monkeypatch.setattr(CutlassBackend, "unavailable_reasons", lambda self, device: [])
+    backend = CutlassBackend()
+
+    def reasons(hq=4, hkv=4, nq=256, nk=256, d=128, dtype=torch.bfloat16, **kw):
+        q = torch.randn(1, hq, nq, d, dtype=dtype)
+        k = torch.randn(1, hkv, nk, d, dtype=dtype)
+        return "; ".join(backend.not_supported_reasons(validate(q, k, k, **kw)))
+
+    assert reasons() == "" and reasons(causal=True) == "" and reasons(d=256, nq=136, nk=200) == ""
+    assert reasons(causal="bottom_right", nq=256, nk=256) == ""  # the same as top-left
+    assert "head_dim=64: the Triton kernel is faster there" in reasons(d=64)
+    assert "head_dim=96 (CUTLASS instances: 128, 256)" in reasons(d=96)
+    assert "grouped KV heads: built, awaiting its first GPU test run" in reasons(hkv=2)
+    assert "bottom-right causal: built, awaiting its first GPU test run" in reasons(causal="bottom_right", nq=128)
+    assert "bottom-right causal with len_q=256 > len_k=128" in reasons(causal="bottom_right", nk=128)
+    assert "causal with grouped KV heads needs len_q = len_k, a multiple of 128" in reasons(hkv=2, nq=200, nk=200,
+                                                                                           causal=True)
+    assert "len_q=36 (the CUTLASS kernels need a multiple of 8)" in reasons(nq=36)
+    assert "dtype=float32" in reasons(dtype=torch.float32)
+    assert "bias of kind 'float'" in reasons(bias=torch.zeros(256, 256))
+    assert "dropout_p=0.1 (this kernel has no dropout)" in reasons(dropout_p=0.1)
