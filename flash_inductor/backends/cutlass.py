@@ -110,7 +110,8 @@ class CutlassBackend(KernelBackend):
     DEVICE_TYPES = ("cuda",)
     MIN_COMPUTE_CAPABILITY = (9, 0)
     SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
-    SUPPORTED_HEAD_DIMS = (128, 256)
+    # The exact instances are checked in extra_reasons, with the reason for each gap.
+    SUPPORTED_HEAD_DIMS = (1, 256)
     SUPPORTED_BIAS_KINDS = ("none",)
     SUPPORTS_DROPOUT = False
     SUPPORTS_DIFFERENT_V_DIM = False
