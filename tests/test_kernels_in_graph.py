@@ -91,6 +91,63 @@ def test_decision_says_why_the_op_stays_opaque(monkeypatch):
     assert kig._is_static(static) and not kig._is_static(symbolic)
 
 
+def _recorded_launches(run):
+    """Every kernel launch `run(launch)` makes, as {argument name: value}, without launching."""
+    launches = []
+
+    def launch(kernel):
+        import triton
+
+        fn = kernel
+        while not isinstance(fn, triton.runtime.JITFunction):  # Autotuner / Heuristics wrap it
+            fn = fn.fn
+
+        class Grid:
+            def __getitem__(self, _grid):
+                return lambda *args, **kwargs: launches.append((fn.__name__, {**dict(zip(fn.arg_names, args)), **kwargs}))
+
+        return Grid()
+
+    run(launch)
+    return launches
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_traced_launches_pass_no_input_as_a_placeholder(varlen):
+    """Traced for Inductor, a pointer a kernel does not use gets a fresh empty tensor, never an
+    input: torch's analysis of what a Triton kernel writes is conservative (it names unused
+    pointers such as CuQ), and an input it names would be written back, which AOTAutograd refuses
+    for a leaf that requires grad. Each input may appear only under its own argument names."""
+    from flash_inductor.inputs import validate
+    from flash_inductor.kernels import triton_attention as ta
+
+    q, k, v = make_qkv(1, 2, 2, 40, head_dim=16)
+    out, dout = torch.randn_like(q), torch.randn_like(q)
+    lse = torch.randn(1, 2, 40)
+    if varlen:
+        pq, pk, pv, po, pd = (t[0].transpose(0, 1).contiguous() for t in (q, k, v, out, dout))
+        cu = torch.tensor([0, 15, 40], dtype=torch.int32)
+        own = {"Q": pq, "K": pk, "V": pv, "Out": po, "DO DOut": pd, "CuQ CuK": cu}
+
+        def run(launch):
+            ta.forward_varlen(pq, pk, pv, cu, cu, 25, 25, 1, 0.25, 0.0, None, launch=launch)
+            ta.backward_varlen(pd, None, pq, pk, pv, cu, cu, 25, 25, None, po, lse[0].T.contiguous(), 1, 0.25, 0.0,
+                               launch=launch)
+    else:
+        own = {"Q": q, "K": k, "V": v, "Out": out, "DO DOut": dout}
+
+        def run(launch):
+            inp = validate(q, k, v, causal=True)
+            ta.forward(inp, None, launch=launch)
+            ta.backward(inp, None, out, lse, dout, None, False, launch=launch)
+
+    launches = _recorded_launches(run)
+    assert {name for name, _ in launches} >= {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"}
+    for kernel, args in launches:
+        for name, value in args.items():
+            for names, t in own.items():
+                assert value is not t or name in names.split(), f"{kernel}: input {names} passed as {name}"
+
 # ---- GPU --------------------------------------------------------------------------------------
 
 

@@ -996,6 +996,21 @@ def _direct(kernel):
     return kernel
 
 
+def _unused(q: torch.Tensor, launch) -> torch.Tensor:
+    """The tensor passed for pointer arguments a launch never touches (no bias, no dropout seed,
+    no tile lists, no sequence offsets, no dS).
+
+    Eagerly, q itself (nothing allocated). Traced for Inductor (`launch` is wrap_triton), a fresh
+    empty tensor: torch works out which arguments a kernel writes from its TTIR, and that
+    analysis is conservative: it names unused pointers among the written ones (torch 2.13 reports
+    CuQ / CuK as written by all three kernels, which only read them under VARLEN; on torch 2.11
+    the backward's q placeholder came out written). Were q the placeholder, the trace would
+    write back into a leaf that requires grad and AOTAutograd would refuse the graph (a CUTLASS
+    forward followed by the in-graph Triton backward failed exactly so on the GPU).
+    An output passed again as a placeholder would be returned from the wrong copy."""
+    return q if launch is _direct else torch.empty(0, dtype=q.dtype, device=q.device)
+
+
 def _tiles(inp: AttentionInputs, bias, sb, launch) -> mask_tiles.MaskTiles | None:
     """Skippable and bias-free tiles of a mask-like bias (mask_tiles.py), or None: dense loops."""
     return mask_tiles.classify(inp, bias, sb, launch) if mask_tiles.worth_it(inp) else None
@@ -1004,9 +1019,7 @@ def _tiles(inp: AttentionInputs, bias, sb, launch) -> mask_tiles.MaskTiles | Non
 def _tile_args(tiles: mask_tiles.MaskTiles | None, by_query: bool, placeholder: torch.Tensor):
     """(Counts, Tiles) pointers and (stride_tb, stride_th, list_stride, row_len) for a kernel.
 
-    Unused pointer arguments get a tensor the kernel only reads (q): under torch.compile,
-    wrap_triton works out which arguments a kernel writes, and an output passed again as a
-    placeholder would be returned from the wrong copy."""
+    Unused pointer arguments get `placeholder` (`_unused`)."""
     if tiles is None:
         return (placeholder, placeholder), (0, 0, 0, 0)
     a = tiles.query_args() if by_query else tiles.key_args()
@@ -1029,13 +1042,14 @@ def forward(
     if Nk == 0:
         return out.zero_(), lse.fill_(float("-inf"))
     q, k, v = _unit_last(inp.q), _unit_last(inp.k), _unit_last(inp.v)
-    bias, sb = _bias_args(inp, q, launch)
+    unused = _unused(q, launch)
+    bias, sb = _bias_args(inp, unused, launch)
     sc = _scalars(inp)
     tiles = _tiles(inp, bias, sb, launch)
-    tile_ptrs, tile_strides = _tile_args(tiles, True, q)
+    tile_ptrs, tile_strides = _tile_args(tiles, True, unused)
     grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
     launch(_attn_fwd)[grid](
-        q, k, v, bias, seed if seed is not None else q, out, lse, *tile_ptrs, q, q,
+        q, k, v, bias, seed if seed is not None else unused, out, lse, *tile_ptrs, unused, unused,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -1089,10 +1103,11 @@ def backward(
         q, k, v = _unit_last(inp.q), _unit_last(inp.k), _unit_last(inp.v)
         out, dout = _unit_last(out), _unit_last(dout)
         lse = lse.contiguous()
-        bias, sb = _bias_args(inp, q, launch)
+        unused = _unused(q, launch)
+        bias, sb = _bias_args(inp, unused, launch)
         meta, sc = _common_meta(inp), _scalars(inp)
         G = Hq // Hkv
-        seed_arg = seed if seed is not None else q
+        seed_arg = seed if seed is not None else unused
 
         delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=dev)
         launch(_attn_bwd_preprocess)[(triton.cdiv(Nq, _PREPROCESS_BLOCK_M), B * Hq)](
@@ -1117,9 +1132,9 @@ def backward(
         tiles = mask_tiles.classify(inp, bias, sb, launch) if sparse else None
         meta.update(SPARSE=sparse, TILE=mask_tiles.TILE)
         grid_kv = lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
-        tile_ptrs, tile_strides = _tile_args(tiles, False, q)
+        tile_ptrs, tile_strides = _tile_args(tiles, False, unused)
         launch(_attn_bwd_dkdv)[grid_kv](
-            q, k, v, bias, seed_arg, dout, lse, delta, dk, dv, *tile_ptrs, q, q,
+            q, k, v, bias, seed_arg, dout, lse, delta, dk, dv, *tile_ptrs, unused, unused,
             *common,
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
@@ -1128,9 +1143,10 @@ def backward(
             *scalars, VARLEN=False, **meta,
         )
         grid_q = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
-        tile_ptrs, tile_strides = _tile_args(tiles, True, q)
+        tile_ptrs, tile_strides = _tile_args(tiles, True, unused)
         launch(_attn_bwd_dq)[grid_q](
-            q, k, v, bias, seed_arg, dout, lse, delta, dq, ds if ds is not None else q, *tile_ptrs, q, q,
+            q, k, v, bias, seed_arg, dout, lse, delta, dq, ds if ds is not None else unused, *tile_ptrs,
+            unused, unused,
             *common,
             dq.stride(0), dq.stride(1), dq.stride(2),
             *delta.stride(),
@@ -1177,9 +1193,10 @@ def forward_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: int, sca
         return out, lse
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     meta, sc = _packed_meta(inp, max_q, max_k)
+    unused = _unused(q, launch)
     grid = lambda m: (triton.cdiv(max(max_q, 1), m["BLOCK_M"]), B * Hq)  # noqa: E731
     launch(_attn_fwd)[grid](
-        q, k, v, q, seed if seed is not None else q, out, lse, q, q, cu_q, cu_k,
+        q, k, v, unused, seed if seed is not None else unused, out, lse, unused, unused, cu_q, cu_k,
         0, q.stride(1), q.stride(0),
         0, k.stride(1), k.stride(0),
         0, v.stride(1), v.stride(0),
@@ -1210,7 +1227,8 @@ def backward_varlen(dout, dlse, q, k, v, cu_q, cu_k, max_q: int, max_k: int, see
         delta = delta - dlse
     delta = delta.contiguous()
     meta, sc = _packed_meta(inp, max_q, max_k)
-    seed_arg = seed if seed is not None else q
+    unused = _unused(q, launch)
+    seed_arg = seed if seed is not None else unused
     common = (
         0, q.stride(1), q.stride(0),
         0, k.stride(1), k.stride(0),
@@ -1221,7 +1239,7 @@ def backward_varlen(dout, dlse, q, k, v, cu_q, cu_k, max_q: int, max_k: int, see
     scalars = (Hq, Hq // Hkv, 0, 0, sc["qk_scale"], scale, sc["drop_threshold"], sc["drop_scale"], sc["N_BUCKET"])
     lse_strides = (0, lse.stride(1), lse.stride(0))
     launch(_attn_bwd_dkdv)[lambda m: (triton.cdiv(max(max_k, 1), m["BLOCK_N"]), B * Hkv)](
-        q, k, v, q, seed_arg, dout, lse, delta, dk, dv, q, q, cu_q, cu_k,
+        q, k, v, unused, seed_arg, dout, lse, delta, dk, dv, unused, unused, cu_q, cu_k,
         *common,
         0, dk.stride(1), dk.stride(0),
         0, dv.stride(1), dv.stride(0),
@@ -1229,7 +1247,7 @@ def backward_varlen(dout, dlse, q, k, v, cu_q, cu_k, max_q: int, max_k: int, see
         *scalars, **meta,
     )
     launch(_attn_bwd_dq)[lambda m: (triton.cdiv(max(max_q, 1), m["BLOCK_M"]), B * Hq)](
-        q, k, v, q, seed_arg, dout, lse, delta, dq, q, q, q, cu_q, cu_k,
+        q, k, v, unused, seed_arg, dout, lse, delta, dq, unused, unused, unused, cu_q, cu_k,
         *common,
         0, dq.stride(1), dq.stride(0),
         *lse_strides, 0, 0, 0, 0,
