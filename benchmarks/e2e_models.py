@@ -66,7 +66,13 @@ class _OpaqueCounter(logging.Handler):
             self.reasons.add(msg.split(": ", 1)[-1][:120])
 
 
-def run_row(name: str, size: str, device: torch.device, dtype, repeats: int, impl: str, out=print) -> dict:
+MODES = ("forward", "train")
+
+
+def run_row(name: str, size: str, device: torch.device, dtype, repeats: int, impl: str, out=print,
+            modes=MODES) -> dict:
+    """One model under every backend. `modes` picks what is compiled and timed: both (the table),
+    or one, so that a process holds one graph per frame (the e2e/profile gap: NOTES.md)."""
     key, seq, batch = ROWS[name]
     if size == "tiny":
         seq, batch = 16, 2
@@ -106,8 +112,9 @@ def run_row(name: str, size: str, device: torch.device, dtype, repeats: int, imp
         logger.setLevel(logging.DEBUG)
         t0 = time.perf_counter()
         try:
-            y = forward(fn)
-            train_step(fn)
+            y = forward(fn) if "forward" in modes else None
+            if "train" in modes:
+                train_step(fn)
         finally:
             logger.removeHandler(counter)
             logger.setLevel(level)
@@ -115,10 +122,11 @@ def run_row(name: str, size: str, device: torch.device, dtype, repeats: int, imp
         if backend == "flash":
             row["flash_opaque_ops"] = counter.count
             row["flash_opaque_reasons"] = sorted(counter.reasons)
-        if backend != "eager":
+        if backend != "eager" and y is not None:
             row[f"{backend}_rel_diff_fwd"] = _rel(y, y_eager)
-        row[f"{backend}_fwd_ms"] = _median_ms(lambda: forward(fn), repeats, device)
-        row[f"{backend}_train_ms"] = _median_ms(lambda: train_step(fn), repeats, device)
+        nan = float("nan")
+        row[f"{backend}_fwd_ms"] = _median_ms(lambda: forward(fn), repeats, device) if "forward" in modes else nan
+        row[f"{backend}_train_ms"] = _median_ms(lambda: train_step(fn), repeats, device) if "train" in modes else nan
         out(f"{name:12s} {backend:8s} fwd {row[f'{backend}_fwd_ms']:8.2f} ms  train {row[f'{backend}_train_ms']:8.2f} ms"
             f"  (first call {row[f'{backend}_first_call_s']:.1f} s)", flush=True)
     return row
@@ -147,6 +155,8 @@ def main(argv=None) -> int:
     ap.add_argument("--size", default="base", choices=("tiny", "base"))
     ap.add_argument("--impl", default="sdpa", choices=("sdpa", "eager"), help="attn_implementation")
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
+                    help="what to compile and time (one mode: one graph per frame in the process)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -157,7 +167,7 @@ def main(argv=None) -> int:
     print(json.dumps(meta), flush=True)
     rows = []
     for name in args.models:
-        rows.append(run_row(name, args.size, device, dtype, args.repeats, args.impl))
+        rows.append(run_row(name, args.size, device, dtype, args.repeats, args.impl, modes=args.modes))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"meta": meta, "rows": rows}, f, indent=1)

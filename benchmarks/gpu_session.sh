@@ -38,6 +38,12 @@ for phase in "$@"; do
       python3 -m flash_inductor.cli info 2>&1 | tail -7 ;;
     cutlass_tests)
       FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout 300 python3 -m pytest -q -m gpu tests/test_cutlass.py 2>&1 | tee "$OUT/cutlass_tests.log" | tail -8 ;;
+    cutlass_bias)  # the bias rows (after cutlass_tests); features still in UNVALIDATED are let through for the bench only
+      unvalidated_bench() { timeout "$1" python3 -c "import sys; from flash_inductor.backends import cutlass; cutlass.UNVALIDATED.clear(); from flash_inductor.cli import main; sys.exit(main(sys.argv[1:]))" bench "${@:3}" --json "$OUT/$2.json" 2>&1 | grep -v Warning | tee "$OUT/$2.log"; }
+      unvalidated_bench 200 bench_cutlass_bias_8k --lengths 8192 --cases bias bias+causal --peers cutlass triton flex sdpa_cudnn
+      unvalidated_bench 150 bench_cutlass_bias_d256 --lengths 8192 --head-dim 256 --cases bias bias+causal --peers cutlass flex ;;
+    cutlass_variants)  # compile-time variants of the bias softmax, built side by side and timed
+      timeout 300 python3 benchmarks/cutlass_variants.py --json "$OUT/cutlass_variants.json" 2>&1 | grep -v Warning | tee "$OUT/cutlass_variants.log" | tail -12 ;;
     cutlass_compiled)  # both kernels as backend="flash" runs them, where the eager op is host-bound
       ( export FLASH_INDUCTOR_TRITON_AUTOTUNE=0; bench 170 bench_cutlass_compiled --lengths 2048 4096 --cases none causal --peers flash_compiled cutlass_compiled triton_compiled ) ;;
     cutlass_bench)

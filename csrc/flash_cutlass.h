@@ -31,12 +31,23 @@ typedef struct {
   float scale;
   int32_t sm_count;
   void* stream;  // cudaStream_t
+  // Additive bias in q's dtype, added to scale * q.k: NULL for none, else read as
+  // [batch, query heads, rows_per_head, len_k] through element strides of batch, query head and
+  // query row (0 on broadcast dims); the key stride is 1. Base address and strides even (keys
+  // are read two at a time).
+  const void* bias;
+  int64_t bias_stride[3];
+  // Query heads per KV head folded into the rows (grouped KV heads; 1 = none): row r of KV head
+  // h is query head h * groups + r / rows_per_head, position r % rows_per_head.
+  int32_t groups;
+  int32_t rows_per_head;
 } FlashCutlassFwdParams;
 
-// 0 on success; otherwise a message in `err` (NUL-terminated, at most err_len bytes).
+// 0 on success; otherwise a message in `err` (NUL-terminated, at most err_len bytes). A bias
+// selects the instances built with one (params->bias != NULL).
 int flash_cutlass_fwd(int32_t dtype, int32_t mask, const FlashCutlassFwdParams* params, char* err, int32_t err_len);
 
-// The instances this library was built with, one "dtype/head_dim/mask" per line.
+// The instances this library was built with, one "dtype/head_dim/mask[/bias]" per line.
 const char* flash_cutlass_instances(void);
 
 #ifdef __cplusplus

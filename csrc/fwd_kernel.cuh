@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <type_traits>
 #include <utility>
 
 #include "cutlass/cutlass.h"
@@ -20,20 +21,37 @@ namespace flash_cutlass {
 
 using namespace cute;
 
+// What the softmax needs to add a bias (the CollectiveSoftmax specialisation below); carried in
+// the mainloop's Params.
+struct BiasArgs {
+  void const* ptr = nullptr;
+  int64_t stride_b = 0, stride_h = 0, stride_q = 0;  // elements; the key stride is 1
+  int groups = 1, rows_per_head = 0;                 // grouped KV heads folded into rows
+  float inv_scale = 1.f;
+};
+
+template <class P>
+struct BiasedParams : P {
+  BiasArgs bias;
+};
+
 // The example computes the scale as 1/sqrt(head_dim); the op takes any scale (HF models pass
-// their own, T5 passes 1). Same mainloop, Params patched after they are built.
+// their own, T5 passes 1). Same mainloop, Params patched after they are built, and the bias
+// arguments carried along for the softmax.
 template <class Base>
 struct ScaledMainloop : Base {
   struct Arguments : Base::Arguments {
     float scale;
+    BiasArgs bias;
   };
-  using Params = typename Base::Params;
+  using Params = BiasedParams<typename Base::Params>;
 
   template <class ProblemShape>
   static Params to_underlying_arguments(ProblemShape const& problem_size, Arguments const& args, void* workspace) {
-    Params params = Base::to_underlying_arguments(problem_size, args, workspace);
+    Params params{Base::to_underlying_arguments(problem_size, args, workspace), args.bias};
     params.scale_softmax = args.scale;
     params.scale_softmax_log2 = args.scale * static_cast<float>(M_LOG2E);
+    params.bias.inv_scale = 1.f / args.scale;
     return params;
   }
 };
@@ -106,8 +124,180 @@ struct FoldedCausalFusion : DiagonalFusion<FoldedCausalFusion> {
   template <class PS> CUTLASS_DEVICE static int shift(PS const&) { return 0; }
 };
 
+// A bias on top of a mask fusion: the mask's trip counts and masking, plus an additive bias that
+// the softmax (the CollectiveSoftmax specialisation below) reads from global memory. Example 88's fusions are constructed empty where
+// they are used, so the bias cannot live in the fusion; the softmax object, which holds the
+// mainloop's Params, carries it instead.
+template <class Mask, class Element, int kTileN>
+struct BiasFusion : Mask {};
+
+// Whether the bias softmax loads the next key tile's bias a step ahead (benchmarks/cutlass_variants.py
+// builds both ways and times them).
+#ifndef FLASH_CUTLASS_BIAS_PREFETCH
+#define FLASH_CUTLASS_BIAS_PREFETCH 1
+#endif
+
+template <class Element>
+CUTLASS_DEVICE float2 unpack_pair(uint32_t bits) {
+  if constexpr (std::is_same_v<Element, cutlass::bfloat16_t>) {
+    return make_float2(__uint_as_float(bits << 16), __uint_as_float(bits & 0xffff0000u));
+  } else {
+    return make_float2(__half2float(__ushort_as_half(static_cast<unsigned short>(bits & 0xffffu))),
+                       __half2float(__ushort_as_half(static_cast<unsigned short>(bits >> 16))));
+  }
+}
+
+}  // namespace flash_cutlass
+
+namespace cutlass::fmha::collective {
+
+// Example 88's softmax with a bias added to the scores of every key tile before the mask fusion
+// runs: acc += bias / scale, since the softmax exponentiates scale * acc. Each thread reads the
+// bias of the accumulator elements it holds, two keys per 32-bit load (the wgmma accumulator
+// gives every thread pairs of adjacent columns), and loads the next key tile's bias one step
+// ahead, into registers, so the loads are in flight during the PV and next QK GEMMs. Rows with
+// every key masked (a -inf bias) end with lse = -inf and zeros, the op's contract (example 88
+// reports +inf there).
+//
+// The softmax runs between the two warpgroups' GEMMs, so every instruction added here is paid in
+// tensor-core idle time: addresses come from two row pointers computed once per block (a thread
+// holds two rows) plus a column offset that is a constant after unrolling. Measured (H200,
+// N=8192, bias forward, benchmarks/cutlass_variants.py): this, 351 / 506 TFLOP/s at D=128 / 256;
+// without the prefetch, 337 / 444; a 64-bit row offset computed per pair, 231 / 358; staging
+// the next tile through shared memory with cp.async instead of registers, 162 at D=128; a
+// branch that skips the bounds checks on in-range tiles, no gain (347 / 504).
+template <class Mask, class Element, int kTileN, class Params>
+struct CollectiveSoftmax<float, flash_cutlass::BiasFusion<Mask, Element, kTileN>, Params>
+    : CollectiveSoftmax<float, Mask, Params> {
+  using Base = CollectiveSoftmax<float, Mask, Params>;
+  using FullParams = flash_cutlass::BiasedParams<std::remove_cv_t<std::remove_reference_t<Params>>>;
+  static constexpr int kMaxPairs = 32;  // accumulator elements per thread / 2, largest tile built
+  static constexpr int kRowStep = 8;    // the second row a thread holds in the wgmma accumulator
+  static constexpr bool kPrefetch = FLASH_CUTLASS_BIAS_PREFETCH;
+
+  uint32_t next_[kPrefetch ? kMaxPairs : 1];
+  bool started_ = false;
+  int row0_ = 0;
+  uint16_t const* row_ptr_[2] = {nullptr, nullptr};  // bias of rows row0_ and row0_ + kRowStep
+  bool row_ok_[2] = {false, false};
+
+  CUTLASS_DEVICE CollectiveSoftmax(Params const& params) : Base(params) {}
+
+  CUTLASS_DEVICE flash_cutlass::BiasArgs const& bias() const {
+    return static_cast<FullParams const&>(this->params).bias;
+  }
+
+  // A row's bias (query head and position from the folded row; batch and KV head from the block:
+  // IndividualTileScheduler launches (row blocks, batch, heads)).
+  CUTLASS_DEVICE uint16_t const* row_ptr(int row) const {
+    auto const& b = bias();
+    int head = blockIdx.z, pos = row;
+    if (b.groups > 1) {
+      head = head * b.groups + row / b.rows_per_head;
+      pos = row % b.rows_per_head;
+    }
+    return static_cast<uint16_t const*>(b.ptr) + (blockIdx.y * b.stride_b + head * b.stride_h + pos * b.stride_q);
+  }
+
+  // The bias pairs of the tile `col_shift` keys right of `count_qk`'s; pairs past the last row or
+  // key read as zeros (those scores are masked anyway).
+  template <class CountQK, class ProblemShape>
+  CUTLASS_DEVICE void load(uint32_t (&dst)[kMaxPairs], CountQK const& count_qk, int col_shift,
+                           ProblemShape const& problem_shape) const {
+    constexpr int kPairs = decltype(size(count_qk))::value / 2;
+    static_assert(kPairs <= kMaxPairs);
+    int keys = get<3>(problem_shape);
+    int col0 = get<1>(count_qk(0)) + col_shift;
+    CUTLASS_PRAGMA_UNROLL
+    for (int p = 0; p < kPairs; p++) {
+      // Constants once unrolled: the accumulator's layout is static, only its origin moves.
+      int drow = get<0>(count_qk(2 * p)) - row0_, dcol = get<1>(count_qk(2 * p)) - get<1>(count_qk(0));
+      uint16_t const* at;
+      bool row_ok;
+      if (drow == 0) {
+        at = row_ptr_[0], row_ok = row_ok_[0];
+      } else if (drow == kRowStep) {
+        at = row_ptr_[1], row_ok = row_ok_[1];
+      } else {  // not the layout this code was written for: correct, slower
+        at = row_ptr(row0_ + drow), row_ok = row0_ + drow < get<2>(problem_shape);
+      }
+      int col = col0 + dcol;
+      at += col;
+      uint32_t bits = 0;
+      if (row_ok && col + 1 < keys) {
+        bits = __ldg(reinterpret_cast<uint32_t const*>(at));
+      } else if (row_ok && col < keys) {
+        bits = __ldg(at);
+      }
+      dst[p] = bits;
+    }
+  }
+
+  template <class AccQK, class CountQK, class ProblemShape>
+  CUTLASS_DEVICE void add_bias(AccQK& acc_qk, CountQK const& count_qk, ProblemShape const& problem_shape) {
+    constexpr int kPairs = decltype(size(acc_qk))::value / 2;
+    uint32_t cur[kMaxPairs];
+    if (!started_) {
+      row0_ = get<0>(count_qk(0));
+      row_ptr_[0] = row_ptr(row0_);
+      row_ptr_[1] = row_ptr(row0_ + kRowStep);
+      row_ok_[0] = row0_ < get<2>(problem_shape);
+      row_ok_[1] = row0_ + kRowStep < get<2>(problem_shape);
+    }
+    if constexpr (kPrefetch) {
+      if (started_) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int p = 0; p < kPairs; p++) cur[p] = next_[p];
+      } else {
+        load(cur, count_qk, 0, problem_shape);
+      }
+      load(next_, count_qk, kTileN, problem_shape);
+    } else {
+      load(cur, count_qk, 0, problem_shape);
+    }
+    started_ = true;
+    float inv_scale = bias().inv_scale;
+    CUTLASS_PRAGMA_UNROLL
+    for (int p = 0; p < kPairs; p++) {
+      float2 v = flash_cutlass::unpack_pair<Element>(cur[p]);
+      acc_qk(2 * p) = fmaf(v.x, inv_scale, acc_qk(2 * p));
+      acc_qk(2 * p + 1) = fmaf(v.y, inv_scale, acc_qk(2 * p + 1));
+    }
+  }
+
+  template <class AccQK, class TiledMmaQK, class CountQK, class State, class ProblemShape>
+  CUTLASS_DEVICE auto step(AccQK& acc_qk, TiledMmaQK const& tiled_mma_qk, CountQK const& count_qk, State& state,
+                           ProblemShape const& problem_shape) {
+    add_bias(acc_qk, count_qk, problem_shape);
+    return Base::step(acc_qk, tiled_mma_qk, count_qk, state, problem_shape);
+  }
+
+  template <bool kUseFusion = true, class AccQK, class TiledMmaQK, class CountQK, class State, class AccPV,
+            class TiledMmaPV, class ProblemShape>
+  CUTLASS_DEVICE auto step(AccQK& acc_qk, TiledMmaQK const& tiled_mma_qk, CountQK const& count_qk, State& state,
+                           AccPV& acc_pv, TiledMmaPV const& tiled_mma_pv, ProblemShape const& problem_shape) {
+    add_bias(acc_qk, count_qk, problem_shape);  // on every tile, the mask's unmasked ones too
+    return Base::template step<kUseFusion>(acc_qk, tiled_mma_qk, count_qk, state, acc_pv, tiled_mma_pv,
+                                           problem_shape);
+  }
+
+  template <class State, class AccPV, class TiledMmaPV>
+  CUTLASS_DEVICE auto tail(State& state, AccPV& acc_pv, TiledMmaPV const& tiled_mma_pv) {
+    auto lse = Base::tail(state, acc_pv, tiled_mma_pv);
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(lse); i++) {
+      if (lse(i) == INFINITY) lse(i) = -INFINITY;
+    }
+    return lse;
+  }
+};
+
+}  // namespace cutlass::fmha::collective
+
+namespace flash_cutlass {
+
 template <int kMask>
-using FusionFor = std::conditional_t<
+using MaskFusionFor = std::conditional_t<
     kMask == FLASH_CUTLASS_CAUSAL_TOP_LEFT, CausalResidualFusion,
     std::conditional_t<kMask == FLASH_CUTLASS_CAUSAL_BOTTOM_RIGHT, BottomRightFusion,
                        std::conditional_t<kMask == FLASH_CUTLASS_CAUSAL_FOLDED, FoldedCausalFusion,
@@ -124,11 +314,12 @@ using TileFor = std::conditional_t<kHeadDim == 128, Shape<_128, _128, _128>,
 using StrideQKV = cute::tuple<int, _1, cute::tuple<int, int>>;  // row, head_dim, (batch, head)
 using StrideLSE = cute::tuple<_1, cute::tuple<int, int>>;      // row, (batch, head)
 
-template <int kDtype, int kHeadDim, int kMask>
+template <int kDtype, int kHeadDim, int kMask, bool kBias>
 int run_fwd(FlashCutlassFwdParams const& p, char* err, int err_len) {
   using Element = ElementFor<kDtype>;
   using Tile = TileFor<kHeadDim>;
-  using Fusion = FusionFor<kMask>;
+  using Fusion = std::conditional_t<kBias, BiasFusion<MaskFusionFor<kMask>, Element, tuple_element_t<1, Tile>::value>,
+                                    MaskFusionFor<kMask>>;
   using Mainloop = ScaledMainloop<cutlass::fmha::collective::FmhaMainloopTmaWarpSpecialized<
       Element, float, float, Tile, StrideQKV, StrideQKV, StrideQKV, Fusion>>;
   using Epilogue = cutlass::fmha::collective::FmhaFwdEpilogue<Element, float, typename Mainloop::TileShapePV>;
@@ -145,6 +336,14 @@ int run_fwd(FlashCutlassFwdParams const& p, char* err, int err_len) {
   mainloop.ptr_V = static_cast<Element const*>(p.v);
   mainloop.dV = stride(p.v_stride);
   mainloop.scale = p.scale;
+  if constexpr (kBias) {
+    if (p.bias == nullptr || reinterpret_cast<uintptr_t>(p.bias) % 4 || p.bias_stride[0] % 2 || p.bias_stride[1] % 2 ||
+        p.bias_stride[2] % 2 || p.groups < 1 || p.rows_per_head < 1 || !(p.scale > 0.f)) {
+      snprintf(err, err_len, "bias: needs a 4-byte-aligned address, even strides, groups >= 1 and scale > 0");
+      return 2;
+    }
+    mainloop.bias = BiasArgs{p.bias, p.bias_stride[0], p.bias_stride[1], p.bias_stride[2], p.groups, p.rows_per_head};
+  }
   cutlass::KernelHardwareInfo hw_info;
   hw_info.sm_count = p.sm_count;
   typename Operation::Arguments args{
@@ -191,6 +390,6 @@ int run_fwd(FlashCutlassFwdParams const& p, char* err, int err_len) {
 
 }  // namespace flash_cutlass
 
-// One explicit instantiation: `FLASH_CUTLASS_INSTANCE(dtype, head_dim, mask)` in a generated .cu.
-#define FLASH_CUTLASS_INSTANCE(DTYPE, HEAD_DIM, MASK) \
-  template int flash_cutlass::run_fwd<DTYPE, HEAD_DIM, MASK>(FlashCutlassFwdParams const&, char*, int);
+// One explicit instantiation: `FLASH_CUTLASS_INSTANCE(dtype, head_dim, mask, bias)` in a generated .cu.
+#define FLASH_CUTLASS_INSTANCE(DTYPE, HEAD_DIM, MASK, BIAS) \
+  template int flash_cutlass::run_fwd<DTYPE, HEAD_DIM, MASK, BIAS>(FlashCutlassFwdParams const&, char*, int);

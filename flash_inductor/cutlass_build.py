@@ -1,6 +1,6 @@
 """Build the CUTLASS kernels in csrc/ into one shared library, with ninja, on first use; cached.
 
-What is built: one translation unit per instance (dtype × head dim × mask, `INSTANCES`), generated
+What is built: one translation unit per instance (dtype × head dim × mask × bias, `INSTANCES`), generated
 here as two lines that instantiate `flash_cutlass::run_fwd` from csrc/fwd_kernel.cuh, plus
 `api.cu`, the C entry point that switches on the instance. Ninja compiles the units in parallel.
 
@@ -59,17 +59,21 @@ class Instance:
     dtype: str  # a key of DTYPES
     head_dim: int
     mask: str  # a key of MASKS
+    bias: bool = False  # an additive bias in q's dtype, read in the softmax
 
     @property
     def stem(self) -> str:
-        return f"fwd_{self.dtype}_d{self.head_dim}_{self.mask}"
+        return f"fwd_{self.dtype}_d{self.head_dim}_{self.mask}{'_bias' if self.bias else ''}"
+
+    @property
+    def template_args(self) -> str:
+        return f"{DTYPES[self.dtype]}, {self.head_dim}, {MASKS[self.mask]}, {'true' if self.bias else 'false'}"
 
     def source(self) -> str:
-        return (f'#include "fwd_kernel.cuh"\n'
-                f"FLASH_CUTLASS_INSTANCE({DTYPES[self.dtype]}, {self.head_dim}, {MASKS[self.mask]})\n")
+        return f'#include "fwd_kernel.cuh"\nFLASH_CUTLASS_INSTANCE({self.template_args})\n'
 
 
-INSTANCES = tuple(Instance(d, h, m) for d, h, m in itertools.product(DTYPES, HEAD_DIMS, MASKS))
+INSTANCES = tuple(Instance(d, h, m, b) for d, h, m, b in itertools.product(DTYPES, HEAD_DIMS, MASKS, (False, True)))
 
 
 class BuildError(RuntimeError):
@@ -79,19 +83,22 @@ class BuildError(RuntimeError):
 def api_source(instances=INSTANCES) -> str:
     """The C entry point: a switch over the built instances (declared, defined in their units)."""
     cases = "\n".join(
-        f"  if (dtype == {DTYPES[i.dtype]} && p->head_dim == {i.head_dim} && mask == {MASKS[i.mask]})\n"
-        f"    return flash_cutlass::run_fwd<{DTYPES[i.dtype]}, {i.head_dim}, {MASKS[i.mask]}>(*p, err, err_len);"
+        f"  if (dtype == {DTYPES[i.dtype]} && p->head_dim == {i.head_dim} && mask == {MASKS[i.mask]} && "
+        f"bias == {'true' if i.bias else 'false'})\n"
+        f"    return flash_cutlass::run_fwd<{i.template_args}>(*p, err, err_len);"
         for i in instances)
-    listing = "\\n".join(f"{i.dtype}/{i.head_dim}/{i.mask}" for i in instances)
+    listing = "\\n".join(f"{i.dtype}/{i.head_dim}/{i.mask}{'/bias' if i.bias else ''}" for i in instances)
     return f"""#include <cstdio>
 #include "flash_cutlass.h"
 namespace flash_cutlass {{
-template <int kDtype, int kHeadDim, int kMask>
+template <int kDtype, int kHeadDim, int kMask, bool kBias>
 int run_fwd(FlashCutlassFwdParams const& p, char* err, int err_len);
 }}
 extern "C" int flash_cutlass_fwd(int32_t dtype, int32_t mask, const FlashCutlassFwdParams* p, char* err, int32_t err_len) {{
+  bool bias = p->bias != nullptr;
 {cases}
-  snprintf(err, err_len, "no CUTLASS instance for dtype=%d head_dim=%d mask=%d", dtype, p->head_dim, mask);
+  snprintf(err, err_len, "no CUTLASS instance for dtype=%d head_dim=%d mask=%d bias=%d", dtype, p->head_dim, mask,
+           int(bias));
   return 1;
 }}
 extern "C" const char* flash_cutlass_instances(void) {{ return "{listing}"; }}

@@ -36,7 +36,7 @@ def test_bench_without_gpu_says_so(capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().out
 
 
-def test_e2e_script_runs_a_tiny_model_through_all_three_backends():
+def _e2e_module():
     import importlib.util
     import pathlib
 
@@ -44,6 +44,11 @@ def test_e2e_script_runs_a_tiny_model_through_all_three_backends():
     spec = importlib.util.spec_from_file_location("e2e_models", path)
     e2e = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(e2e)
+    return e2e
+
+
+def test_e2e_script_runs_a_tiny_model_through_all_three_backends():
+    e2e = _e2e_module()
     row = e2e.run_row("bert", "tiny", torch.device("cpu"), torch.float32, repeats=1, impl="sdpa", out=lambda *a, **k: None)
     assert row["rewritten"] == row["attention_layers"] == 2
     for backend in e2e.BACKENDS:
@@ -51,6 +56,18 @@ def test_e2e_script_runs_a_tiny_model_through_all_three_backends():
     assert row["flash_rel_diff_fwd"] < 1e-4
     table = e2e.markdown([row])
     assert "| bert (16 × 2), sdpa | 2/2 |" in table and "Geometric mean" in table
+
+
+def test_e2e_script_times_one_mode_alone():
+    """`--modes forward`: nothing is compiled or timed for training (one graph per frame)."""
+    import math
+
+    e2e = _e2e_module()
+    row = e2e.run_row("bert", "tiny", torch.device("cpu"), torch.float32, repeats=1, impl="sdpa",
+                      out=lambda *a, **k: None, modes=("forward",))
+    for backend in e2e.BACKENDS:
+        assert row[f"{backend}_fwd_ms"] > 0 and math.isnan(row[f"{backend}_train_ms"])
+    assert row["flash_rel_diff_fwd"] < 1e-4
 
 
 def test_plot_writes_a_png(tmp_path):

@@ -2,8 +2,11 @@
 
 Every instance (fp16/bf16 × head dims 128/256 × no mask/top-left causal) on shapes with
 lengths that are not multiples of the tiles, Nq ≠ Nk both ways, and the [B, N, H, D] layout HF
-models pass; bottom-right causal and grouped KV heads (folded into rows) on a few of each. The backward is the Triton backward fed the CUTLASS forward's out and lse, so the
-gradients check that the lse contract holds. Outputs are poisoned (NaN) before each run.
+models pass; bottom-right causal and grouped KV heads (folded into rows) on a few of each; and
+the bias instances on every bias layout the glue handles (per head, full, strided keys, odd
+rows, broadcast, fully masked rows). The backward is the Triton backward fed the CUTLASS
+forward's out and lse, so the gradients check that the lse contract holds. Outputs are poisoned
+(NaN) before each run.
 """
 
 from __future__ import annotations
@@ -38,6 +41,45 @@ CASES += [
 ]
 
 
+# Additive biases in q's dtype, fused into the softmax: (dtype, head dim, causal, shape, bias kind).
+# Kinds: "head" [1, H, Nq, Nk]; "full" [B, H, Nq, Nk] (an odd Nk is copied to even rows); "t5"
+# an embedding permuted to [1, H, Nq, Nk] (keys H apart: copied); "rows" per-head with some
+# rows all -inf (lse -inf, zeros); "expanded" one [Nq, Nk] expanded over B and H (stride 0);
+# "keys" [B, H, 1, Nk] (broadcast over queries).
+BIAS_CASES = [
+    (torch.bfloat16, 128, False, (2, 3, 3, 256, 256, "bhnd"), "head"),
+    (torch.float16, 128, "top_left", (1, 2, 2, 136, 200, "bnhd"), "full"),
+    (torch.bfloat16, 256, "top_left", (1, 2, 2, 264, 136, "bhnd"), "head"),
+    (torch.float16, 256, False, (2, 2, 2, 136, 201, "bhnd"), "full"),
+    (torch.bfloat16, 128, "top_left", (1, 4, 4, 256, 256, "bnhd"), "t5"),
+    (torch.bfloat16, 128, False, (1, 2, 2, 128, 300, "bhnd"), "rows"),
+    (torch.float16, 128, False, (2, 3, 3, 200, 256, "bhnd"), "expanded"),
+    (torch.bfloat16, 256, False, (2, 2, 2, 136, 256, "bhnd"), "keys"),
+    (torch.bfloat16, 128, False, (2, 8, 2, 200, 136, "bhnd"), "head"),  # grouped KV heads
+    (torch.bfloat16, 128, "top_left", (1, 4, 2, 256, 256, "bhnd"), "full"),  # grouped + causal
+    (torch.bfloat16, 128, "bottom_right", (1, 2, 2, 136, 392, "bhnd"), "head"),
+]
+
+
+def _make_bias(kind, b, hq, nq, nk, dtype, gen):
+    if kind == "head":
+        return torch.randn(1, hq, nq, nk, generator=gen).to(dtype)
+    if kind == "full":
+        return torch.randn(b, hq, nq, nk, generator=gen).to(dtype)
+    if kind == "t5":
+        return torch.randn(nq, nk, hq, generator=gen).to(dtype).permute(2, 0, 1)[None]
+    if kind == "rows":
+        bias = torch.randn(1, hq, nq, nk, generator=gen).to(dtype)
+        bias[:, :, 5:9] = float("-inf")
+        bias[:, 1, 40:, 100:] = float("-inf")
+        return bias
+    if kind == "expanded":
+        return torch.randn(nq, nk, generator=gen).to(dtype).expand(b, hq, nq, nk)
+    if kind == "keys":
+        return torch.randn(b, hq, 1, nk, generator=gen).to(dtype)
+    raise ValueError(kind)
+
+
 @pytest.fixture(scope="module")
 def cutlass():
     from flash_inductor.backends import cutlass as module
@@ -58,6 +100,20 @@ def test_forward_and_triton_backward(cutlass, poisoned, dtype, d, causal, shape)
     inp = validate(q, k, v, causal=causal)
     assert not cutlass.not_supported_reasons(inp), cutlass.not_supported_reasons(inp)
     _check_against_ref(cutlass, poisoned, q, k, v, None, causal, gen)
+
+
+@pytest.mark.parametrize("dtype,d,causal,shape,kind", BIAS_CASES, ids=lambda x: str(x).replace("torch.", ""))
+def test_bias_forward_and_triton_backward(cutlass, poisoned, dtype, d, causal, shape, kind):
+    """The bias in the softmax, against float64; the Triton backward (its gradient included)
+    from the CUTLASS out and lse."""
+    b, hq, hkv, nq, nk, layout = shape
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((dtype, d, causal, shape, kind)).encode()))
+    q = _randn((b, hq, nq, d), dtype, gen, layout).cuda()
+    k, v = (_randn((b, hkv, nk, d), dtype, gen, layout).cuda() for _ in range(2))
+    bias = _make_bias(kind, b, hq, nq, nk, dtype, gen).cuda()
+    inp = validate(q, k, v, bias, causal=causal)
+    assert not cutlass.not_supported_reasons(inp), cutlass.not_supported_reasons(inp)
+    _check_against_ref(cutlass, poisoned, q, k, v, bias, causal, gen)
 
 
 def test_misaligned_and_scaled_input_is_copied_not_refused(cutlass, poisoned):
@@ -81,8 +137,9 @@ def test_dispatch_prefers_cutlass_and_explains_refusals(cutlass):
     chosen, why = dispatch.explain_choice(validate(q200, k200, k200, causal=True))
     assert chosen == "triton" and "causal with grouped KV heads needs len_q = len_k, a multiple of 128" in why
     assert dispatch.select(validate(q200, k200, k200)).NAME == "cutlass"
-    chosen, why = dispatch.explain_choice(validate(q, q, q, torch.zeros(256, 256, device="cuda")))
-    assert chosen == "triton" and "bias of kind 'float'" in why
+    chosen, why = dispatch.explain_choice(validate(q, q, q, torch.zeros(256, 256, device="cuda", dtype=q.dtype)))
+    assert chosen == "triton" and "a mask-like bias (one for every head)" in why
+    assert dispatch.select(validate(q, q, q, torch.zeros(4, 256, 256, device="cuda", dtype=q.dtype))).NAME == "cutlass"
     q64 = torch.randn(1, 4, 256, 64, device="cuda", dtype=torch.bfloat16)
     chosen, why = dispatch.explain_choice(validate(q64, q64, q64))
     assert chosen == "triton" and "head_dim=64: the Triton kernel is faster there" in why

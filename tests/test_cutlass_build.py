@@ -23,21 +23,23 @@ except cb.BuildError:
     HAVE_HEADERS = False
 
 
-def test_instances_cover_every_dtype_head_dim_and_mask_once():
-    keys = {(i.dtype, i.head_dim, i.mask) for i in cb.INSTANCES}
-    assert keys == {(d, h, m) for d in cb.DTYPES for h in cb.HEAD_DIMS for m in cb.MASKS}
+def test_instances_cover_every_dtype_head_dim_mask_and_bias_once():
+    keys = {(i.dtype, i.head_dim, i.mask, i.bias) for i in cb.INSTANCES}
+    assert keys == {(d, h, m, b) for d in cb.DTYPES for h in cb.HEAD_DIMS for m in cb.MASKS for b in (False, True)}
     assert len({i.stem for i in cb.INSTANCES}) == len(cb.INSTANCES)
-    inst = cb.Instance("bf16", 128, "causal")
+    inst = cb.Instance("bf16", 128, "causal", bias=True)
+    assert inst.stem == "fwd_bf16_d128_causal_bias"
     assert inst.source().splitlines() == ['#include "fwd_kernel.cuh"',
-                                          "FLASH_CUTLASS_INSTANCE(FLASH_CUTLASS_BF16, 128, FLASH_CUTLASS_CAUSAL_TOP_LEFT)"]
+                                          "FLASH_CUTLASS_INSTANCE(FLASH_CUTLASS_BF16, 128, FLASH_CUTLASS_CAUSAL_TOP_LEFT, true)"]
 
 
 def test_api_switches_over_exactly_the_built_instances():
-    some = (cb.Instance("fp16", 64, "none"), cb.Instance("bf16", 256, "causal"))
+    some = (cb.Instance("fp16", 64, "none"), cb.Instance("bf16", 256, "causal", bias=True))
     src = cb.api_source(some)
     assert src.count("return flash_cutlass::run_fwd<") == 2
-    assert "run_fwd<FLASH_CUTLASS_BF16, 256, FLASH_CUTLASS_CAUSAL_TOP_LEFT>" in src
-    assert '"fp16/64/none\\nbf16/256/causal"' in src
+    assert "run_fwd<FLASH_CUTLASS_FP16, 64, FLASH_CUTLASS_NO_MASK, false>" in src
+    assert "mask == FLASH_CUTLASS_CAUSAL_TOP_LEFT && bias == true)\n    return flash_cutlass::run_fwd<FLASH_CUTLASS_BF16, 256, FLASH_CUTLASS_CAUSAL_TOP_LEFT, true>" in src
+    assert '"fp16/64/none\\nbf16/256/causal/bias"' in src
 
 
 def test_ninja_file_compiles_each_unit_and_links_one_library():
@@ -154,7 +156,7 @@ def test_the_entry_point_and_one_instance_compile_for_sm90a(tmp_path):
     """A real nvcc run (about a minute on 2 cores): the generated units and csrc/ are valid CUDA
     C++ against the installed CUTLASS, before any GPU sees them."""
     p = cb.plan(cb.INSTANCES[:0])
-    inst = cb.Instance("bf16", 128, "causal")
+    inst = cb.Instance("bf16", 128, "causal", bias=True)  # the mask fusion and the bias softmax
     (tmp_path / "api.cu").write_text(cb.api_source((inst,)))
     (tmp_path / "unit.cu").write_text(inst.source())
     for unit in ("api", "unit"):
@@ -183,12 +185,44 @@ def test_cutlass_refusals_are_sentences_a_user_can_act_on(monkeypatch):
     assert reasons(causal="bottom_right", nq=256, nk=256) == ""  # the same as top-left
     assert "head_dim=64: the Triton kernel is faster there" in reasons(d=64)
     assert "head_dim=96 (CUTLASS instances: 128, 256)" in reasons(d=96)
-    assert "grouped KV heads: built, awaiting its first GPU test run" in reasons(hkv=2)
-    assert "bottom-right causal: built, awaiting its first GPU test run" in reasons(causal="bottom_right", nq=128)
+    assert reasons(hkv=2) == "" and reasons(causal="bottom_right", nq=128) == ""
+    per_head = torch.randn(1, 4, 256, 256, dtype=torch.bfloat16)
+    monkeypatch.setattr(cutlass_backend, "UNVALIDATED", {"bias"})
+    assert "bias: built, awaiting its first GPU test run (Triton runs it)" in reasons(bias=per_head)
+    monkeypatch.setattr(cutlass_backend, "UNVALIDATED", set())
+    assert reasons(bias=per_head) == "" and reasons(bias=per_head, causal=True, hkv=2) == ""
+    assert "a bool mask: Triton's kernels skip its fully masked tiles" in reasons(bias=per_head > 0)
+    assert "a float32 bias with bfloat16 q" in reasons(bias=per_head.float())
+    assert "a mask-like bias (one for every head)" in reasons(bias=per_head[:, :1])
+    assert "scale=-1 (the CUTLASS softmax needs a finite scale > 0)" in reasons(scale=-1.0)
     assert "bottom-right causal with len_q=256 > len_k=128" in reasons(causal="bottom_right", nk=128)
     assert "causal with grouped KV heads needs len_q = len_k, a multiple of 128" in reasons(hkv=2, nq=200, nk=200,
                                                                                            causal=True)
     assert "len_q=36 (the CUTLASS kernels need a multiple of 8)" in reasons(nq=36)
     assert "dtype=float32" in reasons(dtype=torch.float32)
-    assert "bias of kind 'float'" in reasons(bias=torch.zeros(256, 256))
     assert "dropout_p=0.1 (this kernel has no dropout)" in reasons(dropout_p=0.1)
+
+
+@pytest.mark.parametrize("kind", ["head", "full", "t5", "expanded", "keys", "odd_keys", "offset"])
+def test_bias_reaches_the_kernel_as_it_reads_it(kind):
+    """What `_bias_ready` hands the kernel, read back the way the kernel reads it (element
+    offset b·sb + h·sh + q·sq + key, even strides and address): the user's bias, broadcast."""
+    from flash_inductor.inputs import validate
+
+    b, h, nq, nk = 2, 3, 16, 24 if kind != "odd_keys" else 25
+    q = torch.randn(b, h, nq, 128, dtype=torch.bfloat16)
+    k = torch.randn(b, h, nk, 128, dtype=torch.bfloat16)
+    bias = {
+        "head": lambda: torch.randn(1, h, nq, nk),
+        "full": lambda: torch.randn(b, h, nq, nk),
+        "t5": lambda: torch.randn(nq, nk, h).permute(2, 0, 1)[None],
+        "expanded": lambda: torch.randn(nq, nk).expand(b, h, nq, nk),
+        "keys": lambda: torch.randn(b, h, 1, nk),
+        "odd_keys": lambda: torch.randn(b, h, nq, nk),
+        "offset": lambda: torch.randn(1 + b * h * nq * nk)[1:].view(b, h, nq, nk),  # 2 bytes off
+    }[kind]().to(torch.bfloat16)
+    inp = validate(q, k, k, bias)
+    b4, strides = cutlass_backend._bias_ready(inp)
+    assert b4.stride(-1) == 1 and b4.data_ptr() % 4 == 0 and all(s % 2 == 0 for s in strides)
+    read = torch.as_strided(b4, (b, h, nq, nk), (*strides, 1))
+    assert torch.equal(read, bias.expand(b, h, nq, nk))

@@ -1,16 +1,21 @@
 """The CUTLASS kernels (csrc/) as a backend: Hopper forward, with the Triton backward behind it.
 
-Today it runs the forward of unmasked and top-left causal attention, fp16/bf16, head dims 128
-and 256, on sm_90 (H100/H200). Built but refused until their GPU tests have run (`UNVALIDATED`):
-bottom-right causal with Nq <= Nk, and grouped KV heads (GQA/MQA), run by folding each KV head's
-G query heads into its rows ([B, Hkv, G·Nq, D], a free view of contiguous q): exact without a
-mask; with causal, when Nq = Nk is a multiple of 128 (a 128-row block then never straddles two
-heads, and the mask reads row mod Nk). Head dim 64 stays with Triton, which
-measured faster there (H200, N=8192, bf16 forward: Triton 422 / 331 TFLOP/s against this
-kernel's 344 / 288, no mask / causal; benchmarks/RESULTS.md, session 5). Its backward is the Triton
-backward, which needs only the forward's output and lse (natural log, the same contract), so a
-training step runs CUTLASS forward + Triton backward. Everything else it refuses with the reason,
-and dispatch moves on to Triton.
+It runs the forward of fp16/bf16 attention with head dims 128 and 256 on sm_90 (H100/H200):
+no mask, top-left causal, bottom-right causal with Nq <= Nk, grouped KV heads (GQA/MQA), and an
+additive bias in q's dtype of any broadcast shape, fused into the softmax. Grouped KV heads are
+run by folding each KV head's G query heads into its rows ([B, Hkv, G·Nq, D], a free view of
+contiguous q): exact without a mask; with causal, when Nq = Nk is a multiple of 128 (a 128-row
+block then never straddles two heads, and the mask reads row mod Nk); the bias is read per
+folded row. Head dim 64 stays with Triton, which measured faster there (H200, N=8192, bf16
+forward: Triton 422 / 331 TFLOP/s against this kernel's 344 / 288, no mask / causal;
+benchmarks/RESULTS.md, session 5). So do mask-like biases (bool, or one float mask for every
+head): Triton's mask tiles skip their fully masked tiles, which this kernel would compute.
+
+Its backward is the Triton backward, which needs only the forward's output and lse (natural log,
+the same contract), so a training step runs CUTLASS forward + Triton backward (bias gradient
+included). Everything else it refuses with the reason, and dispatch moves on to Triton. A
+feature built but not yet run by the GPU tests is listed in `UNVALIDATED` and refused until
+they pass.
 
 The library is built on first use (flash_inductor/cutlass_build.py; minutes, once per machine
 and source version) or ahead of time by `flash-inductor build`. A missing toolkit, missing
@@ -24,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import math
 import os
 import threading
 
@@ -39,7 +45,7 @@ ENV_VAR = "FLASH_INDUCTOR_CUTLASS"
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
 # Built and compiled, not yet run on a GPU: refused until their GPU tests pass (tests/test_cutlass.py
 # empties this set to run them), so no user runs device code that no test has run.
-UNVALIDATED = {"bottom-right causal", "grouped KV heads"}
+UNVALIDATED: set[str] = set()
 
 # csrc/flash_cutlass.h's FlashCutlassMask
 NO_MASK, TOP_LEFT, BOTTOM_RIGHT, FOLDED = 0, 1, 2, 3
@@ -58,6 +64,8 @@ class _Params(ctypes.Structure):
         ("q_stride", ctypes.c_int64 * 3), ("k_stride", ctypes.c_int64 * 3),
         ("v_stride", ctypes.c_int64 * 3), ("out_stride", ctypes.c_int64 * 3),
         ("scale", ctypes.c_float), ("sm_count", ctypes.c_int32), ("stream", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p), ("bias_stride", ctypes.c_int64 * 3),
+        ("groups", ctypes.c_int32), ("rows_per_head", ctypes.c_int32),
     ]
 
 
@@ -95,6 +103,25 @@ def _strides(t: torch.Tensor):
     return (ctypes.c_int64 * 3)(t.stride(0), t.stride(1), t.stride(2))
 
 
+def _bias_ready(inp: AttentionInputs) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """The bias as the kernels read it: [B|1, H|1, Nq|1, Nk] with unit key stride, the address
+    and every stride even (two keys per 32-bit load), and the batch, head and row strides (0 on
+    broadcast dims). Anything else (keys strided apart as in T5's permuted position bias, a
+    bias broadcast over keys, an odd row length) is copied once, rows padded to an even length;
+    the kernel never reads the padding."""
+    b4 = inp.bias_4d()
+    strides = [0 if b4.shape[i] == 1 else b4.stride(i) for i in range(3)]
+    if b4.shape[3] != inp.len_k or (inp.len_k > 1 and b4.stride(3) != 1) or b4.data_ptr() % 4 or any(s % 2 for s in strides):
+        # Only the dims the bias really varies along are copied; broadcast ones stay size 1.
+        shape = [b4.shape[i] if b4.shape[i] != 1 and b4.stride(i) != 0 else 1 for i in range(3)]
+        src = b4[tuple(slice(0, n) for n in shape)].expand(*shape, inp.len_k)
+        padded = torch.empty(*shape, inp.len_k + inp.len_k % 2, dtype=b4.dtype, device=b4.device)
+        b4 = padded[..., : inp.len_k]
+        b4.copy_(src)
+        strides = [0 if shape[i] == 1 else b4.stride(i) for i in range(3)]
+    return b4, tuple(strides)
+
+
 def _tma_ready(t: torch.Tensor) -> torch.Tensor:
     """TMA reads rows of 16-byte-aligned addresses with unit-stride head dims; anything else is
     copied once (a strided view of a larger buffer, say)."""
@@ -105,6 +132,20 @@ def _tma_ready(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
+def _bias_reasons(inp: AttentionInputs) -> list[str]:
+    from ..kernels import mask_tiles
+
+    if inp.bias_kind == "bool":
+        return ["a bool mask: Triton's kernels skip its fully masked tiles (mask tiles); CUTLASS reads additive biases"]
+    if inp.bias.dtype != inp.dtype:
+        return [f"a {str(inp.bias.dtype).replace('torch.', '')} bias with {str(inp.dtype).replace('torch.', '')} q "
+                "(the CUTLASS kernels read the bias in q's dtype)"]
+    if mask_tiles.worth_it(inp):
+        return ["a mask-like bias (one for every head): Triton's kernels skip its fully masked tiles (mask tiles), "
+                "CUTLASS would compute them"]
+    return []
+
+
 class CutlassBackend(KernelBackend):
     NAME = "cutlass"
     DEVICE_TYPES = ("cuda",)
@@ -112,7 +153,7 @@ class CutlassBackend(KernelBackend):
     SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
     # The exact instances are checked in extra_reasons, with the reason for each gap.
     SUPPORTED_HEAD_DIMS = (1, 256)
-    SUPPORTED_BIAS_KINDS = ("none",)
+    SUPPORTED_BIAS_KINDS = ("none", "float", "bool")  # bool: refused in extra_reasons, in words
     SUPPORTS_DROPOUT = False
     SUPPORTS_DIFFERENT_V_DIM = False
     SUPPORTS_SOFTCAP = False
@@ -144,7 +185,9 @@ class CutlassBackend(KernelBackend):
             reasons.append(f"head_dim={inp.head_dim} (CUTLASS instances: {', '.join(map(str, self.HEAD_DIMS))})")
         grouped = inp.heads_q != inp.heads_kv
         causal = _effective_causal(inp)
-        for feature, used in (("bottom-right causal", causal == Causal.BOTTOM_RIGHT), ("grouped KV heads", grouped)):
+        features = (("bottom-right causal", causal == Causal.BOTTOM_RIGHT), ("grouped KV heads", grouped),
+                    ("bias", inp.bias is not None))
+        for feature, used in features:
             if used and feature in UNVALIDATED:
                 reasons.append(f"{feature}: built, awaiting its first GPU test run (Triton runs it)")
         if causal == Causal.BOTTOM_RIGHT and inp.len_q > inp.len_k:
@@ -153,6 +196,10 @@ class CutlassBackend(KernelBackend):
         if grouped and causal != Causal.NONE and (inp.len_q != inp.len_k or inp.len_q % TILE_M):
             reasons.append(f"causal with grouped KV heads needs len_q = len_k, a multiple of {TILE_M} "
                            f"(got {inp.len_q} and {inp.len_k})")
+        if not (inp.scale > 0 and math.isfinite(inp.scale)):
+            reasons.append(f"scale={inp.scale:g} (the CUTLASS softmax needs a finite scale > 0)")
+        if inp.bias is not None:
+            reasons += _bias_reasons(inp)
         if inp.len_q % 8:
             reasons.append(f"len_q={inp.len_q} (the CUTLASS kernels need a multiple of 8)")
         if inp.len_k == 0:
@@ -179,12 +226,15 @@ class CutlassBackend(KernelBackend):
         rows = q.shape[2]
         out = torch.empty(b, hkv, rows, d, dtype=q.dtype, device=q.device)
         lse = torch.empty(b, hkv, rows, dtype=torch.float32, device=q.device)
+        bias, bias_strides = _bias_ready(inp) if inp.bias is not None else (None, (0, 0, 0))
         with torch.cuda.device(q.device):
             params = _Params(
                 q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
                 b, hkv, rows, nk, d, _strides(q), _strides(k), _strides(v), _strides(out),
                 float(inp.scale), torch.cuda.get_device_properties(q.device).multi_processor_count,
                 torch.cuda.current_stream(q.device).cuda_stream,
+                bias.data_ptr() if bias is not None else None, (ctypes.c_int64 * 3)(*bias_strides),
+                groups, nq,
             )
             err = ctypes.create_string_buffer(512)
             code = lib.flash_cutlass_fwd(_DTYPE_CODES[q.dtype], mask, ctypes.byref(params), err, len(err))
