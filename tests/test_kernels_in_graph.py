@@ -269,12 +269,13 @@ def test_gpu_rewrite_never_swaps_eager_attention_for_the_reference():
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])])
 @pytest.mark.parametrize("padding", ["right", "left"])
-@pytest.mark.parametrize("name", ["llama", "bert"])
+@pytest.mark.parametrize("name", ["llama", "bert", "bloom"])
 def test_hf_model_with_ragged_padding_matches_eager(name, padding, device, monkeypatch):
     """A (small) HF model in float32 with a ragged padded batch, compiled with backend="flash":
     its padding mask ([B, 1, N, N] causal + padding for LLaMA, key padding for BERT) goes through
     the mask tiles on a GPU; left padding leaves LLaMA rows with no real key, which eager averages
-    (the rewrite's fix-up). Forward at every position, padded ones included, and the gradient of
+    (the rewrite's fix-up). BLOOM adds ALiBi to its mask, so the rewrite cannot see the bias's
+    values: its fully masked rows take the general fix-up (a row of finfo.min; NaN before it). Forward at every position, padded ones included, and the gradient of
     every parameter for a loss over the real tokens (as training computes it), against eager."""
     monkeypatch.setenv("FLASH_INDUCTOR_TRITON_AUTOTUNE", "0")
     from flash_inductor import models

@@ -102,8 +102,16 @@ getitem = fwd_default[0]
 getitem_1 = fwd_default[1]
 isneginf = torch.isneginf(getitem_1)
 unsqueeze = isneginf.unsqueeze(-1)
-where = torch.where(unsqueeze, nan, getitem)
-return (where,)""")
+amax = l_mask_.amax(-1, keepdim = True)
+eq = l_mask_ == amax
+to_1 = eq.to(torch.float32)
+matmul_2 = torch.matmul(to_1, l_v_)
+sum_1 = to_1.sum(-1, keepdim = True)
+truediv = matmul_2 / sum_1
+isneginf_1 = torch.isneginf(amax)
+where = torch.where(isneginf_1, nan, truediv)
+where_1 = torch.where(unsqueeze, where, getitem)
+return (where_1,)""")
 
     def test_gemma2_logit_softcapping(self):
         """Gemma 2: scale, then cap·tanh(s / cap), then the additive mask."""
@@ -129,8 +137,16 @@ getitem = fwd_default[0]
 getitem_1 = fwd_default[1]
 isneginf = torch.isneginf(getitem_1)
 unsqueeze = isneginf.unsqueeze(-1)
-where = torch.where(unsqueeze, nan, getitem)
-return (where,)""")
+amax = l_mask_.amax(-1, keepdim = True)
+eq = l_mask_ == amax
+to_1 = eq.to(torch.float32)
+matmul_2 = torch.matmul(to_1, l_v_)
+sum_1 = to_1.sum(-1, keepdim = True)
+truediv_1 = matmul_2 / sum_1
+isneginf_1 = torch.isneginf(amax)
+where = torch.where(isneginf_1, nan, truediv_1)
+where_1 = torch.where(unsqueeze, where, getitem)
+return (where_1,)""")
 
     def test_xlm_in_place_fill_with_mask_expanded_as_the_scores(self):
         """XLM: `mask.view(...).expand_as(scores)` reads only the scores' shape, then the scores
@@ -257,8 +273,16 @@ getitem = fwd_default[0]
 getitem_1 = fwd_default[1]
 isneginf = torch.isneginf(getitem_1)
 unsqueeze_4 = isneginf.unsqueeze(-1)
-where = torch.where(unsqueeze_4, nan, getitem)
-squeeze = where.squeeze(1)
+amax = unsqueeze_3.amax(-1, keepdim = True)
+eq = unsqueeze_3 == amax
+to = eq.to(torch.float32)
+matmul = torch.matmul(to, unsqueeze_2)
+sum_1 = to.sum(-1, keepdim = True)
+truediv = matmul / sum_1
+isneginf_1 = torch.isneginf(amax)
+where = torch.where(isneginf_1, nan, truediv)
+where_1 = torch.where(unsqueeze_4, where, getitem)
+squeeze = where_1.squeeze(1)
 return (squeeze,)""")
 
     def test_einsum(self):
@@ -293,8 +317,16 @@ getitem = fwd_default[0]
 getitem_1 = fwd_default[1]
 isneginf = torch.isneginf(getitem_1)
 unsqueeze_4 = isneginf.unsqueeze(-1)
-where = torch.where(unsqueeze_4, nan, getitem)
-squeeze = where.squeeze(1)
+amax = unsqueeze_3.amax(-1, keepdim = True)
+eq = unsqueeze_3 == amax
+to_1 = eq.to(torch.float32)
+matmul = torch.matmul(to_1, unsqueeze_2)
+sum_1 = to_1.sum(-1, keepdim = True)
+truediv = matmul / sum_1
+isneginf_1 = torch.isneginf(amax)
+where = torch.where(isneginf_1, nan, truediv)
+where_1 = torch.where(unsqueeze_4, where, getitem)
+squeeze = where_1.squeeze(1)
 return (squeeze,)""")
 
     def test_bloom_views_between_3d_and_4d(self):
@@ -323,8 +355,16 @@ getitem = fwd_default[0]
 getitem_1 = fwd_default[1]
 isneginf = torch.isneginf(getitem_1)
 unsqueeze = isneginf.unsqueeze(-1)
-where = torch.where(unsqueeze, nan, getitem)
-flatten = where.flatten(0, 1)
+amax = add_1.amax(-1, keepdim = True)
+eq = add_1 == amax
+to_1 = eq.to(torch.float32)
+matmul = torch.matmul(to_1, unflatten_2)
+sum_1 = to_1.sum(-1, keepdim = True)
+truediv = matmul / sum_1
+isneginf_1 = torch.isneginf(amax)
+where = torch.where(isneginf_1, nan, truediv)
+where_1 = torch.where(unsqueeze, where, getitem)
+flatten = where_1.flatten(0, 1)
 return (flatten,)""")
 
     def test_no_scale_bias_on_the_left(self):
@@ -342,8 +382,16 @@ getitem = fwd_default[0]
 getitem_1 = fwd_default[1]
 isneginf = torch.isneginf(getitem_1)
 unsqueeze = isneginf.unsqueeze(-1)
-where = torch.where(unsqueeze, nan, getitem)
-return (where,)""")
+amax = l_pos_.amax(-1, keepdim = True)
+eq = l_pos_ == amax
+to = eq.to(torch.float32)
+matmul_2 = torch.matmul(to, l_v_)
+sum_1 = to.sum(-1, keepdim = True)
+truediv = matmul_2 / sum_1
+isneginf_1 = torch.isneginf(amax)
+where = torch.where(isneginf_1, nan, truediv)
+where_1 = torch.where(unsqueeze, where, getitem)
+return (where_1,)""")
 
     def test_bias_added_before_scale(self):
         def f(q, k, v, bias):
@@ -359,8 +407,16 @@ getitem = fwd_default[0]
 getitem_1 = fwd_default[1]
 isneginf = torch.isneginf(getitem_1)
 unsqueeze = isneginf.unsqueeze(-1)
-where = torch.where(unsqueeze, nan, getitem)
-return (where,)""")
+amax = truediv_1.amax(-1, keepdim = True)
+eq = truediv_1 == amax
+to = eq.to(torch.float32)
+matmul_2 = torch.matmul(to, l_v_)
+sum_1 = to.sum(-1, keepdim = True)
+truediv_2 = matmul_2 / sum_1
+isneginf_1 = torch.isneginf(amax)
+where = torch.where(isneginf_1, nan, truediv_2)
+where_1 = torch.where(unsqueeze, where, getitem)
+return (where_1,)""")
 
     def test_masked_fill_neg_inf_causal(self):
         """GPT-style: a causal tril mask filled with -inf becomes a keep-mask."""
@@ -447,6 +503,56 @@ return (where_1,)""")
         for got, want in zip(torch.autograd.grad(out, leaves, dout.float()), torch.autograd.grad(ref, ref_leaves, dout)):
             self.assertLess(((got.double() - want).norm() / want.norm()).item(), 1e-5)
 
+    def test_unknown_mask_with_rows_of_finfo_min_and_neg_inf(self):
+        """A float mask the rewrite cannot see into (a graph input, as after a graph break, or a
+        position bias plus a mask): a row with no visible key is what eager's softmax makes of
+        the bias alone, the mean of V over the keys holding the row's largest value (finfo.min
+        absorbs the scores), or NaN when that value is -inf. The op masks such rows (zeros), so
+        the rewrite patches them, with values and V's gradient as eager's."""
+
+        def f(q, k, v, mask):
+            return torch.matmul(F.softmax(torch.matmul(q, k.transpose(-1, -2)) * 0.25 + mask, dim=-1), v)
+
+        q, k, v = qkv(nk=7, hkv=2)
+        q, k, v = q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+        mask = torch.randn(2, 4, 7, 7)  # a learned bias...
+        mask[0, :, :2] = torch.finfo(torch.float32).min  # ...rows 0-1 of batch 0: every key masked
+        mask[1, :, 0, 3:] = float("-inf")  # row 0 of batch 1: finfo.min on keys 0-2, -inf after
+        mask[1, :, 0, :3] = torch.finfo(torch.float32).min
+        mask[1, :, 1] = float("-inf")  # row 1 of batch 1: all -inf, NaN in eager
+
+        torch._dynamo.reset()
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = torch.compile(f, backend=lambda gm, ex: (rewrite_graph(gm), gm.forward)[1])(*leaves, mask)
+        ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        ref = f(*ref_leaves, mask.double())
+        self.assertTrue(torch.equal(out.isnan(), ref.isnan()))
+        self.assertTrue(ref[1, :, 1].isnan().all() and ref[0, :, :2].isfinite().all())
+        fin = ~ref.isnan()
+        self.assertLess(((out.double() - ref)[fin].norm() / ref[fin].norm()).item(), 1e-5)
+        torch.testing.assert_close(out[0, :, 0].double(), ref_leaves[2][0].mean(-2).detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[1, :, 0].double(), ref_leaves[2][1, :, :3].mean(-2).detach(), rtol=1e-5, atol=1e-5)
+        # Gradients, without the NaN row (it poisons every gradient it reaches, in eager too). On
+        # the rows with no visible key eager's dq/dk differentiate absorbed scores (an artefact;
+        # ours are 0): their output gradient is zero here, and V's gradient from them is checked
+        # alone below.
+        mask[1, :, 1] = 0.0
+        torch._dynamo.reset()
+        out = torch.compile(f, backend=lambda gm, ex: (rewrite_graph(gm), gm.forward)[1])(*leaves, mask)
+        ref = f(*ref_leaves, mask.double())
+        dout = torch.randn_like(ref)
+        dout[0, :, :2] = 0
+        dout[1, :, 0] = 0
+        for g, w in zip(torch.autograd.grad(out, leaves, dout.float(), retain_graph=True),
+                        torch.autograd.grad(ref, ref_leaves, dout, retain_graph=True)):
+            self.assertLess(((g.double() - w).norm() / w.norm()).item(), 1e-5)
+        dout_rows = torch.zeros_like(ref)
+        dout_rows[0, :, :2] = 1.0
+        dout_rows[1, :, 0] = 1.0
+        got_v = torch.autograd.grad(out, leaves[2], dout_rows.float())[0]
+        want_v = torch.autograd.grad(ref, ref_leaves[2], dout_rows)[0]
+        self.assertLess(((got_v.double() - want_v).norm() / want_v.norm()).item(), 1e-5)
+
     def test_hf_mask_added_before_the_scale(self):
         """(s + where(keep, 0, finfo.min)) / 4: the fill is still <= -1e30 after the scale, so a
         row with no real key is averaged by eager and by the fix-up (not NaN)."""
@@ -475,8 +581,16 @@ getitem = fwd_default[0]
 getitem_1 = fwd_default[1]
 isneginf = torch.isneginf(getitem_1)
 unsqueeze = isneginf.unsqueeze(-1)
-where = torch.where(unsqueeze, nan, getitem)
-return (where,)""")
+amax = l_mask_.amax(-1, keepdim = True)
+eq = l_mask_ == amax
+to = eq.to(torch.float32)
+matmul_2 = torch.matmul(to, l_v_)
+sum_1 = to.sum(-1, keepdim = True)
+truediv = matmul_2 / sum_1
+isneginf_1 = torch.isneginf(amax)
+where = torch.where(isneginf_1, nan, truediv)
+where_1 = torch.where(unsqueeze, where, getitem)
+return (where_1,)""")
 
     def test_in_place_divide(self):
         def f(q, k, v):
@@ -555,8 +669,16 @@ getitem = fwd_default[0]
 getitem_1 = fwd_default[1]
 isneginf = torch.isneginf(getitem_1)
 unsqueeze = isneginf.unsqueeze(-1)
-where = torch.where(unsqueeze, nan, getitem)
-return (where,)""")
+amax = l_mask_.amax(-1, keepdim = True)
+eq = l_mask_ == amax
+to_1 = eq.to(torch.bfloat16)
+matmul_2 = torch.matmul(to_1, l_v_)
+sum_1 = to_1.sum(-1, keepdim = True)
+truediv = matmul_2 / sum_1
+isneginf_1 = torch.isneginf(amax)
+where = torch.where(isneginf_1, nan, truediv)
+where_1 = torch.where(unsqueeze, where, getitem)
+return (where_1,)""")
 
     def test_dynamic_shapes_one_compile(self):
         """backend="flash" with dynamic=True: one graph serves every sequence length."""
@@ -627,7 +749,38 @@ return (getitem,)""")
         self.assertExpectedInline(code, """\
 fwd_default = torch.ops.flash.fwd.default(l_q_, l_k_, l_v_, l_mask_, None, 0, 0.5, 0.0)
 getitem = fwd_default[0]
-return (getitem,)""")
+getitem_1 = fwd_default[1]
+isneginf = torch.isneginf(getitem_1)
+unsqueeze = isneginf.unsqueeze(-1)
+amax = l_mask_.amax(-1, keepdim = True)
+eq = l_mask_ == amax
+to = eq.to(torch.float32)
+matmul = torch.matmul(to, l_v_)
+sum_1 = to.sum(-1, keepdim = True)
+truediv = matmul / sum_1
+isneginf_1 = torch.isneginf(amax)
+where = torch.where(isneginf_1, 0.0, truediv)
+where_1 = torch.where(unsqueeze, where, getitem)
+return (where_1,)""")
+
+    def test_sdpa_unknown_float_mask_with_rows_of_finfo_min_and_neg_inf(self):
+        """SDPA averages a row of finfo.min (all keys), a row mixing finfo.min and -inf (the
+        finfo.min keys), and gives zeros on a row of -inf; the op masks all three (zeros)."""
+
+        def f(q, k, v, mask):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+        q, k, v = qkv(nk=7)
+        mask = torch.randn(2, 4, 7, 7)
+        mask[0, :, :2] = torch.finfo(torch.float32).min
+        mask[1, :, 0, :3] = torch.finfo(torch.float32).min
+        mask[1, :, 0, 3:] = float("-inf")
+        mask[1, :, 1] = float("-inf")
+        torch._dynamo.reset()
+        out = torch.compile(f, backend=lambda gm, ex: (rewrite_graph(gm), gm.forward)[1])(q, k, v, mask)
+        ref = f(q.double(), k.double(), v.double(), mask.double())
+        self.assertTrue(torch.equal(ref[1, :, 1], torch.zeros_like(ref[1, :, 1])))
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
     def test_sdpa_is_causal(self):
         def f(q, k, v):

@@ -373,7 +373,12 @@ def _emit_op(emit: Emitter, q, k, v, bias, causal: Causal, scale, dropout_p, out
 
     `empty_rows` says what eager gives on a row with no visible key, where the op gives zeros:
     ("zero", None); ("nan", None) for softmax over a row of -inf; ("uniform", row_mask) for a
-    row whose scores were all replaced by one finite fill: the mean of V over all keys.
+    row whose scores were all replaced by one finite fill: the mean of V over all keys;
+    ("bias_softmax", None) when the bias's values are unknown (a graph input, say), so such a
+    row may mix finfo.min and -inf entries: eager weighs the keys where the row's bias is
+    largest, equally (scores vanish beside biases of -1e30: s + b == b), or gives NaN when that
+    largest entry is -inf; ("bias_softmax_sdpa", None) the same with zeros for the -inf rows
+    (SDPA's safe softmax). These cost a second product with V (`_softmax_of_bias_rows`).
     """
     v_in = v
     q4 = example(q)
@@ -389,10 +394,14 @@ def _emit_op(emit: Emitter, q, k, v, bias, causal: Causal, scale, dropout_p, out
                     *extra)
     out = emit.call(operator.getitem, res, 0)
     kind, row_mask = empty_rows
-    if kind == "nan":
+    if kind in ("nan", "bias_softmax", "bias_softmax_sdpa"):
         lse = emit.call(operator.getitem, res, 1)
         empty = emit.call_method("unsqueeze", emit.call(torch.isneginf, lse), -1)
-        out = emit.call(torch.where, empty, math.nan, out)
+        fix = math.nan
+        if kind != "nan":
+            groups = example(q).shape[1] // example(k).shape[1]
+            fix = _softmax_of_bias_rows(emit, bias, v, groups, 0.0 if kind == "bias_softmax_sdpa" else math.nan)
+        out = emit.call(torch.where, empty, fix, out)
     if three_d:
         out = emit.call_method("squeeze", out, 1)
     if kind == "uniform":
@@ -402,6 +411,26 @@ def _emit_op(emit: Emitter, q, k, v, bias, causal: Causal, scale, dropout_p, out
             mean_v = emit.call_method("repeat_interleave", mean_v, groups, dim=1)
         out = emit.call(torch.where, row_mask, mean_v, out)
     return _to_dtype(emit, out, out_dtype), kernel
+
+
+def _softmax_of_bias_rows(emit: Emitter, bias: Node, v: Node, groups: int, neg_inf_row: float) -> Node:
+    """What eager's softmax gives on rows whose every entry is <= -1e30 (where the scores are
+    absorbed: s + b == b in float32): the mean of V over the keys holding the row's largest bias
+    value, `neg_inf_row` if that value is -inf. Computed for every row (a [.., Nq, Nk] compare
+    and one product with V); the caller keeps it only on the rows the op reports fully masked."""
+    top = emit.call_method("amax", bias, -1, keepdim=True)
+    weights = emit.call_method("to", emit.call(operator.eq, bias, top), example(v).dtype)
+    if groups > 1:
+        v = emit.call_method("repeat_interleave", v, groups, dim=1)
+    mean_v = emit.call(operator.truediv, emit.call(torch.matmul, weights, v),
+                       emit.call_method("sum", weights, -1, keepdim=True))
+    return emit.call(torch.where, emit.call(torch.isneginf, top), neg_inf_row, mean_v)
+
+
+def _finite_masked_constant(bias: Node | None) -> bool:
+    """where(mask, a, b) whose constants include a finite one <= -1e30 (finfo.min)."""
+    fills = _where_constants(bias) if bias is not None else None
+    return fills is not None and any(math.isfinite(v) and v <= MASKED_BIAS for v in fills)
 
 
 def _may_hold_neg_inf(bias: Node | None) -> bool:
@@ -492,8 +521,12 @@ def _rewrite_softmax(gm: GraphModule, node: Node, call) -> SiteReport:
         out_dtype = example(pv).dtype
         q_node, k_node, v = (_to_dtype(emit, x, out_dtype) for x in (q_node, k_node, v))
         _check_score_shape(q_node, k_node)
+        opaque = st.bias is not None and _where_constants(st.bias) is None
         if st.fill is not None and st.fill != -math.inf:
             empty_rows = ("uniform", _masked_rows(emit, bias))
+        elif opaque or (st.fill == -math.inf and _finite_masked_constant(st.bias)):
+            # finfo.min entries may share a fully masked row with -inf ones (or nothing is known)
+            empty_rows = ("bias_softmax", None)
         elif st.fill == -math.inf or _may_hold_neg_inf(st.bias):
             empty_rows = ("nan", None)
         elif _fills_below_masked_bias(st.bias):
@@ -567,8 +600,14 @@ def _rewrite_sdpa(gm: GraphModule, node: Node, call) -> SiteReport:
         # shape, which, traced, the kernels' glue would otherwise copy at full size.
         mask = _unexpanded(m.mask) if m.mask is not None else None
         # SDPA returns zeros on a row of -inf (as the op does), but averages a row of finite
-        # fills, which the op masks.
-        empty_rows = ("uniform", _masked_rows(emit, mask)) if _fills_below_masked_bias(mask) else ("zero", None)
+        # fills, which the op masks: all keys for a known finfo.min mask, the keys holding the
+        # row's largest value for a float mask whose values are unknown.
+        if _fills_below_masked_bias(mask):
+            empty_rows = ("uniform", _masked_rows(emit, mask))
+        elif mask is not None and example(mask).is_floating_point() and _where_constants(mask) is None:
+            empty_rows = ("bias_softmax_sdpa", None)
+        else:
+            empty_rows = ("zero", None)
         new, kernel = _emit_op(emit, q, k, v, mask, Causal.TOP_LEFT if m.causal else Causal.NONE,
                                scale, m.dropout_p, out_dtype, empty_rows)
     except Refusal:
