@@ -16,8 +16,9 @@ from flash_inductor.models import COVERAGE
 
 # Beyond the list, one model per spelling family added later: Gemma 2 (soft-capping),
 # XGLM (a clamp and 3-D/4-D views), XLM (mask.expand_as(scores)), SqueezeBERT (a key already
-# transposed), Mixtral (a router softmax beside attention).
-BEYOND = ("gemma2", "xglm", "xlm", "squeezebert", "mixtral")
+# transposed), Mixtral (a router softmax beside attention), GPT-Neo (a finite causal fill, then
+# the mask added), MPT (a finite fill after ALiBi, which the rewrite cannot see into).
+BEYOND = ("gemma2", "xglm", "xlm", "squeezebert", "mixtral", "gpt_neo", "mpt")
 
 
 @pytest.mark.parametrize("mode", MODES)

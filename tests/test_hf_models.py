@@ -262,3 +262,33 @@ def test_generate_with_kv_cache(name, impl):
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     assert torch.equal(out, ref)
     assert report.sites and report.rewritten == len(report.sites), str(report)
+
+
+def test_deberta_v2_relative_attention_matches_eager():
+    """DeBERTa-v2 with relative attention (c2p and p2c): its disentangled bias is added to the
+    scores and the padding mask is then filled with finfo.min, a finite fill after a bias the
+    rewrite cannot see into. Every site rewritten; output, loss and every gradient as eager's,
+    left padding included (its padded rows are averaged by eager and by the patch alike)."""
+    from transformers import DebertaV2Config, DebertaV2Model
+
+    cfg = DebertaV2Config(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=128, relative_attention=True, pos_att_type=["p2c", "c2p"],
+                          max_relative_positions=16, position_buckets=8, hidden_dropout_prob=0.0,
+                          attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = DebertaV2Model(cfg)
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    out_e, loss_e, grads_e = _train_step(model, model.train(), inputs)
+    compiled = torch.compile(model, backend=rewrite_only)
+    with recording() as rep:
+        out_c, loss_c, grads_c = _train_step(compiled, model, inputs)
+    assert rep.skipped == 0 and rep.rewritten == 2, "\n" + str(rep)
+    assert _rel_err(out_c, out_e) < RTOL_OUT
+    assert abs((loss_c - loss_e).item()) <= RTOL_OUT * abs(loss_e.item())
+    atol = ATOL_GRAD_FRACTION * max(g.norm().item() for g in grads_e.values() if g is not None)
+    bad = {n: _rel_err(grads_c[n], g) for n, g in grads_e.items()
+           if g is not None and (grads_c[n] - g).norm().item() > RTOL_GRAD * g.norm().item() + atol}
+    assert not bad, bad

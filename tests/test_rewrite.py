@@ -553,6 +553,67 @@ return (where_1,)""")
         want_v = torch.autograd.grad(ref, ref_leaves[2], dout_rows)[0]
         self.assertLess(((got_v.double() - want_v).norm() / want_v.norm()).item(), 1e-5)
 
+    def test_gpt_neo_finite_causal_fill_then_added_mask(self):
+        """GPT-Neo: fp32 scores, no scale, where(causal, s, finfo.min), then HF's mask added.
+        The op masks the filled keys; with left padding the first rows have no real key, where
+        eager's entries are the mask (finfo.min) on the causal keys and fill + mask (-inf) past
+        them: it averages V over the causal keys, and the rewrite patches those rows so."""
+
+        def f(q, k, v, causal, mask):
+            w = torch.matmul(q.float(), k.float().transpose(-1, -2))
+            w = torch.where(causal, w, torch.tensor(torch.finfo(w.dtype).min, dtype=w.dtype))
+            return torch.matmul(F.softmax(w + mask, dim=-1), v)
+
+        q, k, v = qkv(nk=7)
+        causal = torch.tril(torch.ones(7, 7, dtype=torch.bool))
+        pad = torch.tensor([[True] * 7, [False] * 3 + [True] * 4])
+        mask = torch.where(causal & pad[:, None, None, :], 0.0, torch.finfo(torch.float32).min)
+
+        code, _ = self.run_rewritten(f, q, k, v, causal, mask, grads=False)
+        self.assertIn("torch.ops.flash.fwd.default", code)
+        torch._dynamo.reset()
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = torch.compile(f, backend=lambda gm, ex: (rewrite_graph(gm), gm.forward)[1])(*leaves, causal, mask)
+        ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        ref = f(*ref_leaves, causal, mask.double())
+        for row in range(3):  # padded rows: the mean of V over keys 0..row, as eager
+            torch.testing.assert_close(out[1, :, row].double(), ref_leaves[2][1, :, : row + 1].mean(-2).detach(),
+                                       rtol=1e-5, atol=1e-5)
+        empty = ~(causal & pad[:, None, None, :]).any(-1, keepdim=True)
+        dout = torch.randn_like(ref) * ~empty  # eager's dq/dk on those rows are an artefact (ours 0)
+        for g, w in zip(torch.autograd.grad(out, leaves, dout.float(), retain_graph=True),
+                        torch.autograd.grad(ref, ref_leaves, dout, retain_graph=True)):
+            self.assertLess(((g.double() - w).norm() / w.norm()).item(), 1e-5)
+        dout_rows = torch.zeros_like(ref) + empty
+        got_v = torch.autograd.grad(out, leaves[2], dout_rows.float())[0]
+        want_v = torch.autograd.grad(ref, ref_leaves[2], dout_rows)[0]
+        self.assertLess(((got_v.double() - want_v).norm() / want_v.norm()).item(), 1e-5)
+
+    def test_mpt_finite_fill_after_a_bias_that_may_hold_neg_inf(self):
+        """MPT: scores + a bias the rewrite cannot see into (ALiBi, possibly -inf), then
+        masked_fill(finfo.min). A row whose kept keys all hold -inf bias has eager's weight on
+        the filled keys (finfo.min beats -inf); a row with nothing kept averages all keys."""
+
+        def f(q, k, v, bias, masked):
+            w = torch.matmul(q, k.transpose(-1, -2)) * 0.25 + bias
+            return torch.matmul(w.masked_fill(masked, torch.finfo(w.dtype).min).softmax(-1), v)
+
+        q, k, v = qkv(nk=7)
+        bias = torch.randn(2, 4, 7, 7)
+        masked = torch.zeros(2, 1, 7, 7, dtype=torch.bool)
+        masked[0, :, 0] = True  # nothing kept: eager averages all keys
+        masked[1, :, 1, 4:] = True  # keys 0-3 kept but their bias is -inf: eager averages keys 4-6
+        bias[1, :, 1, :4] = float("-inf")
+        torch._dynamo.reset()
+        reports = []
+        out = torch.compile(f, backend=lambda gm, ex: (reports.extend(rewrite_graph(gm)), gm.forward)[1])(
+            q, k, v, bias, masked)
+        self.assertTrue(reports and all(r.rewritten for r in reports), reports)
+        ref = f(q.double(), k.double(), v.double(), bias.double(), masked)
+        torch.testing.assert_close(out[0, :, 0].double(), v[0].double().mean(-2), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[1, :, 1].double(), v[1, :, 4:].double().mean(-2), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
     def test_hf_mask_added_before_the_scale(self):
         """(s + where(keep, 0, finfo.min)) / 4: the fill is still <= -1e30 after the scale, so a
         row with no real key is averaged by eager and by the fix-up (not NaN)."""
@@ -876,11 +937,29 @@ class TestNearMisses(RewriteCase):
 
         self.assert_not_rewritten(f, *qkv(), torch.rand(7, 9) > 0.5, guard="clamp")
 
+    def test_clamp_after_a_fill_and_a_later_bias(self):
+        """where(keep, s, finfo.min) + mask, then a clamp at finfo.min: fill + mask may have
+        overflowed to -inf, and the clamp would turn it back; not carried."""
+
+        def f(q, k, v, m, pad):
+            mask = torch.where(pad, 0.0, torch.finfo(torch.float32).min)  # finite: HF's helpers
+            w = torch.matmul(q, k.transpose(-1, -2)).masked_fill(m, torch.finfo(torch.float32).min) + mask
+            return torch.matmul(torch.max(w, torch.full((), torch.finfo(w.dtype).min)).softmax(-1), v)
+
+        self.assert_not_rewritten(f, *qkv(), torch.rand(7, 9) > 0.5, torch.rand(7, 9) > 0.5, guard="clamp")
+
     def test_mask_filled_with_zero(self):
         def f(q, k, v, m):
             return torch.matmul(torch.matmul(q, k.transpose(-1, -2)).masked_fill(m, 0.0).softmax(-1), v)
 
         self.assert_not_rewritten(f, *qkv(), torch.rand(7, 9) > 0.5, guard="fill_is_exact")
+
+    def test_fill_after_a_bias_that_followed_a_finite_fill(self):
+        def f(q, k, v, m, b):
+            w = torch.matmul(q, k.transpose(-1, -2)).masked_fill(m, torch.finfo(torch.float32).min) + b
+            return torch.matmul(w.masked_fill(~m, torch.finfo(torch.float32).min).softmax(-1), v)
+
+        self.assert_not_rewritten(f, *qkv(), torch.rand(7, 9) > 0.5, torch.randn(7, 9), guard="fill_is_exact")
 
     def test_mask_filled_with_small_finite_value(self):
         def f(q, k, v, m):

@@ -241,6 +241,9 @@ class _Folded:
     keep: Node | None = None  # bool keep-mask
     fill: float | None = None  # the value masked scores are replaced by (-inf or a finite fill)
     softcap: float = 0.0  # c in c·tanh(s / c), 0 when the scores are not soft-capped
+    # The biases added after a finite fill (GPT-Neo: where(causal, s, finfo.min) + mask): eager's
+    # masked entries are then fill + this, which a fully masked row is the softmax of.
+    post_fill: Node | None = None
 
 
 def _fold(steps, emit: Emitter) -> _Folded:
@@ -271,7 +274,8 @@ def _fold(steps, emit: Emitter) -> _Folded:
         if isinstance(step, ClampMin):
             # max(s, floor) with floor <= -1e30 only changes entries below the floor: -inf ones.
             # Without -inf in the bias or fills there are none, and it is exact to drop it.
-            if st.fill == -math.inf or _may_hold_neg_inf(st.bias):
+            if st.fill == -math.inf or _may_hold_neg_inf(st.bias) or st.post_fill is not None:
+                # (after a fill plus a bias, fill + bias may have overflowed to -inf)
                 raise Refusal("clamp", "a clamp after a mask that may hold -inf (it turns empty rows uniform)")
             continue
         if cap is not None and not isinstance(step, (Scale, Cast, SplitHeads)):
@@ -292,7 +296,7 @@ def _fold(steps, emit: Emitter) -> _Folded:
             cap = cap / step.factor if step.divide else cap * step.factor
             continue
         if isinstance(step, SplitHeads):
-            st.bias, st.keep = (_split_heads(emit, x, step) for x in (st.bias, st.keep))
+            st.bias, st.keep, st.post_fill = (_split_heads(emit, x, step) for x in (st.bias, st.keep, st.post_fill))
             continue
         if isinstance(step, Scale):
             f = step.factor
@@ -310,16 +314,20 @@ def _fold(steps, emit: Emitter) -> _Folded:
                 st.q_factors.append((f, step.divide))
             if st.bias is not None:
                 st.bias = emit.call(operator.truediv if step.divide else operator.mul, st.bias, f)
+            if st.post_fill is not None:
+                st.post_fill = emit.call(operator.truediv if step.divide else operator.mul, st.post_fill, f)
         elif isinstance(step, Bias):
-            if st.fill is not None and st.fill != -math.inf:
-                raise Refusal("fill_is_exact", "a bias added after a finite fill: a fully masked row would hold fill + bias")
             term = emit.call(operator.neg, step.term) if step.negate else step.term
             st.bias = term if st.bias is None else emit.call(operator.add, st.bias, term)
+            if st.fill is not None and st.fill != -math.inf:
+                # Exact: the op masks the filled keys (-inf), and a row it finds fully masked is
+                # patched with eager's softmax of fill + bias there (_rewrite_softmax).
+                st.post_fill = term if st.post_fill is None else emit.call(operator.add, st.post_fill, term)
         elif isinstance(step, Fill):
+            if st.post_fill is not None:
+                raise Refusal("fill_is_exact", "a mask fill after a bias that followed a finite fill")
             if st.fill is not None and st.fill != step.value:
                 raise Refusal("fill_is_exact", f"two masks fill different values ({st.fill:g} and {step.value:g})")
-            if step.value != -math.inf and _may_hold_neg_inf(st.bias):
-                raise Refusal("fill_is_exact", "a finite fill after a bias that may hold -inf")
             mask = _unexpanded(step.mask)
             k = emit.call(torch.logical_not, mask) if step.masked_when else mask
             st.keep = k if st.keep is None else emit.call(operator.and_, st.keep, k)
@@ -377,8 +385,10 @@ def _emit_op(emit: Emitter, q, k, v, bias, causal: Causal, scale, dropout_p, out
     ("bias_softmax", None) when the bias's values are unknown (a graph input, say), so such a
     row may mix finfo.min and -inf entries: eager weighs the keys where the row's bias is
     largest, equally (scores vanish beside biases of -1e30: s + b == b), or gives NaN when that
-    largest entry is -inf; ("bias_softmax_sdpa", None) the same with zeros for the -inf rows
-    (SDPA's safe softmax). These cost a second product with V (`_softmax_of_bias_rows`).
+    largest entry is -inf; ("bias_softmax", eager_bias) the same over eager's own entries where
+    they differ from the op's bias (a fill followed by a bias); ("bias_softmax_sdpa", None) the
+    same with zeros for the -inf rows (SDPA's safe softmax). These cost a second product with V
+    (`_softmax_of_bias_rows`).
     """
     v_in = v
     q4 = example(q)
@@ -400,7 +410,12 @@ def _emit_op(emit: Emitter, q, k, v, bias, causal: Causal, scale, dropout_p, out
         fix = math.nan
         if kind != "nan":
             groups = example(q).shape[1] // example(k).shape[1]
-            fix = _softmax_of_bias_rows(emit, bias, v, groups, 0.0 if kind == "bias_softmax_sdpa" else math.nan)
+            scores = bias
+            if row_mask is not None:  # eager's own row values, given in the scores' layout
+                scores = row_mask
+                if three_d and example(scores).dim() == 3:
+                    scores = emit.call_method("unsqueeze", scores, 1)
+            fix = _softmax_of_bias_rows(emit, scores, v, groups, 0.0 if kind == "bias_softmax_sdpa" else math.nan)
         out = emit.call(torch.where, empty, fix, out)
     if three_d:
         out = emit.call_method("squeeze", out, 1)
@@ -522,7 +537,18 @@ def _rewrite_softmax(gm: GraphModule, node: Node, call) -> SiteReport:
         q_node, k_node, v = (_to_dtype(emit, x, out_dtype) for x in (q_node, k_node, v))
         _check_score_shape(q_node, k_node)
         opaque = st.bias is not None and _where_constants(st.bias) is None
-        if st.fill is not None and st.fill != -math.inf:
+        if st.fill is not None and st.fill != -math.inf and st.bias is not None:
+            # A finite fill and a bias: eager's entries on a fully masked row are the bias where
+            # kept (it may hold -inf: MPT's) and the fill, plus any bias added after it
+            # (GPT-Neo's), where filled; in the scores' dtype, so finfo.min + finfo.min
+            # overflows to -inf as in eager.
+            dt = example(start).dtype
+            filled = st.fill
+            if st.post_fill is not None:
+                filled = emit.call(operator.add, emit.call_method("to", st.post_fill, dt), st.fill)
+            eager_bias = emit.call(torch.where, st.keep, emit.call_method("to", st.bias, dt), filled)
+            empty_rows = ("bias_softmax", eager_bias)
+        elif st.fill is not None and st.fill != -math.inf:
             empty_rows = ("uniform", _masked_rows(emit, bias))
         elif opaque or (st.fill == -math.inf and _finite_masked_constant(st.bias)):
             # finfo.min entries may share a fully masked row with -inf ones (or nothing is known)
