@@ -69,6 +69,32 @@ class _OpaqueCounter(logging.Handler):
 MODES = ("forward", "train")
 
 
+def breakdown(step, device: torch.device, steps: int = 3) -> dict:
+    """Where one step's time goes: host ms (until `step` returns, the queue drained first, so
+    the host is never waiting on a full launch queue), device ms (the sum of its GPU kernels'
+    durations, from torch.profiler) and kernel launches per step. Host ms above device ms means
+    the step is host-bound: the GPU idles between launches (the e2e/profile gap: NOTES.md)."""
+    if device.type != "cuda":
+        return {}
+    host = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        host.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return {"host_ms": sorted(host)[len(host) // 2],
+            "device_ms": sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / steps,
+            "kernels": len(kernels) / steps}
+
+
 def run_row(name: str, size: str, device: torch.device, dtype, repeats: int, impl: str, out=print,
             modes=MODES) -> dict:
     """One model under every backend. `modes` picks what is compiled and timed: both (the table),
@@ -125,6 +151,15 @@ def run_row(name: str, size: str, device: torch.device, dtype, repeats: int, imp
         if backend != "eager" and y is not None:
             row[f"{backend}_rel_diff_fwd"] = _rel(y, y_eager)
         nan = float("nan")
+        for _ in range(2):  # lazy first-run work (allocator growth, cubin loads) stays untimed
+            for mode, step in (("forward", forward), ("train", train_step)):
+                if mode in modes:
+                    step(fn)
+        for mode, step in (("forward", forward), ("train", train_step)):
+            if mode in modes and (b := breakdown(lambda: step(fn), device)):
+                row[f"{backend}_{mode}_breakdown"] = b
+                out(f"{name:12s} {backend:8s} {mode:7s} host {b['host_ms']:8.2f} ms  device {b['device_ms']:8.2f} ms"
+                    f"  kernels {b['kernels']:.0f}", flush=True)
         row[f"{backend}_fwd_ms"] = _median_ms(lambda: forward(fn), repeats, device) if "forward" in modes else nan
         row[f"{backend}_train_ms"] = _median_ms(lambda: train_step(fn), repeats, device) if "train" in modes else nan
         out(f"{name:12s} {backend:8s} fwd {row[f'{backend}_fwd_ms']:8.2f} ms  train {row[f'{backend}_train_ms']:8.2f} ms"

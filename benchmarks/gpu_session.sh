@@ -24,6 +24,10 @@ for phase in "$@"; do
   case $phase in
     tests)
       FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout 300 python3 -m pytest -q -m gpu tests/test_triton_kernels.py tests/test_kernels_in_graph.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+    ingraph)  # the kernels in Inductor's graph (static launches) and the mask-tile tests
+      FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout 280 python3 -m pytest -q -m gpu tests/test_kernels_in_graph.py tests/test_triton_kernels.py -k "graph or mask or ragged" 2>&1 | tee "$OUT/ingraph_tests.log" | tail -8 ;;
+    ragged)  # the ragged-padding parity tests on the GPU (HF models, mask tiles, fully masked rows)
+      FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout 200 python3 -m pytest -q -m gpu tests/test_kernels_in_graph.py -k ragged_padding 2>&1 | tee "$OUT/ragged_tests.log" | tail -8 ;;
     multigpu)  # on a kind with 2 GPUs (nvidia-h100-x2 / nvidia-h200-x2): the NCCL variants
       nvidia-smi topo -m
       timeout 220 python3 -m pytest -q -m gpu tests/test_distributed.py tests/test_context_parallel.py 2>&1 | tee "$OUT/multigpu_tests.log" | tail -15
@@ -79,12 +83,24 @@ for phase in "$@"; do
     e2e_models)
       # Autotuning off: each compile would otherwise tune every kernel variant (2-3 min per model);
       # the default configs are the ones the autotuner picked most often (triton_attention.py).
-      FLASH_INDUCTOR_TRITON_AUTOTUNE=0 TORCH_LOGS=recompiles timeout 560 python3 benchmarks/e2e_models.py --json "$OUT/e2e_models.json" ${E2E_MODELS:+--models $E2E_MODELS} 2>&1 | grep -v Warning | tee "$OUT/e2e_models.log" | tail -12 ;;
+      FLASH_INDUCTOR_TRITON_AUTOTUNE=0 TORCH_LOGS=recompiles timeout ${E2E_TIMEOUT:-560} python3 benchmarks/e2e_models.py --json "$OUT/e2e_models.json" ${E2E_MODELS:+--models $E2E_MODELS} 2>&1 | grep -v Warning | tee "$OUT/e2e_models.log" | tail -12 ;;
     profile_bert)
       for tiles in 1 0; do FLASH_INDUCTOR_MASK_TILES=$tiles timeout 150 python3 benchmarks/profile_model.py --model bert --seq 512 --batch 8 2>&1 | grep -v Warning | tee -a "$OUT/profile_bert.log" | grep -E "forward|opaque" | sort | uniq -c | head; done
       timeout 100 python3 benchmarks/profile_model.py --model bert --seq 512 --batch 8 --backend inductor 2>&1 | grep -v Warning | tee -a "$OUT/profile_bert.log" | grep forward ;;
     profile_t5)
       for be in flash inductor; do FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout 200 python3 benchmarks/profile_model.py --model t5-base --seq 512 --batch 8 --backend $be --rows 30 2>&1 | grep -v Warning | tee -a "$OUT/profile_t5.log" | grep -E "forward|opaque" | sort | uniq -c | head; done ;;
+    host_profile)  # cProfile of compiled steps, flash beside inductor (env HOST_MODELS, default bert;
+      # HOST_MODES: forward and/or train); the output code goes to the log too
+      for m in ${HOST_MODELS:-bert}; do
+        for mode in ${HOST_MODES:-forward}; do
+          for be in flash inductor; do
+            log="$OUT/host_${m}_${mode}_${be}.log"
+            FLASH_INDUCTOR_TRITON_AUTOTUNE=0 TORCH_LOGS=output_code timeout 150 python3 benchmarks/profile_model.py --host \
+              --model $m --backend $be $([ $mode = train ] && echo --train) >"$log" 2>&1
+            grep "per step" "$log"
+          done
+        done
+      done ;;
     e2e)
       timeout 200 python3 -m flash_inductor.cli demo --model bert --seq 512 --batch 8 --compare-inductor 2>&1 | tee "$OUT/demo_bert.log" | tail -8 ;;
   esac

@@ -1,22 +1,52 @@
-"""Where a compiled model's forward spends its time: torch.profiler over a few steps.
+"""Where a compiled model's step spends its time: torch.profiler (device) or cProfile (host).
 
     python benchmarks/profile_model.py --model bert --seq 512 --batch 8 [--backend flash]
+    python benchmarks/profile_model.py --model bert --host [--train]     # host time, cProfile
 
-Prints the top CUDA kernels and CPU ops, the forward's median time, and (for backend="flash")
-whether each attention op was decomposed into Inductor-launched Triton kernels or stayed an
-opaque op (flash_inductor.kernels_in_graph logs its decisions at DEBUG).
+Device mode prints the top CUDA kernels and CPU ops, the forward's median time, and (for
+backend="flash") whether each attention op was decomposed into Inductor-launched Triton kernels
+or stayed an opaque op (flash_inductor.kernels_in_graph logs its decisions at DEBUG).
+
+Host mode: on the lent GPU hosts every compiled model at BERT size is host-bound (e2e_models.py's
+breakdown: the kernels take a third of the host time or less), so the end-to-end race is won or
+lost on the host. It prints the Python functions that spend it, over `--steps` steps with no
+device sync inside them.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import logging
 import os
+import pstats
+import time
 
 import torch
 
 from flash_inductor.demo import _median_ms
 from flash_inductor.models import build, main_output
+
+
+def _host_profile(step, steps: int, rows: int, label: str):
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    prof, host = cProfile.Profile(), 0.0
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        prof.enable()
+        step()
+        prof.disable()
+        host += time.perf_counter() - t0
+    torch.cuda.synchronize()
+    print(f"{label}: host {host / steps * 1e3:.2f} ms per step (under cProfile, which inflates it)")
+    for key in ("tottime", "cumulative"):
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats(key).print_stats(rows)
+        print(s.getvalue())
 
 
 def main():
@@ -27,15 +57,29 @@ def main():
     ap.add_argument("--backend", default="flash")
     ap.add_argument("--impl", default="sdpa")
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--host", action="store_true", help="cProfile of the host instead of torch.profiler")
+    ap.add_argument("--train", action="store_true", help="(--host) a training step instead of a forward")
+    ap.add_argument("--steps", type=int, default=20, help="(--host) steps profiled")
     args = ap.parse_args()
 
     logging.basicConfig()
-    logging.getLogger("flash_inductor").setLevel(logging.DEBUG)
+    if not args.host:
+        logging.getLogger("flash_inductor").setLevel(logging.DEBUG)
     built = build(args.model, size="base", attn_implementation=args.impl, batch=args.batch, seq_len=args.seq,
                   device="cuda", dtype=torch.bfloat16, dropout=None)
-    model = built.model.eval()
+    model = built.model.train(args.train)
     torch._dynamo.reset()
     fn = torch.compile(model, backend=args.backend)
+    if args.host:
+        def step():
+            if args.train:
+                main_output(fn(**built.inputs)).float().pow(2).mean().backward()
+            else:
+                with torch.no_grad():
+                    main_output(fn(**built.inputs))
+
+        return _host_profile(step, args.steps, args.rows,
+                             f"{args.model} {args.backend} {'train' if args.train else 'forward'}")
     with torch.no_grad():
         for _ in range(3):
             main_output(fn(**built.inputs))

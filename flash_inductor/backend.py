@@ -25,10 +25,21 @@ def rewrite_only(gm: torch.fx.GraphModule, example_inputs):
 
 
 def inductor_config(mode: str | None = None, options: dict | None = None) -> dict:
-    """Inductor config patches for torch.compile's `mode=` and `options=`, as backend="inductor" reads them."""
+    """Inductor config patches for torch.compile's `mode=` and `options=`, as backend="inductor"
+    reads them, plus one of ours (a user's `options=` still wins):
+
+    `static_launch_user_defined_triton_kernels`: our kernels are user-defined Triton kernels in
+    Inductor's code (kernels_in_graph.py), which Inductor otherwise launches through Triton's own
+    Python launcher instead of its static one; host time decides the small shapes on the lent
+    GPU hosts (benchmarks/NOTES.md, session 7). A kernel the static launcher cannot take falls
+    back to Triton's launcher by itself."""
+    from torch._inductor import config as inductor_cfg
     from torch._inductor import list_mode_options
 
-    patches = dict(list_mode_options(mode)) if mode and mode != "default" else {}
+    patches = {}
+    if hasattr(inductor_cfg, "static_launch_user_defined_triton_kernels") and inductor_cfg.use_static_cuda_launcher:
+        patches["static_launch_user_defined_triton_kernels"] = True
+    patches.update(list_mode_options(mode) if mode and mode != "default" else {})
     patches.update(options or {})
     return patches
 

@@ -94,6 +94,33 @@ def unit_last_dim(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.contiguous()
 
 
+def heads_inside(t: torch.Tensor) -> bool:
+    """True for a [B, N, H, D] buffer seen as [B, H, N, D]: how every HuggingFace model hands q, k
+    and v over (a projection viewed per head, then transposed), and how SDPA's fused kernels
+    return their output."""
+    return t.dim() == 4 and t.stride(-1) == 1 and t.shape[1] > 1 and t.shape[2] > 1 and t.stride(1) < t.stride(2)
+
+
+def empty_in_layout(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
+    """An uninitialised [B, H, N, D] tensor laid out as `like`: heads inside (heads_inside) or
+    contiguous. The op's out follows q this way and its gradients follow q, k and v, so a model's
+    `out.transpose(1, 2).reshape(B, N, H·D)` is a view and not a copy kernel (one launch and one
+    pass over the output per layer, found in BERT's compiled code on the GPU, session 7)."""
+    b, h, n, d = like.shape if shape is None else shape
+    dtype, device = dtype or like.dtype, like.device
+    if heads_inside(like):
+        return torch.empty((b, n, h, d), dtype=dtype, device=device).transpose(1, 2)
+    return torch.empty((b, h, n, d), dtype=dtype, device=device)
+
+
+def in_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`t` itself when it already has `like`'s layout (empty_in_layout), else a copy that has."""
+    want = empty_in_layout(like, t.shape, t.dtype)
+    if t.stride() == want.stride() or t.numel() == 0:
+        return t
+    return want.copy_(t)
+
+
 @dataclass(frozen=True)
 class AttentionInputs:
     q: torch.Tensor

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch, kernels_in_graph
-from .inputs import AttentionInputs, accumulation_dtype, validate
+from .inputs import AttentionInputs, accumulation_dtype, empty_in_layout, in_layout, validate
 
 
 
@@ -49,14 +49,15 @@ def fwd(
     else:
         rng = torch.empty(0, dtype=torch.int64, device=q.device)
     out, lse = dispatch.select(inp).forward(inp, rng if dropout_p > 0.0 else None)
-    # The fakes promise contiguous outputs; a kernel may hand back another layout.
-    return out.contiguous(), lse.contiguous(), rng
+    # The fakes promise out in q's layout (inputs.empty_in_layout) and a contiguous lse; a
+    # kernel may hand back another layout.
+    return in_layout(out, q), lse.contiguous(), rng
 
 
 @fwd.register_fake
 def _fwd_fake(q, k, v, bias, seed, causal, scale, dropout_p, softcap=0.0):
     b, hq, nq, _ = q.shape
-    out = q.new_empty((b, hq, nq, v.shape[3]))
+    out = empty_in_layout(q, (b, hq, nq, v.shape[3]))
     lse = q.new_empty((b, hq, nq), dtype=accumulation_dtype(q.dtype))
     rng = q.new_empty((2,) if dropout_p > 0.0 else (0,), dtype=torch.int64)
     return out, lse, rng
@@ -90,24 +91,29 @@ def bwd(
     )
     if dbias is None:
         dbias = q.new_empty(0)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias.contiguous()
+    return in_layout(dq, q), in_layout(dk, k), in_layout(dv, v), dbias.contiguous()
 
 
 @bwd.register_fake
 def _bwd_fake(dout, dlse, q, k, v, bias, rng, out, lse, causal, scale, dropout_p, bias_requires_grad, softcap=0.0):
     dbias = bias.new_empty(bias.shape) if bias_requires_grad else q.new_empty(0)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
+    return empty_in_layout(q), empty_in_layout(k), empty_in_layout(v), dbias
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, bias, _seed, causal, scale, dropout_p, softcap = inputs
     out, lse, rng = output
     ctx.save_for_backward(q, k, v, bias, out, lse, rng)
+    # An unused lse (every model; only ring attention differentiates it) then reaches the
+    # backward as None, not as a zeros tensor that costs a fill kernel per layer and a read.
+    ctx.set_materialize_grads(False)
     ctx.causal, ctx.scale, ctx.dropout_p, ctx.softcap = causal, scale, dropout_p, softcap
 
 
 def _backward(ctx, dout, dlse, _drng):
     q, k, v, bias, out, lse, rng = ctx.saved_tensors
+    if dout is None:  # only lse was used
+        dout = torch.zeros_like(out)
     bias_requires_grad = bias is not None and ctx.needs_input_grad[3] and bias.dtype != torch.bool
     dq, dk, dv, dbias = bwd(
         dout, dlse, q, k, v, bias, rng, out, lse,

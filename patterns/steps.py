@@ -55,9 +55,11 @@ class Tanh:
 
 @dataclass
 class ClampMin:
-    """Scores raised to at least `floor` (XGLM's `torch.max(s, finfo.min)` after its mask)."""
+    """Scores raised to at least `floor` (XGLM's `torch.max(s, finfo.min)` after its mask), in
+    `dtype`, the scores' dtype there."""
 
     floor: float
+    dtype: object = None
 
 
 @dataclass

@@ -248,6 +248,34 @@ def test_strided_layouts(dtype):
     check_against_float64(q, k, v, bias, causal=True)
 
 
+def test_outputs_and_gradients_follow_the_input_layout(monkeypatch):
+    """q, k, v as HF models hand them over ([B, N, H, D] viewed as [B, H, N, D]): out comes back
+    in that layout and so do dq, dk, dv, so `out.transpose(1, 2).reshape(B, N, H·D)` is a view
+    (no copy kernel per layer); contiguous inputs keep contiguous results. An unused lse reaches
+    the backward as None, not as a zeros tensor to fill and read."""
+    import flash_inductor.ops as ops
+
+    seen = {}
+    real_bwd = ops.bwd
+
+    def recording_bwd(dout, dlse, *args):
+        seen["dlse"] = dlse
+        return real_bwd(dout, dlse, *args)
+
+    monkeypatch.setattr(ops, "bwd", recording_bwd)
+    b, h, n, d = 2, 3, 9, 8
+    q, k, v = (torch.randn(b, n, h, d).transpose(1, 2).requires_grad_() for _ in range(3))
+    out = attention(q, k, v, causal=True)
+    assert out.transpose(1, 2).is_contiguous()
+    out.sum().backward()
+    assert seen["dlse"] is None
+    for t in (q, k, v):
+        assert t.grad.stride() == t.stride(), t.grad.stride()
+    assert rel_err(out, attention_ref(q.double(), k.double(), v.double(), causal=True)) < 1e-5
+    c = torch.randn(b, h, n, d)
+    assert attention(c, c, c).is_contiguous()
+
+
 SOFTCAP_CASES = {
     # name: (shape (B, Hq, Hkv, Nq, Nk, D), causal, bias shape or None, cap)
     "plain_cap_small": ((2, 2, 2, 37, 45, 16), False, None, 0.5),

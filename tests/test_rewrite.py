@@ -553,6 +553,73 @@ return (where_1,)""")
         want_v = torch.autograd.grad(ref, ref_leaves[2], dout_rows)[0]
         self.assertLess(((got_v.double() - want_v).norm() / want_v.norm()).item(), 1e-5)
 
+    def test_clamp_after_a_mask_input_that_may_hold_neg_inf(self):
+        """XGLM in training under transformers 5.17: LayerDrop's graph break hands the mask in as
+        a graph input, then `max(s + mask, finfo.min)`. A -inf entry becomes finfo.min: a row with
+        a visible key is unchanged, and a row the op finds fully masked is eager's softmax over
+        max(mask, finfo.min): the keys holding its largest value, every key when all were -inf."""
+        floor = torch.finfo(torch.float32).min
+
+        def f(q, k, v, mask):
+            w = torch.matmul(q, k.transpose(-1, -2)) * 0.25 + mask
+            w = torch.max(w, torch.full((), floor, dtype=w.dtype))
+            return torch.matmul(F.softmax(w, dim=-1), v)
+
+        q, k, v = qkv(nk=7)
+        mask = torch.randn(2, 4, 7, 7)
+        mask[0, :, :2] = floor  # rows 0-1 of batch 0: every key masked
+        mask[1, :, 0, 3:] = float("-inf")  # row 0 of batch 1: finfo.min, then -inf (clamped: all equal)
+        mask[1, :, 0, :3] = floor
+        mask[1, :, 1] = float("-inf")  # all -inf: eager's clamp makes it uniform, not NaN
+        mask[1, :, 1, 4] = -1e31  # ...except one key that beats the floor
+        mask[1, :, 2, ::2] = float("-inf")  # a row with visible keys and some -inf ones
+        dead = torch.zeros(2, 4, 7, 1, dtype=torch.bool)
+        dead[0, :, :2] = dead[1, :, :2] = True
+
+        torch._dynamo.reset()
+        seen = {}
+
+        def capture(gm, ex):
+            seen["reports"], seen["code"] = rewrite_graph(gm), _code(gm)
+            return gm.forward
+
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = torch.compile(f, backend=capture)(*leaves, mask)
+        self.assertTrue(seen["reports"][0].rewritten, seen["reports"][0].line())
+        self.assertExpectedInline(seen["code"], """\
+clamp_min = l_mask_.clamp_min(-3.4028234663852886e+38)
+fwd_default = torch.ops.flash.fwd.default(l_q_, l_k_, l_v_, l_mask_, None, 0, 0.25, 0.0)
+getitem = fwd_default[0]
+getitem_1 = fwd_default[1]
+isneginf = torch.isneginf(getitem_1)
+unsqueeze = isneginf.unsqueeze(-1)
+amax = clamp_min.amax(-1, keepdim = True)
+eq = clamp_min == amax
+to = eq.to(torch.float32)
+matmul_2 = torch.matmul(to, l_v_)
+sum_1 = to.sum(-1, keepdim = True)
+truediv = matmul_2 / sum_1
+isneginf_1 = torch.isneginf(amax)
+where = torch.where(isneginf_1, nan, truediv)
+where_1 = torch.where(unsqueeze, where, getitem)
+return (where_1,)""")
+        ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        ref = f(*ref_leaves, mask.double())
+        self.assertTrue(ref.isfinite().all() and out.isfinite().all())
+        self.assertLess(((out.double() - ref).norm() / ref.norm()).item(), 1e-5)
+        torch.testing.assert_close(out[1, :, 0].double(), ref_leaves[2][1].mean(-2).detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[1, :, 1].double(), ref_leaves[2][1, :, 4].detach(), rtol=1e-5, atol=1e-5)
+        # Gradients: eager's dq/dk on rows with no visible key differentiate absorbed scores (an
+        # artefact; ours are 0, as for every opaque mask): zero output gradient there, and V's
+        # gradient from those rows checked alone.
+        dout = torch.randn_like(ref) * ~dead
+        for g, w in zip(torch.autograd.grad(out, leaves, dout.float(), retain_graph=True),
+                        torch.autograd.grad(ref, ref_leaves, dout, retain_graph=True)):
+            self.assertLess(((g.double() - w).norm() / w.norm()).item(), 1e-5)
+        got_v = torch.autograd.grad(out, leaves[2], dead.expand_as(out).float())[0]
+        want_v = torch.autograd.grad(ref, ref_leaves[2], dead.expand_as(ref).double())[0]
+        self.assertLess(((got_v.double() - want_v).norm() / want_v.norm()).item(), 1e-5)
+
     def test_gpt_neo_finite_causal_fill_then_added_mask(self):
         """GPT-Neo: fp32 scores, no scale, where(causal, s, finfo.min), then HF's mask added.
         The op masks the filled keys; with left padding the first rows have no real key, where
@@ -877,7 +944,14 @@ class TestBackendOptions(RewriteCase):
         from flash_inductor.backend import inductor_config
 
         self.assertEqual(inductor_config("max-autotune-no-cudagraphs")["max_autotune"], True)
-        self.assertEqual(inductor_config(None, {"epilogue_fusion": False}), {"epilogue_fusion": False})
+        self.assertEqual(inductor_config(None, {"epilogue_fusion": False})["epilogue_fusion"], False)
+        # Ours: Inductor's static launcher for our kernels, unless the user says otherwise.
+        from torch._inductor import config as inductor_cfg
+
+        if hasattr(inductor_cfg, "static_launch_user_defined_triton_kernels") and inductor_cfg.use_static_cuda_launcher:
+            self.assertTrue(inductor_config(None)["static_launch_user_defined_triton_kernels"])
+        off = {"static_launch_user_defined_triton_kernels": False}
+        self.assertFalse(inductor_config(None, off)["static_launch_user_defined_triton_kernels"])
 
         def f(q, k, v):
             return F.scaled_dot_product_attention(q, k, v)

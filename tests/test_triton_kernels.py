@@ -392,8 +392,9 @@ MASK_CASES = {
 
 @pytest.mark.parametrize("case", list(MASK_CASES))
 @interpreted
-def test_mask_like_bias(interp, poisoned, case):
+def test_mask_like_bias(interp, poisoned, monkeypatch, case):
     """Forward, backward and the bias gradient with tiles skipped, against float64 autograd."""
+    monkeypatch.setattr(interp.mask_tiles, "MIN_FLOPS", 0)  # these shapes are below the map's cost
     B, Hq, Hkv, Nq, Nk, lengths, causal, in_mask, left, kind, dtype = MASK_CASES[case]
     gen = torch.Generator().manual_seed(zlib.crc32(case.encode()))
     q = _randn((B, Hq, Nq, 16), dtype, gen)
@@ -423,6 +424,22 @@ def _states(interp, q, k, v, bias, causal):
             state_k[(*idx,)][tiles.tiles_k[(kind, *idx)][:n].long()] = value
     assert torch.equal(state_k.transpose(-1, -2), state)
     return state
+
+
+def test_mask_tiles_only_where_they_can_repay_their_launches():
+    """The map costs launches: a BERT-base layer (8 × 512, 6.4 GFLOP) reads its mask in the dense
+    loops, a LLaMA-style layer at 4096 tokens classifies it; a learned per-head bias never does."""
+    from flash_inductor.kernels import mask_tiles
+
+    def inp(B, H, N, D, heads_in_bias=1):
+        q = torch.empty(B, H, N, D, device="meta")
+        bias = torch.empty(B, heads_in_bias, 1, N, device="meta")
+        return validate(q, q, q, bias)
+
+    bert, llama = inp(8, 12, 512, 64), inp(1, 32, 4096, 64)
+    assert mask_tiles.mask_like(bert) and not mask_tiles.worth_it(bert)
+    assert mask_tiles.worth_it(llama)
+    assert not mask_tiles.mask_like(inp(1, 32, 4096, 64, heads_in_bias=32))
 
 
 @interpreted
@@ -649,6 +666,7 @@ GPU_MASK_CASES = {
 def test_gpu_mask_like_bias(compiled, poisoned, monkeypatch, case):
     """HF masks at real sizes: skipped, full and partial tiles (mask_tiles.py) against float64."""
     monkeypatch.setenv(compiled.AUTOTUNE_ENV, "0")
+    monkeypatch.setattr(compiled.mask_tiles, "MIN_FLOPS", 0)
     B, Hq, Hkv, N, D, lengths, causal, in_mask, left, kind, dtype = GPU_MASK_CASES[case]
     gen = torch.Generator().manual_seed(zlib.crc32(case.encode()))
     q, k, v = (_randn((B, h, N, D), dtype, gen) for h in (Hq, Hkv, Hkv))

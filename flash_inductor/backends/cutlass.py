@@ -140,7 +140,7 @@ def _bias_reasons(inp: AttentionInputs) -> list[str]:
     if inp.bias.dtype != inp.dtype:
         return [f"a {str(inp.bias.dtype).replace('torch.', '')} bias with {str(inp.dtype).replace('torch.', '')} q "
                 "(the CUTLASS kernels read the bias in q's dtype)"]
-    if mask_tiles.worth_it(inp):
+    if mask_tiles.mask_like(inp):
         return ["a mask-like bias (one for every head): Triton's kernels skip its fully masked tiles (mask tiles), "
                 "CUTLASS would compute them"]
     return []

@@ -113,8 +113,8 @@ class MaskTiles:
 
     counts_q: torch.Tensor
     tiles_q: torch.Tensor
-    counts_k: torch.Tensor
-    tiles_k: torch.Tensor
+    counts_k: torch.Tensor | None  # None when built for the forward only
+    tiles_k: torch.Tensor | None
     bb: int
     hb: int
     mt: int
@@ -136,18 +136,35 @@ def enabled() -> bool:
     return os.environ.get(SETTING_ENV, "1").strip() != "0"
 
 
-def worth_it(inp: AttentionInputs) -> bool:
-    """Mask-like biases only: bool, or float shared by every head (a learned per-head bias such
-    as T5's or ALiBi has nothing to skip, and classifying it would cost a read of all of it);
-    and more than one key tile."""
+# The map costs two launches before the forward kernel and three before the backward's (plus a
+# read of the mask): on the lent H200 hosts, where a compiled BERT-base forward is host-bound
+# (host 5.45 ms against 1.99 ms of kernels, benchmarks/e2e_models.py's breakdown), each launch
+# costs more host time than a small kernel takes. Below this much forward work (4·B·H·Nq·Nk·D
+# FLOPs; ~40 µs at 400 TFLOP/s) the dense loops read the mask instead: exact either way, and the
+# skippable work there is worth less than the launches. BERT-base at 8 × 512 does 6.4 GFLOP per
+# layer, a LLaMA-style layer at 4096 tokens 137.
+MIN_FLOPS = 16e9
+
+
+def mask_like(inp: AttentionInputs) -> bool:
+    """A mask, not a learned bias: bool, or float shared by every head (a learned per-head bias
+    such as T5's or ALiBi has nothing to skip, and classifying it would cost a read of all of
+    it); and more than one key tile."""
     if inp.bias is None or not enabled() or inp.len_k <= TILE:
         return False
     b4 = inp.bias_4d()
     return inp.bias_kind == "bool" or b4.shape[1] == 1 or inp.heads_q == 1
 
 
-def classify(inp: AttentionInputs, bias4: torch.Tensor, strides: tuple, launch) -> MaskTiles:
-    """Read the bias once and build the tile lists. `bias4` / `strides` as the kernels get them."""
+def worth_it(inp: AttentionInputs) -> bool:
+    """Classify this call's mask: mask-like, and enough work that skipping can repay the map."""
+    flops = 4 * inp.batch * inp.heads_q * inp.len_q * inp.len_k * inp.head_dim
+    return mask_like(inp) and flops >= MIN_FLOPS
+
+
+def classify(inp: AttentionInputs, bias4: torch.Tensor, strides: tuple, launch, by_key: bool = True) -> MaskTiles:
+    """Read the bias once and build the tile lists. `bias4` / `strides` as the kernels get them.
+    `by_key=False` (the forward) skips the dK/dV lists: one launch and two buffers fewer."""
     b4 = inp.bias_4d()
     bb, hb = b4.shape[0], b4.shape[1]
     nq, nk = inp.len_q, inp.len_k
@@ -161,7 +178,7 @@ def classify(inp: AttentionInputs, bias4: torch.Tensor, strides: tuple, launch) 
     )
     lists = []
     # By query tile (rows of the map), then by key tile (its columns).
-    for rows, row_len, stride_row, stride_col in ((mt, nt, nt, 1), (nt, mt, 1, nt)):
+    for rows, row_len, stride_row, stride_col in ((mt, nt, nt, 1), (nt, mt, 1, nt))[: 2 if by_key else 1]:
         counts = torch.empty((2, bb, hb, rows), dtype=torch.int32, device=dev)
         tiles = torch.empty((2, bb, hb, rows, row_len), dtype=torch.int32, device=dev)
         launch(_build_lists)[(bb * hb * rows,)](
@@ -169,4 +186,6 @@ def classify(inp: AttentionInputs, bias4: torch.Tensor, strides: tuple, launch) 
             BLOCK=triton.next_power_of_2(row_len),
         )
         lists += [counts, tiles]
+    if not by_key:
+        lists += [None, None]
     return MaskTiles(*lists, bb, hb, mt, nt)

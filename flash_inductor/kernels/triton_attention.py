@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ..inputs import MASKED_BIAS as _MASKED_BIAS
-from ..inputs import AttentionInputs, Causal
+from ..inputs import AttentionInputs, Causal, empty_in_layout
 from ..inputs import unit_last_dim as _unit_last
 from . import mask_tiles
 
@@ -1013,7 +1013,7 @@ def _unused(q: torch.Tensor, launch) -> torch.Tensor:
 
 def _tiles(inp: AttentionInputs, bias, sb, launch) -> mask_tiles.MaskTiles | None:
     """Skippable and bias-free tiles of a mask-like bias (mask_tiles.py), or None: dense loops."""
-    return mask_tiles.classify(inp, bias, sb, launch) if mask_tiles.worth_it(inp) else None
+    return mask_tiles.classify(inp, bias, sb, launch, by_key=False) if mask_tiles.worth_it(inp) else None
 
 
 def _tile_args(tiles: mask_tiles.MaskTiles | None, by_query: bool, placeholder: torch.Tensor):
@@ -1035,7 +1035,7 @@ def forward(
     `torch.library.wrap_triton` when traced for Inductor (flash_inductor.kernels_in_graph).
     """
     B, Hq, Nq, Nk = inp.batch, inp.heads_q, inp.len_q, inp.len_k
-    out = torch.empty((B, Hq, Nq, inp.head_dim_v), dtype=inp.dtype, device=inp.device)
+    out = empty_in_layout(inp.q, (B, Hq, Nq, inp.head_dim_v))
     lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=inp.device)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
@@ -1085,9 +1085,7 @@ def backward(
     """
     B, Hq, Hkv, Nq, Nk = inp.batch, inp.heads_q, inp.heads_kv, inp.len_q, inp.len_k
     dev = inp.device
-    dq = torch.empty(inp.q.shape, dtype=inp.dtype, device=dev)
-    dk = torch.empty(inp.k.shape, dtype=inp.dtype, device=dev)
-    dv = torch.empty(inp.v.shape, dtype=inp.dtype, device=dev)
+    dq, dk, dv = empty_in_layout(inp.q), empty_in_layout(inp.k), empty_in_layout(inp.v)
     ds = None
     sparse = B * Hq > 0 and Nq > 0 and Nk > 0 and mask_tiles.worth_it(inp)
     if bias_requires_grad:

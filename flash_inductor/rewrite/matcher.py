@@ -163,7 +163,7 @@ def _score_steps(site: _Site, start: Node):
             floor = constant_value(c["floor"])
             if floor is None or floor > -masks.EXACT_FILL_MAGNITUDE:
                 raise Refusal("clamp", f"the scores are clamped below at {c['floor']}, not at a mask value <= -1e30")
-            steps.insert(0, ClampMin(floor))
+            steps.insert(0, ClampMin(floor, getattr(example(node), "dtype", None)))
             site.spelling.insert(0, f"{c.spelling}(floor)")
             node = c["x"]
             continue
@@ -244,6 +244,9 @@ class _Folded:
     # The biases added after a finite fill (GPT-Neo: where(causal, s, finfo.min) + mask): eager's
     # masked entries are then fill + this, which a fully masked row is the softmax of.
     post_fill: Node | None = None
+    # After max(s + bias, floor) over a bias that may hold -inf (XGLM's clamp after a mask that
+    # reaches the graph as an input): eager's entries on a fully masked row, max(bias, floor).
+    clamped_bias: Node | None = None
 
 
 def _fold(steps, emit: Emitter) -> _Folded:
@@ -271,12 +274,24 @@ def _fold(steps, emit: Emitter) -> _Folded:
             continue
         if merged and isinstance(step, (Bias, Fill, ClampMin)):
             raise Refusal("layout_view", "a bias or mask applied after the scores were merged back to 3-D")
+        if st.clamped_bias is not None and isinstance(step, (Bias, Fill, Tanh, ClampMin)):
+            raise Refusal("clamp", "a bias, mask or cap after a clamp of a bias that may hold -inf")
         if isinstance(step, ClampMin):
             # max(s, floor) with floor <= -1e30 only changes entries below the floor: -inf ones.
             # Without -inf in the bias or fills there are none, and it is exact to drop it.
-            if st.fill == -math.inf or _may_hold_neg_inf(st.bias) or st.post_fill is not None:
-                # (after a fill plus a bias, fill + bias may have overflowed to -inf)
-                raise Refusal("clamp", "a clamp after a mask that may hold -inf (it turns empty rows uniform)")
+            if st.fill is not None or st.post_fill is not None:
+                if st.fill == -math.inf or _may_hold_neg_inf(st.bias) or st.post_fill is not None:
+                    # (after a fill plus a bias, fill + bias may have overflowed to -inf)
+                    raise Refusal("clamp", "a clamp after a mask fill and a bias or -inf (it turns empty rows uniform)")
+            elif _may_hold_neg_inf(st.bias):
+                # A -inf entry becomes the floor. On a row with a visible key that changes
+                # nothing (exp(floor - max) underflows to 0, as exp(-inf) does); a row the op finds
+                # fully masked is patched with eager's softmax over max(bias, floor) (the scores
+                # vanish beside entries <= -1e30, as for every opaque bias: _emit_op).
+                b = st.bias
+                if step.dtype is not None and getattr(example(b), "dtype", step.dtype) != step.dtype:
+                    b = emit.call_method("to", b, step.dtype)  # eager clamps in the scores' dtype
+                st.clamped_bias = emit.call_method("clamp_min", b, step.floor)
             continue
         if cap is not None and not isinstance(step, (Scale, Cast, SplitHeads)):
             st.scale, st.softcap, cap = st.scale * cap, cap, None
@@ -316,6 +331,10 @@ def _fold(steps, emit: Emitter) -> _Folded:
                 st.bias = emit.call(operator.truediv if step.divide else operator.mul, st.bias, f)
             if st.post_fill is not None:
                 st.post_fill = emit.call(operator.truediv if step.divide else operator.mul, st.post_fill, f)
+            if st.clamped_bias is not None:
+                if not (isinstance(f, (int, float)) and f > 0):
+                    raise Refusal("clamp", f"a scale of {f} after a clamp (only positive constants keep its order)")
+                st.clamped_bias = emit.call(operator.truediv if step.divide else operator.mul, st.clamped_bias, f)
         elif isinstance(step, Bias):
             term = emit.call(operator.neg, step.term) if step.negate else step.term
             st.bias = term if st.bias is None else emit.call(operator.add, st.bias, term)
@@ -537,7 +556,9 @@ def _rewrite_softmax(gm: GraphModule, node: Node, call) -> SiteReport:
         q_node, k_node, v = (_to_dtype(emit, x, out_dtype) for x in (q_node, k_node, v))
         _check_score_shape(q_node, k_node)
         opaque = st.bias is not None and _where_constants(st.bias) is None
-        if st.fill is not None and st.fill != -math.inf and st.bias is not None:
+        if st.clamped_bias is not None:
+            empty_rows = ("bias_softmax", st.clamped_bias)
+        elif st.fill is not None and st.fill != -math.inf and st.bias is not None:
             # A finite fill and a bias: eager's entries on a fully masked row are the bias where
             # kept (it may hold -inf: MPT's) and the fill, plus any bias added after it
             # (GPT-Neo's), where filled; in the scores' dtype, so finfo.min + finfo.min
