@@ -11,7 +11,9 @@ configs' own dropout) times, medians over --repeats, for
 - inductor: the same model under torch.compile(backend="inductor");
 - flash: the same model under torch.compile(backend="flash");
 
-plus the rewritten-site count and the forward's relative difference from eager. Results are
+plus the rewritten-site count and the forward's relative difference from eager, and per backend
+and mode where one step's time goes (`breakdown`: host ms, device ms, launches; at BERT size every
+compiled step is host-bound on the lent GPU hosts, so the launches decide the race). Results are
 appended to --json as each model finishes, so a run cut short keeps what it measured.
 
     python benchmarks/e2e_models.py --json e2e.json                # GPU, the issue's table
