@@ -620,6 +620,25 @@ return (where_1,)""")
         want_v = torch.autograd.grad(ref, ref_leaves[2], dead.expand_as(ref).double())[0]
         self.assertLess(((got_v.double() - want_v).norm() / want_v.norm()).item(), 1e-5)
 
+    def test_clamp_in_3d_then_split_into_heads(self):
+        """The same clamp on [B·H, N, N] scores with a 3-D mask input, viewed to 4-D only for the
+        softmax: eager's clamped entries follow the op into the 4-D layout."""
+        floor = torch.finfo(torch.float32).min
+
+        def f(q3, k3, v3, mask3):
+            w = torch.max(torch.bmm(q3, k3.transpose(1, 2)) * 0.25 + mask3, torch.full((), floor))
+            w = F.softmax(w.view(2, 4, 7, 9), dim=-1).view(8, 7, 9)
+            return torch.bmm(w, v3)
+
+        q, k, v = qkv()
+        q3, k3, v3 = (t.reshape(8, t.shape[2], 16) for t in (q, k, v))
+        mask3 = torch.randn(8, 7, 9)
+        mask3[:4, :2] = float("-inf")  # batch 0, rows 0-1: uniform after the clamp
+        mask3[5, 3, ::2] = float("-inf")
+        code, reps = self.run_rewritten(f, q3, k3, v3, mask3, grads=False)
+        self.assertTrue(reps[0].rewritten, reps[0].line())
+        self.assertIn("clamp_min", code)
+
     def test_gpt_neo_finite_causal_fill_then_added_mask(self):
         """GPT-Neo: fp32 scores, no scale, where(causal, s, finfo.min), then HF's mask added.
         The op masks the filled keys; with left padding the first rows have no real key, where

@@ -311,7 +311,8 @@ def _fold(steps, emit: Emitter) -> _Folded:
             cap = cap / step.factor if step.divide else cap * step.factor
             continue
         if isinstance(step, SplitHeads):
-            st.bias, st.keep, st.post_fill = (_split_heads(emit, x, step) for x in (st.bias, st.keep, st.post_fill))
+            st.bias, st.keep, st.post_fill, st.clamped_bias = (
+                _split_heads(emit, x, step) for x in (st.bias, st.keep, st.post_fill, st.clamped_bias))
             continue
         if isinstance(step, Scale):
             f = step.factor
