@@ -55,6 +55,20 @@ class RewriteCase(expecttest.TestCase):
                 self.assertLess(e.item(), tol * 4, f"gradient {i} relative error {e.item():.2e}")
         return captured["code"], captured["reports"]
 
+    def assert_grads_beside_patched_rows(self, out, leaves, ref, ref_leaves, dead):
+        """Gradients where the rewrite patched rows with no visible key (`dead`, bool, broadcast
+        to the output). On those rows eager's dq/dk differentiate scores that the mask absorbed
+        (s + finfo.min == finfo.min): an artefact, ours are 0 (docs/design.md §3). So every
+        gradient with a zero output gradient there, then V's gradient from those rows alone."""
+        dout = torch.randn_like(ref) * ~dead
+        for g, w in zip(torch.autograd.grad(out, leaves, dout.float(), retain_graph=True),
+                        torch.autograd.grad(ref, ref_leaves, dout, retain_graph=True)):
+            self.assertLess(((g.double() - w).norm() / w.norm()).item(), 1e-5)
+        rows = torch.zeros_like(ref) + dead
+        got_v = torch.autograd.grad(out, leaves[2], rows.float())[0]
+        want_v = torch.autograd.grad(ref, ref_leaves[2], rows)[0]
+        self.assertLess(((got_v.double() - want_v).norm() / want_v.norm()).item(), 1e-5)
+
     def assert_not_rewritten(self, fn, *args, guard: str):
         torch._dynamo.reset()
         seen = {}
@@ -532,26 +546,14 @@ return (where_1,)""")
         self.assertLess(((out.double() - ref)[fin].norm() / ref[fin].norm()).item(), 1e-5)
         torch.testing.assert_close(out[0, :, 0].double(), ref_leaves[2][0].mean(-2).detach(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out[1, :, 0].double(), ref_leaves[2][1, :, :3].mean(-2).detach(), rtol=1e-5, atol=1e-5)
-        # Gradients, without the NaN row (it poisons every gradient it reaches, in eager too). On
-        # the rows with no visible key eager's dq/dk differentiate absorbed scores (an artefact;
-        # ours are 0): their output gradient is zero here, and V's gradient from them is checked
-        # alone below.
+        # Gradients, without the NaN row (it poisons every gradient it reaches, in eager too).
         mask[1, :, 1] = 0.0
         torch._dynamo.reset()
         out = torch.compile(f, backend=lambda gm, ex: (rewrite_graph(gm), gm.forward)[1])(*leaves, mask)
         ref = f(*ref_leaves, mask.double())
-        dout = torch.randn_like(ref)
-        dout[0, :, :2] = 0
-        dout[1, :, 0] = 0
-        for g, w in zip(torch.autograd.grad(out, leaves, dout.float(), retain_graph=True),
-                        torch.autograd.grad(ref, ref_leaves, dout, retain_graph=True)):
-            self.assertLess(((g.double() - w).norm() / w.norm()).item(), 1e-5)
-        dout_rows = torch.zeros_like(ref)
-        dout_rows[0, :, :2] = 1.0
-        dout_rows[1, :, 0] = 1.0
-        got_v = torch.autograd.grad(out, leaves[2], dout_rows.float())[0]
-        want_v = torch.autograd.grad(ref, ref_leaves[2], dout_rows)[0]
-        self.assertLess(((got_v.double() - want_v).norm() / want_v.norm()).item(), 1e-5)
+        dead = torch.zeros(2, 4, 7, 1, dtype=torch.bool)
+        dead[0, :, :2] = dead[1, :, 0] = True
+        self.assert_grads_beside_patched_rows(out, leaves, ref, ref_leaves, dead)
 
     def test_clamp_after_a_mask_input_that_may_hold_neg_inf(self):
         """XGLM in training under transformers 5.17: LayerDrop's graph break hands the mask in as
@@ -609,16 +611,7 @@ return (where_1,)""")
         self.assertLess(((out.double() - ref).norm() / ref.norm()).item(), 1e-5)
         torch.testing.assert_close(out[1, :, 0].double(), ref_leaves[2][1].mean(-2).detach(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out[1, :, 1].double(), ref_leaves[2][1, :, 4].detach(), rtol=1e-5, atol=1e-5)
-        # Gradients: eager's dq/dk on rows with no visible key differentiate absorbed scores (an
-        # artefact; ours are 0, as for every opaque mask): zero output gradient there, and V's
-        # gradient from those rows checked alone.
-        dout = torch.randn_like(ref) * ~dead
-        for g, w in zip(torch.autograd.grad(out, leaves, dout.float(), retain_graph=True),
-                        torch.autograd.grad(ref, ref_leaves, dout, retain_graph=True)):
-            self.assertLess(((g.double() - w).norm() / w.norm()).item(), 1e-5)
-        got_v = torch.autograd.grad(out, leaves[2], dead.expand_as(out).float())[0]
-        want_v = torch.autograd.grad(ref, ref_leaves[2], dead.expand_as(ref).double())[0]
-        self.assertLess(((got_v.double() - want_v).norm() / want_v.norm()).item(), 1e-5)
+        self.assert_grads_beside_patched_rows(out, leaves, ref, ref_leaves, dead)
 
     def test_clamp_in_3d_then_split_into_heads(self):
         """The same clamp on [B·H, N, N] scores with a 3-D mask input, viewed to 4-D only for the
@@ -666,14 +659,7 @@ return (where_1,)""")
             torch.testing.assert_close(out[1, :, row].double(), ref_leaves[2][1, :, : row + 1].mean(-2).detach(),
                                        rtol=1e-5, atol=1e-5)
         empty = ~(causal & pad[:, None, None, :]).any(-1, keepdim=True)
-        dout = torch.randn_like(ref) * ~empty  # eager's dq/dk on those rows are an artefact (ours 0)
-        for g, w in zip(torch.autograd.grad(out, leaves, dout.float(), retain_graph=True),
-                        torch.autograd.grad(ref, ref_leaves, dout, retain_graph=True)):
-            self.assertLess(((g.double() - w).norm() / w.norm()).item(), 1e-5)
-        dout_rows = torch.zeros_like(ref) + empty
-        got_v = torch.autograd.grad(out, leaves[2], dout_rows.float())[0]
-        want_v = torch.autograd.grad(ref, ref_leaves[2], dout_rows)[0]
-        self.assertLess(((got_v.double() - want_v).norm() / want_v.norm()).item(), 1e-5)
+        self.assert_grads_beside_patched_rows(out, leaves, ref, ref_leaves, empty)
 
     def test_mpt_finite_fill_after_a_bias_that_may_hold_neg_inf(self):
         """MPT: scores + a bias the rewrite cannot see into (ALiBi, possibly -inf), then

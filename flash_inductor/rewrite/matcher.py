@@ -328,14 +328,11 @@ def _fold(steps, emit: Emitter) -> _Folded:
                 if st.fill is not None:
                     raise Refusal("scale_after_mask", "a tensor-valued scale after a mask (its sign is unknown)")
                 st.q_factors.append((f, step.divide))
-            if st.bias is not None:
-                st.bias = emit.call(operator.truediv if step.divide else operator.mul, st.bias, f)
-            if st.post_fill is not None:
-                st.post_fill = emit.call(operator.truediv if step.divide else operator.mul, st.post_fill, f)
-            if st.clamped_bias is not None:
-                if not (isinstance(f, (int, float)) and f > 0):
-                    raise Refusal("clamp", f"a scale of {f} after a clamp (only positive constants keep its order)")
-                st.clamped_bias = emit.call(operator.truediv if step.divide else operator.mul, st.clamped_bias, f)
+            if st.clamped_bias is not None and not (isinstance(f, (int, float)) and f > 0):
+                raise Refusal("clamp", f"a scale of {f} after a clamp (only positive constants keep its order)")
+            op = operator.truediv if step.divide else operator.mul
+            st.bias, st.post_fill, st.clamped_bias = (
+                x if x is None else emit.call(op, x, f) for x in (st.bias, st.post_fill, st.clamped_bias))
         elif isinstance(step, Bias):
             term = emit.call(operator.neg, step.term) if step.negate else step.term
             st.bias = term if st.bias is None else emit.call(operator.add, st.bias, term)
