@@ -11,19 +11,21 @@ export PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # Compiled kernels and autotune choices survive between calls on a machine that stays warm.
 export TRITON_CACHE_DIR=$PWD/.cache/triton FLASH_INDUCTOR_CACHE_DIR=$PWD/.cache/flash_inductor
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site
+if [ -z "${LANE_CHILD:-}" ]; then  # a lane of gpu_lanes.sh finds everything installed
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site
+  fi
+  python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { echo "editable install failed"; tail "$OUT/install.log"; export PYTHONPATH=$PWD:${PYTHONPATH:-}; }
+  nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { echo "editable install failed"; tail "$OUT/install.log"; export PYTHONPATH=$PWD:${PYTHONPATH:-}; }
-nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
-python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 bench() { timeout "$1" python3 -m flash_inductor.cli bench "${@:3}" --json "$OUT/$2.json" 2>&1 | grep -v Warning | tee "$OUT/$2.log"; }
 for phase in "$@"; do
   echo "=== $phase $(date +%T)"
   case $phase in
     tests)
-      FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout 300 python3 -m pytest -q -m gpu tests/test_triton_kernels.py tests/test_kernels_in_graph.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+      FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout 420 python3 -m pytest -q -m gpu tests/test_triton_kernels.py tests/test_kernels_in_graph.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
     ingraph)  # the kernels in Inductor's graph (static launches) and the mask-tile tests
       FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout 280 python3 -m pytest -q -m gpu tests/test_kernels_in_graph.py tests/test_triton_kernels.py -k "graph or mask or ragged" 2>&1 | tee "$OUT/ingraph_tests.log" | tail -8 ;;
     ragged)  # the ragged-padding parity tests on the GPU (HF models, mask tiles, fully masked rows)
@@ -59,6 +61,9 @@ for phase in "$@"; do
       timeout 240 python3 benchmarks/padding.py --json "$OUT/padding.json" 2>&1 | grep -v Warning | tee "$OUT/padding.log" | tail -30 ;;
     bench_bias_check)
       bench 170 bench_8k_bias_check --lengths 8192 --cases none bias bias+causal --peers triton flex ;;
+    bench_dropout)  # the dropout rows only (env DROP_PEERS adds peers; autotuning as set outside)
+      bench 200 bench_dropout_8k --lengths 8192 --cases none dropout causal+dropout --peers triton ${DROP_PEERS:+${DROP_PEERS//,/ }}
+      bench 120 bench_dropout_d64 --lengths 2048 --head-dim 64 --cases none dropout --peers triton ${DROP_PEERS:+${DROP_PEERS//,/ }} ;;
     bench8k)
       bench 420 bench_8k --lengths 8192 --cases none causal bias bias+causal dropout bias+causal+dropout \
         --peers triton sdpa_cudnn sdpa_flash flex ;;
@@ -80,6 +85,8 @@ for phase in "$@"; do
     headdims)
       bench 150 bench_d64 --lengths 8192 --head-dim 64 --cases none causal --peers triton sdpa_cudnn flex
       bench 150 bench_d256 --lengths 8192 --head-dim 256 --cases none causal --peers triton sdpa_cudnn flex ;;
+    sweep)  # every Triton config timed alone on the e2e shapes (env SWEEP_CASES: config_sweep.py's names)
+      timeout ${SWEEP_TIMEOUT:-500} python3 benchmarks/config_sweep.py --json "$OUT/sweep.json" ${SWEEP_CASES:+--cases ${SWEEP_CASES//,/ }} 2>&1 | grep -v Warning | tee "$OUT/sweep.log" | tail -30 ;;
     e2e_models)
       # Autotuning off: each compile would otherwise tune every kernel variant (2-3 min per model);
       # the default configs are the ones the autotuner picked most often (triton_attention.py).

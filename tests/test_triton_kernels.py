@@ -442,6 +442,58 @@ def test_mask_tiles_only_where_they_can_repay_their_launches():
     assert not mask_tiles.mask_like(inp(1, 32, 4096, 64, heads_in_bias=32))
 
 
+def test_default_config_follows_the_head_dim(monkeypatch):
+    """With autotuning off, head dims up to 64 run 64 × 64 tiles (config_sweep.py's finding on
+    the e2e shapes), except the forward and dQ of a long non-causal row; larger head dims keep
+    the first config of the list. With autotuning on, every fitting candidate stays."""
+    import triton
+
+    from flash_inductor.kernels import triton_attention as ta
+
+    candidates = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                  for m, n, w, s in ((128, 64, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2))]
+
+    def chosen(kernel, d, n_bucket, causal):
+        args = dict(BLOCK_D=d, BLOCK_DV=d, ELT_BYTES=2, N_BUCKET=n_bucket, CAUSAL=causal)
+        (c,) = ta._prune("BLOCK_N", "BLOCK_M", kernel)(list(candidates), args)
+        return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+
+    monkeypatch.setenv(ta.AUTOTUNE_ENV, "0")
+    for kernel in ("fwd", "dkdv", "dq"):
+        assert chosen(kernel, 64, 512, 0) == (64, 64, 4, 3)
+        assert chosen(kernel, 32, 8192, 1) == (64, 64, 4, 3)
+        assert chosen(kernel, 128, 512, 0) == (128, 64, 8, 3)
+    assert chosen("fwd", 64, 8192, 0) == chosen("dq", 64, 16384, 0) == (128, 64, 8, 3)
+    assert chosen("dkdv", 64, 8192, 0) == (64, 64, 4, 3)
+    monkeypatch.setenv(ta.AUTOTUNE_ENV, "1")
+    kept = ta._prune("BLOCK_N", "BLOCK_M", "fwd")(list(candidates), dict(
+        BLOCK_D=64, BLOCK_DV=64, ELT_BYTES=2, N_BUCKET=512, CAUSAL=0))
+    assert len(kept) == len(candidates) and kept[0].kwargs == {"BLOCK_M": 64, "BLOCK_N": 64}
+
+
+@pytest.mark.skipif(INTERPRETING, reason="compiles for sm_90; the interpreter compiles nothing")
+@pytest.mark.parametrize("kernel,config,head_dim", [
+    ("fwd", (64, 64, 4, 3), 64), ("fwd", (128, 64, 8, 3), 128), ("dq", (64, 64, 4, 3), 64),
+])
+def test_dropout_moves_nothing_between_threads(kernel, config, head_dim):
+    """docs/design.md §4: a Philox call's 8 draws are the 8 scores one thread holds in the tensor
+    cores' accumulator, so dropout adds no layout conversion (a shared-memory round trip per
+    tile) to the forward or the dQ kernel. The earlier grouping (8 adjacent keys) added 10."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "ttgir_probe.py"
+    spec = importlib.util.spec_from_file_location("ttgir_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(probe)
+        plain, dropout = (probe.layout_conversions(probe.compile_kernel(kernel, *config, head_dim, d, 0, False))
+                          for d in (False, True))
+    except (ImportError, RuntimeError) as e:  # a Triton without its CUDA backend
+        pytest.skip(f"cannot compile for sm_90 here: {e}")
+    assert dropout == plain
+
+
 @interpreted
 def test_mask_tiles_are_classified(interp):
     """The map itself (TILE = 32 under the interpreter): what is skipped, what is read."""

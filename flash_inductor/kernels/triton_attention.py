@@ -46,10 +46,11 @@ LN2 = tl.constexpr(0.6931471805599453)
 CAUSAL_NONE = tl.constexpr(int(Causal.NONE))
 CAUSAL_BOTTOM_RIGHT = tl.constexpr(int(Causal.BOTTOM_RIGHT))
 # Dropout compares 16-bit draws with p·2**16 (integer-only, the same on every Triton
-# version); one Philox call gives the DROP_GROUP = 8 draws of 8 neighbouring keys.
+# version); one Philox call gives 8 draws, for keys spread over a DROP_SPAN of 32 so that
+# they sit in one thread's accumulator registers (`_dropout_keep`).
 DROPOUT_BITS = tl.constexpr(16)
 MASKED_BIAS = tl.constexpr(_MASKED_BIAS)
-DROP_GROUP = tl.constexpr(8)
+DROP_SPAN = tl.constexpr(32)
 
 
 def _interpreting() -> bool:
@@ -121,6 +122,15 @@ def _hide_keys(s, qi, kj, Nk, shift, MASK_KEYS: tl.constexpr, MASK_CAUSAL: tl.co
 
 
 @triton.jit
+def _keep_halves(word, drop_threshold):
+    """The keep bits of a 32-bit Philox word's two 16-bit draws, stacked on a new last dim."""
+    word = word.to(tl.uint32, bitcast=True)
+    lo = ((word & 0xFFFF).to(tl.int32) >= drop_threshold).to(tl.int8)
+    hi = ((word >> 16).to(tl.int32) >= drop_threshold).to(tl.int8)
+    return tl.join(lo, hi)
+
+
+@triton.jit
 def _dropout_keep(
     philox_seed, philox_offset, bh, offs_q, start_k, drop_threshold,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, KEYS_FIRST: tl.constexpr,
@@ -128,27 +138,35 @@ def _dropout_keep(
     """Bernoulli(1-p) keep-mask of the tile (queries offs_q) × (keys start_k + [0, BLOCK_K)).
 
     A pure function of (seed, offset, b·Hq+h, i, j), whatever the tiling: one Philox call per
-    query row and group of 8 keys, its four 32-bit words cut into eight 16-bit draws (one
-    per key of the group), each compared with p·2**16. Eight draws per call instead of one
-    is what makes dropout cheap; 16 bits quantise p by at most 2**-17. The counter words are
-    (key group, query row, b·Hq+h, offset), so nothing overflows for any size. KEYS_FIRST
-    returns the transposed tile ([keys, queries]) that the dK/dV kernel works on.
+    query row and group of 8 keys, its four 32-bit words cut into eight 16-bit draws, each
+    compared with p·2**16. Eight draws per call instead of one is what makes dropout cheap; 16
+    bits quantise p by at most 2**-17. The counter words are (key group, query row, b·Hq+h,
+    offset), so nothing overflows for any size.
+
+    Which 8 keys share a call follows the tensor-core accumulator layout (Hopper's wgmma and
+    Ampere's mma both give a thread the column pairs 2c..2c+1 of every 8-column chunk): key
+    j = 32a + 8w + 2c + e takes half e of word w of the call for group 4a + c. A thread then
+    computes the calls for its own scores and nothing moves between threads; the earlier
+    mapping (8 adjacent keys per call) put five shared-memory layout conversions per tile into
+    the forward, and cost it as much as the Philox arithmetic (docs/design.md §4). KEYS_FIRST
+    returns the transposed tile ([keys, queries]) that the dK/dV kernel works on; there the
+    keys run across threads, so its layout conversion stays.
     """
-    groups = start_k // DROP_GROUP + tl.arange(0, BLOCK_K // DROP_GROUP)
-    zero = offs_q[:, None] * 0 + groups[None, :] * 0
-    r0, r1, r2, r3 = tl.philox(
-        philox_seed, groups[None, :] + zero, offs_q[:, None] + zero, bh + zero,
-        philox_offset + zero,
-    )
-    r0 = r0.to(tl.uint32, bitcast=True)
-    r1 = r1.to(tl.uint32, bitcast=True)
-    r2 = r2.to(tl.uint32, bitcast=True)
-    r3 = r3.to(tl.uint32, bitcast=True)
-    draws = tl.join(
-        tl.join(tl.join(r0 & 0xFFFF, r0 >> 16), tl.join(r1 & 0xFFFF, r1 >> 16)),
-        tl.join(tl.join(r2 & 0xFFFF, r2 >> 16), tl.join(r3 & 0xFFFF, r3 >> 16)),
-    )
-    keep = (tl.reshape(draws, [BLOCK_Q, BLOCK_K]).to(tl.int32) >= drop_threshold).to(tl.int8)
+    tl.static_assert((BLOCK_K // DROP_SPAN) * DROP_SPAN == BLOCK_K)
+    spans = start_k // DROP_SPAN + tl.arange(0, BLOCK_K // DROP_SPAN)
+    pair = tl.arange(0, 4)
+    groups = spans[None, :, None] * 4 + pair[None, None, :]
+    rows = offs_q[:, None, None]
+    zero = groups * 0 + rows * 0
+    r0, r1, r2, r3 = tl.philox(philox_seed, groups + zero, rows + zero, bh + zero, philox_offset + zero)
+    # Compared before they are arranged: whatever has to move (KEYS_FIRST) moves as bytes.
+    k0 = _keep_halves(r0, drop_threshold)
+    k1 = _keep_halves(r1, drop_threshold)
+    k2 = _keep_halves(r2, drop_threshold)
+    k3 = _keep_halves(r3, drop_threshold)
+    # [q, a, c, e, w % 2, w // 2] -> [q, a, w // 2, w % 2, c, e] -> [q, 32a + 8w + 2c + e]
+    keep = tl.join(tl.join(k0, k1), tl.join(k2, k3))
+    keep = tl.reshape(tl.permute(keep, (0, 1, 5, 4, 2, 3)), [BLOCK_Q, BLOCK_K])
     if KEYS_FIRST:
         keep = tl.trans(keep)
     return keep != 0
@@ -313,14 +331,15 @@ def _config_list(default, block_m, block_n, warps_for, stages):
 
 
 # Under the interpreter one small config, unequal blocks so the causal block skipping is
-# exercised with BLOCK_M != BLOCK_N; the dK/dV kernel gets the transposed shape.
+# exercised with BLOCK_M != BLOCK_N; every key block is at least the dropout's DROP_SPAN.
 if _interpreting():
     _FWD_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    _DKDV_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    _DKDV_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     _DQ_CONFIGS = _FWD_CONFIGS
 else:
-    # The first (default) config of each list, what runs with autotuning off, is the one the
-    # autotuner picked most often on H100 at N=4096/8192, D=128 (benchmarks/results/*s3*.json).
+    # The first config of each list, what runs with autotuning off for head dims above 64
+    # (`_small_head_default` below has the rest), is the one the autotuner picked most often on
+    # H100 at N=4096/8192, D=128 (benchmarks/results/*s3*.json).
     _FWD_CONFIGS = _config_list(
         (128, 64, 8, 3), (64, 128), (32, 64, 128), lambda m, n: (8,) if m == 128 else (4,), (2, 3)
     )
@@ -341,8 +360,25 @@ AUTOTUNE_ENV = "FLASH_INDUCTOR_TRITON_AUTOTUNE"
 _SMEM_BUDGET = 200 * 1024
 
 
-def _prune(streamed_block: str, resident_block: str):
-    """Prune by head dim: the resident tile plus `num_stages` streamed tiles must fit."""
+# Head dims up to 64 (every model of the e2e table) get 64 × 64 tiles, 4 warps, 3 stages in all
+# three kernels when autotuning is off: the fastest candidate, or within 3% of it, on every shape
+# benchmarks/config_sweep.py timed (H100, session 8: BERT, T5, GPT-2, BLOOM and LLaMA sizes, N =
+# 512..8192, with dropout, bias and causal), 4-24% ahead of the D = 128 defaults above. Not for
+# the forward and dQ of non-causal N >= 8192, where 128 × 64 with 8 warps stays ahead.
+_SMALL_HEAD_DEFAULT = (64, 64, 4, 3)
+
+
+def _small_head_default(kernel: str, args: dict) -> tuple[int, int, int, int] | None:
+    if max(args["BLOCK_D"], args["BLOCK_DV"]) > 64:
+        return None
+    if kernel != "dkdv" and args["N_BUCKET"] >= 8192 and not args["CAUSAL"]:
+        return None
+    return _SMALL_HEAD_DEFAULT
+
+
+def _prune(streamed_block: str, resident_block: str, kernel: str):
+    """Prune by head dim: the resident tile plus `num_stages` streamed tiles must fit. The kept
+    list starts with the default for these arguments: what runs when autotuning is off."""
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
@@ -357,6 +393,8 @@ def _prune(streamed_block: str, resident_block: str):
         if not kept:
             smallest = min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))
             kept = [triton.Config(dict(smallest.kwargs), num_warps=4, num_stages=1)]
+        preferred = _small_head_default(kernel, args)
+        kept.sort(key=lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) != preferred)
         if os.environ.get(AUTOTUNE_ENV, "1") == "0":
             kept = kept[:1]
         return kept
@@ -376,7 +414,7 @@ _TUNE_KEY = [
 
 @triton.autotune(
     configs=_FWD_CONFIGS, key=_TUNE_KEY,
-    prune_configs_by={"early_config_prune": _prune("BLOCK_N", "BLOCK_M")}, **_AUTOTUNE_EXTRA,
+    prune_configs_by={"early_config_prune": _prune("BLOCK_N", "BLOCK_M", "fwd")}, **_AUTOTUNE_EXTRA,
 )
 @triton.jit
 def _attn_fwd(
@@ -607,7 +645,7 @@ def _attn_bwd_dkdv_step(
 
 @triton.autotune(
     configs=_DKDV_CONFIGS, key=_TUNE_KEY,
-    prune_configs_by={"early_config_prune": _prune("BLOCK_M", "BLOCK_N")}, **_AUTOTUNE_EXTRA,
+    prune_configs_by={"early_config_prune": _prune("BLOCK_M", "BLOCK_N", "dkdv")}, **_AUTOTUNE_EXTRA,
 )
 @triton.jit
 def _attn_bwd_dkdv(
@@ -816,7 +854,7 @@ def _attn_bwd_dq_step(
 
 @triton.autotune(
     configs=_DQ_CONFIGS, key=_TUNE_KEY + ["STORE_DS"],
-    prune_configs_by={"early_config_prune": _prune("BLOCK_N", "BLOCK_M")}, **_AUTOTUNE_EXTRA,
+    prune_configs_by={"early_config_prune": _prune("BLOCK_N", "BLOCK_M", "dq")}, **_AUTOTUNE_EXTRA,
 )
 @triton.jit
 def _attn_bwd_dq(

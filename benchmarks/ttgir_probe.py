@@ -1,0 +1,110 @@
+"""Compile our Triton kernels for sm_90 on a machine without a GPU, and count what matters.
+
+Why: the GPU budget is minutes per session, while a layout problem is visible in the compiler's
+output. Triton compiles for a named target without a driver (ptxas ships with it), so TTGIR and
+SASS can be read here: `ttg.convert_layout` ops (each a trip through shared memory and a
+barrier), and SASS counts of shared-memory traffic, barriers and integer work. Session 8 found the
+dropout's cost this way (docs/design.md §4): five conversions per forward tile, none after.
+
+Use the Triton version the GPU machine runs (3.6 there): layout passes change between versions.
+
+    pip download --no-deps triton==3.6.0 -d /tmp/tr36 && pip install --no-deps --target /tmp/tr36site /tmp/tr36/triton-3.6.0-*.whl
+    PYTHONPATH=/tmp/tr36site python benchmarks/ttgir_probe.py --dropout --head-dim 64 [--ttgir-out fwd.ttgir]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from flash_inductor.kernels import triton_attention as ta
+
+KERNELS = {"fwd": ta._attn_fwd, "dkdv": ta._attn_bwd_dkdv, "dq": ta._attn_bwd_dq}
+_POINTER_TYPES = {"Lse": "*fp32", "Delta": "*fp32", "Seed": "*i64", "Counts": "*i32", "Tiles": "*i32",
+                  "CuQ": "*i32", "CuK": "*i32"}
+_SCALARS = {"Hq", "G", "Nq", "Nk", "N_BUCKET"}
+_FLOATS = {"qk_scale", "drop_scale", "sm_scale", "scale"}
+SASS_OPS = ("STS", "LDS", "BAR", "SHFL", "IMAD", "LOP3", "PRMT", "SEL", "ISETP", "MUFU", "HGMMA")
+
+
+def compile_kernel(name: str, block_m: int, block_n: int, warps: int, stages: int, head_dim: int,
+                   dropout: bool, causal: int, bias: bool, arch: int = 90):
+    """One kernel, one config, as `triton.compile` builds it for the GPU (bf16 inputs)."""
+    fn = KERNELS[name].fn
+    meta = dict(D=head_dim, DV=head_dim, BLOCK_D=head_dim, BLOCK_DV=head_dim, ELT_BYTES=2, CAUSAL=causal,
+                HAS_BIAS=bias, BIAS_IS_BOOL=False, HAS_DROPOUT=dropout, DOT_PRECISION="tf32", SPARSE=False,
+                TILE=128, VARLEN=False, BLOCK_M=block_m, BLOCK_N=block_n, STORE_DS=False)
+    signature, constexprs = {}, {}
+    for arg in fn.arg_names:
+        if arg in meta:
+            signature[arg], constexprs[arg] = "constexpr", meta[arg]
+        elif arg in _FLOATS:
+            signature[arg] = "fp32"
+        elif arg[0].isupper() and arg not in _SCALARS:
+            signature[arg] = _POINTER_TYPES.get(arg, "*bf16")
+        else:
+            signature[arg] = "i32"
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                          target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+
+
+def layout_conversions(compiled) -> int:
+    return len(re.findall(r"ttg\.convert_layout", compiled.asm["ttgir"]))
+
+
+def _cuobjdump() -> str | None:
+    """Triton's wheel ships cuobjdump beside its ptxas; a CUDA toolkit's is the fallback."""
+    bundled = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(bundled) if bundled.exists() else shutil.which("cuobjdump")
+
+
+def sass_counts(compiled) -> collections.Counter | None:
+    tool = _cuobjdump()
+    if tool is None:
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    return collections.Counter(
+        m.group(1).split(".")[0]
+        for m in re.finditer(r"/\*[0-9a-f]{4,5}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass)
+    )
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS))
+    ap.add_argument("--config", nargs=4, type=int, default=(64, 64, 4, 3), metavar=("BLOCK_M", "BLOCK_N", "WARPS", "STAGES"))
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--dropout", action="store_true")
+    ap.add_argument("--bias", action="store_true")
+    ap.add_argument("--causal", type=int, default=0)
+    ap.add_argument("--ttgir-out", default=None, help="write the last kernel's TTGIR here")
+    args = ap.parse_args(argv)
+    print(f"triton {triton.__version__}, sm_90, config {args.config}, D={args.head_dim}, dropout={args.dropout}, "
+          f"bias={args.bias}, causal={args.causal}")
+    for name in args.kernels:
+        c = compile_kernel(name, *args.config, args.head_dim, args.dropout, args.causal, args.bias)
+        ops = sass_counts(c)
+        sass = ("no cuobjdump" if ops is None else
+                f"SASS {sum(ops.values()):5d}  " + "  ".join(f"{op} {ops[op]}" for op in SASS_OPS))
+        print(f"{name:5s} convert_layout {layout_conversions(c):3d}  {sass}", flush=True)
+        if args.ttgir_out:
+            with open(args.ttgir_out, "w") as f:
+                f.write(c.asm["ttgir"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
