@@ -7,6 +7,7 @@ gives the published architecture's real dimensions (demo, benchmarks).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +53,10 @@ _SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_ke
               decoder_ffn_dim=96, num_layers=2, num_decoder_layers=2, num_heads=4, d_ff=96, d_kv=16,
               n_positions=64, head_dim=16, embedding_size=64, rotary_dim=8, num_mel_bins=16,
               max_source_positions=32, max_target_positions=64, image_size=32, patch_size=8,
-              pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=0)
+              pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=0,
+              # wav2vec 2.0 / HuBERT: no SpecAugment masks in training (random, and longer than
+              # the few frames these inputs have)
+              mask_time_prob=0.0, mask_feature_prob=0.0)
 # Config attributes that hold a dropout probability, across these architectures.
 _DROPOUT_ATTRS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "resid_pdrop", "embd_pdrop",
                   "attn_pdrop", "dropout_rate", "attention_dropout", "dropout", "activation_dropout",
@@ -140,11 +144,16 @@ def build_any(model_type: str, *, attn_implementation: str = "eager", dropout: f
     torch.manual_seed(seed)
     model = AutoModel.from_config(cfg, attn_implementation=attn_implementation)
     gen = torch.Generator().manual_seed(seed)
+    modality = getattr(model, "main_input_name", "input_ids")
     if model_type == "whisper":
         inputs = {"input_features": torch.randn(batch, cfg.num_mel_bins, 2 * cfg.max_source_positions, generator=gen),
                   "decoder_input_ids": torch.randint(3, cfg.vocab_size, (batch, seq_len), generator=gen)}
-    elif model_type == "vit":
-        inputs = {"pixel_values": torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=gen)}
+    elif modality == "pixel_values":  # ViT, DeiT, BEiT, DINOv2, ...
+        channels = getattr(cfg, "num_channels", 3)
+        inputs = {"pixel_values": torch.randn(batch, channels, cfg.image_size, cfg.image_size, generator=gen)}
+    elif modality == "input_values":  # wav2vec 2.0, HuBERT, ...: raw audio, about seq_len frames of it
+        hop = math.prod(getattr(cfg, "conv_stride", (320,)))
+        inputs = {"input_values": torch.randn(batch, hop * (seq_len + 1), generator=gen)}
     else:
         inputs = _padded_text_inputs(cfg, batch, seq_len, gen)
     return Built(model_type, model, inputs, num_attention_layers=-1)

@@ -17,8 +17,10 @@ from flash_inductor.models import COVERAGE
 # Beyond the list, one model per spelling family added later: Gemma 2 (soft-capping),
 # XGLM (a clamp and 3-D/4-D views), XLM (mask.expand_as(scores)), SqueezeBERT (a key already
 # transposed), Mixtral (a router softmax beside attention), GPT-Neo (a finite causal fill, then
-# the mask added), MPT (a finite fill after ALiBi, which the rewrite cannot see into).
-BEYOND = ("gemma2", "xglm", "xlm", "squeezebert", "mixtral", "gpt_neo", "mpt")
+# the mask added), MPT (a finite fill after ALiBi, which the rewrite cannot see into), DeBERTa
+# (`scores + 0` before a bool mask's fill: it crashed the compile before session 8), BEiT (images,
+# a learned relative position bias), wav2vec 2.0 (raw audio in).
+BEYOND = ("gemma2", "xglm", "xlm", "squeezebert", "mixtral", "gpt_neo", "mpt", "deberta", "beit", "wav2vec2")
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -456,6 +456,37 @@ unsqueeze = isneginf.unsqueeze(-1)
 where = torch.where(unsqueeze, nan, getitem)
 return (where,)""")
 
+    def test_zero_added_to_the_scores_is_dropped(self):
+        """DeBERTa without relative attention: `rel_att: int = 0`, then `scores + rel_att`, then a
+        bool mask filled with finfo.min. The `+ 0` is no bias (it used to reach the emitter as
+        the int 0 and crash the compile); a non-zero constant is refused, named."""
+
+        def f(q, k, v, keep, shift):
+            s = torch.matmul(q / 2.0, k.transpose(-1, -2))
+            s = s + shift
+            s = s.masked_fill(~keep, torch.finfo(s.dtype).min)
+            return torch.matmul(F.softmax(s, dim=-1), v)
+
+        q, k, v = qkv(nk=7)
+        keep = torch.rand(2, 1, 1, 7) > 0.3
+        keep[..., 0] = True
+        code, reps = self.run_rewritten(f, q, k, v, keep, 0)
+        self.assertTrue(reps[0].rewritten)
+        self.assertExpectedInline(code, """\
+truediv = l_q_ / 2.0
+invert = ~l_keep_
+logical_not = torch.logical_not(invert)
+logical_not_1 = torch.logical_not(logical_not)
+all_1 = logical_not_1.all(-1, keepdim = True)
+fwd_default = torch.ops.flash.fwd.default(truediv, l_k_, l_v_, logical_not, None, 0, 1.0, 0.0)
+getitem = fwd_default[0]
+mean = l_v_.mean(-2, keepdim = True)
+where = torch.where(all_1, mean, getitem)
+return (where,)""")
+        _, reps = self.run_rewritten(f, q, k, v, keep, 1.5)
+        self.assertFalse(reps[0].rewritten)
+        self.assertIn("shifted by the constant 1.5", reps[0].line())
+
     def test_where_finfo_min(self):
         """GPT-2 (transformers 4): torch.where(causal_mask, scores, finfo.min)."""
 

@@ -184,6 +184,15 @@ def _score_steps(site: _Site, start: Node):
             if len(sides) != 1:
                 raise Refusal("score_chain", f"{c.spelling} has {len(sides)} operands that lead to q·kᵀ")
             chain = sides[0]
+            other = b if chain is a else a
+            if c.op != "where" and isinstance(other, (int, float)):
+                # DeBERTa adds `rel_att: int = 0` when it has no relative attention: nothing
+                # to fuse. A non-zero constant would shift every score alike, which softmax
+                # ignores, except against a fill; no model writes it, so it is not modelled.
+                if other != 0:
+                    raise Refusal("score_chain", f"the scores are shifted by the constant {other}")
+                node = chain
+                continue
             step = masks.match_bias(c, chain) if c.op != "where" else masks.match_fill(c, chain)
             site.spelling.insert(0, f"{c.spelling}({'bias' if c.op != 'where' else 'fill'})")
         elif c.op == "masked_fill":
