@@ -85,9 +85,11 @@ def check(model_type: str, impl: str, mode: str, compile: bool = False) -> Row:
             row.error = "a different set of parameters got gradients"
         # A gradient that is zero in exact arithmetic (the key projection's bias: softmax cancels
         # a per-row constant) is rounding noise in both runs (OPT: 8e-8 against a largest
-        # gradient of 846), so errors are relative to at least 1e-5 of the largest gradient.
+        # gradient of 846; SigLIP: 5e-9, its two runs 1.7e-8 apart, against 1.6), so errors are
+        # relative to at least 1e-3 of the largest gradient: an error on a gradient that small
+        # is still caught once it exceeds 1e-7 of the largest.
         scale = max((g.norm() for g in ref_grads.values()), default=torch.tensor(1.0))
-        errs += [float((grads[n].double() - ref_grads[n].double()).norm() / max(ref_grads[n].norm(), 1e-5 * scale))
+        errs += [float((grads[n].double() - ref_grads[n].double()).norm() / max(ref_grads[n].norm(), 1e-3 * scale))
                  for n in ref_grads if n in grads]
         row.max_rel_err = max(errs)
     elif not torch.isfinite(out).all() or not all(torch.isfinite(g).all() for g in grads.values()):

@@ -56,7 +56,7 @@ _SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_ke
               pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=0,
               # wav2vec 2.0 / HuBERT: no SpecAugment masks in training (random, and longer than
               # the few frames these inputs have)
-              mask_time_prob=0.0, mask_feature_prob=0.0)
+              mask_time_prob=0.0, mask_feature_prob=0.0, projection_size=64)
 # Config attributes that hold a dropout probability, across these architectures.
 _DROPOUT_ATTRS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "resid_pdrop", "embd_pdrop",
                   "attn_pdrop", "dropout_rate", "attention_dropout", "dropout", "activation_dropout",
@@ -133,19 +133,28 @@ def build_any(model_type: str, *, attn_implementation: str = "eager", dropout: f
     from transformers import AutoConfig, AutoModel
 
     cfg = AutoConfig.for_model(model_type)
-    for key, value in _SMALL.items():
-        if hasattr(cfg, key) or key in getattr(cfg, "attribute_map", {}):
-            try:
-                setattr(cfg, key, value)
-            except AttributeError:  # a derived property (Falcon's head_dim)
-                pass
-    _set_dropout(cfg, dropout)
+    # A text + vision pair (CLIP, SigLIP) is shrunk and fed tower by tower.
+    text_cfg, vision_cfg = getattr(cfg, "text_config", None), getattr(cfg, "vision_config", None)
+    for c in (cfg, text_cfg, vision_cfg):
+        if c is None:
+            continue
+        for key, value in _SMALL.items():
+            if hasattr(c, key) or key in getattr(c, "attribute_map", {}):
+                try:
+                    setattr(c, key, value)
+                except AttributeError:  # a derived property (Falcon's head_dim)
+                    pass
+        _set_dropout(c, dropout)
     cfg._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     model = AutoModel.from_config(cfg, attn_implementation=attn_implementation)
     gen = torch.Generator().manual_seed(seed)
     modality = getattr(model, "main_input_name", "input_ids")
-    if model_type == "whisper":
+    if text_cfg is not None and vision_cfg is not None:
+        inputs = _padded_text_inputs(text_cfg, batch, seq_len, gen)
+        channels = getattr(vision_cfg, "num_channels", 3)
+        inputs["pixel_values"] = torch.randn(batch, channels, vision_cfg.image_size, vision_cfg.image_size, generator=gen)
+    elif model_type == "whisper":
         inputs = {"input_features": torch.randn(batch, cfg.num_mel_bins, 2 * cfg.max_source_positions, generator=gen),
                   "decoder_input_ids": torch.randint(3, cfg.vocab_size, (batch, seq_len), generator=gen)}
     elif modality == "pixel_values":  # ViT, DeiT, BEiT, DINOv2, ...

@@ -19,8 +19,9 @@ from flash_inductor.models import COVERAGE
 # transposed), Mixtral (a router softmax beside attention), GPT-Neo (a finite causal fill, then
 # the mask added), MPT (a finite fill after ALiBi, which the rewrite cannot see into), DeBERTa
 # (`scores + 0` before a bool mask's fill: it crashed the compile before session 8), BEiT (images,
-# a learned relative position bias), wav2vec 2.0 (raw audio in).
-BEYOND = ("gemma2", "xglm", "xlm", "squeezebert", "mixtral", "gpt_neo", "mpt", "deberta", "beit", "wav2vec2")
+# a learned relative position bias), wav2vec 2.0 (raw audio in), CLIP (a text and a vision tower).
+BEYOND = ("gemma2", "xglm", "xlm", "squeezebert", "mixtral", "gpt_neo", "mpt", "deberta", "beit", "wav2vec2",
+          "clip")
 
 
 @pytest.mark.parametrize("mode", MODES)
