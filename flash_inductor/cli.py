@@ -82,7 +82,8 @@ def _coverage(args) -> int:
     unsupported = [r for r in rows if r.error.startswith("build:")]
     bad = [r for r in rows if not r.ok and r not in unsupported]
     print(f"{len(rows) - len(bad) - len(unsupported)}/{len(rows)} rows at 100% with parity; "
-          f"{len(unsupported)} not buildable in this transformers version; {len(bad)} failing")
+          f"{len(unsupported)} without that attention implementation in this transformers version; "
+          f"{len(bad)} failing")
     return 1 if bad else 0
 
 
