@@ -37,6 +37,11 @@ CASES = {
     "d64_8k": (1, 12, 8192, 64, False, None, 0.0),
     "d64_8k_causal": (1, 12, 8192, 64, True, None, 0.0),
     "d128_8k_causal": (1, 12, 8192, 128, True, None, 0.0),
+    # issue 3's N <= 4096 rows, where the backward trails FlexAttention
+    "d128_2k": (1, 12, 2048, 128, False, None, 0.0),
+    "d128_2k_bias_causal": (1, 12, 2048, 128, True, "per_head", 0.0),
+    "d128_4k_causal": (1, 12, 4096, 128, True, None, 0.0),
+    "d128_4k_bias_causal": (1, 12, 4096, 128, True, "per_head", 0.0),
 }
 KERNELS = {"fwd": ta._attn_fwd, "dkdv": ta._attn_bwd_dkdv, "dq": ta._attn_bwd_dq}
 
