@@ -56,7 +56,9 @@ _SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_ke
               pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=0,
               # wav2vec 2.0 / HuBERT: no SpecAugment masks in training (random, and longer than
               # the few frames these inputs have)
-              mask_time_prob=0.0, mask_feature_prob=0.0, projection_size=64)
+              mask_time_prob=0.0, mask_feature_prob=0.0,
+              # SigLIP's text head projects to this width (it defaults to the unshrunk 768)
+              projection_size=64)
 # Config attributes that hold a dropout probability, across these architectures.
 _DROPOUT_ATTRS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "resid_pdrop", "embd_pdrop",
                   "attn_pdrop", "dropout_rate", "attention_dropout", "dropout", "activation_dropout",

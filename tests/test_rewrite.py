@@ -487,6 +487,13 @@ return (where,)""")
         self.assertFalse(reps[0].rewritten)
         self.assertIn("shifted by the constant 1.5", reps[0].line())
 
+        def negated(q, k, v):  # 0 - scores is not the scores
+            return torch.matmul(F.softmax(0 - torch.matmul(q, k.transpose(-1, -2)), dim=-1), v)
+
+        _, reps = self.run_rewritten(negated, q, k, v)
+        self.assertFalse(reps[0].rewritten)
+        self.assertIn("negates or scales the scores", reps[0].line())
+
     def test_where_finfo_min(self):
         """GPT-2 (transformers 4): torch.where(causal_mask, scores, finfo.min)."""
 

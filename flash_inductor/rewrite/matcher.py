@@ -189,8 +189,11 @@ def _score_steps(site: _Site, start: Node):
                 # DeBERTa adds `rel_att: int = 0` when it has no relative attention: nothing
                 # to fuse. A non-zero constant would shift every score alike, which softmax
                 # ignores, except against a fill; no model writes it, so it is not modelled.
+                # Nor is `0 - scores` (or an alpha on the scores): not the scores unchanged.
                 if other != 0:
                     raise Refusal("score_chain", f"the scores are shifted by the constant {other}")
+                if chain is b and (c.op == "sub" or c.get("alpha", 1) != 1):
+                    raise Refusal("score_chain", f"{c.spelling} negates or scales the scores")
                 node = chain
                 continue
             step = masks.match_bias(c, chain) if c.op != "where" else masks.match_fill(c, chain)
