@@ -361,10 +361,12 @@ _SMEM_BUDGET = 200 * 1024
 
 
 # Head dims up to 64 (every model of the e2e table) get 64 × 64 tiles, 4 warps, 3 stages in all
-# three kernels when autotuning is off: the fastest candidate, or within 3% of it, on every shape
-# benchmarks/config_sweep.py timed (H100, session 8: BERT, T5, GPT-2, BLOOM and LLaMA sizes, N =
-# 512..8192, with dropout, bias and causal), 4-24% ahead of the D = 128 defaults above. Not for
-# the forward and dQ of non-causal N >= 8192, where 128 × 64 with 8 warps stays ahead.
+# three kernels when autotuning is off. On the shapes benchmarks/config_sweep.py timed (H100,
+# session 8: BERT, T5, GPT-2, BLOOM and LLaMA sizes, N = 512..8192, with dropout, bias and causal)
+# it is the forward's best or within 2% of it (up to 24% ahead of the D = 128 default), and in the
+# backward ahead of the D = 128 defaults but on BERT's dQ (0.4% behind), though up to 11% behind
+# the best candidate of some shapes (2 stages for BERT's dK/dV). Not for the forward and dQ of non-causal N >= 8192, where
+# 128 × 64 with 8 warps stays ahead.
 _SMALL_HEAD_DEFAULT = (64, 64, 4, 3)
 
 
