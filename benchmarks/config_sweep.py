@@ -70,11 +70,10 @@ def sweep(name: str) -> dict:
     out, lse = ta.forward(inp, seed)
     dout = torch.randn_like(out)
     originals = {k: list(kern.configs) for k, kern in KERNELS.items()}
-    run = {
-        "fwd": lambda: ta.forward(inp, seed),
-        "dkdv": lambda: ta.backward(inp, seed, out, lse, dout, None, False),
-        "dq": lambda: ta.backward(inp, seed, out, lse, dout, None, False),
-    }
+    def backward():
+        return ta.backward(inp, seed, out, lse, dout, None, False)
+
+    run = {"fwd": lambda: ta.forward(inp, seed), "dkdv": backward, "dq": backward}
     result = {}
     for kname, kern in KERNELS.items():
         times = {}
