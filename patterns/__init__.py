@@ -6,6 +6,7 @@ in whatever spelling a model wrote it, into a normalised step, or refuses with a
 | module       | recognises                                                        |
 | ------------ | ----------------------------------------------------------------- |
 | `scores`     | q·kᵀ by matmul / bmm / `@` / einsum / baddbmm; P·V likewise       |
+| `einsum`     | which letter of an einsum is batch, heads, N or D, in any order   |
 | `scale`      | multiply or divide by a number, symbol or 0-d tensor              |
 | `masks`      | additive biases and masks; masked_fill / where fills              |
 | `softmax`    | softmax over the key dim, fp32 upcasts and casts around it        |

@@ -2,7 +2,8 @@
 
 Score spellings: `torch.matmul(q, k.transpose(2, 3))` (HF eager attention), `q @ k.transpose(-1, -2)`,
 `torch.bmm(q, k.transpose(1, 2))` on 3-D [B·H, N, D] layouts (BART, Whisper, older OPT),
-`torch.einsum("bhqd,bhkd->bhqk", q, k)` (GPT-J style code), and
+`torch.einsum("bhqd,bhkd->bhqk", q, k)` (GPT-J style code) or any other einsum that is q·kᵀ up to
+a permutation of its dims (LongT5's blocked `"...qhd,...khd->...hqk"`: `patterns/einsum.py`), and
 `torch.baddbmm(alibi, q, kᵀ, beta=1, alpha=1/sqrt(d))` (BLOOM's ALiBi, bias and scale fused).
 The key operand must be a transpose or permute of K: `q @ k` with an untransposed k is a plain
 product, not an attention score, and is left alone.
@@ -12,11 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch.fx import Node
 
 from flash_inductor.rewrite.fx import Call, canon, example
 
+from .einsum import EinsumLayout, NotAttention, is_einsum, score_layout, value_layout
 from .steps import Bias, Refusal, Scale, Step
 
 
@@ -28,6 +29,8 @@ class Scores:
     key_t: Node | None
     spelling: str
     steps: list[Step] = field(default_factory=list)  # applied to q·kᵀ before anything else
+    # An einsum's dims in their own order (None: q and k are [.., N, D] and the scores [.., Nq, Nk]).
+    layout: EinsumLayout | None = None
 
 
 def _untranspose(b: Node) -> tuple[Node | None, Node | None]:
@@ -65,36 +68,17 @@ def _scaled_key(b: Node) -> tuple[Node, list[Step]]:
     return b, []
 
 
-def _einsum_terms(node: Node):
-    eq = node.args[0]
-    operands = node.args[1:]
-    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
-        operands = tuple(operands[0])
-    if not isinstance(eq, str) or "->" not in eq or "..." in eq or len(operands) != 2:
-        return None
-    lhs, out = eq.replace(" ", "").split("->")
-    terms = lhs.split(",")
-    if len(terms) != 2:
-        return None
-    return terms[0], terms[1], out, operands
-
-
-def is_einsum(node) -> bool:
-    return isinstance(node, Node) and node.op == "call_function" and node.target in (torch.einsum, torch.functional.einsum)
-
-
 def match_scores(node: Node) -> Scores | None:
     """Scores if `node` computes q·kᵀ (possibly with baddbmm's bias and scale); else None."""
     if is_einsum(node):
-        t = _einsum_terms(node)
-        if t is None:
+        try:
+            found = score_layout(node)
+        except NotAttention:  # some other product: not a score, so not where a chain ends
             return None
-        a, b, out, (q, k) = t
-        # "bhqd,bhkd->bhqk": shared batch letters, contraction over the last letter of both.
-        if len(a) == len(b) == len(out) and a[:-2] == b[:-2] == out[:-2] and a[-1] == b[-1] \
-                and out[-2:] == a[-2] + b[-2] and a[-1] not in out and a[-2] != b[-2]:
-            return Scores(q, k, None, "einsum")
-        return None
+        if found is None:
+            return None
+        layout, q, k = found
+        return Scores(q, k, None, "einsum", layout=layout)
     c = canon(node)
     if c is None:
         return None
@@ -119,18 +103,27 @@ def match_scores(node: Node) -> Scores | None:
     return None
 
 
-def match_values(node: Node, probs: Node) -> Node | None:
-    """V when `node` computes probs·V, else None."""
+def match_values(node: Node, probs: Node) -> tuple[Node, EinsumLayout | None] | None:
+    """(V, the einsum's layout or None) when `node` computes probs·V, else None."""
     if is_einsum(node):
-        t = _einsum_terms(node)
-        if t is None:
+        try:
+            found = value_layout(node, probs)
+        except NotAttention:
             return None
-        a, b, out, (p, v) = t
-        if p is probs and len(a) == len(b) == len(out) and a[:-2] == b[:-2] == out[:-2] \
-                and a[-1] == b[-2] and out[-2:] == a[-2] + b[-1]:
-            return v
-        return None
+        return None if found is None else (found[1], found[0])
     c = canon(node)
     if c is not None and c.op == "matmul" and c["a"] is probs and c["b"] is not probs:
-        return c["b"]
+        return c["b"], None
+    return None
+
+
+def why_not_attention(node: Node, probs: Node | None = None) -> str | None:
+    """Why an einsum of two operands is not q·kᵀ (given `probs`: not probs·V), for the refusal;
+    None for anything else."""
+    if not is_einsum(node):
+        return None
+    try:
+        score_layout(node) if probs is None else value_layout(node, probs)
+    except NotAttention as e:
+        return f"einsum {node.args[0]!r} is not {'q·kᵀ' if probs is None else 'P·V'}: {e}"
     return None

@@ -83,6 +83,14 @@ def _assert_all_rewritten(rep, built, *, dropout_live: bool) -> None:
         assert ("dropout" in site.spelling.split("·")) == dropout_live, site.line()
 
 
+def _assert_grads_match(grads_c: dict, grads_e: dict) -> None:
+    """Every parameter gradient within RTOL_GRAD of eager's, above the rounding-noise floor."""
+    atol = ATOL_GRAD_FRACTION * max(g.norm().item() for g in grads_e.values() if g is not None)
+    bad = {n: _rel_err(grads_c[n], g) for n, g in grads_e.items()
+           if g is not None and (grads_c[n] - g).norm().item() > RTOL_GRAD * g.norm().item() + atol}
+    assert not bad, bad
+
+
 def _loss(out: torch.Tensor) -> torch.Tensor:
     # A fixed random projection, so every output element and its sign reaches the gradient.
     w = torch.randn(out.shape, generator=torch.Generator().manual_seed(123), dtype=out.dtype)
@@ -130,13 +138,7 @@ def test_training_matches_eager(name, impl):
     # T5's relative-position bias, whose gradient comes back through the op's bias input).
     assert grads_c.keys() == grads_e.keys()
     assert [n for n, g in grads_c.items() if g is None] == [n for n, g in grads_e.items() if g is None]
-    atol = ATOL_GRAD_FRACTION * max(g.norm().item() for g in grads_e.values() if g is not None)
-    bad = {
-        n: _rel_err(grads_c[n], g)
-        for n, g in grads_e.items()
-        if g is not None and (grads_c[n] - g).norm().item() > RTOL_GRAD * g.norm().item() + atol
-    }
-    assert not bad, bad
+    _assert_grads_match(grads_c, grads_e)
 
 
 def _dropout_rates(calls: list):
@@ -288,7 +290,33 @@ def test_deberta_v2_relative_attention_matches_eager():
     assert rep.skipped == 0 and rep.rewritten == 2, "\n" + str(rep)
     assert _rel_err(out_c, out_e) < RTOL_OUT
     assert abs((loss_c - loss_e).item()) <= RTOL_OUT * abs(loss_e.item())
-    atol = ATOL_GRAD_FRACTION * max(g.norm().item() for g in grads_e.values() if g is not None)
-    bad = {n: _rel_err(grads_c[n], g) for n, g in grads_e.items()
-           if g is not None and (grads_c[n] - g).norm().item() > RTOL_GRAD * g.norm().item() + atol}
-    assert not bad, bad
+    _assert_grads_match(grads_c, grads_e)
+
+
+@pytest.mark.parametrize("attention", ["local", "transient-global"])
+def test_longt5_attention_in_blocks_matches_eager(attention):
+    """LongT5's encoder attention over several blocks: 11 tokens in blocks of 3 (local_radius=2),
+    so 4 blocks, the last padded, keys from the 3 blocks around each (and, transient-global, the
+    global aggregates too), and a padded sequence. Its 5-D einsums run as one op call over
+    batch·blocks; every site rewritten, output, loss and every gradient (the position bias's
+    included) as eager's. The coverage rows have one block only (7 tokens, blocks of 128)."""
+    from transformers import LongT5Config, LongT5Model
+
+    cfg = LongT5Config(vocab_size=100, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_decoder_layers=2,
+                       num_heads=4, local_radius=2, global_block_size=4, encoder_attention_type=attention,
+                       dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    model = LongT5Model(cfg)
+    gen = torch.Generator().manual_seed(1)
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[1, 7:] = 0
+    inputs = {"input_ids": torch.randint(3, 100, (2, 11), generator=gen), "attention_mask": mask,
+              "decoder_input_ids": torch.randint(3, 100, (2, 5), generator=gen)}
+    out_e, loss_e, grads_e = _train_step(model, model.train(), inputs)
+    compiled = torch.compile(model, backend=rewrite_only)
+    with recording() as rep:
+        out_c, loss_c, grads_c = _train_step(compiled, model, inputs)
+    assert rep.skipped == 0 and rep.rewritten == 6, "\n" + str(rep)  # encoder 2, decoder 2 + 2 cross
+    assert _rel_err(out_c, out_e) < RTOL_OUT
+    assert abs((loss_c - loss_e).item()) <= RTOL_OUT * abs(loss_e.item())
+    _assert_grads_match(grads_c, grads_e)

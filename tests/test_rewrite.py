@@ -310,6 +310,174 @@ fwd_default = torch.ops.flash.fwd.default(l_q_, l_k_, l_v_, None, None, 0, 0.25,
 getitem = fwd_default[0]
 return (getitem,)""")
 
+    def test_einsum_in_the_projections_layout(self):
+        """q, k, v as the projections give them, [B, N, H, D], and the key first: the op reads
+        them through permuted views, and the output comes back as the einsum wrote it."""
+
+        def f(q, k, v):
+            w = torch.einsum("bkhd,bqhd->bhqk", k, q) * 0.25
+            return torch.einsum("bkhd,bhqk->bqhd", v, w.softmax(-1))
+
+        q, k, v = (t.transpose(1, 2) for t in qkv())
+        code, reps = self.run_rewritten(f, q, k, v)
+        self.assertEqual(reps[0].spelling, "einsum·mul(scale)·softmax·einsum")
+        self.assertExpectedInline(code, """\
+permute = l_q_.permute(0, 2, 1, 3)
+permute_1 = l_k_.permute(0, 2, 1, 3)
+permute_2 = l_v_.permute(0, 2, 1, 3)
+fwd_default = torch.ops.flash.fwd.default(permute, permute_1, permute_2, None, None, 0, 0.25, 0.0)
+getitem = fwd_default[0]
+permute_3 = getitem.permute(0, 2, 1, 3)
+return (permute_3,)""")
+
+    def test_einsum_scores_with_heads_between_queries_and_keys(self):
+        """Scores laid out [B, Nq, H, Nk] (the softmax is still over the keys): the bias added in
+        that layout, [Nq, 1, Nk] here, is permuted with them to broadcast against [B, H, Nq, Nk]."""
+
+        def f(q, k, v, bias):
+            w = torch.einsum("bqhd,bkhd->bqhk", q, k) + bias
+            return torch.einsum("bqhk,bkhd->bqhd", w.softmax(-1), v)
+
+        q, k, v = (t.transpose(1, 2) for t in qkv())
+        code, reps = self.run_rewritten(f, q, k, v, torch.randn(7, 1, 9))
+        self.assertEqual(reps[0].spelling, "einsum·add(bias)·softmax·einsum")
+        self.assertExpectedInline(code, """\
+permute = l_q_.permute(0, 2, 1, 3)
+permute_1 = l_k_.permute(0, 2, 1, 3)
+permute_2 = l_v_.permute(0, 2, 1, 3)
+getitem = l_bias_[(None, Ellipsis)]
+permute_3 = getitem.permute(0, 2, 1, 3)
+fwd_default = torch.ops.flash.fwd.default(permute, permute_1, permute_2, permute_3, None, 0, 1.0, 0.0)
+getitem_1 = fwd_default[0]
+getitem_2 = fwd_default[1]
+isneginf = torch.isneginf(getitem_2)
+unsqueeze = isneginf.unsqueeze(-1)
+amax = permute_3.amax(-1, keepdim = True)
+eq = permute_3 == amax
+to = eq.to(torch.float32)
+matmul = torch.matmul(to, permute_2)
+sum_1 = to.sum(-1, keepdim = True)
+truediv = matmul / sum_1
+isneginf_1 = torch.isneginf(amax)
+where = torch.where(isneginf_1, nan, truediv)
+where_1 = torch.where(unsqueeze, where, getitem_1)
+permute_4 = where_1.permute(0, 2, 1, 3)
+return (permute_4,)""")
+
+    def test_einsum_longt5_local_attention_in_blocks(self):
+        """LongT5's local attention: queries in blocks, keys and values the 3 blocks around each
+        (`_concatenate_3_blocks`), 5-D einsums over [batch, block, ...], a learned position bias
+        plus a local mask with its own block dims, softmax in float32, dropout. The batch and
+        block dims merge into the op's batch as views; the bias's too."""
+        bl = 3
+
+        def blocks(x):  # [B, N, H, D] -> [B, N / bl, bl, H, D]
+            return x.reshape(x.shape[0], -1, bl, *x.shape[2:])
+
+        def three_blocks(x):  # [B, nb, bl, H, D] -> [B, nb, 3·bl, H, D]: each block with its neighbours
+            nb = x.shape[1]
+            x = F.pad(x, (0, 0, 0, 0, 0, 0, 1, 1))
+            return torch.cat([x[:, i:i + nb] for i in range(3)], dim=2)
+
+        def f(q, k, v, pos, keep):
+            q, k, v = blocks(q), three_blocks(blocks(k)), three_blocks(blocks(v))
+            scores = torch.einsum("...qhd,...khd->...hqk", q, k)
+            scores += pos + torch.where(keep, 0.0, -1e10).transpose(1, 2)
+            w = F.softmax(scores.float(), dim=-1).type_as(scores)
+            w = F.dropout(w, p=0.1, training=False)
+            return torch.einsum("...hqk,...khd->...qhd", w.type(v.dtype), v)
+
+        b, n, h, d = 2, 6, 4, 8
+        g = torch.Generator().manual_seed(5)
+        q, k, v = (torch.randn(b, n, h, d, generator=g) for _ in range(3))
+        pos = torch.randn(1, 1, h, bl, 3 * bl, generator=g)
+        keep = torch.rand(b, 1, n // bl, bl, 3 * bl, generator=g) > 0.4
+        keep[..., range(bl), range(bl, 2 * bl)] = True  # every query sees itself, as in LongT5
+        code, reps = self.run_rewritten(f, q, k, v, pos, keep)
+        self.assertEqual(reps[0].spelling, "einsum·iadd(bias)·softmax·dropout(off)·einsum")
+        self.assertExpectedInline(code, """\
+q = l_q_.reshape(2, -1, 3, 4, 8)
+reshape_1 = l_k_.reshape(2, -1, 3, 4, 8)
+pad = torch._C._nn.pad(reshape_1, (0, 0, 0, 0, 0, 0, 1, 1), 'constant', None)
+getitem = pad[(slice(None, None, None), slice(0, 2, None))]
+getitem_1 = pad[(slice(None, None, None), slice(1, 3, None))]
+getitem_2 = pad[(slice(None, None, None), slice(2, 4, None))]
+k = torch.cat([getitem, getitem_1, getitem_2], dim = 2)
+reshape_2 = l_v_.reshape(2, -1, 3, 4, 8)
+pad_1 = torch._C._nn.pad(reshape_2, (0, 0, 0, 0, 0, 0, 1, 1), 'constant', None)
+getitem_3 = pad_1[(slice(None, None, None), slice(0, 2, None))]
+getitem_4 = pad_1[(slice(None, None, None), slice(1, 3, None))]
+getitem_5 = pad_1[(slice(None, None, None), slice(2, 4, None))]
+v = torch.cat([getitem_3, getitem_4, getitem_5], dim = 2)
+where = torch.where(l_keep_, 0.0, -10000000000.0)
+transpose = where.transpose(1, 2)
+add = l_pos_ + transpose
+permute = q.permute(0, 1, 3, 2, 4)
+flatten = permute.flatten(0, 1)
+permute_1 = k.permute(0, 1, 3, 2, 4)
+flatten_1 = permute_1.flatten(0, 1)
+permute_2 = v.permute(0, 1, 3, 2, 4)
+flatten_2 = permute_2.flatten(0, 1)
+flatten_3 = add.flatten(0, 1)
+fwd_default = torch.ops.flash.fwd.default(flatten, flatten_1, flatten_2, flatten_3, None, 0, 1.0, 0.0)
+getitem_6 = fwd_default[0]
+getitem_7 = fwd_default[1]
+isneginf = torch.isneginf(getitem_7)
+unsqueeze = isneginf.unsqueeze(-1)
+amax = flatten_3.amax(-1, keepdim = True)
+eq = flatten_3 == amax
+to = eq.to(torch.float32)
+matmul = torch.matmul(to, flatten_2)
+sum_1 = to.sum(-1, keepdim = True)
+truediv = matmul / sum_1
+isneginf_1 = torch.isneginf(amax)
+where_1 = torch.where(isneginf_1, nan, truediv)
+where_2 = torch.where(unsqueeze, where_1, getitem_6)
+unflatten = where_2.unflatten(0, (2, 2))
+permute_3 = unflatten.permute(0, 1, 3, 2, 4)
+return (permute_3,)""")
+
+    def test_einsum_blocks_with_a_bias_shared_by_the_blocks(self):
+        """A bias per batch entry and head but shared by the blocks ([B, 1, H, Nq, Nk] against
+        [B, blocks, H, Nq, Nk]): no stride makes batch·blocks one dim of it, so it is expanded
+        and copied (as large as the scores eager builds), and the spelling says so."""
+
+        def f(q, k, v, bias):
+            w = torch.einsum("...qhd,...khd->...hqk", q, k) * 0.25 + bias
+            return torch.einsum("...hqk,...khd->...qhd", w.softmax(-1), v)
+
+        g = torch.Generator().manual_seed(1)
+        q = torch.randn(2, 3, 4, 2, 8, generator=g)
+        k, v = (torch.randn(2, 3, 5, 2, 8, generator=g) for _ in range(2))
+        code, reps = self.run_rewritten(f, q, k, v, torch.randn(2, 1, 2, 4, 5, generator=g))
+        self.assertEqual(reps[0].spelling, "einsum·mul(scale)·add(bias)·softmax·einsum·copy(bias)")
+        self.assertExpectedInline(code, """\
+permute = l_q_.permute(0, 1, 3, 2, 4)
+flatten = permute.flatten(0, 1)
+permute_1 = l_k_.permute(0, 1, 3, 2, 4)
+flatten_1 = permute_1.flatten(0, 1)
+permute_2 = l_v_.permute(0, 1, 3, 2, 4)
+flatten_2 = permute_2.flatten(0, 1)
+expand = l_bias_.expand(2, 3, -1, -1, -1)
+flatten_3 = expand.flatten(0, 1)
+fwd_default = torch.ops.flash.fwd.default(flatten, flatten_1, flatten_2, flatten_3, None, 0, 0.25, 0.0)
+getitem = fwd_default[0]
+getitem_1 = fwd_default[1]
+isneginf = torch.isneginf(getitem_1)
+unsqueeze = isneginf.unsqueeze(-1)
+amax = flatten_3.amax(-1, keepdim = True)
+eq = flatten_3 == amax
+to = eq.to(torch.float32)
+matmul = torch.matmul(to, flatten_2)
+sum_1 = to.sum(-1, keepdim = True)
+truediv = matmul / sum_1
+isneginf_1 = torch.isneginf(amax)
+where = torch.where(isneginf_1, nan, truediv)
+where_1 = torch.where(unsqueeze, where, getitem)
+unflatten = where_1.unflatten(0, (2, 3))
+permute_3 = unflatten.permute(0, 1, 3, 2, 4)
+return (permute_3,)""")
+
     def test_baddbmm_alibi(self):
         """BLOOM: baddbmm(alibi, q, kᵀ, beta=1, alpha=1/sqrt(d))."""
 
@@ -1083,6 +1251,42 @@ class TestNearMisses(RewriteCase):
             return torch.matmul(torch.matmul(q, k.transpose(-1, -2)).masked_fill(m, -1e4).softmax(-1), v)
 
         self.assert_not_rewritten(f, *qkv(), torch.rand(7, 9) > 0.5, guard="fill_is_exact")
+
+    def test_einsum_values_contracted_over_the_queries(self):
+        def f(q, k, v):
+            w = torch.einsum("bhqd,bhkd->bhqk", q, k).softmax(-1)
+            return torch.einsum("bhqk,bhqd->bhkd", w, v)
+
+        self.assert_not_rewritten(f, *qkv(nk=7), guard="einsum_roles")
+
+    def test_einsum_scores_summed_over_the_heads(self):
+        """Heads and head dim contracted together ("bqhd,bkhd->bqk"): one score per batch entry."""
+
+        def f(q, k, v):
+            w = torch.einsum("bqhd,bkhd->bqk", q, k).softmax(-1)
+            return torch.einsum("bqk,bkhd->bqhd", w, v)
+
+        self.assert_not_rewritten(f, *(t.transpose(1, 2) for t in qkv()), guard="einsum_roles")
+
+    def test_einsum_that_broadcasts_the_keys_batch(self):
+        def f(q, k, v):
+            return torch.einsum("bhqk,bhkd->bhqd", torch.einsum("bhqd,bhkd->bhqk", q, k).softmax(-1), v)
+
+        q, k, v = qkv()
+        self.assert_not_rewritten(f, q, k[:1], v, guard="score_operands")
+
+    def test_einsum_blocks_that_merge_only_by_a_copy(self):
+        """Batch and block dims stored block-major: [B, nb] is not one dim of q without a copy."""
+
+        def f(q, k, v):
+            q = q.transpose(0, 1)  # [nb, B, ...] storage seen as [B, nb, ...]
+            w = torch.einsum("...qhd,...khd->...hqk", q, k).softmax(-1)
+            return torch.einsum("...hqk,...khd->...qhd", w, v)
+
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(3, 2, 4, 2, 8, generator=g)
+        k, v = (torch.randn(2, 3, 5, 2, 8, generator=g) for _ in range(2))
+        self.assert_not_rewritten(f, q, k, v, guard="einsum_batch_view")
 
     def test_weights_returned(self):
         def f(q, k, v):

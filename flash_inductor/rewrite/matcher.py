@@ -24,9 +24,11 @@ from torch.fx import Graph, GraphModule, Node
 from .. import dispatch
 from ..inputs import MASKED_BIAS, Causal, validate
 from ..patterns import dropout as dropout_family
+from ..patterns import einsum as einsum_family
 from ..patterns import gqa, layout, masks, scale as scale_family, scores as scores_family, sdpa as sdpa_family
 from ..patterns import softmax as softmax_family
 from ..patterns.steps import Bias, Cast, ClampMin, Fill, MergeHeads, Refusal, Scale, SplitHeads, Tanh
+from . import einsum_views
 from .emit import Emitter
 from .fx import IN_PLACE_METHODS, canon, constant_value, example
 from .report import SiteReport, log, record
@@ -146,6 +148,9 @@ def _score_steps(site: _Site, start: Node):
             return found, steps
         c = canon(node)
         if c is None:
+            why = scores_family.why_not_attention(node)
+            if why:
+                raise Refusal("einsum_roles", why)
             what = node.target if node.op != "call_function" else getattr(node.target, "__name__", node.target)
             raise Refusal("score_chain", f"the scores pass through {what}, which the rewrite does not model")
         site.chain.append(node)
@@ -212,15 +217,19 @@ def _score_steps(site: _Site, start: Node):
         node = chain
 
 
-def _prob_path(site: _Site, softmax: Node) -> tuple[Node, Node, Node]:
-    """From the softmax forward to P·V: returns (probabilities fed to P·V, the P·V node, v)."""
+def _prob_path(site: _Site, softmax: Node):
+    """From the softmax forward to P·V: returns (probabilities fed to P·V, the P·V node, v, the
+    einsum's layout or None)."""
     node = softmax
     while True:
         _single_user(node, "attention probabilities")
         user = _value_users(node)[0]
-        v = scores_family.match_values(user, node)
-        if v is not None:
-            return node, user, v
+        found = scores_family.match_values(user, node)
+        if found is not None:
+            return (node, user) + found
+        why = scores_family.why_not_attention(user, node)
+        if why:
+            raise Refusal("einsum_roles", why)
         c = canon(user)
         if c is not None and c.op == "cast":
             _check_float_cast(user)
@@ -536,7 +545,7 @@ def _rewrite_softmax(gm: GraphModule, node: Node, call) -> SiteReport:
     start = softmax_family.key_dim_input(call)
     site.spelling.append("softmax(fp32)" if call.get("dtype") is not None else "softmax")
     found, steps = _score_steps(site, start)
-    _probs, pv, v = _prob_path(site, node)
+    probs, pv, v, v_layout = _prob_path(site, node)
     site.spelling.append(pv_spelling(pv))
     site.chain.insert(0, node)
     k_node = found.k
@@ -545,6 +554,14 @@ def _rewrite_softmax(gm: GraphModule, node: Node, call) -> SiteReport:
         if k_node is None:
             k_node = emit.call_method("transpose", found.key_t, -1, -2)
         q_node = found.q
+        layouts = _einsum_layouts(found, v_layout, steps, probs, v)
+        if layouts is not None:  # an einsum in its own order: q, k and v reach the op as views
+            s_lay, v_lay = layouts
+            n = s_lay.n_batch
+            sizes = einsum_views.batch_sizes(emit, q_node, s_lay.operand_perms[0], n)
+            q_node, k_node = (einsum_views.operand(emit, x, perm, n, name)
+                              for x, perm, name in zip((q_node, k_node), s_lay.operand_perms, "qk"))
+            v = einsum_views.operand(emit, v, v_lay.operand_perms[0], n, "v")
         k_src, k_rep = gqa.unrepeated(k_node)
         v_src, v_rep = gqa.unrepeated(v)
         if k_rep == v_rep and k_rep > 1:
@@ -590,9 +607,17 @@ def _rewrite_softmax(gm: GraphModule, node: Node, call) -> SiteReport:
             empty_rows = ("uniform", _masked_rows(emit, bias))
         else:
             empty_rows = ("zero", None)
+        if layouts is not None:  # what broadcast against the einsum's scores, now against the op's
+            bias, copied = einsum_views.score_tensor(emit, bias, s_lay, sizes)
+            rows, _ = einsum_views.score_tensor(emit, empty_rows[1], s_lay, sizes)
+            empty_rows = (empty_rows[0], rows)
+            if copied:
+                site.spelling.append("copy(bias)")
         new, kernel = _emit_op(emit, q_node, k_node, v, bias, Causal.NONE, st.scale, site.dropout_p, out_dtype,
                                empty_rows, st.softcap)
-        if example(new).dim() == 4 and example(pv).dim() == 3:
+        if layouts is not None:
+            new = einsum_views.result(emit, new, v_lay, sizes)
+        elif example(new).dim() == 4 and example(pv).dim() == 3:
             new = emit.call_method("flatten", new, 0, 1)
     except Refusal:
         emit.rollback()
@@ -600,6 +625,31 @@ def _rewrite_softmax(gm: GraphModule, node: Node, call) -> SiteReport:
     pv.replace_all_uses_with(new)
     _erase_dead([pv] + site.chain, gm.graph)
     return SiteReport(site_name(node), True, "·".join(site.spelling), *kernel)
+
+
+def _einsum_layouts(found, v_layout, steps, probs: Node, v: Node):
+    """(scores' layout, values' layout) when either product is an einsum in its own dim order (or
+    with more than batch and heads before N); None when both are [.., N, D] already, as
+    matmul's are. A matmul on the other side is laid out as the einsum's must then be."""
+    s_lay, v_lay = found.layout, v_layout
+    if all(x is None or x.trivial for x in (s_lay, v_lay)):
+        return None
+    if any(isinstance(s, (SplitHeads, MergeHeads)) for s in steps):
+        raise Refusal("layout_view", "an einsum in its own dim order, with the scores viewed between 3-D and 4-D")
+    n = example(probs).dim() - 2
+    for lay, what in ((s_lay, "scores"), (v_lay, "values")):
+        if lay is None and n > 2:
+            raise Refusal("einsum_roles", f"a {n + 2}-D matmul for the {what} beside an einsum")
+    s_lay = s_lay or einsum_family.matmul_layout(n)
+    if v_lay is None:
+        v_lay = einsum_family.matmul_layout(n)
+        if tuple(example(v).shape[:-2]) != tuple(example(probs).shape[:-2]):
+            raise Refusal("value_operands", "the value matmul broadcasts V's batch dims")
+    if s_lay.roles != v_lay.roles:
+        raise Refusal("einsum_roles", f"the value product reads the probabilities' dims as "
+                                      f"{''.join(v_lay.roles)}, the scores are {''.join(s_lay.roles)} "
+                                      "(b: batch or heads)")
+    return s_lay, v_lay
 
 
 def site_name(node: Node) -> str:
