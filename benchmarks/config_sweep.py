@@ -4,11 +4,12 @@ shapes the e2e models run (head dim 64, N = 512..4096) and on issue 3's N = 8192
 Why: with autotuning off (the e2e runs, the GPU tests, users who want quick compiles) each
 kernel runs one default config; the first of each list was picked at D = 128, N >= 4096, and
 every e2e model has head dim 64. This measures, per shape, what each candidate costs, so the
-default can follow the head dim and length (triton_attention.py `_small_head_default`).
+default can follow the head dim and length (triton_attention.py `_head_dim_default`).
 
 Each kernel is timed in a CUDA graph (triton.testing.do_bench_cudagraph), so host time does not
 hide the kernel at small N. A backward config is timed as the whole backward (preprocess + dK/dV
-+ dQ) with the other kernel at the first config of its list, so dK/dV and dQ choices can be read separately.
++ dQ) with the other kernel at its autotune-off default for the shape (so a head dim of 256, which
+the D = 128 default does not fit, can be swept), so dK/dV and dQ choices can be read separately.
 
     python benchmarks/config_sweep.py --cases bert t5 --json sweep.json
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -24,6 +26,9 @@ import triton
 
 from flash_inductor.inputs import AttentionInputs, Causal
 from flash_inductor.kernels import triton_attention as ta
+
+# The kernels not being varied run their autotune-off default (`_prune` keeps only that one).
+os.environ[ta.AUTOTUNE_ENV] = "0"
 
 # name: (batch, heads, N, D, causal, bias kind, dropout p); shapes as the e2e models run them
 CASES = {
@@ -42,6 +47,9 @@ CASES = {
     "d128_2k_bias_causal": (1, 12, 2048, 128, True, "per_head", 0.0),
     "d128_4k_causal": (1, 12, 4096, 128, True, None, 0.0),
     "d128_4k_bias_causal": (1, 12, 4096, 128, True, "per_head", 0.0),
+    # Gemma 2 2B's attention in e2e_models.py (its 4 KV heads repeated here), and the bench row
+    "gemma2": (2, 8, 2048, 256, True, "padding", 0.0),
+    "d256_8k": (1, 12, 8192, 256, False, None, 0.0),
 }
 KERNELS = {"fwd": ta._attn_fwd, "dkdv": ta._attn_bwd_dkdv, "dq": ta._attn_bwd_dq}
 
@@ -74,12 +82,15 @@ def sweep(name: str) -> dict:
         return ta.backward(inp, seed, out, lse, dout, None, False)
 
     run = {"fwd": lambda: ta.forward(inp, seed), "dkdv": backward, "dq": backward}
+    run["fwd"](), backward()  # full lists, autotuning off: each kernel's default for this shape
+    defaults = {k: _label(kern.best_config) for k, kern in KERNELS.items()}
     result = {}
+    large = max(inp.head_dim, inp.head_dim_v) > 128
     for kname, kern in KERNELS.items():
         times = {}
-        for cfg in originals[kname]:
-            for other, okern in KERNELS.items():  # the others at the first config of their list
-                okern.configs = [originals[other][0]]
+        for cfg in (c for c in originals[kname] if large or id(c) not in ta._LARGE_HEAD_ONLY):
+            for other, okern in KERNELS.items():  # the others at their autotune-off default
+                okern.configs = originals[other]
                 okern.cache = {}
             kern.configs = [cfg]
             kern.cache = {}
@@ -94,7 +105,7 @@ def sweep(name: str) -> dict:
             kern2.cache = {}
         ok = {c: t for c, t in times.items() if isinstance(t, float)}
         best = min(ok, key=ok.get) if ok else None
-        first = _label(originals[kname][0])
+        first = defaults[kname]
         result[kname] = {"us": times, "best": best, "first": first}
         if best:
             print(f"{name:16s} {kname:5s} first {first:16s} {times.get(first, float('nan')):9.1f} us   "

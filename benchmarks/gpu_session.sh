@@ -83,6 +83,11 @@ for phase in "$@"; do
       bench 300 bench_2k_4k --lengths 2048 4096 --cases none causal bias+causal dropout --peers triton_compiled flex sdpa_cudnn
       bench 120 bench_d64 --lengths 8192 --head-dim 64 --cases none causal --peers triton flex
       bench 120 bench_d256 --lengths 8192 --head-dim 256 --cases none causal --peers triton flex ;;
+    softcap_bench)  # Gemma 2's soft-capped scores (head dim 256) against FlexAttention's score_mod
+      lengths=${SOFTCAP_LENGTHS:-4096,8192}; cases=${SOFTCAP_CASES:-none,causal,softcap,causal+softcap}
+      bench ${SOFTCAP_TIMEOUT:-240} bench_softcap --lengths ${lengths//,/ } --head-dim 256 --cases ${cases//,/ } --peers triton flex ;;
+    rows_2k_4k)  # issue 3's N=2048/4096 rows as backend="flash" launches the kernels
+      bench ${ROWS_TIMEOUT:-240} bench_2k_4k --lengths 2048 4096 --cases none causal bias+causal dropout --peers triton_compiled flex sdpa_cudnn ;;
     headdims)
       bench 150 bench_d64 --lengths 8192 --head-dim 64 --cases none causal --peers triton sdpa_cudnn flex
       bench 150 bench_d256 --lengths 8192 --head-dim 256 --cases none causal --peers triton sdpa_cudnn flex ;;

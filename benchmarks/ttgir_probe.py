@@ -33,16 +33,16 @@ KERNELS = {"fwd": ta._attn_fwd, "dkdv": ta._attn_bwd_dkdv, "dq": ta._attn_bwd_dq
 _POINTER_TYPES = {"Lse": "*fp32", "Delta": "*fp32", "Seed": "*i64", "Counts": "*i32", "Tiles": "*i32",
                   "CuQ": "*i32", "CuK": "*i32"}
 _SCALARS = {"Hq", "G", "Nq", "Nk", "N_BUCKET"}
-_FLOATS = {"qk_scale", "drop_scale", "sm_scale", "scale"}
-SASS_OPS = ("STS", "LDS", "BAR", "SHFL", "IMAD", "LOP3", "PRMT", "SEL", "ISETP", "MUFU", "HGMMA")
+_FLOATS = {"qk_scale", "cap_scale", "drop_scale", "sm_scale", "scale"}
+SASS_OPS = ("STS", "LDS", "BAR", "SHFL", "IMAD", "LOP3", "PRMT", "SEL", "ISETP", "MUFU", "HGMMA", "STL", "LDL")
 
 
 def compile_kernel(name: str, block_m: int, block_n: int, warps: int, stages: int, head_dim: int,
-                   dropout: bool, causal: int, bias: bool, arch: int = 90):
+                   dropout: bool, causal: int, bias: bool, arch: int = 90, softcap: bool = False):
     """One kernel, one config, as `triton.compile` builds it for the GPU (bf16 inputs)."""
     fn = KERNELS[name].fn
     meta = dict(D=head_dim, DV=head_dim, BLOCK_D=head_dim, BLOCK_DV=head_dim, ELT_BYTES=2, CAUSAL=causal,
-                HAS_BIAS=bias, BIAS_IS_BOOL=False, HAS_DROPOUT=dropout, DOT_PRECISION="tf32", SPARSE=False,
+                HAS_BIAS=bias, BIAS_IS_BOOL=False, HAS_DROPOUT=dropout, DOT_PRECISION="tf32", SOFTCAP=softcap, SPARSE=False,
                 TILE=128, VARLEN=False, BLOCK_M=block_m, BLOCK_N=block_n, STORE_DS=False)
     signature, constexprs = {}, {}
     for arg in fn.arg_names:
@@ -90,12 +90,14 @@ def main(argv=None) -> int:
     ap.add_argument("--dropout", action="store_true")
     ap.add_argument("--bias", action="store_true")
     ap.add_argument("--causal", type=int, default=0)
+    ap.add_argument("--softcap", action="store_true")
     ap.add_argument("--ttgir-out", default=None, help="write the last kernel's TTGIR here")
     args = ap.parse_args(argv)
     print(f"triton {triton.__version__}, sm_90, config {args.config}, D={args.head_dim}, dropout={args.dropout}, "
-          f"bias={args.bias}, causal={args.causal}")
+          f"bias={args.bias}, causal={args.causal}, softcap={args.softcap}")
     for name in args.kernels:
-        c = compile_kernel(name, *args.config, args.head_dim, args.dropout, args.causal, args.bias)
+        c = compile_kernel(name, *args.config, args.head_dim, args.dropout, args.causal, args.bias,
+                           softcap=args.softcap)
         ops = sass_counts(c)
         sass = ("no cuobjdump" if ops is None else
                 f"SASS {sum(ops.values()):5d}  " + "  ".join(f"{op} {ops[op]}" for op in SASS_OPS))

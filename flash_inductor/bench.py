@@ -18,6 +18,10 @@ extra memory of one forward+backward. Every peer runs in the same process on the
   reads the bias (it has no dropout);
 - eager: softmax(q·kᵀ·scale + bias) · v written out in PyTorch, as unfused models do.
 
+The softcap cases cap the scaled scores at 50·tanh(s / 50) before bias and mask (Gemma 2's
+logit soft-capping; its head dim is 256: pass --head-dim 256): FlexAttention does it in its
+score_mod, eager writes it out, SDPA cannot (refused).
+
 The bias is a materialised [1, H, N, N] tensor in q's dtype, as a learned relative-position
 bias is. By default it does not require grad (the peers' table in DESIGN.md was measured so:
 SDPA refuses a bias that does); --bias-grad makes it require grad.
@@ -41,7 +45,9 @@ import torch.nn.functional as F
 CASES = (
     "none", "causal", "bias", "bias+causal",
     "dropout", "causal+dropout", "bias+dropout", "bias+causal+dropout",
+    "softcap", "causal+softcap",
 )
+SOFTCAP = 50.0  # Gemma 2's attn_logit_softcapping
 
 
 def flops(b, h, nq, nk, d, causal: bool, mode: str) -> float:
@@ -65,10 +71,10 @@ def _inputs(n, d, heads, dtype, case, bias_grad, device="cuda"):
 def _ours(kernel):
     import flash_inductor
 
-    def run(q, k, v, bias, causal, p):
+    def run(q, k, v, bias, causal, p, cap=0.0):
         flash_inductor.config.kernel = kernel
         try:
-            return flash_inductor.attention(q, k, v, bias, causal=causal, dropout_p=p)
+            return flash_inductor.attention(q, k, v, bias, causal=causal, dropout_p=p, softcap=cap or None)
         finally:
             flash_inductor.config.kernel = None
 
@@ -84,14 +90,15 @@ def _ours_compiled(kernel):
 
     compiled = {}
 
-    def run(q, k, v, bias, causal, p):
-        key = (q.shape, bias is not None and bias.requires_grad, causal, p)
+    def run(q, k, v, bias, causal, p, cap=0.0):
+        key = (q.shape, bias is not None and bias.requires_grad, causal, p, cap)
         if kernel is not None:  # read when tracing and, for an opaque op, when running
             flash_inductor.config.kernel = kernel
         try:
             if key not in compiled:
                 compiled[key] = torch.compile(
-                    lambda q, k, v, bias: flash_inductor.attention(q, k, v, bias, causal=causal, dropout_p=p),
+                    lambda q, k, v, bias: flash_inductor.attention(q, k, v, bias, causal=causal, dropout_p=p,
+                                                                   softcap=cap or None),
                     dynamic=False,
                 )
             return compiled[key](q, k, v, bias)
@@ -114,7 +121,9 @@ def _sdpa(backend):
     which = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
              "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend]
 
-    def run(q, k, v, bias, causal, p):
+    def run(q, k, v, bias, causal, p, cap=0.0):
+        if cap:
+            raise RuntimeError("SDPA has no soft-capping")
         mask = bias
         if bias is not None and causal:  # SDPA takes a mask or is_causal, not both
             mask, causal = _bias_and_causal_as_mask(q, bias, causal), False
@@ -125,8 +134,10 @@ def _sdpa(backend):
 
 
 def _eager():
-    def run(q, k, v, bias, causal, p):
+    def run(q, k, v, bias, causal, p, cap=0.0):
         s = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+        if cap:
+            s = torch.tanh(s / cap) * cap
         if bias is not None:
             s = s + bias
         if causal:
@@ -144,16 +155,22 @@ def _flex():
     compiled = torch.compile(flex_attention, dynamic=False)
     block_masks = {}
 
-    def run(q, k, v, bias, causal, p):
+    def run(q, k, v, bias, causal, p, cap=0.0):
         if p:
             raise RuntimeError("FlexAttention has no dropout")
         n = q.shape[2]
         if causal and n not in block_masks:
             block_masks[n] = create_block_mask(lambda b, h, qi, kv: qi >= kv, None, None, n, n)
         score_mod = None
-        if bias is not None:
+        if bias is not None and cap:
+            def score_mod(s, b, h, qi, kv):
+                return torch.tanh(s / cap) * cap + bias[b, h, qi, kv]
+        elif bias is not None:
             def score_mod(s, b, h, qi, kv):
                 return s + bias[b, h, qi, kv]
+        elif cap:
+            def score_mod(s, b, h, qi, kv):
+                return torch.tanh(s / cap) * cap
         return compiled(q, k, v, score_mod=score_mod, block_mask=block_masks[n] if causal else None)
 
     return run
@@ -178,8 +195,11 @@ DEFAULT_PEERS = ("triton", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex",
 def bench_case(fn, n, d, heads, dtype, case, bias_grad, do_bench):
     causal = "causal" in case
     p = 0.1 if "dropout" in case else 0.0
+    cap = SOFTCAP if "softcap" in case else 0.0
     q, k, v, bias = _inputs(n, d, heads, dtype, case, bias_grad)
     leaves = [t for t in (q, k, v, bias) if t is not None and t.requires_grad]
+    if cap:
+        fn = (lambda run: lambda q, k, v, bias, causal, p: run(q, k, v, bias, causal, p, cap))(fn)
     try:
         out = fn(q, k, v, bias, causal, p)
         dout = torch.randn_like(out)

@@ -27,6 +27,11 @@ BASE = {
     "t5-base": dict(model_type="t5", d_model=768, num_layers=12, num_decoder_layers=12, num_heads=12,
                     d_kv=64, d_ff=3072, vocab_size=32128),
     "bloom": dict(model_type="bloom", hidden_size=1024, n_layer=24, n_head=16, vocab_size=250880),
+    # Gemma 2 2B: logit soft-capping (50) on head dim 256, grouped KV heads, sliding windows of 4096.
+    "gemma2-2b": dict(model_type="gemma2", hidden_size=2304, num_hidden_layers=26, num_attention_heads=8,
+                      num_key_value_heads=4, head_dim=256, intermediate_size=9216, vocab_size=256000,
+                      attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096,
+                      query_pre_attn_scalar=256),
 }
 TINY = {
     "bert": dict(model_type="bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -38,6 +43,9 @@ TINY = {
     "llama": dict(model_type="llama", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, intermediate_size=37, vocab_size=99),
     "bloom": dict(model_type="bloom", hidden_size=32, n_layer=2, n_head=4, vocab_size=99),
+    "gemma2-2b": dict(model_type="gemma2", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, intermediate_size=37, vocab_size=99,
+                      attn_logit_softcapping=50.0, sliding_window=4),
 }
 TINY["gpt2-medium"], TINY["t5-base"] = TINY["gpt2"], TINY["t5"]
 # The demo's and the HF tests' models; the others in BASE serve the end-to-end benchmark.

@@ -133,7 +133,7 @@ def varlen_fwd(
                                       rng if dropout_p > 0.0 else None)
     else:
         out, lse = backend.forward_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-                                          scale, dropout_p, rng if dropout_p > 0.0 else None)
+                                          scale, dropout_p, rng if dropout_p > 0.0 else None, softcap)
     return out, lse, rng
 
 
@@ -158,7 +158,7 @@ def varlen_bwd(
         return _reference_backward(dout, dlse, q, k, v, cu_seqlens_q, cu_seqlens_k, seed, out, lse, causal, scale,
                                    dropout_p, softcap)
     dq, dk, dv = backend.backward_varlen(dout, dlse, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                         seed, out, lse, causal, scale, dropout_p)
+                                         seed, out, lse, causal, scale, dropout_p, softcap)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 

@@ -248,15 +248,18 @@ def test_gpu_op_stays_opaque_when_it_should(how, monkeypatch):
     assert rel_err(out, ref) < 1e-2
 
 
+def _softcapped(q, k, v, mask):
+    """Gemma 2's eager attention: scale, soft-cap, add the mask, float32 softmax."""
+    w = torch.matmul(q, k.transpose(-1, -2)) * 0.125
+    w = torch.tanh(w / 30.0) * 30.0 + mask
+    return torch.matmul(w.softmax(-1, dtype=torch.float32).to(q.dtype), v)
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_gpu_rewrite_never_swaps_eager_attention_for_the_reference():
-    """Soft-capping has no fused kernel yet: on CUDA the site stays eager (guard fused_kernel)."""
+    """float64 has no fused kernel on CUDA: the site stays eager (guard fused_kernel)."""
     from flash_inductor.rewrite.matcher import rewrite_graph
-
-    def f(q, k, v):
-        w = torch.tanh(torch.matmul(q, k.transpose(-1, -2)) * 0.125 / 30.0) * 30.0
-        return torch.matmul(w.softmax(-1), v)
 
     reports = {}
 
@@ -265,9 +268,36 @@ def test_gpu_rewrite_never_swaps_eager_attention_for_the_reference():
         return gm.forward
 
     torch._dynamo.reset()
-    q, k, v = make_qkv(1, 2, None, 64, head_dim=64, dtype=torch.bfloat16, device="cuda")
-    torch.compile(f, backend=capture, fullgraph=True)(q, k, v)
+    q, k, v = make_qkv(1, 2, None, 64, head_dim=64, dtype=torch.float64, device="cuda")
+    mask = torch.zeros(1, 1, 64, 64, dtype=torch.float64, device="cuda")
+    torch.compile(_softcapped, backend=capture, fullgraph=True)(q, k, v, mask)
     assert [r.guard for r in reports["r"]] == ["fused_kernel"]
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_softcapped_attention_runs_our_kernels(monkeypatch):
+    """Gemma 2's soft-capped scores under backend="flash": the Triton kernels in Inductor's
+    graph, output and gradients against float64 eager."""
+    monkeypatch.setenv("FLASH_INDUCTOR_TRITON_AUTOTUNE", "0")
+    q, k, v = make_qkv(2, 4, None, 300, head_dim=64, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    q = (q.detach() * 4).requires_grad_()  # scores of ~8 so the cap of 30 bends them
+    idx = torch.arange(300, device="cuda")
+    mask = torch.where(idx[None, :] <= idx[:, None], 0.0, torch.finfo(torch.bfloat16).min).to(torch.bfloat16)
+    mask = mask.expand(2, 1, 300, 300)
+
+    def step(q, k, v, mask):
+        out = _softcapped(q, k, v, mask)
+        return (out, *torch.autograd.grad(out, [q, k, v], torch.ones_like(out)))
+
+    got, code = _inductor_code(step, q, k, v, mask, backend="flash")
+    code = "\n".join(code)
+    assert "_attn_fwd" in code and "_attn_bwd_dq" in code and "_attn_bwd_dkdv" in code
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = step(*leaves64, mask.double())
+    for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
+        assert torch.isfinite(g).all(), name
+        assert rel_err(g, r) < 2e-2, f"{name}: {rel_err(g, r):.3g}"
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])])

@@ -314,10 +314,13 @@ def test_softcap_is_gemma2s_formula():
         assert rel_err(g, w) < 1e-12
 
 
-def test_triton_declares_softcap_unsupported():
+def test_softcap_is_declared_by_each_backend():
+    """Triton takes soft-capping; the CUTLASS and ATen CPU kernels refuse it, by name."""
     q, k, v = make_qkv(1, 2, 2, 5, 6, 8)
     reasons = dispatch.reasons_by_backend(validate(q, k, v, softcap=30.0))
-    assert any("softcap=30 (logit soft-capping is not in this kernel yet)" in r for r in reasons["triton"])
+    assert not any("softcap" in r for r in reasons["triton"])
+    for name in ("cutlass", "aten_cpu"):
+        assert any("softcap=30 (logit soft-capping is not in this kernel yet)" in r for r in reasons[name]), name
     assert reasons["reference"] == []
 
 

@@ -31,6 +31,7 @@ from flash_inductor import attention_ref
 from flash_inductor.inputs import MASKED_BIAS, Causal, validate
 
 triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
 
 KERNEL_MODULE = "flash_inductor.kernels.triton_attention"
 FLOOR = {torch.float32: 2e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
@@ -150,10 +151,12 @@ def _bias(kind, B, Hq, Nq, Nk, dtype, gen):
     return torch.randn(shape, generator=gen).to(dtype)
 
 
-def _masked_scores64(q, k, bias, causal, scale):
+def _masked_scores64(q, k, bias, causal, scale, softcap=None):
     """float64 [B, Hq, Nq, Nk] scores with -inf where hidden (for lse and dense references)."""
     g = q.shape[1] // k.shape[1]
     s = q.double() @ k.double().repeat_interleave(g, 1).transpose(-1, -2) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
     nq, nk = q.shape[2], k.shape[2]
     dev = q.device
     keep = torch.ones(nq, nk, dtype=torch.bool, device=dev)
@@ -184,28 +187,28 @@ def _rel(x, ref):
     return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
-def _ref_out_and_grads(q, k, v, bias, causal, dout, dtype):
+def _ref_out_and_grads(q, k, v, bias, causal, dout, dtype, softcap=None):
     """(out, dq, dk, dv, dbias) from autograd of attention_ref, with its inputs in `dtype`."""
     leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
     b = None
     if bias is not None:
         b = bias if bias.dtype == torch.bool else bias.detach().to(dtype).requires_grad_()
-    out = attention_ref(*leaves, b, causal=causal)
+    out = attention_ref(*leaves, b, causal=causal, softcap=softcap)
     out.backward(dout.to(dtype))
     dbias = b.grad if b is not None and b.dtype != torch.bool else None
     return (out.detach(), *(t.grad for t in leaves), dbias)
 
 
-def _check_against_ref(kernels, run, q, k, v, bias, causal, gen, dlse=False):
+def _check_against_ref(kernels, run, q, k, v, bias, causal, gen, dlse=False, softcap=None):
     """Forward and backward of `kernels` against float64 autograd; bounds from `q.dtype`."""
     dtype = q.dtype
-    inp = validate(q, k, v, bias, causal=causal)
+    inp = validate(q, k, v, bias, causal=causal, softcap=softcap)
     out, lse = run(kernels.forward, inp, None)
     assert out.shape == (*q.shape[:3], v.shape[3]) and out.dtype == dtype
     assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
     assert torch.isfinite(out).all()
 
-    lse64 = torch.logsumexp(_masked_scores64(q, k, bias, causal, inp.scale), -1)
+    lse64 = torch.logsumexp(_masked_scores64(q, k, bias, causal, inp.scale, softcap), -1)
     assert not lse.isnan().any()
     assert torch.equal(torch.isneginf(lse), torch.isneginf(lse64))
     finite = torch.isfinite(lse64)
@@ -216,9 +219,10 @@ def _check_against_ref(kernels, run, q, k, v, bias, causal, gen, dlse=False):
     dlse_t = torch.randn(lse.shape, generator=gen).to(q.device) if dlse else None
     grads = run(kernels.backward, inp, None, out, lse, dout, dlse_t, bias_grad)
 
-    ref64 = _ref_out_and_grads(q, k, v, bias, causal, dout, torch.float64)
-    ref_lo = _ref_out_and_grads(q, k, v, bias, causal, dout, dtype)
+    ref64 = _ref_out_and_grads(q, k, v, bias, causal, dout, torch.float64, softcap)
+    ref_lo = _ref_out_and_grads(q, k, v, bias, causal, dout, dtype, softcap)
     if dlse:
+        assert not softcap, "the dlse path's dense reference has no soft-capping"
         # attention_ref has no lse: fold d lse in through the dense float64 path instead.
         leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
         b = bias.detach().double().requires_grad_() if bias_grad else bias
@@ -271,6 +275,70 @@ def test_forward_backward(interp, poisoned, case):
     v = _randn((B, Hkv, Nk, Dv), dtype, gen, layout)
     bias = _bias(bias_kind, B, Hq, Nq, Nk, dtype, gen)
     _check_against_ref(interp, poisoned, q, k, v, bias, causal, gen)
+
+
+# Logit soft-capping (Gemma 2): (B, Hq, Hkv, Nq, Nk, D, dtype, causal, bias kind, cap). Scores are
+# drawn at scale 1 with a cap small enough that most of them sit on tanh's curved part, plus a
+# case whose scores are near 0 (the series branch of `_tanh`).
+SOFTCAP_CASES = {
+    "gqa_causal_mask": (2, 4, 2, 37, 45, 16, torch.float32, "top_left", "batch_keys", 2.0),
+    "bias_grad_bottom_right": (1, 2, 2, 45, 37, 24, torch.float32, "bottom_right", "heads_rows_keys", 3.0),
+    "bool_mask_fp16": (2, 2, 1, 37, 45, 16, torch.float16, False, "bool", 2.5),
+    "scores_near_zero": (1, 2, 2, 20, 33, 16, torch.float32, False, None, 50.0),
+}
+
+
+@pytest.mark.parametrize("case", list(SOFTCAP_CASES))
+@interpreted
+def test_softcap_forward_backward(interp, poisoned, case):
+    B, Hq, Hkv, Nq, Nk, D, dtype, causal, bias_kind, cap = SOFTCAP_CASES[case]
+    gen = torch.Generator().manual_seed(zlib.crc32(case.encode()))
+    q = _randn((B, Hq, Nq, D), dtype, gen)
+    k = _randn((B, Hkv, Nk, D), dtype, gen)
+    v = _randn((B, Hkv, Nk, D), dtype, gen)
+    if case == "scores_near_zero":
+        q = q * 0.05
+    bias = _bias(bias_kind, B, Hq, Nq, Nk, dtype, gen)
+    _check_against_ref(interp, poisoned, q, k, v, bias, causal, gen, softcap=cap)
+
+
+_kernel_tanh = None
+
+
+@triton.jit
+def _tanh_kernel(X, Y, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(Y + offs, _kernel_tanh(tl.load(X + offs)))
+
+
+@interpreted
+def test_large_head_default_tiles(interp, poisoned, monkeypatch):
+    """The tiles head dims above 128 run with autotuning off (dK/dV 32 queries × 64 keys; forward
+    and dQ 64 × 32), at head dim 192 with soft-capping, a bias gradient and bottom-right causal.
+    The interpreter ignores warps: this pins the tile logic, the GPU tests the compiled kernels."""
+    wide = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=3)
+    tall = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)
+    for kernel, cfg in ((interp._attn_bwd_dkdv, wide), (interp._attn_fwd, tall), (interp._attn_bwd_dq, tall)):
+        monkeypatch.setattr(kernel, "configs", [cfg])
+        monkeypatch.setattr(kernel, "cache", {})
+    gen = torch.Generator().manual_seed(192)
+    q, k, v = (_randn(s, torch.float32, gen) for s in ((1, 2, 75, 192), (1, 2, 101, 192), (1, 2, 101, 192)))
+    bias = _bias("heads_rows_keys", 1, 2, 75, 101, torch.float32, gen)
+    _check_against_ref(interp, poisoned, q, k, v, bias, "bottom_right", gen, softcap=20.0)
+
+
+@interpreted
+def test_softcap_tanh_is_accurate_across_its_branches(interp):
+    """`_tanh` against torch's float64 tanh, on both sides of the series/exp2 switch and out to
+    saturation: relative error below 2e-6 everywhere."""
+    global _kernel_tanh
+    _kernel_tanh = interp._tanh  # Triton resolves a kernel's globals when it runs, not closures
+    x = torch.cat([torch.linspace(-0.2, 0.2, 512), torch.linspace(-30.0, 30.0, 512)]).float()
+    y = torch.empty_like(x)
+    _tanh_kernel[(1,)](x, y, N=x.numel())
+    ref = torch.tanh(x.double())
+    rel = ((y.double() - ref).abs() / ref.abs().clamp_min(1e-30)).max().item()
+    assert rel < 2e-6, rel
 
 
 @pytest.mark.parametrize("causal", [False, "bottom_right"])
@@ -471,6 +539,29 @@ def test_default_config_follows_the_head_dim(monkeypatch):
     assert len(kept) == len(candidates) and kept[0].kwargs == {"BLOCK_M": 64, "BLOCK_N": 64}
 
 
+@pytest.mark.skipif(INTERPRETING, reason="the interpreter runs one config per kernel")
+def test_eight_warp_candidates_only_above_head_dim_128(monkeypatch):
+    """Head dims above 128 also try 8-warp tiles (their 4-warp candidates spill registers), and
+    their dK/dV default is one; the D <= 128 candidate lists are what they were."""
+    from flash_inductor.kernels import triton_attention as ta
+
+    monkeypatch.setenv(ta.AUTOTUNE_ENV, "1")
+    for kernel, configs, streamed, resident in (("fwd", ta._FWD_CONFIGS, "BLOCK_N", "BLOCK_M"),
+                                                ("dkdv", ta._DKDV_CONFIGS, "BLOCK_M", "BLOCK_N"),
+                                                ("dq", ta._DQ_CONFIGS, "BLOCK_N", "BLOCK_M")):
+        for d in (64, 128, 256):
+            kept = ta._prune(streamed, resident, kernel)(list(configs), dict(
+                BLOCK_D=d, BLOCK_DV=d, ELT_BYTES=2, N_BUCKET=8192, CAUSAL=0))
+            wide = [c for c in kept if id(c) in ta._LARGE_HEAD_ONLY]
+            assert bool(wide) == (d > 128), (kernel, d)
+            assert all(c.num_warps == 8 for c in wide)
+    # With autotuning off, the dK/dV kernel at head dim 256 runs the 8-warp default.
+    monkeypatch.setenv(ta.AUTOTUNE_ENV, "0")
+    (c,) = ta._prune("BLOCK_M", "BLOCK_N", "dkdv")(list(ta._DKDV_CONFIGS), dict(
+        BLOCK_D=256, BLOCK_DV=256, ELT_BYTES=2, N_BUCKET=2048, CAUSAL=1))
+    assert (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == ta._LARGE_HEAD_DKDV_DEFAULT
+
+
 @pytest.mark.skipif(INTERPRETING, reason="compiles for sm_90; the interpreter compiles nothing")
 @pytest.mark.parametrize("kernel,config,head_dim", [
     ("fwd", (64, 64, 4, 3), 64), ("fwd", (128, 64, 8, 3), 128), ("dq", (64, 64, 4, 3), 64),
@@ -666,6 +757,29 @@ def test_gpu_forward_backward(compiled, poisoned, monkeypatch, case):
     bias = _bias(bias_kind, B, Hq, Nq, Nk, dtype, gen)
     q, k, v, bias = _to_cuda(q, k, v, bias)
     _check_against_ref(compiled, poisoned, q, k, v, bias, causal, gen)
+
+
+# (B, Hq, Hkv, Nq, Nk, D, dtype, causal, bias kind, cap, q scale): Gemma 2's cap is 50 on scores
+# of size ~1, which barely bends them; q is scaled up in those rows so tanh saturates somewhere.
+GPU_SOFTCAP_CASES = {
+    "bf16_d256_gemma2_gqa_causal_mask": (2, 8, 4, 700, 700, 256, torch.bfloat16, "top_left", "batch_keys", 50.0, 8.0),
+    "fp16_d128_bias_grad": (1, 4, 4, 513, 600, 128, torch.float16, "bottom_right", "heads_rows_keys", 5.0, 2.0),
+    "fp32_d64_bool": (2, 4, 2, 300, 257, 64, torch.float32, False, "bool", 2.0, 1.0),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(GPU_SOFTCAP_CASES))
+def test_gpu_softcap(compiled, poisoned, monkeypatch, case):
+    monkeypatch.setenv(compiled.AUTOTUNE_ENV, "0")
+    B, Hq, Hkv, Nq, Nk, D, dtype, causal, bias_kind, cap, q_scale = GPU_SOFTCAP_CASES[case]
+    gen = torch.Generator().manual_seed(zlib.crc32(case.encode()))
+    q = (_randn((B, Hq, Nq, D), torch.float32, gen) * q_scale).to(dtype)
+    k = _randn((B, Hkv, Nk, D), dtype, gen)
+    v = _randn((B, Hkv, Nk, D), dtype, gen)
+    bias = _bias(bias_kind, B, Hq, Nq, Nk, dtype, gen)
+    q, k, v, bias = _to_cuda(q, k, v, bias)
+    _check_against_ref(compiled, poisoned, q, k, v, bias, causal, gen, softcap=cap)
 
 
 @pytest.mark.gpu

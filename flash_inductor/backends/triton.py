@@ -34,8 +34,6 @@ class TritonBackend(KernelBackend):
     # float32 runs with exact-float32 ("ieee") dots: correct, several times slower than bf16.
     SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
     SUPPORTED_HEAD_DIMS = (1, 256)
-    # tanh soft-capping needs its derivative in both backward kernels; not written yet.
-    SUPPORTS_SOFTCAP = False
     SUPPORTS_VARLEN = True
 
     def device_reasons(self, device):
@@ -62,14 +60,15 @@ class TritonBackend(KernelBackend):
 
         return triton_attention.backward(inp, seed, out, lse, dout, dlse, bias_requires_grad)
 
-    def forward_varlen(self, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed):
+    def forward_varlen(self, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed, softcap=0.0):
         from ..kernels import triton_attention
 
-        return triton_attention.forward_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed)
+        return triton_attention.forward_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed,
+                                               softcap)
 
     def backward_varlen(self, dout, dlse, q, k, v, cu_q, cu_k, max_q, max_k, seed, out, lse, causal, scale,
-                        dropout_p):
+                        dropout_p, softcap=0.0):
         from ..kernels import triton_attention
 
         return triton_attention.backward_varlen(dout, dlse, q, k, v, cu_q, cu_k, max_q, max_k, seed, out, lse,
-                                                causal, scale, dropout_p)
+                                                causal, scale, dropout_p, softcap)

@@ -112,6 +112,36 @@ def _load_bias(ptrs, ok, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
+def _tanh(x):
+    """tanh in float32 from exp2 alone (libdevice's tanh does not run under the interpreter,
+    and the CPU tests must check the arithmetic the GPU runs). (1 - e) / (1 + e) with
+    e = exp(-2|x|) loses relative accuracy near 0 by cancellation, so |x| < 1/8 takes the
+    series to x⁷ instead (truncation below 4e-9 relative there; the exp2 form's error above
+    it is under 1e-6 relative)."""
+    ax = tl.abs(x)
+    e = tl.math.exp2(ax * (-2.0 * LOG2E))
+    big = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    small = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))
+    return tl.where(ax < 0.125, small, tl.where(x < 0, -big, big))
+
+
+@triton.jit
+def _scaled_scores(qk, qk_scale, cap_scale, SOFTCAP: tl.constexpr):
+    """(base-2 scores, t) of a q·kᵀ tile. Without soft-capping s = qk_scale·qk (qk_scale =
+    scale·log2 e) and t is unused; with it (qk_scale = scale / c, cap_scale = c·log2 e)
+    t = tanh(scale·qk / c) and s = c·t in base 2: the backward needs t for d(c·t)/d(scale·qk)
+    = 1 - t²."""
+    if SOFTCAP:
+        t = _tanh(qk * qk_scale)
+        s = t * cap_scale
+    else:
+        s = qk * qk_scale
+        t = s
+    return s, t
+
+
+@triton.jit
 def _hide_keys(s, qi, kj, Nk, shift, MASK_KEYS: tl.constexpr, MASK_CAUSAL: tl.constexpr):
     if MASK_KEYS or MASK_CAUSAL:
         keep = kj < Nk
@@ -244,11 +274,11 @@ def _attn_fwd_inner(
     K_head, V_head, bias_rows, philox_seed, philox_offset, bh,
     offs_m, offs_d, offs_dv, lo, hi, tiles,
     stride_kn, stride_vn, stride_bn,
-    Nq, Nk, shift, qk_scale, drop_threshold,
+    Nq, Nk, shift, qk_scale, cap_scale, drop_threshold,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     MASK_KEYS: tl.constexpr, MASK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SPARSE: tl.constexpr, TILE: tl.constexpr,
+    SOFTCAP: tl.constexpr, SPARSE: tl.constexpr, TILE: tl.constexpr,
 ):
     """Key blocks [lo, hi); with SPARSE, the blocks of the `hi` key tiles listed at `tiles`
     (flash_inductor/kernels/mask_tiles.py). Both loops run the same step."""
@@ -258,16 +288,16 @@ def _attn_fwd_inner(
             acc, l_i, m_i = _attn_fwd_step(
                 acc, l_i, m_i, q, start_n, K_head, V_head, bias_rows, philox_seed, philox_offset, bh,
                 offs_m, offs_d, offs_dv, stride_kn, stride_vn, stride_bn, Nq, Nk, shift, qk_scale,
-                drop_threshold, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
-                MASK_KEYS, MASK_CAUSAL, DOT_PRECISION,
+                cap_scale, drop_threshold, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
+                MASK_KEYS, MASK_CAUSAL, DOT_PRECISION, SOFTCAP,
             )
     else:
         for start_n in range(lo, hi, BLOCK_N):
             acc, l_i, m_i = _attn_fwd_step(
                 acc, l_i, m_i, q, start_n, K_head, V_head, bias_rows, philox_seed, philox_offset, bh,
                 offs_m, offs_d, offs_dv, stride_kn, stride_vn, stride_bn, Nq, Nk, shift, qk_scale,
-                drop_threshold, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
-                MASK_KEYS, MASK_CAUSAL, DOT_PRECISION,
+                cap_scale, drop_threshold, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
+                MASK_KEYS, MASK_CAUSAL, DOT_PRECISION, SOFTCAP,
             )
     return acc, l_i, m_i
 
@@ -278,10 +308,11 @@ def _attn_fwd_step(
     K_head, V_head, bias_rows, philox_seed, philox_offset, bh,
     offs_m, offs_d, offs_dv,
     stride_kn, stride_vn, stride_bn,
-    Nq, Nk, shift, qk_scale, drop_threshold,
+    Nq, Nk, shift, qk_scale, cap_scale, drop_threshold,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     MASK_KEYS: tl.constexpr, MASK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     m_ok = offs_m[:, None] < Nq
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -290,7 +321,7 @@ def _attn_fwd_step(
         mask=(offs_n[None, :] < Nk) & (offs_d[:, None] < D), other=0.0,
     )
     b = _load_bias(bias_rows + offs_n[None, :] * stride_bn, m_ok & (offs_n[None, :] < Nk), HAS_BIAS)
-    s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
+    s, _t = _scaled_scores(tl.dot(q, kT, input_precision=DOT_PRECISION), qk_scale, cap_scale, SOFTCAP)
     s = _masked_scores(
         s, offs_m[:, None], offs_n[None, :], b, Nk, shift,
         HAS_BIAS, BIAS_IS_BOOL, MASK_KEYS, MASK_CAUSAL,
@@ -330,6 +361,15 @@ def _config_list(default, block_m, block_n, warps_for, stages):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)] + rest
 
 
+def _wide(tiles, stages=(2, 3)):
+    """8-warp candidates for head dims above 128 only (`_prune` drops them below): with 4 warps
+    the two [BLOCK, 256] float32 accumulators of the dK/dV kernel (one of the forward and dQ) do
+    not fit the registers of a thread, and every candidate of the D <= 128 lists spills (SASS
+    from benchmarks/ttgir_probe.py --head-dim 256: dK/dV 32×64 with 4 warps, 579 spill stores;
+    with 8 warps 101; 64×32 with 8 warps, 4). Which of them is fastest is the autotuner's call."""
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=8, num_stages=st) for m, n in tiles for st in stages]
+
+
 # Under the interpreter one small config, unequal blocks so the causal block skipping is
 # exercised with BLOCK_M != BLOCK_N; every key block is at least the dropout's DROP_SPAN.
 if _interpreting():
@@ -338,7 +378,7 @@ if _interpreting():
     _DQ_CONFIGS = _FWD_CONFIGS
 else:
     # The first config of each list, what runs with autotuning off for head dims above 64
-    # (`_small_head_default` below has the rest), is the one the autotuner picked most often on
+    # (`_head_dim_default` below has the exceptions), is the one the autotuner picked most often on
     # H100 at N=4096/8192, D=128 (benchmarks/results/*s3*.json).
     _FWD_CONFIGS = _config_list(
         (128, 64, 8, 3), (64, 128), (32, 64, 128), lambda m, n: (8,) if m == 128 else (4,), (2, 3)
@@ -350,6 +390,21 @@ else:
     _DQ_CONFIGS = _config_list(
         (128, 64, 8, 3), (64, 128), (32, 64), lambda m, n: (8,) if m == 128 else (4,), (2, 3)
     )
+
+
+def _add_wide(configs: list, tiles) -> set[int]:
+    """Append the `_wide` candidates `configs` lacks; return their ids (for `_prune`)."""
+    have = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs}
+    added = [c for c in _wide(tiles) if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) not in have]
+    configs.extend(added)
+    return {id(c) for c in added}
+
+
+_LARGE_HEAD_ONLY = set() if _interpreting() else (
+    _add_wide(_FWD_CONFIGS, [(64, 32), (128, 32), (64, 64)])
+    | _add_wide(_DKDV_CONFIGS, [(64, 32), (32, 32), (32, 64), (16, 64)])
+    | _add_wide(_DQ_CONFIGS, [(64, 32), (32, 32), (32, 64), (128, 32)])
+)
 
 # FLASH_INDUCTOR_TRITON_AUTOTUNE=0 runs the first config that fits instead of benchmarking
 # them all (each is a compile of a few seconds): for quick starts and the GPU tests.
@@ -370,7 +425,17 @@ _SMEM_BUDGET = 200 * 1024
 _SMALL_HEAD_DEFAULT = (64, 64, 4, 3)
 
 
-def _small_head_default(kernel: str, args: dict) -> tuple[int, int, int, int] | None:
+# Head dims above 128 (Gemma 2's 256, and 160 or 192, which pad to 256): the dK/dV kernel with 8
+# warps, 32 queries streaming past 64 keys. On Gemma 2 2B's attention (B=2, H=8, N=2048, causal,
+# padding mask; H100, benchmarks/config_sweep.py, session 9) the whole backward takes 630 µs with
+# it, against 1239 with the first fitting 4-warp config and 873 with the best 4-warp one: those
+# spill their [64, 256] float32 accumulators (`_wide`).
+_LARGE_HEAD_DKDV_DEFAULT = (32, 64, 8, 3)
+
+
+def _head_dim_default(kernel: str, args: dict) -> tuple[int, int, int, int] | None:
+    if max(args["BLOCK_D"], args["BLOCK_DV"]) > 128:
+        return _LARGE_HEAD_DKDV_DEFAULT if kernel == "dkdv" else None
     if max(args["BLOCK_D"], args["BLOCK_DV"]) > 64:
         return None
     if kernel != "dkdv" and args["N_BUCKET"] >= 8192 and not args["CAUSAL"]:
@@ -388,6 +453,8 @@ def _prune(streamed_block: str, resident_block: str, kernel: str):
         bucket = args["N_BUCKET"]
         kept = []
         for c in configs:
+            if id(c) in _LARGE_HEAD_ONLY and max(d, dv) <= 128:
+                continue
             res, stream = c.kwargs[resident_block], c.kwargs[streamed_block]
             smem = (res * (d + dv) + c.num_stages * stream * (d + dv)) * elt
             if smem <= _SMEM_BUDGET and max(res, stream) <= max(bucket, 64):
@@ -395,7 +462,7 @@ def _prune(streamed_block: str, resident_block: str, kernel: str):
         if not kept:
             smallest = min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))
             kept = [triton.Config(dict(smallest.kwargs), num_warps=4, num_stages=1)]
-        preferred = _small_head_default(kernel, args)
+        preferred = _head_dim_default(kernel, args)
         kept.sort(key=lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) != preferred)
         if os.environ.get(AUTOTUNE_ENV, "1") == "0":
             kept = kept[:1]
@@ -410,7 +477,7 @@ _AUTOTUNE_EXTRA = (
     {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 )
 _TUNE_KEY = [
-    "BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_BIAS", "BIAS_IS_BOOL", "HAS_DROPOUT", "SPARSE", "N_BUCKET",
+    "BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_BIAS", "BIAS_IS_BOOL", "HAS_DROPOUT", "SOFTCAP", "SPARSE", "N_BUCKET",
 ]
 
 
@@ -428,11 +495,11 @@ def _attn_fwd(
     stride_ob, stride_oh, stride_om,
     stride_lb, stride_lh, stride_lm,
     stride_tb, stride_th, list_stride, row_len,
-    Hq, G, Nq, Nk, qk_scale, drop_threshold, drop_scale, N_BUCKET,
+    Hq, G, Nq, Nk, qk_scale, cap_scale, drop_threshold, drop_scale, N_BUCKET,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ELT_BYTES: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SPARSE: tl.constexpr, TILE: tl.constexpr, VARLEN: tl.constexpr,
+    SOFTCAP: tl.constexpr, SPARSE: tl.constexpr, TILE: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (query block, b·Hq + h). With VARLEN, b is a sequence of the packed
@@ -442,6 +509,7 @@ def _attn_fwd(
     tl.static_assert((not SPARSE) or (TILE % BLOCK_M == 0 and TILE % BLOCK_N == 0))
     # Inductor passes Python floats as float64 scalars; the arithmetic stays float32.
     qk_scale = tl.cast(qk_scale, tl.float32)
+    cap_scale = tl.cast(cap_scale, tl.float32)
     drop_scale = tl.cast(drop_scale, tl.float32)
     tl.static_assert(BLOCK_DV >= DV)
     pid_m = tl.program_id(0)
@@ -484,31 +552,31 @@ def _attn_fwd(
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, K_head, V_head, bias_rows, philox_seed, philox_offset, bh,
             offs_m, offs_d, offs_dv, 0, n_partial, partial, stride_kn, stride_vn, stride_bn,
-            Nq, Nk, shift, qk_scale, drop_threshold,
+            Nq, Nk, shift, qk_scale, cap_scale, drop_threshold,
             D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, True,
-            CAUSAL != CAUSAL_NONE, DOT_PRECISION, True, TILE,
+            CAUSAL != CAUSAL_NONE, DOT_PRECISION, SOFTCAP, True, TILE,
         )
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, K_head, V_head, bias_rows, philox_seed, philox_offset, bh,
             offs_m, offs_d, offs_dv, 0, n_full, full, stride_kn, stride_vn, stride_bn,
-            Nq, Nk, shift, qk_scale, drop_threshold,
-            D, DV, BLOCK_M, BLOCK_N, False, False, HAS_DROPOUT, False, False, DOT_PRECISION, True, TILE,
+            Nq, Nk, shift, qk_scale, cap_scale, drop_threshold,
+            D, DV, BLOCK_M, BLOCK_N, False, False, HAS_DROPOUT, False, False, DOT_PRECISION, SOFTCAP, True, TILE,
         )
     else:
         hi, mid = _key_ranges(start_m, Nk, shift, CAUSAL, BLOCK_M, BLOCK_N)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, K_head, V_head, bias_rows, philox_seed, philox_offset, bh,
             offs_m, offs_d, offs_dv, 0, mid, Tiles, stride_kn, stride_vn, stride_bn,
-            Nq, Nk, shift, qk_scale, drop_threshold,
+            Nq, Nk, shift, qk_scale, cap_scale, drop_threshold,
             D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, False, False, DOT_PRECISION,
-            False, TILE,
+            SOFTCAP, False, TILE,
         )
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, K_head, V_head, bias_rows, philox_seed, philox_offset, bh,
             offs_m, offs_d, offs_dv, mid, hi, Tiles, stride_kn, stride_vn, stride_bn,
-            Nq, Nk, shift, qk_scale, drop_threshold,
+            Nq, Nk, shift, qk_scale, cap_scale, drop_threshold,
             D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, True,
-            CAUSAL != CAUSAL_NONE, DOT_PRECISION, False, TILE,
+            CAUSAL != CAUSAL_NONE, DOT_PRECISION, SOFTCAP, False, TILE,
         )
 
     # l = 0 exactly when the row saw no key (the row max contributes exp2(0) = 1 otherwise):
@@ -566,10 +634,11 @@ def _attn_bwd_dkdv_inner(
     Q_head, DO_head, Lse_head, Delta_head, bias_cols, philox_seed, philox_offset, bh,
     start_n, offs_n, offs_d, offs_dv, lo, hi, tiles,
     stride_qm, stride_dom, stride_bm, stride_lm,
-    Nq, Nk, shift, qk_scale, drop_threshold, drop_scale,
+    Nq, Nk, shift, qk_scale, cap_scale, drop_threshold, drop_scale,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    MASK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, SPARSE: tl.constexpr, TILE: tl.constexpr,
+    MASK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+    SPARSE: tl.constexpr, TILE: tl.constexpr,
 ):
     """Accumulate this key block's dK, dV over query rows [lo, hi) of one query head (on sᵀ);
     with SPARSE, over the blocks of the `hi` query tiles listed at `tiles`."""
@@ -579,16 +648,16 @@ def _attn_bwd_dkdv_inner(
             dk, dv = _attn_bwd_dkdv_step(
                 dk, dv, k, v, start_m, Q_head, DO_head, Lse_head, Delta_head, bias_cols, philox_seed,
                 philox_offset, bh, start_n, offs_n, offs_d, offs_dv, stride_qm, stride_dom, stride_bm, stride_lm,
-                Nq, Nk, shift, qk_scale, drop_threshold, drop_scale, D, DV, BLOCK_M, BLOCK_N,
-                HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, MASK_CAUSAL, DOT_PRECISION,
+                Nq, Nk, shift, qk_scale, cap_scale, drop_threshold, drop_scale, D, DV, BLOCK_M, BLOCK_N,
+                HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, MASK_CAUSAL, DOT_PRECISION, SOFTCAP,
             )
     else:
         for start_m in range(lo, hi, BLOCK_M):
             dk, dv = _attn_bwd_dkdv_step(
                 dk, dv, k, v, start_m, Q_head, DO_head, Lse_head, Delta_head, bias_cols, philox_seed,
                 philox_offset, bh, start_n, offs_n, offs_d, offs_dv, stride_qm, stride_dom, stride_bm, stride_lm,
-                Nq, Nk, shift, qk_scale, drop_threshold, drop_scale, D, DV, BLOCK_M, BLOCK_N,
-                HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, MASK_CAUSAL, DOT_PRECISION,
+                Nq, Nk, shift, qk_scale, cap_scale, drop_threshold, drop_scale, D, DV, BLOCK_M, BLOCK_N,
+                HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, MASK_CAUSAL, DOT_PRECISION, SOFTCAP,
             )
     return dk, dv
 
@@ -599,10 +668,10 @@ def _attn_bwd_dkdv_step(
     Q_head, DO_head, Lse_head, Delta_head, bias_cols, philox_seed, philox_offset, bh,
     start_n, offs_n, offs_d, offs_dv,
     stride_qm, stride_dom, stride_bm, stride_lm,
-    Nq, Nk, shift, qk_scale, drop_threshold, drop_scale,
+    Nq, Nk, shift, qk_scale, cap_scale, drop_threshold, drop_scale,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    MASK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     n_ok = offs_n[:, None] < Nk
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -617,7 +686,7 @@ def _attn_bwd_dkdv_step(
     # lse = -inf marks a row with no visible key: +inf makes its p exactly 0.
     lse = tl.load(Lse_head + offs_m * stride_lm, mask=m_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-    sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale
+    sT, tT = _scaled_scores(tl.dot(k, qT, input_precision=DOT_PRECISION), qk_scale, cap_scale, SOFTCAP)
     sT = _masked_scores(
         sT, offs_m[None, :], offs_n[:, None], b, Nk, shift,
         HAS_BIAS, BIAS_IS_BOOL, False, MASK_CAUSAL,
@@ -641,6 +710,8 @@ def _attn_bwd_dkdv_step(
     dv += tl.dot(pdT.to(do.dtype), do, input_precision=DOT_PRECISION)
     delta = tl.load(Delta_head + offs_m * stride_lm, mask=m_ok, other=0.0)
     dsT = pT * (dpT - delta[None, :])
+    if SOFTCAP:
+        dsT = dsT * (1.0 - tT * tT)
     dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PRECISION)
     return dk, dv
 
@@ -661,11 +732,11 @@ def _attn_bwd_dkdv(
     stride_dvb, stride_dvh, stride_dvn,
     stride_lb, stride_lh, stride_lm,
     stride_tb, stride_th, list_stride, row_len,
-    Hq, G, Nq, Nk, qk_scale, sm_scale, drop_threshold, drop_scale, N_BUCKET,
+    Hq, G, Nq, Nk, qk_scale, cap_scale, sm_scale, drop_threshold, drop_scale, N_BUCKET,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ELT_BYTES: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SPARSE: tl.constexpr, TILE: tl.constexpr, VARLEN: tl.constexpr,
+    SOFTCAP: tl.constexpr, SPARSE: tl.constexpr, TILE: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (b, KV head, key block); loops over the G query heads of its group.
@@ -673,6 +744,7 @@ def _attn_bwd_dkdv(
     tl.static_assert(BLOCK_D >= D)
     tl.static_assert((not SPARSE) or (TILE % BLOCK_M == 0 and TILE % BLOCK_N == 0))
     qk_scale = tl.cast(qk_scale, tl.float32)
+    cap_scale = tl.cast(cap_scale, tl.float32)
     sm_scale = tl.cast(sm_scale, tl.float32)
     drop_scale = tl.cast(drop_scale, tl.float32)
     tl.static_assert(BLOCK_DV >= DV)
@@ -734,32 +806,32 @@ def _attn_bwd_dkdv(
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, bias_cols,
                 philox_seed, philox_offset, bh, start_n, offs_n, offs_d, offs_dv, 0, n_partial, partial,
-                stride_qm, stride_dom, stride_bm, stride_lm, Nq, Nk, shift, qk_scale, drop_threshold,
-                drop_scale, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
-                CAUSAL != CAUSAL_NONE, DOT_PRECISION, True, TILE,
+                stride_qm, stride_dom, stride_bm, stride_lm, Nq, Nk, shift, qk_scale, cap_scale,
+                drop_threshold, drop_scale, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
+                CAUSAL != CAUSAL_NONE, DOT_PRECISION, SOFTCAP, True, TILE,
             )
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, bias_cols,
                 philox_seed, philox_offset, bh, start_n, offs_n, offs_d, offs_dv, 0, n_full, full,
-                stride_qm, stride_dom, stride_bm, stride_lm, Nq, Nk, shift, qk_scale, drop_threshold,
-                drop_scale, D, DV, BLOCK_M, BLOCK_N, False, False, HAS_DROPOUT, False,
-                DOT_PRECISION, True, TILE,
+                stride_qm, stride_dom, stride_bm, stride_lm, Nq, Nk, shift, qk_scale, cap_scale,
+                drop_threshold, drop_scale, D, DV, BLOCK_M, BLOCK_N, False, False, HAS_DROPOUT, False,
+                DOT_PRECISION, SOFTCAP, True, TILE,
             )
         else:
             if CAUSAL != CAUSAL_NONE:
                 dk, dv = _attn_bwd_dkdv_inner(
                     dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, bias_cols,
                     philox_seed, philox_offset, bh, start_n, offs_n, offs_d, offs_dv, lo, mid, Tiles,
-                    stride_qm, stride_dom, stride_bm, stride_lm, Nq, Nk, shift, qk_scale, drop_threshold,
-                    drop_scale, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, True,
-                    DOT_PRECISION, False, TILE,
+                    stride_qm, stride_dom, stride_bm, stride_lm, Nq, Nk, shift, qk_scale, cap_scale,
+                    drop_threshold, drop_scale, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
+                    True, DOT_PRECISION, SOFTCAP, False, TILE,
                 )
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, bias_cols,
                 philox_seed, philox_offset, bh, start_n, offs_n, offs_d, offs_dv, mid, Nq, Tiles,
-                stride_qm, stride_dom, stride_bm, stride_lm, Nq, Nk, shift, qk_scale, drop_threshold,
-                drop_scale, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, False,
-                DOT_PRECISION, False, TILE,
+                stride_qm, stride_dom, stride_bm, stride_lm, Nq, Nk, shift, qk_scale, cap_scale,
+                drop_threshold, drop_scale, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
+                False, DOT_PRECISION, SOFTCAP, False, TILE,
             )
 
     dk *= sm_scale
@@ -780,11 +852,11 @@ def _attn_bwd_dq_inner(
     K_head, V_head, bias_rows, DS_rows, philox_seed, philox_offset, bh,
     offs_m, offs_d, offs_dv, lo, hi, tiles,
     stride_kn, stride_vn, stride_bn,
-    Nq, Nk, shift, qk_scale, drop_threshold, drop_scale,
+    Nq, Nk, shift, qk_scale, cap_scale, drop_threshold, drop_scale,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     STORE_DS: tl.constexpr, MASK_KEYS: tl.constexpr, MASK_CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SPARSE: tl.constexpr, TILE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, SPARSE: tl.constexpr, TILE: tl.constexpr,
 ):
     """Key blocks [lo, hi), or with SPARSE the blocks of the `hi` key tiles listed at `tiles`."""
     if SPARSE:
@@ -793,16 +865,16 @@ def _attn_bwd_dq_inner(
             dq = _attn_bwd_dq_step(
                 dq, q, do, lse2, delta, start_n, K_head, V_head, bias_rows, DS_rows, philox_seed,
                 philox_offset, bh, offs_m, offs_d, offs_dv, stride_kn, stride_vn, stride_bn, Nq, Nk,
-                shift, qk_scale, drop_threshold, drop_scale, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS,
-                BIAS_IS_BOOL, HAS_DROPOUT, STORE_DS, MASK_KEYS, MASK_CAUSAL, DOT_PRECISION,
+                shift, qk_scale, cap_scale, drop_threshold, drop_scale, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS,
+                BIAS_IS_BOOL, HAS_DROPOUT, STORE_DS, MASK_KEYS, MASK_CAUSAL, DOT_PRECISION, SOFTCAP,
             )
     else:
         for start_n in range(lo, hi, BLOCK_N):
             dq = _attn_bwd_dq_step(
                 dq, q, do, lse2, delta, start_n, K_head, V_head, bias_rows, DS_rows, philox_seed,
                 philox_offset, bh, offs_m, offs_d, offs_dv, stride_kn, stride_vn, stride_bn, Nq, Nk,
-                shift, qk_scale, drop_threshold, drop_scale, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS,
-                BIAS_IS_BOOL, HAS_DROPOUT, STORE_DS, MASK_KEYS, MASK_CAUSAL, DOT_PRECISION,
+                shift, qk_scale, cap_scale, drop_threshold, drop_scale, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS,
+                BIAS_IS_BOOL, HAS_DROPOUT, STORE_DS, MASK_KEYS, MASK_CAUSAL, DOT_PRECISION, SOFTCAP,
             )
     return dq
 
@@ -813,11 +885,11 @@ def _attn_bwd_dq_step(
     K_head, V_head, bias_rows, DS_rows, philox_seed, philox_offset, bh,
     offs_m, offs_d, offs_dv,
     stride_kn, stride_vn, stride_bn,
-    Nq, Nk, shift, qk_scale, drop_threshold, drop_scale,
+    Nq, Nk, shift, qk_scale, cap_scale, drop_threshold, drop_scale,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     STORE_DS: tl.constexpr, MASK_KEYS: tl.constexpr, MASK_CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     m_ok = offs_m[:, None] < Nq
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -830,7 +902,7 @@ def _attn_bwd_dq_step(
         V_head + offs_n[None, :] * stride_vn + offs_dv[:, None],
         mask=n_ok[None, :] & (offs_dv[:, None] < DV), other=0.0,
     )
-    s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
+    s, t = _scaled_scores(tl.dot(q, kT, input_precision=DOT_PRECISION), qk_scale, cap_scale, SOFTCAP)
     b = _load_bias(bias_rows + offs_n[None, :] * stride_bn, m_ok & n_ok[None, :], HAS_BIAS)
     s = _masked_scores(
         s, offs_m[:, None], offs_n[None, :], b, Nk, shift,
@@ -850,6 +922,9 @@ def _attn_bwd_dq_step(
             DS_rows + offs_n[None, :], ds.to(DS_rows.dtype.element_ty),
             mask=(offs_m[:, None] < Nq) & n_ok[None, :],
         )
+    if SOFTCAP:
+        # The bias is added after the cap (its gradient is dS above); q·kᵀ is under it.
+        ds = ds * (1.0 - t * t)
     dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=DOT_PRECISION)
     return dq
 
@@ -869,11 +944,11 @@ def _attn_bwd_dq(
     stride_dqb, stride_dqh, stride_dqm,
     stride_lb, stride_lh, stride_lm,
     stride_tb, stride_th, list_stride, row_len,
-    Hq, G, Nq, Nk, qk_scale, sm_scale, drop_threshold, drop_scale, N_BUCKET,
+    Hq, G, Nq, Nk, qk_scale, cap_scale, sm_scale, drop_threshold, drop_scale, N_BUCKET,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ELT_BYTES: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_DS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SPARSE: tl.constexpr, TILE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, SPARSE: tl.constexpr, TILE: tl.constexpr,
     VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (b, query head, query block); loops over key blocks like the forward.
@@ -884,6 +959,7 @@ def _attn_bwd_dq(
     tl.static_assert(BLOCK_D >= D)
     tl.static_assert((not SPARSE) or (TILE % BLOCK_M == 0 and TILE % BLOCK_N == 0))
     qk_scale = tl.cast(qk_scale, tl.float32)
+    cap_scale = tl.cast(cap_scale, tl.float32)
     sm_scale = tl.cast(sm_scale, tl.float32)
     drop_scale = tl.cast(drop_scale, tl.float32)
     tl.static_assert(BLOCK_DV >= DV)
@@ -933,32 +1009,32 @@ def _attn_bwd_dq(
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, K_head, V_head, bias_rows, DS_rows, philox_seed, philox_offset,
             bh, offs_m, offs_d, offs_dv, 0, n_partial, partial, stride_kn, stride_vn, stride_bn,
-            Nq, Nk, shift, qk_scale, drop_threshold, drop_scale,
+            Nq, Nk, shift, qk_scale, cap_scale, drop_threshold, drop_scale,
             D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, STORE_DS, True,
-            CAUSAL != CAUSAL_NONE, DOT_PRECISION, True, TILE,
+            CAUSAL != CAUSAL_NONE, DOT_PRECISION, SOFTCAP, True, TILE,
         )
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, K_head, V_head, bias_rows, DS_rows, philox_seed, philox_offset,
             bh, offs_m, offs_d, offs_dv, 0, n_full, full, stride_kn, stride_vn, stride_bn,
-            Nq, Nk, shift, qk_scale, drop_threshold, drop_scale,
+            Nq, Nk, shift, qk_scale, cap_scale, drop_threshold, drop_scale,
             D, DV, BLOCK_M, BLOCK_N, False, False, HAS_DROPOUT, STORE_DS, False, False,
-            DOT_PRECISION, True, TILE,
+            DOT_PRECISION, SOFTCAP, True, TILE,
         )
     else:
         hi, mid = _key_ranges(start_m, Nk, shift, CAUSAL, BLOCK_M, BLOCK_N)
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, K_head, V_head, bias_rows, DS_rows, philox_seed, philox_offset,
             bh, offs_m, offs_d, offs_dv, 0, mid, Tiles, stride_kn, stride_vn, stride_bn,
-            Nq, Nk, shift, qk_scale, drop_threshold, drop_scale,
+            Nq, Nk, shift, qk_scale, cap_scale, drop_threshold, drop_scale,
             D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, STORE_DS, False, False,
-            DOT_PRECISION, False, TILE,
+            DOT_PRECISION, SOFTCAP, False, TILE,
         )
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, K_head, V_head, bias_rows, DS_rows, philox_seed,
             philox_offset, bh, offs_m, offs_d, offs_dv, mid, hi, Tiles, stride_kn, stride_vn,
-            stride_bn, Nq, Nk, shift, qk_scale, drop_threshold, drop_scale,
+            stride_bn, Nq, Nk, shift, qk_scale, cap_scale, drop_threshold, drop_scale,
             D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, STORE_DS, True,
-            CAUSAL != CAUSAL_NONE, DOT_PRECISION, False, TILE,
+            CAUSAL != CAUSAL_NONE, DOT_PRECISION, SOFTCAP, False, TILE,
         )
         if STORE_DS and CAUSAL != CAUSAL_NONE:
             # dS is allocated uninitialised: the key blocks causal skipped are written as zeros
@@ -1015,16 +1091,19 @@ def _common_meta(inp: AttentionInputs) -> dict:
         BLOCK_D=_block(inp.head_dim), BLOCK_DV=_block(inp.head_dim_v),
         ELT_BYTES=inp.q.element_size(), CAUSAL=int(inp.causal),
         HAS_BIAS=inp.bias is not None, BIAS_IS_BOOL=inp.bias_kind == "bool",
-        HAS_DROPOUT=inp.dropout_p > 0.0,
+        HAS_DROPOUT=inp.dropout_p > 0.0, SOFTCAP=inp.softcap > 0.0,
         # float32 promises float32 results: exact dots, not TF32.
         DOT_PRECISION="ieee" if inp.dtype == torch.float32 else "tf32",
     )
 
 
 def _scalars(inp: AttentionInputs) -> dict:
-    p = inp.dropout_p
+    p, c = inp.dropout_p, inp.softcap
     return dict(
-        qk_scale=inp.scale * _LOG2E,
+        # With soft-capping the dot is scaled into tanh's argument, the cap then into base 2
+        # (`_scaled_scores`).
+        qk_scale=inp.scale / c if c else inp.scale * _LOG2E,
+        cap_scale=c * _LOG2E if c else 1.0,
         drop_threshold=int(round(p * (1 << DROPOUT_BITS.value))),
         drop_scale=1.0 / (1.0 - p),
         # Autotune once per power-of-two length bucket, not once per sequence length.
@@ -1098,7 +1177,7 @@ def forward(
         *lse.stride(),
         *tile_strides,
         Hq, Hq // inp.heads_kv, Nq, Nk,
-        sc["qk_scale"], sc["drop_threshold"], sc["drop_scale"], sc["N_BUCKET"],
+        sc["qk_scale"], sc["cap_scale"], sc["drop_threshold"], sc["drop_scale"], sc["N_BUCKET"],
         SPARSE=tiles is not None, TILE=mask_tiles.TILE, VARLEN=False, **_common_meta(inp),
     )
     return out, lse
@@ -1164,7 +1243,7 @@ def backward(
             dout.stride(0), dout.stride(1), dout.stride(2),
         )
         scalars = (
-            Hq, G, Nq, Nk, sc["qk_scale"], inp.scale, sc["drop_threshold"], sc["drop_scale"],
+            Hq, G, Nq, Nk, sc["qk_scale"], sc["cap_scale"], inp.scale, sc["drop_threshold"], sc["drop_scale"],
             sc["N_BUCKET"],
         )
         tiles = mask_tiles.classify(inp, bias, sb, launch) if sparse else None
@@ -1206,10 +1285,10 @@ def backward(
 # =============================================================================================
 
 
-def _packed_inputs(q, k, v, causal, scale, dropout_p) -> AttentionInputs:
+def _packed_inputs(q, k, v, causal, scale, dropout_p, softcap) -> AttentionInputs:
     """[1, H, total, D] views of the packed tensors: the dense description the meta needs."""
     return AttentionInputs.from_op(*(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)), None, causal, scale,
-                                   dropout_p)
+                                   dropout_p, softcap)
 
 
 def _packed_meta(inp: AttentionInputs, max_q: int, max_k: int) -> tuple[dict, dict]:
@@ -1219,11 +1298,11 @@ def _packed_meta(inp: AttentionInputs, max_q: int, max_k: int) -> tuple[dict, di
 
 
 def forward_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: int, scale: float, dropout_p: float,
-                   seed, launch=_direct):
+                   seed, softcap: float = 0.0, launch=_direct):
     """Packed q [total_q, Hq, D], k/v [total_k, Hkv, D|Dv], offsets cu_q / cu_k [B+1]:
     (out [total_q, Hq, Dv], lse [total_q, Hq] float32). One program per (query block of the
     longest sequence, sequence · head); blocks past a sequence's end exit at once."""
-    inp = _packed_inputs(q, k, v, causal, scale, dropout_p)
+    inp = _packed_inputs(q, k, v, causal, scale, dropout_p, softcap)
     B, Hq, Hkv = cu_q.numel() - 1, q.shape[1], k.shape[1]
     out = torch.empty((q.shape[0], Hq, v.shape[2]), dtype=q.dtype, device=q.device)
     lse = torch.empty((q.shape[0], Hq), dtype=torch.float32, device=q.device)
@@ -1243,16 +1322,16 @@ def forward_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: int, sca
         0, lse.stride(1), lse.stride(0),
         0, 0, 0, 0,
         Hq, Hq // Hkv, 0, 0,
-        sc["qk_scale"], sc["drop_threshold"], sc["drop_scale"], sc["N_BUCKET"],
+        sc["qk_scale"], sc["cap_scale"], sc["drop_threshold"], sc["drop_scale"], sc["N_BUCKET"],
         **meta,
     )
     return out, lse
 
 
 def backward_varlen(dout, dlse, q, k, v, cu_q, cu_k, max_q: int, max_k: int, seed, out, lse, causal: int,
-                    scale: float, dropout_p: float, launch=_direct):
+                    scale: float, dropout_p: float, softcap: float = 0.0, launch=_direct):
     """(dq, dk, dv) for `forward_varlen`, deterministic (no atomics)."""
-    inp = _packed_inputs(q, k, v, causal, scale, dropout_p)
+    inp = _packed_inputs(q, k, v, causal, scale, dropout_p, softcap)
     B, Hq, Hkv = cu_q.numel() - 1, q.shape[1], k.shape[1]
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     if B == 0 or q.shape[0] == 0 or k.shape[0] == 0:
@@ -1274,7 +1353,8 @@ def backward_varlen(dout, dlse, q, k, v, cu_q, cu_k, max_q: int, max_k: int, see
         0, 0, 0, 0,
         0, dout.stride(1), dout.stride(0),
     )
-    scalars = (Hq, Hq // Hkv, 0, 0, sc["qk_scale"], scale, sc["drop_threshold"], sc["drop_scale"], sc["N_BUCKET"])
+    scalars = (Hq, Hq // Hkv, 0, 0, sc["qk_scale"], sc["cap_scale"], scale, sc["drop_threshold"], sc["drop_scale"],
+               sc["N_BUCKET"])
     lse_strides = (0, lse.stride(1), lse.stride(0))
     launch(_attn_bwd_dkdv)[lambda m: (triton.cdiv(max(max_k, 1), m["BLOCK_N"]), B * Hkv)](
         q, k, v, unused, seed_arg, dout, lse, delta, dk, dv, unused, unused, cu_q, cu_k,
