@@ -54,6 +54,11 @@ def test_e2e_script_runs_a_tiny_model_through_all_three_backends():
     for backend in e2e.BACKENDS:
         assert row[f"{backend}_fwd_ms"] > 0 and row[f"{backend}_train_ms"] > 0
     assert row["flash_rel_diff_fwd"] < 1e-4
+    # Interleaved rounds: every backend timed BLOCKS times, both compiled models kept their graphs.
+    for mode in ("fwd", "train"):
+        assert all(len(row[f"{b}_{mode}_block_medians_ms"]) == e2e.BLOCKS for b in e2e.BACKENDS)
+        assert row[f"inductor_over_flash_{mode}_paired"] > 0
+    assert row["graphs_compiled_while_timing"] == 0
     table = e2e.markdown([row])
     assert "| bert (16 × 2), sdpa | 2/2 |" in table and "Geometric mean" in table
 

@@ -559,7 +559,7 @@ def test_eight_warp_candidates_only_above_head_dim_128(monkeypatch):
     monkeypatch.setenv(ta.AUTOTUNE_ENV, "0")
     (c,) = ta._prune("BLOCK_M", "BLOCK_N", "dkdv")(list(ta._DKDV_CONFIGS), dict(
         BLOCK_D=256, BLOCK_DV=256, ELT_BYTES=2, N_BUCKET=2048, CAUSAL=1))
-    assert (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == ta._LARGE_HEAD_DKDV_DEFAULT
+    assert (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == ta._LARGE_HEAD_DEFAULTS["dkdv"]
 
 
 @pytest.mark.skipif(INTERPRETING, reason="compiles for sm_90; the interpreter compiles nothing")

@@ -428,14 +428,17 @@ _SMALL_HEAD_DEFAULT = (64, 64, 4, 3)
 # Head dims above 128 (Gemma 2's 256, and 160 or 192, which pad to 256): the dK/dV kernel with 8
 # warps, 32 queries streaming past 64 keys. On Gemma 2 2B's attention (B=2, H=8, N=2048, causal,
 # padding mask; H100, benchmarks/config_sweep.py, session 9) the whole backward takes 630 µs with
-# it, against 1239 with the first fitting 4-warp config and 873 with the best 4-warp one: those
-# spill their [64, 256] float32 accumulators (`_wide`).
-_LARGE_HEAD_DKDV_DEFAULT = (32, 64, 8, 3)
+# it, against 1239 with the first fitting 4-warp config and 873 with the best 4-warp one (those
+# spill their [64, 256] float32 accumulators: `_wide`). dQ keeps the first fitting config (64 × 32,
+# 4 warps, 2 stages: within 2% of its best); so does the forward (146 µs; 128 × 64 with 8 warps
+# and 2 stages took 122, but `_SMEM_BUDGET`'s estimate, which counts v beside q as resident,
+# prunes it, and a laxer estimate has not been run on a GPU).
+_LARGE_HEAD_DEFAULTS = {"dkdv": (32, 64, 8, 3)}
 
 
 def _head_dim_default(kernel: str, args: dict) -> tuple[int, int, int, int] | None:
     if max(args["BLOCK_D"], args["BLOCK_DV"]) > 128:
-        return _LARGE_HEAD_DKDV_DEFAULT if kernel == "dkdv" else None
+        return _LARGE_HEAD_DEFAULTS.get(kernel)
     if max(args["BLOCK_D"], args["BLOCK_DV"]) > 64:
         return None
     if kernel != "dkdv" and args["N_BUCKET"] >= 8192 and not args["CAUSAL"]:
