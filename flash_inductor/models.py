@@ -67,6 +67,23 @@ _SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_ke
               mask_time_prob=0.0, mask_feature_prob=0.0,
               # SigLIP's text head projects to this width (it defaults to the unshrunk 768)
               projection_size=64)
+# Architectures whose 2-layer shrink needs more than _SMALL: hybrids keep one attention layer of
+# the two (their default patterns put none in the first two).
+_PER_MODEL = {
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, mamba_dt_rank=8),
+    "bamba": dict(attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=32, mamba_d_state=16, mamba_chunk_size=8),
+    "recurrent_gemma": dict(block_types=["recurrent", "attention"], lru_width=64),
+    # DeepSeek-V2/V3 (MLA): q·kᵀ over 8 + 8 dims, V of 16; no KV-head sharing; 4 experts
+    "deepseek_v2": (_MLA := dict(num_key_value_heads=4, qk_nope_head_dim=8, qk_rope_head_dim=8, head_dim=8,
+                                 v_head_dim=16, kv_lora_rank=32, q_lora_rank=48, n_routed_experts=4,
+                                 num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
+                                 n_group=1, topk_group=1)),
+    "deepseek_v3": _MLA,
+    # Swin / Swinv2: 2 stages of 2 blocks (the second shifts its windows), 8x8 patches in windows of 4
+    "swin": dict(depths=[2, 2], num_heads=[2, 4], embed_dim=32, window_size=4, patch_size=4),
+    "swinv2": dict(depths=[2, 2], num_heads=[2, 4], embed_dim=32, window_size=4, patch_size=4),
+    "funnel": dict(block_sizes=[1, 1], block_repeats=[1, 1], architectures=["FunnelModel"]),
+}
 # Config attributes that hold a dropout probability, across these architectures.
 _DROPOUT_ATTRS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "resid_pdrop", "embd_pdrop",
                   "attn_pdrop", "dropout_rate", "attention_dropout", "dropout", "activation_dropout",
@@ -149,12 +166,16 @@ def build_any(model_type: str, *, attn_implementation: str = "eager", dropout: f
         if c is None:
             continue
         for key, value in _SMALL.items():
+            if c is cfg and key in _PER_MODEL.get(model_type, {}):
+                continue
             if hasattr(c, key) or key in getattr(c, "attribute_map", {}):
                 try:
                     setattr(c, key, value)
-                except AttributeError:  # a derived property (Falcon's head_dim)
-                    pass
+                except (AttributeError, NotImplementedError):  # a derived property (Falcon's head_dim), or
+                    pass  # one a config refuses to set (XLNet's max_position_embeddings)
         _set_dropout(c, dropout)
+    for key, value in _PER_MODEL.get(model_type, {}).items():
+        setattr(cfg, key, value)
     cfg._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     model = AutoModel.from_config(cfg, attn_implementation=attn_implementation)
@@ -166,6 +187,10 @@ def build_any(model_type: str, *, attn_implementation: str = "eager", dropout: f
         inputs["pixel_values"] = torch.randn(batch, channels, vision_cfg.image_size, vision_cfg.image_size, generator=gen)
     elif model_type == "whisper":
         inputs = {"input_features": torch.randn(batch, cfg.num_mel_bins, 2 * cfg.max_source_positions, generator=gen),
+                  "decoder_input_ids": torch.randint(3, cfg.vocab_size, (batch, seq_len), generator=gen)}
+    elif modality == "input_features":  # Speech2Text: log-mel frames [B, T, features], 4 per token
+        feats = cfg.input_feat_per_channel * getattr(cfg, "input_channels", 1)
+        inputs = {"input_features": torch.randn(batch, 4 * seq_len, feats, generator=gen),
                   "decoder_input_ids": torch.randint(3, cfg.vocab_size, (batch, seq_len), generator=gen)}
     elif modality == "pixel_values":  # ViT, DeiT, BEiT, DINOv2, ...
         channels = getattr(cfg, "num_channels", 3)

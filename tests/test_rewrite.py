@@ -1181,6 +1181,20 @@ class TestNearMisses(RewriteCase):
 
         self.assert_not_rewritten(f, *qkv(nk=7), guard="softmax_over_keys")
 
+    def test_attention_sinks_are_a_site_left_eager(self):
+        # GPT-OSS: a learned logit per head joins each row's softmax and its column is then
+        # dropped, so the weights sum to less than 1. Counted as a site (it was not: the scores
+        # are [Nq, Nk], the softmax [Nq, Nk + 1]) and refused by name.
+        def f(q, k, v, sinks):
+            s = torch.matmul(q, k.transpose(2, 3)) * 0.25
+            sink = sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[-2], -1)
+            logits = torch.cat([s, sink], dim=-1)
+            logits = logits - logits.max(dim=-1, keepdim=True).values
+            p = F.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1]
+            return torch.matmul(p, v)
+
+        self.assert_not_rewritten(f, *qkv(), torch.randn(4), guard="softmax_over_keys")
+
     def test_bias_that_does_not_broadcast_to_scores(self):
         def f(q, k, v, bias):
             return torch.matmul((torch.matmul(q, k.transpose(-1, -2)) + bias).softmax(-1), v)

@@ -725,20 +725,34 @@ def _rewrite_sdpa(gm: GraphModule, node: Node, call) -> SiteReport:
     return SiteReport(site_name(node), True, "·".join(spelling), *kernel)
 
 
-def _scores_upstream(node, depth: int = 24) -> bool:
+def _concat_on_last_dim(node: Node) -> bool:
+    """`torch.cat([...], dim=-1)` (or its last dim spelled out)."""
+    if node.op != "call_function" or node.target is not torch.cat:
+        return False
+    out = example(node)
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    return out is not None and isinstance(dim, int) and dim % out.dim() == out.dim() - 1
+
+
+def _scores_upstream(node, depth: int = 24) -> str | None:
     """Whether a product (matmul/bmm/einsum/baddbmm) with the softmax input's last two dims
     [Nq, Nk] lies within `depth` nodes upstream of it, through any ops. Broader than
     `_leads_to_scores` on purpose: a real attention softmax whose chain the rewrite cannot
     model must still be reported as skipped; an MoE router's softmax over [tokens, experts]
-    has no such product (the attention's P·V upstream of it is [N, D])."""
+    has no such product (the attention's P·V upstream of it is [N, D]).
+
+    "direct" when found; "concat" when found only behind a concatenation along the last dim
+    with fewer keys than the softmax's (GPT-OSS appends a sink logit per head: [Nq, Nk + 1]);
+    None when neither."""
     ev = example(node)
     if ev is None or ev.dim() < 2:
-        return False
+        return None
     want = tuple(ev.shape[-2:])
-    seen, frontier = set(), [node]
+    found = None
+    seen, frontier = set(), [(node, False)]
     for _ in range(depth):
         nxt = []
-        for n in frontier:
+        for n, behind_cat in frontier:
             if not isinstance(n, Node) or n in seen:
                 continue
             seen.add(n)
@@ -747,13 +761,18 @@ def _scores_upstream(node, depth: int = 24) -> bool:
                 n.op == "call_function" and n.target is torch.einsum
             )
             out = example(n)
-            if is_product and out is not None and out.dim() >= 2 and tuple(out.shape[-2:]) == want:
-                return True
-            nxt.extend(n.all_input_nodes)
+            if is_product and out is not None and out.dim() >= 2:
+                shape = tuple(out.shape[-2:])
+                if shape == want and not behind_cat:
+                    return "direct"
+                if behind_cat and shape[0] == want[0] and shape[1] < want[1]:
+                    found = "concat"
+            cat = behind_cat or _concat_on_last_dim(n)
+            nxt.extend((a, cat) for a in n.all_input_nodes)
         frontier = nxt
         if not frontier:
             break
-    return False
+    return found
 
 
 def _erase_dead(nodes, graph: Graph) -> None:
@@ -797,12 +816,18 @@ def rewrite_graph(gm: GraphModule, graph_name: str = "") -> list[SiteReport]:
         call = canon(node)
         if call is None or call.op not in ("softmax", "sdpa"):
             continue
-        if call.op == "softmax" and not _scores_upstream(call["x"]):
+        upstream = _scores_upstream(call["x"]) if call.op == "softmax" else "direct"
+        if upstream is None:
             # A softmax over something no product of two activations feeds (an MoE router's
             # logits from a Linear): not attention, so not a site to report.
             log.debug("flash-inductor: %s is not an attention softmax (no q·kᵀ upstream)", node.name)
             continue
         try:
+            if upstream == "concat":
+                # GPT-OSS: softmax over [scores, sink] per head, then the sink's column dropped.
+                # The op's softmax has no term beyond the keys, so the site stays eager.
+                raise Refusal("softmax_over_keys", "the softmax runs over the scores concatenated with other "
+                              "logits along the key dim (attention sinks): its denominator holds terms the op has not")
             rep = _rewrite_softmax(gm, node, call) if call.op == "softmax" else _rewrite_sdpa(gm, node, call)
         except Refusal as r:
             rep = SiteReport(site_name(node), False, guard=r.guard, reason=r.reason)
