@@ -18,10 +18,13 @@ class Refusal(Exception):
 
 @dataclass
 class Scale:
-    """Scores multiplied (or divided) by `factor`: a number, or a node holding a scalar."""
+    """Scores multiplied (or divided) by `factor`: a number, or a node holding a scalar; with
+    `per_row`, a tensor constant along the keys (size 1 in the scores' last dim: Swinv2's
+    per-head logit scale), which only q can absorb."""
 
     factor: object
     divide: bool = False
+    per_row: bool = False
 
 
 @dataclass

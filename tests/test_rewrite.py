@@ -954,6 +954,41 @@ fwd_default = torch.ops.flash.fwd.default(mul_1, l_k_, l_v_, None, None, 0, 1.0,
 getitem = fwd_default[0]
 return (getitem,)""")
 
+    def test_scale_constant_along_the_keys_folds_into_q(self):
+        """Swinv2's scaled cosine attention: a learned per-head logit scale [H, 1, 1], then the
+        relative position bias. s·f = (q·f)·kᵀ when f does not vary with the key; the logit
+        scale's gradient then flows through q's product."""
+
+        def f(q, k, v, logit_scale, bias):
+            w = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+            w = w * torch.clamp(logit_scale, max=math.log(100.0)).exp() + bias
+            return torch.matmul(w.softmax(-1), v)
+
+        q, k, v = qkv()
+        code, reps = self.run_rewritten(f, q, k, v, torch.randn(4, 1, 1), torch.randn(4, 7, 9))
+        self.assertTrue(reps[0].rewritten)
+        self.assertExpectedInline(code, """\
+normalize = torch.nn.functional.normalize(l_q_, dim = -1)
+normalize_1 = torch.nn.functional.normalize(l_k_, dim = -1)
+clamp = torch.clamp(l_logit_scale_, max = 4.605170185988092)
+exp = clamp.exp()
+mul_1 = normalize * exp
+fwd_default = torch.ops.flash.fwd.default(mul_1, normalize_1, l_v_, l_bias_, None, 0, 1.0, 0.0)
+getitem = fwd_default[0]
+getitem_1 = fwd_default[1]
+isneginf = torch.isneginf(getitem_1)
+unsqueeze = isneginf.unsqueeze(-1)
+amax = l_bias_.amax(-1, keepdim = True)
+eq = l_bias_ == amax
+to = eq.to(torch.float32)
+matmul_2 = torch.matmul(to, l_v_)
+sum_1 = to.sum(-1, keepdim = True)
+truediv = matmul_2 / sum_1
+isneginf_1 = torch.isneginf(amax)
+where = torch.where(isneginf_1, nan, truediv)
+where_1 = torch.where(unsqueeze, where, getitem)
+return (where_1,)""")
+
     def test_key_divided_by_zero_dim_tensor(self):
         """DeBERTa: kᵀ divided by a 0-d scale tensor before a 3-D bmm."""
 
@@ -1329,6 +1364,17 @@ class TestNearMisses(RewriteCase):
             return torch.matmul((torch.matmul(q, k.transpose(-1, -2)) * m).softmax(-1), v)
 
         self.assert_not_rewritten(f, *qkv(), torch.rand(7, 9), guard="scale_is_scalar")
+
+    def test_row_scale_on_3d_scores_viewed_to_4d(self):
+        """A per-row scale on [B·H, Nq, Nk] scores that the rewrite runs in 4-D: its dims would
+        not line up with q's there, so the site stays eager."""
+
+        def f(q, k, v, r, mask):
+            w = (torch.bmm(q, k.transpose(1, 2)) * r).view(2, 4, 7, 9) + mask
+            return torch.bmm(w.softmax(-1).view(8, 7, 9), v)
+
+        q, k, v = (t.reshape(8, t.shape[2], 16) for t in qkv())
+        self.assert_not_rewritten(f, q, k, v, torch.rand(8, 7, 1), torch.randn(2, 1, 7, 9), guard="scale_is_scalar")
 
 
 if __name__ == "__main__":

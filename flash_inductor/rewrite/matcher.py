@@ -209,7 +209,7 @@ def _score_steps(site: _Site, start: Node):
             site.spelling.insert(0, "masked_fill")
         elif c.op in ("mul", "div"):
             chain = c["a"] if c.op == "div" or _leads_to_scores(c["a"]) else c["b"]
-            step = scale_family.match_scale(c, chain)
+            step = scale_family.match_scale(c, chain, per_row_ok=True)
             site.spelling.insert(0, f"{c.spelling}(scale)")
         else:
             raise Refusal("score_chain", f"the scores pass through {c.op}, which the rewrite does not model")
@@ -257,7 +257,7 @@ def _prob_path(site: _Site, softmax: Node):
 @dataclass
 class _Folded:
     scale: float = 1.0
-    q_factors: list = field(default_factory=list)  # (node, divide): tensor-valued scales, folded into q
+    q_factors: list = field(default_factory=list)  # (node, divide, per_row): tensor-valued scales, folded into q
     bias: Node | None = None  # float additive bias
     keep: Node | None = None  # bool keep-mask
     fill: float | None = None  # the value masked scores are replaced by (-inf or a finite fill)
@@ -348,7 +348,7 @@ def _fold(steps, emit: Emitter) -> _Folded:
             else:
                 if st.fill is not None:
                     raise Refusal("scale_after_mask", "a tensor-valued scale after a mask (its sign is unknown)")
-                st.q_factors.append((f, step.divide))
+                st.q_factors.append((f, step.divide, step.per_row))
             if st.clamped_bias is not None and not (isinstance(f, (int, float)) and f > 0):
                 raise Refusal("clamp", f"a scale of {f} after a clamp (only positive constants keep its order)")
             op = operator.truediv if step.divide else operator.mul
@@ -574,7 +574,9 @@ def _rewrite_softmax(gm: GraphModule, node: Node, call) -> SiteReport:
             q_node, k_node, v = (_split_heads(emit, x, split) if example(x).dim() == 3 else x
                                  for x in (q_node, k_node, v))
         st = _fold(steps, emit)
-        for f, divide in st.q_factors:
+        for f, divide, per_row in st.q_factors:
+            if per_row:
+                _check_row_factor(f, q_node, split is not None or layouts is not None)
             q_node = emit.call(operator.truediv if divide else operator.mul, q_node, f)
         bias = st.bias
         if st.keep is not None:
@@ -625,6 +627,19 @@ def _rewrite_softmax(gm: GraphModule, node: Node, call) -> SiteReport:
     pv.replace_all_uses_with(new)
     _erase_dead([pv] + site.chain, gm.graph)
     return SiteReport(site_name(node), True, "·".join(site.spelling), *kernel)
+
+
+def _check_row_factor(f: Node, q: Node, relaid: bool) -> None:
+    """A scale tensor constant along the keys folds into q only where it broadcasts against q
+    as it did against the scores, without widening q: q [.., Nq, D] and the scores [.., Nq, Nk]
+    share every dim but the last, which the factor holds at size 1."""
+    if relaid:
+        raise Refusal("scale_is_scalar", "a scale tensor on scores that are viewed between 3-D and 4-D "
+                                         "or laid out by an einsum (its dims would no longer line up with q's)")
+    fq, ff = example(q), example(f)
+    if fq is None or ff is None or tuple(torch.broadcast_shapes(fq.shape, ff.shape)) != tuple(fq.shape):
+        raise Refusal("scale_is_scalar", f"a scale tensor of shape {tuple(ff.shape) if ff is not None else '?'} "
+                                         "that would widen q when folded into it")
 
 
 def _einsum_layouts(found, v_layout, steps, probs: Node, v: Node):
