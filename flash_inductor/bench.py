@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import platform
@@ -199,7 +200,7 @@ def bench_case(fn, n, d, heads, dtype, case, bias_grad, do_bench):
     q, k, v, bias = _inputs(n, d, heads, dtype, case, bias_grad)
     leaves = [t for t in (q, k, v, bias) if t is not None and t.requires_grad]
     if cap:
-        fn = (lambda run: lambda q, k, v, bias, causal, p: run(q, k, v, bias, causal, p, cap))(fn)
+        fn = functools.partial(fn, cap=cap)
     try:
         out = fn(q, k, v, bias, causal, p)
         dout = torch.randn_like(out)

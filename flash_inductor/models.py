@@ -67,17 +67,17 @@ _SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_ke
               mask_time_prob=0.0, mask_feature_prob=0.0,
               # SigLIP's text head projects to this width (it defaults to the unshrunk 768)
               projection_size=64)
+# DeepSeek-V2/V3 (MLA): q·kᵀ over 8 + 8 dims, V of 16; no KV-head sharing; 4 experts
+_MLA = dict(num_key_value_heads=4, qk_nope_head_dim=8, qk_rope_head_dim=8, head_dim=8, v_head_dim=16,
+            kv_lora_rank=32, q_lora_rank=48, n_routed_experts=4, num_experts_per_tok=2,
+            moe_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1)
 # Architectures whose 2-layer shrink needs more than _SMALL: hybrids keep one attention layer of
 # the two (their default patterns put none in the first two).
 _PER_MODEL = {
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, mamba_dt_rank=8),
     "bamba": dict(attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=32, mamba_d_state=16, mamba_chunk_size=8),
     "recurrent_gemma": dict(block_types=["recurrent", "attention"], lru_width=64),
-    # DeepSeek-V2/V3 (MLA): q·kᵀ over 8 + 8 dims, V of 16; no KV-head sharing; 4 experts
-    "deepseek_v2": (_MLA := dict(num_key_value_heads=4, qk_nope_head_dim=8, qk_rope_head_dim=8, head_dim=8,
-                                 v_head_dim=16, kv_lora_rank=32, q_lora_rank=48, n_routed_experts=4,
-                                 num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
-                                 n_group=1, topk_group=1)),
+    "deepseek_v2": _MLA,
     "deepseek_v3": _MLA,
     # Swin / Swinv2: 2 stages of 2 blocks (the second shifts its windows), 8x8 patches in windows of 4
     "swin": dict(depths=[2, 2], num_heads=[2, 4], embed_dim=32, window_size=4, patch_size=4),
