@@ -314,11 +314,13 @@ def _tanh_kernel(X, Y, N: tl.constexpr):
 @interpreted
 def test_large_head_default_tiles(interp, poisoned, monkeypatch):
     """The tiles head dims above 128 run with autotuning off (dK/dV 32 queries × 64 keys; forward
-    and dQ 64 × 32), at head dim 192 with soft-capping, a bias gradient and bottom-right causal.
-    The interpreter ignores warps: this pins the tile logic, the GPU tests the compiled kernels."""
+    128 × 64; dQ 64 × 32), at head dim 192 with soft-capping, a bias gradient and bottom-right
+    causal. The interpreter ignores warps: this pins the tile logic, the GPU tests the compiled
+    kernels."""
     wide = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=3)
+    fwd = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2)
     tall = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)
-    for kernel, cfg in ((interp._attn_bwd_dkdv, wide), (interp._attn_fwd, tall), (interp._attn_bwd_dq, tall)):
+    for kernel, cfg in ((interp._attn_bwd_dkdv, wide), (interp._attn_fwd, fwd), (interp._attn_bwd_dq, tall)):
         monkeypatch.setattr(kernel, "configs", [cfg])
         monkeypatch.setattr(kernel, "cache", {})
     gen = torch.Generator().manual_seed(192)
@@ -555,11 +557,14 @@ def test_eight_warp_candidates_only_above_head_dim_128(monkeypatch):
             wide = [c for c in kept if id(c) in ta._LARGE_HEAD_ONLY]
             assert bool(wide) == (d > 128), (kernel, d)
             assert all(c.num_warps == 8 for c in wide)
-    # With autotuning off, the dK/dV kernel at head dim 256 runs the 8-warp default.
+    # With autotuning off, the dK/dV kernel and the forward at head dim 256 run their 8-warp
+    # defaults; the forward's fits once its estimate counts q alone as resident (192 KiB).
     monkeypatch.setenv(ta.AUTOTUNE_ENV, "0")
-    (c,) = ta._prune("BLOCK_M", "BLOCK_N", "dkdv")(list(ta._DKDV_CONFIGS), dict(
-        BLOCK_D=256, BLOCK_DV=256, ELT_BYTES=2, N_BUCKET=2048, CAUSAL=1))
-    assert (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == ta._LARGE_HEAD_DEFAULTS["dkdv"]
+    for kernel, configs, streamed, resident in (("dkdv", ta._DKDV_CONFIGS, "BLOCK_M", "BLOCK_N"),
+                                                ("fwd", ta._FWD_CONFIGS, "BLOCK_N", "BLOCK_M")):
+        (c,) = ta._prune(streamed, resident, kernel)(list(configs), dict(
+            BLOCK_D=256, BLOCK_DV=256, ELT_BYTES=2, N_BUCKET=2048, CAUSAL=1))
+        assert (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == ta._LARGE_HEAD_DEFAULTS[kernel]
 
 
 @pytest.mark.skipif(INTERPRETING, reason="compiles for sm_90; the interpreter compiles nothing")

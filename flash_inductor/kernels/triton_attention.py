@@ -429,11 +429,10 @@ _SMALL_HEAD_DEFAULT = (64, 64, 4, 3)
 # warps, 32 queries streaming past 64 keys. On Gemma 2 2B's attention (B=2, H=8, N=2048, causal,
 # padding mask; H100, benchmarks/config_sweep.py, session 9) the whole backward takes 630 µs with
 # it, against 1239 with the first fitting 4-warp config and 873 with the best 4-warp one (those
-# spill their [64, 256] float32 accumulators: `_wide`). dQ keeps the first fitting config (64 × 32,
-# 4 warps, 2 stages: within 2% of its best); so does the forward (146 µs; 128 × 64 with 8 warps
-# and 2 stages took 122, but `_SMEM_BUDGET`'s estimate, which counts v beside q as resident,
-# prunes it, and a laxer estimate has not been run on a GPU).
-_LARGE_HEAD_DEFAULTS = {"dkdv": (32, 64, 8, 3)}
+# spill their [64, 256] float32 accumulators: `_wide`). The forward: 128 × 64 with 8 warps and 2
+# stages, 122 µs against 146 for the first fitting config (64 × 32, 4 warps, 2 stages), which dQ
+# keeps (within 2% of its best).
+_LARGE_HEAD_DEFAULTS = {"dkdv": (32, 64, 8, 3), "fwd": (128, 64, 8, 2)}
 
 
 def _head_dim_default(kernel: str, args: dict) -> tuple[int, int, int, int] | None:
@@ -454,12 +453,17 @@ def _prune(streamed_block: str, resident_block: str, kernel: str):
         args = {**named_args, **kwargs}
         d, dv, elt = args["BLOCK_D"], args["BLOCK_DV"], args["ELT_BYTES"]
         bucket = args["N_BUCKET"]
+        # What stays on chip per row of the resident block: the forward's q only (its output is
+        # an accumulator in registers); dQ's q and dO, dK/dV's k and v. Counting v beside the
+        # forward's q pruned its fastest head-dim-256 tile (128 × 64, 8 warps, 2 stages: 192 KiB
+        # by this count), which compiles and runs on an H100 (config_sweep.py, session 9).
+        res_width = d if kernel == "fwd" else d + dv
         kept = []
         for c in configs:
             if id(c) in _LARGE_HEAD_ONLY and max(d, dv) <= 128:
                 continue
             res, stream = c.kwargs[resident_block], c.kwargs[streamed_block]
-            smem = (res * (d + dv) + c.num_stages * stream * (d + dv)) * elt
+            smem = (res * res_width + c.num_stages * stream * (d + dv)) * elt
             if smem <= _SMEM_BUDGET and max(res, stream) <= max(bucket, 64):
                 kept.append(c)
         if not kept:
