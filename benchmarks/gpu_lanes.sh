@@ -12,6 +12,9 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# The caches every lane's gpu_session.sh uses, set here so the prebuild below fills the same one
+# (session 10: it did not, and a lane rebuilt CUTLASS while the others timed host-bound models).
+export TRITON_CACHE_DIR=$PWD/.cache/triton FLASH_INDUCTOR_CACHE_DIR=$PWD/.cache/flash_inductor
 bash benchmarks/gpu_session.sh >"$OUT/install.log" 2>&1   # installs once; no phases
 cat "$OUT/install.log"
 export LANE_CHILD=1 PYTHONPATH=${PYTHONPATH:-}

@@ -10,7 +10,7 @@ export PYTHONUNBUFFERED=1
 # the host's shared GPUs out of service.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # Compiled kernels and autotune choices survive between calls on a machine that stays warm.
-export TRITON_CACHE_DIR=$PWD/.cache/triton FLASH_INDUCTOR_CACHE_DIR=$PWD/.cache/flash_inductor
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.cache/triton} FLASH_INDUCTOR_CACHE_DIR=${FLASH_INDUCTOR_CACHE_DIR:-$PWD/.cache/flash_inductor}
 if [ -z "${LANE_CHILD:-}" ]; then  # a lane of gpu_lanes.sh finds everything installed
   if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
