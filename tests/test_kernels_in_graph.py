@@ -300,6 +300,48 @@ def test_gpu_softcapped_attention_runs_our_kernels(monkeypatch):
         assert rel_err(g, r) < 2e-2, f"{name}: {rel_err(g, r):.3g}"
 
 
+def _with_sinks(q, k, v, sinks, mask):
+    """GPT-OSS's eager attention: a learned logit per head joins the max-shifted softmax in the
+    logits' dtype, and its column is dropped."""
+    w = torch.matmul(q, k.transpose(-1, -2)) * 0.125 + mask
+    sink = sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[-2], -1)
+    logits = torch.cat([w, sink], dim=-1)
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    return torch.matmul(torch.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1], v)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])])
+def test_attention_sinks_run_fused(device, monkeypatch):
+    """GPT-OSS's sinks under backend="flash" in bf16: our kernels in Inductor's graph (the Triton
+    ones on a GPU), the lse they return scaling the output, and every gradient (the sinks'
+    included) against float64 eager; a padded batch row whose queries see no key gives 0, as
+    eager does."""
+    monkeypatch.setenv("FLASH_INDUCTOR_TRITON_AUTOTUNE", "0")
+    q, k, v = make_qkv(2, 4, None, 300, head_dim=64, dtype=torch.bfloat16, device=device, requires_grad=True)
+    sinks = (torch.randn(4, device=device) * 2).to(torch.bfloat16).requires_grad_()
+    idx = torch.arange(300, device=device)
+    visible = (idx[None, :] <= idx[:, None]).expand(2, 1, 300, 300).clone()
+    visible[1, :, :, :40] = False  # left padding: the first 40 queries of row 1 see nothing
+    mask = torch.where(visible, 0.0, torch.finfo(torch.bfloat16).min).to(torch.bfloat16)
+
+    def step(q, k, v, sinks, mask):
+        out = _with_sinks(q, k, v, sinks, mask)
+        return (out, *torch.autograd.grad(out, [q, k, v, sinks], torch.ones_like(out)))
+
+    got, code = _inductor_code(step, q, k, v, sinks, mask, backend="flash")
+    code = "\n".join(code)
+    if device == "cuda":
+        assert "_attn_fwd" in code and "_attn_bwd_dq" in code and "_attn_bwd_dkdv" in code
+    else:
+        assert "flash.fwd" in code and "flash.bwd" in code
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v, sinks)]
+    ref = step(*leaves64, mask.double())
+    for name, g, r in zip(("out", "dq", "dk", "dv", "dsinks"), got, ref):
+        assert torch.isfinite(g).all(), name
+        assert rel_err(g, r) < 2e-2, f"{name}: {rel_err(g, r):.3g}"
+    assert got[0][1, :, :40].abs().max().item() == 0.0
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])])
 @pytest.mark.parametrize("padding", ["right", "left"])
 @pytest.mark.parametrize("name", ["llama", "bert", "bloom"])

@@ -77,6 +77,9 @@ class _Site:
         self.chain: list[Node] = []  # nodes the replacement makes dead
         self.spelling: list[str] = []
         self.dropout_p = 0.0
+        # Readers of a chain node that belong to the site (the max of a max-shift): not "used
+        # elsewhere" for `_single_user`.
+        self.inner_readers: set[Node] = set()
 
 
 # x.<method>(node) that reads only node's dtype or shape, never its values.
@@ -96,8 +99,8 @@ def _value_users(node: Node) -> list[Node]:
     return [u for u in node.users if not _reads_only_metadata(u, node)]
 
 
-def _single_user(node: Node, what: str) -> None:
-    if len(_value_users(node)) != 1:
+def _single_user(node: Node, what: str, inner: set = frozenset()) -> None:
+    if len([u for u in _value_users(node) if u not in inner]) != 1:
         users = ", ".join(u.name for u in node.users)
         raise Refusal("used_once", f"the {what} ({node.name}) is used elsewhere too ({users})")
 
@@ -139,7 +142,7 @@ def _score_steps(site: _Site, start: Node):
     steps = []
     node = start
     while True:
-        _single_user(node, "score tensor")
+        _single_user(node, "score tensor", site.inner_readers)
         found = scores_family.match_scores(node)
         if found is not None:
             site.chain.append(node)
@@ -217,10 +220,19 @@ def _score_steps(site: _Site, start: Node):
         node = chain
 
 
-def _prob_path(site: _Site, softmax: Node):
+def _prob_path(site: _Site, softmax: Node, sink_column: bool = False):
     """From the softmax forward to P·V: returns (probabilities fed to P·V, the P·V node, v, the
-    einsum's layout or None)."""
+    einsum's layout or None). With `sink_column`, the softmax's first reader must drop its last
+    column (the sink's)."""
     node = softmax
+    if sink_column:
+        _single_user(node, "attention probabilities")
+        node = _value_users(node)[0]
+        if not _drops_last_column(node):
+            raise Refusal("softmax_over_keys", f"the probabilities over the keys and a sink feed {node.name}, "
+                                               "not a slice dropping the sink's column")
+        site.chain.append(node)
+        site.spelling.append("slice(keys)")
     while True:
         _single_user(node, "attention probabilities")
         user = _value_users(node)[0]
@@ -252,6 +264,77 @@ def _prob_path(site: _Site, softmax: Node):
             continue
         what = c.op if c is not None else (getattr(user.target, "__name__", None) or user.target)
         raise Refusal("probs_to_values", f"the probabilities feed {what} before the value product")
+
+
+def _max_shift(node: Node):
+    """x when `node` is x - max(x, dim=-1, keepdim=True) (or amax, or .values): a shift of every
+    row by a constant, which softmax ignores (its gradient through the max sums to 0). GPT-OSS
+    writes it to keep its bf16 logits from overflowing. Returns (x, the max's nodes) or None."""
+    c = canon(node)
+    if c is None or c.op != "sub" or c.get("alpha", 1) != 1 or not isinstance(c["b"], Node):
+        return None
+    x, m = c["a"], c["b"]
+    reduce = m
+    if m.op == "call_function" and m.target is operator.getitem and m.args[1] == 0:  # max(...).values
+        reduce = m.args[0]
+    name = reduce.target if reduce.op == "call_method" else getattr(reduce.target, "__name__", None)
+    if reduce.op not in ("call_method", "call_function") or name not in ("max", "amax"):
+        return None
+    if reduce.op == "call_function" and reduce.target not in (torch.max, torch.amax):
+        return None
+    if (name == "max") == (reduce is m) or not reduce.args or reduce.args[0] is not x:
+        return None  # torch.max(x, dim) is a (values, indices) pair read through [0]; amax is the values
+    dim = reduce.kwargs.get("dim", reduce.args[1] if len(reduce.args) > 1 else None)
+    keepdim = reduce.kwargs.get("keepdim", reduce.args[2] if len(reduce.args) > 2 else False)
+    ev = example(x)
+    if isinstance(dim, (list, tuple)) and len(dim) == 1:
+        dim = dim[0]
+    if ev is None or not isinstance(dim, int) or dim % ev.dim() != ev.dim() - 1 or keepdim is not True:
+        return None
+    if len(m.users) != 1 or len(reduce.users) != 1:
+        return None
+    return x, ([m] if m is reduce else [m, reduce])
+
+
+def _drops_last_column(node: Node) -> bool:
+    """`p[..., :-1]` (or every leading dim sliced whole): the softmax over keys and a sink, its
+    sink column dropped."""
+    if node.op != "call_function" or node.target is not operator.getitem:
+        return False
+    src, index = example(node.args[0]), node.args[1]
+    if src is None or not isinstance(index, tuple) or not index:
+        return False
+    *lead, last = index
+    whole = slice(None, None, None)
+    if lead and lead[0] is Ellipsis:
+        lead = lead[1:]
+    elif len(index) != src.dim():
+        return False
+    n = src.shape[-1]
+    return (all(x == whole for x in lead) and isinstance(last, slice) and last.start in (None, 0)
+            and last.step in (None, 1) and last.stop in (-1, n - 1))
+
+
+def _peel_sink(site: _Site, node: Node):
+    """GPT-OSS's attention sinks: softmax over cat([scores, sink], -1), the sink's column then
+    dropped. For a row with logsumexp `lse` over the keys, each key's weight is eager's softmax
+    times Z / (Z + e^sink) = sigmoid(lse - sink), and so is the output: exact, for any mask (a
+    row with no visible key is 0 in both), and differentiable through the op's lse. Returns (the
+    scores, the sink as a [.., Nq, 1] tensor)."""
+    parts = node.args[0] if node.args else node.kwargs.get("tensors")
+    if not isinstance(parts, (list, tuple)) or len(parts) != 2 or not all(isinstance(p, Node) for p in parts):
+        raise Refusal("softmax_over_keys", f"the softmax runs over {node.name}, a concatenation along the key dim "
+                                           "of other than the scores and one sink column")
+    scores, sink = parts
+    es, ek = example(scores), example(sink)
+    if (es is None or ek is None or ek.shape[-1] != 1 or es.shape[:-1] != ek.shape[:-1]
+            or not _leads_to_scores(scores) or _leads_to_scores(sink)):
+        raise Refusal("softmax_over_keys", "the softmax runs over the scores concatenated with logits other "
+                                           "than one sink column after them (its denominator holds terms the op has not)")
+    _single_user(node, "scores with the sink", site.inner_readers)
+    site.chain.append(node)
+    site.spelling.insert(0, "cat(sink)")
+    return scores, sink
 
 
 @dataclass
@@ -414,7 +497,7 @@ def _kernel_line(q, k, v, bias, causal, scale, dropout_p, softcap=0.0) -> tuple[
 
 
 def _emit_op(emit: Emitter, q, k, v, bias, causal: Causal, scale, dropout_p, out_dtype, empty_rows,
-             softcap=0.0):
+             softcap=0.0, sink=None):
     """Emit flash::fwd and the output fix-ups; return the node that replaces P·V.
 
     `empty_rows` says what eager gives on a row with no visible key, where the op gives zeros:
@@ -427,6 +510,9 @@ def _emit_op(emit: Emitter, q, k, v, bias, causal: Causal, scale, dropout_p, out
     they differ from the op's bias (a fill followed by a bias); ("bias_softmax_sdpa", None) the
     same with zeros for the -inf rows (SDPA's safe softmax). These cost a second product with V
     (`_softmax_of_bias_rows`).
+
+    `sink`, [.., Nq, 1] in the scores' layout: a logit per row that joined eager's softmax over
+    the keys (`_peel_sink`); the output is scaled by sigmoid(lse - sink).
     """
     v_in = v
     q4 = example(q)
@@ -441,6 +527,12 @@ def _emit_op(emit: Emitter, q, k, v, bias, causal: Causal, scale, dropout_p, out
     res = emit.call(torch.ops.flash.fwd.default, q, k, v, bias, None, int(causal), float(scale), float(dropout_p),
                     *extra)
     out = emit.call(operator.getitem, res, 0)
+    if sink is not None:
+        lse = emit.call_method("unsqueeze", emit.call(operator.getitem, res, 1), -1)
+        if three_d and example(sink).dim() == 3:
+            sink = emit.call_method("unsqueeze", sink, 1)
+        # float32 (lse's dtype) until the cast to the output's dtype below
+        out = emit.call(operator.mul, out, emit.call(torch.sigmoid, emit.call(operator.sub, lse, sink)))
     kind, row_mask = empty_rows
     if kind in ("nan", "bias_softmax", "bias_softmax_sdpa"):
         lse = emit.call(operator.getitem, res, 1)
@@ -540,12 +632,26 @@ def _masked_rows(emit: Emitter, bias: Node) -> Node:
     return emit.call_method("all", emit.call(operator.le, bias, MASKED_BIAS), -1, keepdim=True)
 
 
-def _rewrite_softmax(gm: GraphModule, node: Node, call) -> SiteReport:
+def _rewrite_softmax(gm: GraphModule, node: Node, call, behind_concat: bool = False) -> SiteReport:
     site = _Site()
     start = softmax_family.key_dim_input(call)
     site.spelling.append("softmax(fp32)" if call.get("dtype") is not None else "softmax")
+    shift = _max_shift(start)
+    if shift is not None:
+        _single_user(start, "shifted scores")
+        site.chain.append(start)
+        site.chain.extend(shift[1])
+        site.inner_readers.add(shift[1][-1])
+        site.spelling.insert(0, "sub(max)")
+        start = shift[0]
+    sink = None
+    if _concat_on_last_dim(start):
+        start, sink = _peel_sink(site, start)
+    elif behind_concat:
+        raise Refusal("softmax_over_keys", "the softmax runs over the scores concatenated with other logits along "
+                                           "the key dim, not as GPT-OSS's sinks (max-shifted, then one column)")
     found, steps = _score_steps(site, start)
-    probs, pv, v, v_layout = _prob_path(site, node)
+    probs, pv, v, v_layout = _prob_path(site, node, sink_column=sink is not None)
     site.spelling.append(pv_spelling(pv))
     site.chain.insert(0, node)
     k_node = found.k
@@ -609,6 +715,13 @@ def _rewrite_softmax(gm: GraphModule, node: Node, call) -> SiteReport:
             empty_rows = ("uniform", _masked_rows(emit, bias))
         else:
             empty_rows = ("zero", None)
+        if sink is not None:
+            if layouts is not None or split is not None or any(isinstance(x, MergeHeads) for x in steps):
+                raise Refusal("layout_view", "attention sinks on scores viewed between 3-D and 4-D or laid out "
+                                             "by an einsum")
+            # A row with no visible key: eager's weight goes to the sink alone, a zero output,
+            # as the op's zero row times sigmoid(-inf - sink) gives.
+            empty_rows = ("zero", None)
         if layouts is not None:  # what broadcast against the einsum's scores, now against the op's
             bias, copied = einsum_views.score_tensor(emit, bias, s_lay, sizes)
             rows, _ = einsum_views.score_tensor(emit, empty_rows[1], s_lay, sizes)
@@ -616,7 +729,7 @@ def _rewrite_softmax(gm: GraphModule, node: Node, call) -> SiteReport:
             if copied:
                 site.spelling.append("copy(bias)")
         new, kernel = _emit_op(emit, q_node, k_node, v, bias, Causal.NONE, st.scale, site.dropout_p, out_dtype,
-                               empty_rows, st.softcap)
+                               empty_rows, st.softcap, sink)
         if layouts is not None:
             new = einsum_views.result(emit, new, v_lay, sizes)
         elif example(new).dim() == 4 and example(pv).dim() == 3:
@@ -838,12 +951,8 @@ def rewrite_graph(gm: GraphModule, graph_name: str = "") -> list[SiteReport]:
             log.debug("flash-inductor: %s is not an attention softmax (no q·kᵀ upstream)", node.name)
             continue
         try:
-            if upstream == "concat":
-                # GPT-OSS: softmax over [scores, sink] per head, then the sink's column dropped.
-                # The op's softmax has no term beyond the keys, so the site stays eager.
-                raise Refusal("softmax_over_keys", "the softmax runs over the scores concatenated with other "
-                              "logits along the key dim (attention sinks): its denominator holds terms the op has not")
-            rep = _rewrite_softmax(gm, node, call) if call.op == "softmax" else _rewrite_sdpa(gm, node, call)
+            rep = (_rewrite_softmax(gm, node, call, upstream == "concat") if call.op == "softmax"
+                   else _rewrite_sdpa(gm, node, call))
         except Refusal as r:
             rep = SiteReport(site_name(node), False, guard=r.guard, reason=r.reason)
         rep.graph = graph_name
