@@ -66,7 +66,8 @@ for phase in "$@"; do
       # at N=2048 the eager op is host-bound (session 8: 20-60 TFLOP/s), so the compiled one
       bench 150 bench_dropout_d64 --lengths 2048 --head-dim 64 --cases none dropout --peers triton_compiled ${DROP_PEERS:+${DROP_PEERS//,/ }} ;;
     dropout_variants)  # the keep-mask variants of benchmarks/dropout_variants.py, one process each
-      for variant in ${DROPOUT_VARIANTS:-philox10 philox7 bytes16 hash}; do
+      dv=${DROPOUT_VARIANTS:-philox10,philox7,bytes16,hash}
+      for variant in ${dv//,/ }; do
         timeout 240 python3 benchmarks/dropout_variants.py --variant $variant --json "$OUT/dropout_$variant.json" 2>&1 | grep -v Warning | tee -a "$OUT/dropout_variants.log" | tail -4
       done ;;
     bench8k)
