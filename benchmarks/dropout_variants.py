@@ -107,7 +107,18 @@ def _keep_hash(philox_seed, philox_offset, bh, offs_q, start_k, drop_threshold,
     return (x & 0xFFFF).to(tl.int32) >= drop_threshold
 
 
-VARIANTS = {"philox10": None, "philox7": _keep_philox7, "bytes16": _keep_bytes16, "hash": _keep_hash}
+@triton.jit
+def _keep_transposed(philox_seed, philox_offset, bh, offs_q, start_k, drop_threshold,
+                     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, KEYS_FIRST: tl.constexpr):
+    """Session 8's dK/dV tile: the row-major mask, transposed (its keep bits move between threads)."""
+    keep = ta._dropout_keep_rows(philox_seed, philox_offset, bh, offs_q, start_k, drop_threshold, BLOCK_Q, BLOCK_K)
+    if KEYS_FIRST:
+        keep = tl.trans(keep)
+    return keep
+
+
+VARIANTS = {"philox10": None, "transposed": _keep_transposed, "philox7": _keep_philox7, "bytes16": _keep_bytes16,
+            "hash": _keep_hash}
 
 
 def _kernel_times(fn, steps: int = 5) -> dict:
