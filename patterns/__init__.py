@@ -13,6 +13,7 @@ in whatever spelling a model wrote it, into a normalised step, or refuses with a
 | `dropout`    | F.dropout / nn.Dropout / torch.dropout on the probabilities       |
 | `gqa`        | repeat_kv (expand + reshape) and repeat_interleave on K and V     |
 | `sdpa`       | F.scaled_dot_product_attention calls                              |
+| `mha`        | F.multi_head_attention_forward (nn.MultiheadAttention, WavLM)     |
 
 The rewrite (flash_inductor.rewrite.matcher) composes them: anchored on a softmax, it walks
 back through scale and mask steps to the score product and forward through casts and dropout to

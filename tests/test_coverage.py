@@ -19,9 +19,10 @@ from flash_inductor.models import COVERAGE
 # transposed), Mixtral (a router softmax beside attention), GPT-Neo (a finite causal fill, then
 # the mask added), MPT (a finite fill after ALiBi, which the rewrite cannot see into), DeBERTa
 # (`scores + 0` before a bool mask's fill: it crashed the compile before session 8), BEiT (images,
-# a learned relative position bias), wav2vec 2.0 (raw audio in), CLIP (a text and a vision tower).
+# a learned relative position bias), wav2vec 2.0 (raw audio in), CLIP (a text and a vision tower),
+# WavLM (F.multi_head_attention_forward, one node in Dynamo's graph: flash_inductor/rewrite/mha.py).
 BEYOND = ("gemma2", "xglm", "xlm", "squeezebert", "mixtral", "gpt_neo", "mpt", "deberta", "beit", "wav2vec2",
-          "clip")
+          "clip", "wavlm")
 
 
 @pytest.mark.parametrize("mode", MODES)

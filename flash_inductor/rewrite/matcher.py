@@ -935,9 +935,11 @@ def _is_pure(node: Node) -> bool:
 
 def rewrite_graph(gm: GraphModule, graph_name: str = "") -> list[SiteReport]:
     """Rewrite every attention site of a Dynamo graph in place; return one report per site."""
+    from .mha import rewrite_one_call_sites  # it builds on this module's _emit_op
+
     start = time.perf_counter()
     functionalize_score_updates(gm.graph)
-    reports = []
+    reports = rewrite_one_call_sites(gm, graph_name)  # nn.MultiheadAttention, WavLM: one node, no softmax
     for node in list(gm.graph.nodes):
         if node.graph is not gm.graph:  # erased by an earlier site
             continue
