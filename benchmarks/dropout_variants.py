@@ -15,6 +15,8 @@ kernel's transposed keep bits, or something else. Each variant removes or cheape
   thread holds as it holds the 8 keys of a call now.
 - hash: a multiply-xorshift hash per score instead of Philox: not a usable RNG, a ceiling for
   how fast any keep-mask can be (no grouping, so nothing moves between threads in any kernel).
+- keysfirst: the same mask; the dK/dV kernel runs the calls in the threads that hold the draws
+  on sᵀ instead of transposing the keep bits (4x the Philox rounds there, no layout conversion).
 
     python benchmarks/dropout_variants.py --variant philox7 --json out.json
 
@@ -107,18 +109,44 @@ def _keep_hash(philox_seed, philox_offset, bh, offs_q, start_k, drop_threshold,
     return (x & 0xFFFF).to(tl.int32) >= drop_threshold
 
 
+_keep_as_is = ta._dropout_keep
+
+
 @triton.jit
-def _keep_transposed(philox_seed, philox_offset, bh, offs_q, start_k, drop_threshold,
+def _keep_keys_first(philox_seed, philox_offset, bh, offs_q, start_k, drop_threshold,
                      BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, KEYS_FIRST: tl.constexpr):
-    """Session 8's dK/dV tile: the row-major mask, transposed (its keep bits move between threads)."""
-    keep = ta._dropout_keep_rows(philox_seed, philox_offset, bh, offs_q, start_k, drop_threshold, BLOCK_Q, BLOCK_K)
+    """The same mask, the dK/dV kernel's [keys, queries] tile built where its threads hold it.
+
+    On sᵀ a thread holds keys j and j + 8 of each 16-key row group, so of a call's 8 keys it
+    holds the two with its own e and w in {2h, 2h + 1}; each thread runs the call for its own
+    (a, h, c, e, query) and keeps those two draws: 4x the forward's Philox rounds per score, no
+    layout conversion (ttgir_probe: 11 -> 4 in dK/dV). Measured slower than moving the bits
+    (session 10: dK/dV 3160 against 2691 µs at N=8192)."""
     if KEYS_FIRST:
-        keep = tl.trans(keep)
+        a = start_k // 32 + tl.arange(0, BLOCK_K // 32)
+        h = tl.arange(0, 2)[None, :, None, None, None]
+        c = tl.arange(0, 4)[None, None, :, None, None]
+        e = tl.arange(0, 2)[None, None, None, :, None]
+        rows = offs_q[None, None, None, None, :]
+        groups = a[:, None, None, None, None] * 4 + c
+        zero = groups * 0 + h * 0 + e * 0 + rows * 0  # [A, H, C, E, Q]
+        r0, r1, r2, r3 = tl.philox(philox_seed, groups + zero, rows + zero, bh + zero, philox_offset + zero)
+        first = (h + zero) == 0
+        shift = (e + zero).to(tl.uint32) * 16
+        word_even = tl.where(first, r0, r2).to(tl.uint32, bitcast=True)  # word 2h
+        word_odd = tl.where(first, r1, r3).to(tl.uint32, bitcast=True)  # word 2h + 1
+        keep_even = (((word_even >> shift) & 0xFFFF).to(tl.int32) >= drop_threshold).to(tl.int8)
+        keep_odd = (((word_odd >> shift) & 0xFFFF).to(tl.int32) >= drop_threshold).to(tl.int8)
+        # [A, H, C, E, Q, w % 2] -> [A, H, w % 2, C, E, Q] -> [32a + 16h + 8(w % 2) + 2c + e, Q]
+        keep = tl.permute(tl.join(keep_even, keep_odd), (0, 1, 5, 2, 3, 4))
+        keep = tl.reshape(keep, [BLOCK_K, BLOCK_Q]) != 0
+    else:
+        keep = _keep_as_is(philox_seed, philox_offset, bh, offs_q, start_k, drop_threshold, BLOCK_Q, BLOCK_K, False)
     return keep
 
 
-VARIANTS = {"philox10": None, "transposed": _keep_transposed, "philox7": _keep_philox7, "bytes16": _keep_bytes16,
-            "hash": _keep_hash}
+VARIANTS = {"philox10": None, "philox7": _keep_philox7, "bytes16": _keep_bytes16, "hash": _keep_hash,
+            "keysfirst": _keep_keys_first}
 
 
 def _kernel_times(fn, steps: int = 5) -> dict:

@@ -570,14 +570,11 @@ def test_eight_warp_candidates_only_above_head_dim_128(monkeypatch):
 @pytest.mark.skipif(INTERPRETING, reason="compiles for sm_90; the interpreter compiles nothing")
 @pytest.mark.parametrize("kernel,config,head_dim", [
     ("fwd", (64, 64, 4, 3), 64), ("fwd", (128, 64, 8, 3), 128), ("dq", (64, 64, 4, 3), 64),
-    ("dkdv", (64, 64, 4, 3), 64), ("dkdv", (64, 128, 8, 3), 128),
 ])
 def test_dropout_moves_nothing_between_threads(kernel, config, head_dim):
     """docs/design.md §4: a Philox call's 8 draws are the 8 scores one thread holds in the tensor
     cores' accumulator, so dropout adds no layout conversion (a shared-memory round trip per
-    tile) to the forward or the dQ kernel; the dK/dV kernel, on sᵀ, runs each call in the
-    threads that hold its draws. The earlier groupings added 10 (8 adjacent keys) and 7 (the
-    row-major tile transposed for dK/dV)."""
+    tile) to the forward or the dQ kernel. The earlier grouping (8 adjacent keys) added 10."""
     import importlib.util
     import pathlib
 

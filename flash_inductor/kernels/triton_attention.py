@@ -179,30 +179,17 @@ def _dropout_keep(
     computes the calls for its own scores and nothing moves between threads; the earlier
     mapping (8 adjacent keys per call) put five shared-memory layout conversions per tile into
     the forward, and cost it as much as the Philox arithmetic (docs/design.md §4). KEYS_FIRST
-    gives the transposed tile ([keys, queries]) that the dK/dV kernel works on
-    (`_dropout_keep_keys_first`).
+    returns the transposed tile ([keys, queries]) that the dK/dV kernel works on; there the
+    keys run across threads, so its layout conversion stays.
     """
     tl.static_assert((BLOCK_K // DROP_SPAN) * DROP_SPAN == BLOCK_K)
-    if KEYS_FIRST:
-        keep = _dropout_keep_keys_first(philox_seed, philox_offset, bh, offs_q, start_k, drop_threshold,
-                                        BLOCK_Q, BLOCK_K)
-    else:
-        keep = _dropout_keep_rows(philox_seed, philox_offset, bh, offs_q, start_k, drop_threshold, BLOCK_Q, BLOCK_K)
-    return keep
-
-
-@triton.jit
-def _dropout_keep_rows(
-    philox_seed, philox_offset, bh, offs_q, start_k, drop_threshold,
-    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """`_dropout_keep`'s [queries, keys] tile: a thread computes the calls of its own scores."""
     spans = start_k // DROP_SPAN + tl.arange(0, BLOCK_K // DROP_SPAN)
     pair = tl.arange(0, 4)
     groups = spans[None, :, None] * 4 + pair[None, None, :]
     rows = offs_q[:, None, None]
     zero = groups * 0 + rows * 0
     r0, r1, r2, r3 = tl.philox(philox_seed, groups + zero, rows + zero, bh + zero, philox_offset + zero)
+    # Compared before they are arranged: whatever has to move (KEYS_FIRST) moves as bytes.
     k0 = _keep_halves(r0, drop_threshold)
     k1 = _keep_halves(r1, drop_threshold)
     k2 = _keep_halves(r2, drop_threshold)
@@ -210,39 +197,9 @@ def _dropout_keep_rows(
     # [q, a, c, e, w % 2, w // 2] -> [q, a, w // 2, w % 2, c, e] -> [q, 32a + 8w + 2c + e]
     keep = tl.join(tl.join(k0, k1), tl.join(k2, k3))
     keep = tl.reshape(tl.permute(keep, (0, 1, 5, 4, 2, 3)), [BLOCK_Q, BLOCK_K])
+    if KEYS_FIRST:
+        keep = tl.trans(keep)
     return keep != 0
-
-
-@triton.jit
-def _dropout_keep_keys_first(
-    philox_seed, philox_offset, bh, offs_q, start_k, drop_threshold,
-    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """`_dropout_keep`'s mask as a [keys, queries] tile, built where the dK/dV kernel's threads
-    hold it. On sᵀ a thread holds keys j and j + 8 of each 16-key row group (and query column
-    pairs), so of a call's 8 keys it holds the two with its own e and w in {2h, 2h + 1}. Each
-    thread runs the call for its own (a, h, c, e, query) and keeps those two draws: four times
-    the forward's Philox work per score, and no draw or keep bit moves between threads. Building
-    the row-major tile and transposing it moved the keep bits through shared memory (7 extra
-    layout conversions and 13 barriers per tile: benchmarks/ttgir_probe.py), which took more
-    time than the repeated Philox rounds (benchmarks/dropout_variants.py, RESULTS.md)."""
-    a = start_k // DROP_SPAN + tl.arange(0, BLOCK_K // DROP_SPAN)
-    h = tl.arange(0, 2)[None, :, None, None, None]
-    c = tl.arange(0, 4)[None, None, :, None, None]
-    e = tl.arange(0, 2)[None, None, None, :, None]
-    rows = offs_q[None, None, None, None, :]
-    groups = a[:, None, None, None, None] * 4 + c
-    zero = groups * 0 + h * 0 + e * 0 + rows * 0  # [A, H, C, E, Q]
-    r0, r1, r2, r3 = tl.philox(philox_seed, groups + zero, rows + zero, bh + zero, philox_offset + zero)
-    first = (h + zero) == 0
-    shift = (e + zero).to(tl.uint32) * 16
-    word_even = tl.where(first, r0, r2).to(tl.uint32, bitcast=True)  # word 2h
-    word_odd = tl.where(first, r1, r3).to(tl.uint32, bitcast=True)  # word 2h + 1
-    keep_even = (((word_even >> shift) & 0xFFFF).to(tl.int32) >= drop_threshold).to(tl.int8)
-    keep_odd = (((word_odd >> shift) & 0xFFFF).to(tl.int32) >= drop_threshold).to(tl.int8)
-    # [A, H, C, E, Q, w % 2] -> [A, H, w % 2, C, E, Q] -> [32a + 16h + 8(w % 2) + 2c + e, Q]
-    keep = tl.permute(tl.join(keep_even, keep_odd), (0, 1, 5, 2, 3, 4))
-    return tl.reshape(keep, [BLOCK_K, BLOCK_Q]) != 0
 
 
 @triton.jit
