@@ -33,6 +33,7 @@ from torch.fx import Node
 
 from flash_inductor.rewrite.fx import example
 
+from .dropout import specialised_rate
 from .steps import Refusal
 
 _SIGNATURE = inspect.signature(F.multi_head_attention_forward)
@@ -95,9 +96,9 @@ def match_mha(node: Node) -> Mha:
     separate = const("use_separate_proj_weight", (bool,))
     training = const("training", (bool,))
     # Under dynamic=True a float attribute such as the module's dropout rate reaches the graph as
-    # a symbol (an `item` node), unguarded: it matters, and must be a constant, only in training.
-    symbolic = " (dynamic=True makes the module's float attributes symbols; the op takes a constant rate)"
-    dropout_p = float(const("dropout_p", (int, float), symbolic)) if training else 0.0
+    # a symbol (an `item` node): specialised with a guard where it has a value, as for any site.
+    a["dropout_p"] = specialised_rate(a["dropout_p"])
+    dropout_p = float(const("dropout_p", (int, float))) if training else 0.0
     if a["bias_k"] is not None or a["bias_v"] is not None:
         raise Refusal("mha_extra_keys", "add_bias_kv (bias_k/bias_v) appends a learned key and value to every "
                                         "sequence; the rewrite does not model the extra key")

@@ -14,6 +14,7 @@ from torch.fx import Node
 
 from flash_inductor.rewrite.fx import Call, example, is_scalar_like
 
+from .dropout import specialised_rate
 from .steps import Refusal
 
 
@@ -36,7 +37,11 @@ def match_sdpa(call: Call) -> Sdpa:
             raise Refusal("sdpa_constant_args", f"{name}={v!r} is not a constant")
         return v
 
-    dropout_p = float(const("dropout_p", (int, float)))
+    # a rate Dynamo made symbolic (dynamic=True) is specialised with a guard (patterns/dropout.py)
+    dropout_p = specialised_rate(call.get("dropout_p"))
+    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool):
+        raise Refusal("sdpa_constant_args", f"dropout_p={dropout_p!r} is not a constant")
+    dropout_p = float(dropout_p)
     causal = const("is_causal", (bool,))
     enable_gqa = const("enable_gqa", (bool,))
     scale = call.get("scale")

@@ -239,8 +239,12 @@ def test_dynamic_shapes_training_one_graph():
         for n, p in model.named_parameters():
             if p.grad is not None:
                 assert (got[n] - p.grad).norm() <= 1e-4 * p.grad.norm() + 1e-9, n
-    assert counters["flash_inductor"]["rewritten"] == 2  # one graph, traced once
+    # One graph for the three lengths. Dynamo traces it twice on the first call (its symbolic
+    # dropout rate, 0.0 here, is specialised on the way: patterns/dropout.py), and both traces
+    # rewrite both layers; before the rate was specialised the first trace refused them.
     assert counters["stats"]["unique_graphs"] == 1
+    assert counters["flash_inductor"]["skipped"] == 0
+    assert counters["flash_inductor"]["rewritten"] in (2, 4)
 
 
 @pytest.mark.parametrize("name,impl", [("gpt2", "eager"), ("llama", "sdpa")])

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import flash_inductor  # noqa: F401  (registers torch.ops.flash)
 from flash_inductor.rewrite.matcher import rewrite_graph
+from flash_inductor.rewrite.report import recording
 
 
 def _code(gm) -> str:
@@ -1163,6 +1164,36 @@ return (where_1,)""")
         # Dropout changes the output, but keeps it unbiased: the mean over many entries agrees.
         self.assertGreater((out - no_drop).abs().max().item(), 1e-3)
         self.assertLess((out.mean() - no_drop.mean()).abs().item(), 0.05)
+
+
+    def test_dropout_rate_made_symbolic_is_specialised_with_a_guard(self):
+        """Under dynamic=True Dynamo passes a module's float attribute in as a tensor and reads it
+        with .item(): the rate reaches the rewrite as a SymFloat. It is rewritten at the rate it
+        has, and a guard makes a changed rate recompile (the keep fraction follows it)."""
+
+        class Attention(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.p = 0.1
+
+            def forward(self, q, k, v):
+                w = torch.matmul(q, k.transpose(-1, -2)) * 0.25
+                return torch.matmul(F.dropout(w.softmax(-1), p=self.p, training=True), v)
+
+        torch._dynamo.reset()
+        module = Attention()
+        q, k = (torch.randn(1, 2, 64, 16) * 0.01 for _ in range(2))
+        identity = torch.eye(64).expand(1, 2, 64, 64)  # the output is the dropped probabilities
+        compiled = torch.compile(module, backend="flash", dynamic=True)
+        with recording() as rep:
+            dropped_01 = (compiled(q, k, identity) == 0).float().mean().item()
+            module.p = 0.5
+            dropped_05 = (compiled(q, k, identity) == 0).float().mean().item()
+        self.assertTrue(rep.sites and all(site.rewritten for site in rep.sites), [s.line() for s in rep.sites])
+        self.assertIn("dropout", rep.sites[0].spelling)
+        # 8192 draws each: standard deviations 0.003 and 0.006
+        self.assertLess(abs(dropped_01 - 0.1), 0.02)
+        self.assertLess(abs(dropped_05 - 0.5), 0.03)
 
 
 class TestSdpa(RewriteCase):
