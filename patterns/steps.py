@@ -78,4 +78,18 @@ class SplitHeads:
     heads: object
 
 
-Step = Scale | Bias | Fill | Cast | Tanh | ClampMin | MergeHeads | SplitHeads
+@dataclass
+class SplitBatch:
+    """4-D [A·W, H, Nq, Nk] scores viewed as 5-D [A, W, H, Nq, Nk] to add a bias over one of the
+    two batch factors (Swin V2's per-window shift mask [W, Nq, Nk]); `outer`, `inner` are A, W."""
+
+    outer: object
+    inner: object
+
+
+@dataclass
+class MergeBatch:
+    """5-D [A, W, H, Nq, Nk] scores viewed back as 4-D [A·W, H, Nq, Nk]."""
+
+
+Step = Scale | Bias | Fill | Cast | Tanh | ClampMin | MergeHeads | SplitHeads | SplitBatch | MergeBatch

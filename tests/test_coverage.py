@@ -20,9 +20,10 @@ from flash_inductor.models import COVERAGE
 # the mask added), MPT (a finite fill after ALiBi, which the rewrite cannot see into), DeBERTa
 # (`scores + 0` before a bool mask's fill: it crashed the compile before session 8), BEiT (images,
 # a learned relative position bias), wav2vec 2.0 (raw audio in), CLIP (a text and a vision tower),
-# WavLM (F.multi_head_attention_forward, one node in Dynamo's graph: flash_inductor/rewrite/mha.py).
+# WavLM (F.multi_head_attention_forward, one node in Dynamo's graph: flash_inductor/rewrite/mha.py),
+# GPT-OSS (attention sinks), Swin V2 (a per-head logit scale; shifted windows through a 5-D view).
 BEYOND = ("gemma2", "xglm", "xlm", "squeezebert", "mixtral", "gpt_neo", "mpt", "deberta", "beit", "wav2vec2",
-          "clip", "wavlm")
+          "clip", "wavlm", "gpt_oss", "swinv2")
 
 
 @pytest.mark.parametrize("mode", MODES)

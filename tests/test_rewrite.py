@@ -1056,6 +1056,53 @@ where = torch.where(isneginf_1, nan, truediv)
 where_1 = torch.where(unsqueeze, where, getitem)
 return (where_1,)""")
 
+    def test_shifted_window_mask_through_a_5d_view(self):
+        """Swinv2's shifted windows: scores [B·W, H, N, N] viewed as [B, W, H, N, N], the window
+        mask [W, N, N] added over W (twice, as transformers does), viewed back. The op gets the
+        mask laid out in 4-D, [B·W, 1, N, N]; values and gradients, the bias's included."""
+
+        def f(q, k, v, bias, mask):
+            w = torch.matmul(q, k.transpose(-1, -2)) * 0.25 + bias.unsqueeze(0)
+            w = w.view(2, 3, 4, 7, 7) + mask.unsqueeze(1).unsqueeze(0)
+            w = w + mask.unsqueeze(1).unsqueeze(0)
+            return torch.matmul(w.view(-1, 4, 7, 7).softmax(-1), v)
+
+        g = torch.Generator().manual_seed(9)
+        q, k, v = (torch.randn(6, 4, 7, 16, generator=g) for _ in range(3))
+        mask = torch.zeros(3, 7, 7).masked_fill(torch.rand(3, 7, 7, generator=g) > 0.6, -100.0)
+        code, reps = self.run_rewritten(f, q, k, v, torch.randn(4, 7, 7, generator=g), mask)
+        self.assertEqual(reps[0].spelling, "matmul·mul(scale)·add(bias)·view(windows)·add(bias)·add(bias)·view(batch)"
+                                           "·softmax·matmul")
+        self.assertExpectedInline(code, """\
+unsqueeze = l_bias_.unsqueeze(0)
+unsqueeze_1 = l_mask_.unsqueeze(1)
+unsqueeze_2 = unsqueeze_1.unsqueeze(0)
+unsqueeze_3 = l_mask_.unsqueeze(1)
+unsqueeze_4 = unsqueeze_3.unsqueeze(0)
+reshape = unsqueeze_2.reshape(1, 3, 1, 7, 7)
+expand = reshape.expand(2, 3, 1, 7, 7)
+reshape_1 = expand.reshape(6, 1, 7, 7)
+add_3 = unsqueeze + reshape_1
+reshape_2 = unsqueeze_4.reshape(1, 3, 1, 7, 7)
+expand_1 = reshape_2.expand(2, 3, 1, 7, 7)
+reshape_3 = expand_1.reshape(6, 1, 7, 7)
+add_4 = add_3 + reshape_3
+fwd_default = torch.ops.flash.fwd.default(l_q_, l_k_, l_v_, add_4, None, 0, 0.25, 0.0)
+getitem = fwd_default[0]
+getitem_1 = fwd_default[1]
+isneginf = torch.isneginf(getitem_1)
+unsqueeze_5 = isneginf.unsqueeze(-1)
+amax = add_4.amax(-1, keepdim = True)
+eq = add_4 == amax
+to = eq.to(torch.float32)
+matmul_2 = torch.matmul(to, l_v_)
+sum_1 = to.sum(-1, keepdim = True)
+truediv = matmul_2 / sum_1
+isneginf_1 = torch.isneginf(amax)
+where = torch.where(isneginf_1, nan, truediv)
+where_1 = torch.where(unsqueeze_5, where, getitem)
+return (where_1,)""")
+
     def test_key_divided_by_zero_dim_tensor(self):
         """DeBERTa: kᵀ divided by a 0-d scale tensor before a 3-D bmm."""
 
@@ -1342,6 +1389,16 @@ class TestNearMisses(RewriteCase):
             return torch.matmul(p, v)
 
         self.assert_not_rewritten(f, *qkv(), torch.randn(2, 4, 7, 2), guard="softmax_over_keys")
+
+    def test_mask_fill_on_5d_scores_is_left_eager(self):
+        # Only biases and constant scales are laid back from the 5-D view into 4-D.
+        def f(q, k, v, masked):
+            w = torch.matmul(q, k.transpose(-1, -2)).view(2, 3, 4, 7, 7)
+            w = w.masked_fill(masked.unsqueeze(1).unsqueeze(0), float("-inf"))
+            return torch.matmul(w.view(-1, 4, 7, 7).softmax(-1), v)
+
+        q, k, v = (torch.randn(6, 4, 7, 16) for _ in range(3))
+        self.assert_not_rewritten(f, q, k, v, torch.rand(3, 7, 7) > 0.8, guard="layout_view")
 
     def test_bias_that_does_not_broadcast_to_scores(self):
         def f(q, k, v, bias):

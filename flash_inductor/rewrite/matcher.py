@@ -27,7 +27,8 @@ from ..patterns import dropout as dropout_family
 from ..patterns import einsum as einsum_family
 from ..patterns import gqa, layout, masks, scale as scale_family, scores as scores_family, sdpa as sdpa_family
 from ..patterns import softmax as softmax_family
-from ..patterns.steps import Bias, Cast, ClampMin, Fill, MergeHeads, Refusal, Scale, SplitHeads, Tanh
+from ..patterns.steps import (Bias, Cast, ClampMin, Fill, MergeBatch, MergeHeads, Refusal, Scale, SplitBatch,
+                              SplitHeads, Tanh)
 from . import einsum_views
 from .emit import Emitter
 from .fx import IN_PLACE_METHODS, canon, constant_value, example
@@ -125,7 +126,7 @@ def _leads_to_scores(node, depth: int = 12) -> bool:
         if c is None:
             return False
         if c.op in ("cast", "mul", "div", "masked_fill", "tanh", "clamp_min") or (
-            c.op == "reshape" and (layout.split_heads(c) or layout.merges_heads(c))
+            c.op == "reshape" and layout.view_step(c) is not None
         ):
             node = c["x"] if c.op in ("cast", "masked_fill", "reshape", "tanh", "clamp_min") else c["a"]
         elif c.op in ("add", "sub"):
@@ -175,15 +176,10 @@ def _score_steps(site: _Site, start: Node):
             site.spelling.insert(0, f"{c.spelling}(floor)")
             node = c["x"]
             continue
-        if layout.merges_heads(c):
-            steps.insert(0, MergeHeads())
-            site.spelling.insert(0, "view(heads)")
-            node = c["x"]
-            continue
-        split = layout.split_heads(c)
-        if split is not None:
-            steps.insert(0, split)
-            site.spelling.insert(0, "view(heads)")
+        view = layout.view_step(c)
+        if view is not None:
+            steps.insert(0, view[0])
+            site.spelling.insert(0, view[1])
             node = c["x"]
             continue
         if c.op in ("add", "sub", "where"):
@@ -366,7 +362,25 @@ def _fold(steps, emit: Emitter) -> _Folded:
     st = _Folded()
     cap = None  # after a tanh: the product of the scales applied to it so far
     split_seen = merged = False
+    windows = None  # the SplitBatch the scores are viewed through, until viewed back
     for step in steps:
+        if isinstance(step, SplitBatch):
+            if windows is not None or not all(isinstance(x, int) for x in (step.outer, step.inner)):
+                raise Refusal("layout_view", "a 5-D view of the scores nested in another, or with sizes known "
+                                             "only at run time")
+            windows = step
+            continue
+        if isinstance(step, MergeBatch):
+            if windows is None:
+                raise Refusal("layout_view", "5-D scores viewed as 4-D without a split before them")
+            windows = None
+            continue
+        if windows is not None:
+            if isinstance(step, Bias):
+                step = Bias(_batch_merged(emit, step.term, windows), step.negate)
+            elif not (isinstance(step, Cast) or (isinstance(step, Scale) and isinstance(step.factor, (int, float)))):
+                raise Refusal("layout_view", "a mask, clamp, cap or tensor scale on scores viewed as 5-D "
+                                             "(only biases and constant scales are laid back into 4-D)")
         if isinstance(step, SplitHeads):
             split_seen = True
         if isinstance(step, MergeHeads):
@@ -453,11 +467,28 @@ def _fold(steps, emit: Emitter) -> _Folded:
             k = emit.call(torch.logical_not, mask) if step.masked_when else mask
             st.keep = k if st.keep is None else emit.call(operator.and_, st.keep, k)
             st.fill = step.value
+    if windows is not None:
+        raise Refusal("layout_view", "the softmax runs on scores viewed as 5-D")
     if cap is not None:
         st.scale, st.softcap = st.scale * cap, cap
     if st.softcap and not (st.softcap > 0 and math.isfinite(st.softcap)):
         raise Refusal("softcap", f"the scale after the tanh is {st.softcap:g}; a soft-cap must be positive")
     return st
+
+
+def _batch_merged(emit: Emitter, term, windows: SplitBatch):
+    """A bias added to 5-D [A, W, H, Nq, Nk] scores, as the 4-D [A·W, .., .., ..] term the op
+    adds: its two batch dims broadcast to (A, W) and merged (a copy of A·W slices where they
+    were broadcast, as small as eager's sum is large); dims it broadcasts after them stay so."""
+    ev = example(term)
+    if ev is None:  # a number
+        return term
+    shape = [1] * (5 - ev.dim()) + list(ev.shape)
+    if shape[0] == 1 and shape[1] == 1:
+        return emit.call_method("reshape", term, 1, *shape[2:])
+    full = emit.call_method("expand", emit.call_method("reshape", term, *shape), windows.outer, windows.inner,
+                            *shape[2:])
+    return emit.call_method("reshape", full, windows.outer * windows.inner, *shape[2:])
 
 
 def _unexpanded(mask: Node) -> Node:
@@ -762,8 +793,9 @@ def _einsum_layouts(found, v_layout, steps, probs: Node, v: Node):
     s_lay, v_lay = found.layout, v_layout
     if all(x is None or x.trivial for x in (s_lay, v_lay)):
         return None
-    if any(isinstance(s, (SplitHeads, MergeHeads)) for s in steps):
-        raise Refusal("layout_view", "an einsum in its own dim order, with the scores viewed between 3-D and 4-D")
+    if any(isinstance(s, (SplitHeads, MergeHeads, SplitBatch, MergeBatch)) for s in steps):
+        raise Refusal("layout_view", "an einsum in its own dim order, with the scores viewed between 3-D and 4-D "
+                                     "or 4-D and 5-D")
     n = example(probs).dim() - 2
     for lay, what in ((s_lay, "scores"), (v_lay, "values")):
         if lay is None and n > 2:
