@@ -360,3 +360,35 @@ class TestLeftEager(RewriteCase):
         layer = torch.nn.TransformerEncoderLayer(E, H, 32, batch_first=True).eval()
         with torch.no_grad():
             self.assert_not_rewritten(layer, torch.randn(B, L, E), guard="fused_native_call")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_gpu_module_runs_our_kernels(batch_first, monkeypatch):
+    """nn.MultiheadAttention in bf16 on a GPU under backend="flash": the Triton kernels in
+    Inductor's code, a padded batch's output and every parameter's and the input's gradient
+    against float64 eager (no dropout: the same function in both)."""
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setenv("FLASH_INDUCTOR_TRITON_AUTOTUNE", "0")
+    e, h, n = 256, 4, 300
+    module = torch.nn.MultiheadAttention(e, h, batch_first=batch_first, device="cuda", dtype=torch.bfloat16).train()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn((2, n, e) if batch_first else (n, 2, e), device="cuda", dtype=torch.bfloat16, generator=gen)
+    padding = torch.zeros(2, n, dtype=torch.bool, device="cuda")
+    padding[1, 200:] = True
+
+    def step(module, x):
+        x = x.detach().requires_grad_()
+        out = module(x, x, x, key_padding_mask=padding, need_weights=False)[0]
+        return (out, *torch.autograd.grad(out, [x, *module.parameters()], torch.ones_like(out)))
+
+    torch._dynamo.reset()
+    got, code = run_and_get_code(torch.compile(step, backend="flash"), module, x)
+    code = "\n".join(code)
+    assert "_attn_fwd" in code and "_attn_bwd_dq" in code and "_attn_bwd_dkdv" in code
+    ref = step(copy.deepcopy(module).double(), x.double())
+    for i, (g, r) in enumerate(zip(got, ref)):
+        assert torch.isfinite(g).all(), i
+        assert rel_err(g, r) < 2e-2, f"{i}: {rel_err(g, r):.3g}"
