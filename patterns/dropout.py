@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from flash_inductor.rewrite.fx import Call
 
@@ -26,18 +27,21 @@ def specialised_rate(p):
         return p
     try:
         return float(ev)
-    except Exception:  # an unbacked symbol: no value at compile time, no guard to record
+    except GuardOnDataDependentSymNode:  # an unbacked symbol: no value at compile time, no guard
         return p
 
 
 def live_rate(call: Call) -> float:
     """The dropout probability the op must apply (0.0 when this dropout is inactive)."""
-    p, training = specialised_rate(call.get("p")), call.get("training")
+    training = call.get("training")
     if not isinstance(training, bool):
         raise Refusal("dropout_constant", f"dropout training flag {training!r} is not a constant")
+    if not training:  # the identity, whatever the rate: nothing to specialise
+        return 0.0
+    p = specialised_rate(call.get("p"))
     if not isinstance(p, (int, float)) or isinstance(p, bool):
         raise Refusal("dropout_constant", f"dropout rate {p!r} is not a constant")
-    if not training or p == 0:
+    if p == 0:
         return 0.0
     if not 0.0 < p < 1.0:
         raise Refusal("dropout_constant", f"dropout rate {p} is outside (0, 1)")

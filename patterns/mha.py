@@ -97,7 +97,8 @@ def match_mha(node: Node) -> Mha:
     training = const("training", (bool,))
     # Under dynamic=True a float attribute such as the module's dropout rate reaches the graph as
     # a symbol (an `item` node): specialised with a guard where it has a value, as for any site.
-    a["dropout_p"] = specialised_rate(a["dropout_p"])
+    if training:
+        a["dropout_p"] = specialised_rate(a["dropout_p"])
     dropout_p = float(const("dropout_p", (int, float))) if training else 0.0
     if a["bias_k"] is not None or a["bias_v"] is not None:
         raise Refusal("mha_extra_keys", "add_bias_kv (bias_k/bias_v) appends a learned key and value to every "

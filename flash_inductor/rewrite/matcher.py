@@ -484,6 +484,8 @@ def _batch_merged(emit: Emitter, term, windows: SplitBatch):
     if ev is None:  # a number
         return term
     shape = [1] * (5 - ev.dim()) + list(ev.shape)
+    if not all(isinstance(x, int) for x in shape):
+        raise Refusal("layout_view", "a bias on scores viewed as 5-D with sizes known only at run time")
     if shape[0] == 1 and shape[1] == 1:
         return emit.call_method("reshape", term, 1, *shape[2:])
     full = emit.call_method("expand", emit.call_method("reshape", term, *shape), windows.outer, windows.inner,
