@@ -83,6 +83,45 @@ _PER_MODEL = {
     "swin": dict(depths=[2, 2], num_heads=[2, 4], embed_dim=32, window_size=4, patch_size=4),
     "swinv2": dict(depths=[2, 2], num_heads=[2, 4], embed_dim=32, window_size=4, patch_size=4),
     "funnel": dict(block_sizes=[1, 1], block_repeats=[1, 1], architectures=["FunnelModel"]),
+    # MiniCPM3: MLA without experts (its config ties head_dim to the rope dims)
+    "minicpm3": _MLA,
+    # Hybrids keeping one attention layer of the two: Qwen3-Next (gated DeltaNet + gated attention,
+    # 4 experts), GraniteMoE-Hybrid (Mamba 2 + attention)
+    "qwen3_next": dict(layer_types=["linear_attention", "full_attention"], linear_key_head_dim=16,
+                       linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                       num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=32),
+    "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"], mamba_n_heads=4, mamba_d_head=32,
+                             mamba_d_state=16, mamba_chunk_size=8),
+    # CANINE reads Unicode code points (its config has no vocabulary): ids drawn below 128
+    "canine": dict(vocab_size=128),
+    # Per-stage lists: PVT (2 stages, spatial reduction 2 then 1), LeViT (2 stages, one subsampling
+    # between them, 4x4 then 2x2 tokens), Hiera (2 stages, one query pooling)
+    "pvt": dict(num_encoder_blocks=2, depths=[1, 1], hidden_sizes=[32, 64], patch_sizes=[4, 2], strides=[4, 2],
+                num_attention_heads=[1, 2], sequence_reduction_ratios=[2, 1], mlp_ratios=[2, 2]),
+    "levit": dict(image_size=64, patch_size=16, hidden_sizes=[32, 64], num_attention_heads=[2, 4], depths=[1, 1],
+                  key_dim=[8, 8], attention_ratio=[2, 2], mlp_ratio=[2, 2], down_ops=[["Subsample", 8, 2, 4, 2, 2]]),
+    "hiera": dict(image_size=[64, 64], patch_size=[7, 7], embed_dim=16, hidden_size=32, depths=[1, 1], num_heads=[1, 2],
+                  num_query_pool=1, masked_unit_attention=[True, False]),
+    # Audio Spectrogram Transformer: 64 frames of 16 mel bins, 5 patches of 16x16 (stride 10)
+    "audio-spectrogram-transformer": dict(max_length=64),
+    # Encoder depths under other names
+    "moonshine": dict(encoder_num_hidden_layers=2),
+    "prophetnet": dict(num_encoder_layers=2),
+    # Gemma 3n (text): per-layer lists for 2 layers (one sliding, one full), no KV sharing, small
+    # per-layer inputs and LAuReL rank
+    "gemma3n_text": dict(layer_types=["sliding_attention", "full_attention"], intermediate_size=[96, 96],
+                         activation_sparsity_pattern=[0.0, 0.0], num_kv_shared_layers=0,
+                         hidden_size_per_layer_input=16, vocab_size_per_layer_input=128, laurel_rank=8),
+    # LayoutLMv3: 4 box coordinates and 2 sizes concatenated make the hidden width (4 * 12 + 2 * 8 = 64)
+    "layoutlmv3": dict(coordinate_size=12, shape_size=8),
+    # X-MOD: its language adapters need a language when the inputs name none
+    "xmod": dict(default_language="en_XX"),
+    # PEGASUS-X: local blocks of 4 (7 tokens padded to 2 staggered blocks) and 2 global tokens
+    "pegasus_x": dict(block_size=4, num_global_tokens=2),
+    # Video: 2 frames (VideoMAE: one tubelet of 2; TimeSformer: divided space-time attention)
+    "videomae": dict(num_frames=2),
+    "timesformer": dict(num_frames=2),
 }
 # Config attributes that hold a dropout probability, across these architectures.
 _DROPOUT_ATTRS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "resid_pdrop", "embd_pdrop",
@@ -157,12 +196,15 @@ def build(
 def build_any(model_type: str, *, attn_implementation: str = "eager", dropout: float | None = 0.0,
               batch: int = 2, seq_len: int = 7, seed: int = 0) -> Built:
     """Any transformers architecture, shrunk to 2 small layers, with inputs of its modality."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig, AutoModel, PretrainedConfig
 
     cfg = AutoConfig.for_model(model_type)
     # A text + vision pair (CLIP, SigLIP) is shrunk and fed tower by tower.
     text_cfg, vision_cfg = getattr(cfg, "text_config", None), getattr(cfg, "vision_config", None)
-    for c in (cfg, text_cfg, vision_cfg):
+    # T5Gemma: an encoder and a decoder config, shrunk alike
+    halves = [c for c in (getattr(cfg, "encoder", None), getattr(cfg, "decoder", None))
+              if isinstance(c, PretrainedConfig)]
+    for c in (cfg, text_cfg, vision_cfg, *halves):
         if c is None:
             continue
         for key, value in _SMALL.items():
@@ -176,6 +218,8 @@ def build_any(model_type: str, *, attn_implementation: str = "eager", dropout: f
         _set_dropout(c, dropout)
     for key, value in _PER_MODEL.get(model_type, {}).items():
         setattr(cfg, key, value)
+    if halves and hasattr(halves[-1], "cross_attention_hidden_size"):  # T5Gemma's decoder reads the encoder's width
+        halves[-1].cross_attention_hidden_size = halves[0].hidden_size
     cfg._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     model = AutoModel.from_config(cfg, attn_implementation=attn_implementation)
@@ -194,10 +238,17 @@ def build_any(model_type: str, *, attn_implementation: str = "eager", dropout: f
                   "decoder_input_ids": torch.randint(3, cfg.vocab_size, (batch, seq_len), generator=gen)}
     elif modality == "pixel_values":  # ViT, DeiT, BEiT, DINOv2, ...
         channels = getattr(cfg, "num_channels", 3)
-        inputs = {"pixel_values": torch.randn(batch, channels, cfg.image_size, cfg.image_size, generator=gen)}
+        # Hiera gives [H, W]; video models add frames: [B, T, C, H, W]
+        size = cfg.image_size if isinstance(cfg.image_size, (list, tuple)) else (cfg.image_size,) * 2
+        frames = (cfg.num_frames,) if hasattr(cfg, "num_frames") else ()
+        inputs = {"pixel_values": torch.randn(batch, *frames, channels, *size, generator=gen)}
+    elif model_type == "audio-spectrogram-transformer":  # a spectrogram [B, frames, mel bins]
+        inputs = {"input_values": torch.randn(batch, cfg.max_length, cfg.num_mel_bins, generator=gen)}
     elif modality == "input_values":  # wav2vec 2.0, HuBERT, ...: raw audio, about seq_len frames of it
         hop = math.prod(getattr(cfg, "conv_stride", (320,)))
         inputs = {"input_values": torch.randn(batch, hop * (seq_len + 1), generator=gen)}
+        if cfg.is_encoder_decoder:  # Moonshine: a decoder reading token ids
+            inputs["decoder_input_ids"] = torch.randint(3, cfg.vocab_size, (batch, seq_len), generator=gen)
     else:
         inputs = _padded_text_inputs(cfg, batch, seq_len, gen)
     return Built(model_type, model, inputs, num_attention_layers=-1)
