@@ -1103,6 +1103,19 @@ where = torch.where(isneginf_1, nan, truediv)
 where_1 = torch.where(unsqueeze_5, where, getitem)
 return (where_1,)""")
 
+    def test_view_of_the_scores_read_for_its_shape(self):
+        """ProphetNet reads a view of its scores only for `.shape`; Dynamo keeps the dead view,
+        which must not count as a second reader of the scores."""
+
+        def f(q, k, v):
+            w = torch.matmul(q, k.transpose(-1, -2)) * 0.25
+            heads = w.view(w.shape[0], -1, w.shape[-2], w.shape[-1]).shape[1]
+            return torch.matmul(w.softmax(-1), v) * (heads // 4)
+
+        code, reps = self.run_rewritten(f, *qkv())
+        self.assertTrue(reps[0].rewritten, reps[0].line())
+        self.assertNotIn("view", code)
+
     def test_key_divided_by_zero_dim_tensor(self):
         """DeBERTa: kᵀ divided by a 0-d scale tensor before a 3-D bmm."""
 

@@ -96,8 +96,14 @@ def _reads_only_metadata(user: Node, node: Node) -> bool:
 
 
 def _value_users(node: Node) -> list[Node]:
-    """Users that read the node's values (not those that read only its dtype or shape)."""
-    return [u for u in node.users if not _reads_only_metadata(u, node)]
+    """Users that read the node's values (not those that read only its dtype or shape, nor dead
+    views: ProphetNet's `attn_weights.view(...)`, read only for its `.shape`, which Dynamo leaves
+    in the graph with no user)."""
+    return [u for u in node.users if not _reads_only_metadata(u, node) and not _dead_and_pure(u)]
+
+
+def _dead_and_pure(node: Node) -> bool:
+    return not node.users and node.op == "call_method" and _is_pure(node)
 
 
 def _single_user(node: Node, what: str, inner: set = frozenset()) -> None:
@@ -944,6 +950,8 @@ def _erase_dead(nodes, graph: Graph) -> None:
     erased = set()
     while pending:
         n = pending.pop(0)
+        for dead in [u for u in n.users if _dead_and_pure(u)]:  # `_value_users` did not count them
+            graph.erase_node(dead)
         if n in erased or n.users:
             continue
         inputs = list(n.all_input_nodes)
