@@ -107,6 +107,33 @@ for phase in "$@"; do
       timeout 100 python3 benchmarks/profile_model.py --model bert --seq 512 --batch 8 --backend inductor 2>&1 | grep -v Warning | tee -a "$OUT/profile_bert.log" | grep forward ;;
     profile_t5)
       for be in flash inductor; do FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout 200 python3 benchmarks/profile_model.py --model t5-base --seq 512 --batch 8 --backend $be --rows 30 2>&1 | grep -v Warning | tee -a "$OUT/profile_t5.log" | grep -E "forward|opaque" | sort | uniq -c | head; done ;;
+    kernel_counts)  # a training step's kernels and launches, flash beside inductor (env PROFILE_MODEL,
+      # PROFILE_SEQ, PROFILE_BATCH; default GPT-2 medium as e2e_models.py runs it): diff the two lists
+      for be in flash inductor; do
+        FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout ${PROFILE_TIMEOUT:-120} python3 benchmarks/profile_model.py --train \
+          --model ${PROFILE_MODEL:-gpt2-medium} --seq ${PROFILE_SEQ:-1024} --batch ${PROFILE_BATCH:-4} --backend $be --rows 40 \
+          >"$OUT/kernels_${PROFILE_MODEL:-gpt2-medium}_$be.log" 2>&1
+        grep -E " train [0-9.]+ ms" "$OUT/kernels_${PROFILE_MODEL:-gpt2-medium}_$be.log"
+      done ;;
+    compile_time)  # the first calls from cold caches, one backend a process (env COMPILE_MODEL, COMPILE_SEQ, COMPILE_BATCH)
+      # (COMPILE_BACKENDS: flash, flash-nocache (torch's kernel analysis not memoised), inductor)
+      for be in ${COMPILE_BACKENDS:-flash inductor}; do
+        FLASH_INDUCTOR_KERNEL_ANALYSIS_CACHE=$([ $be = flash-nocache ] && echo 0 || echo 1) timeout ${COMPILE_TIMEOUT:-240} \
+          python3 benchmarks/compile_time.py --model ${COMPILE_MODEL:-gpt2-medium} --seq ${COMPILE_SEQ:-1024} \
+          --batch ${COMPILE_BATCH:-4} --backend ${be%-nocache} >"$OUT/compile_time_$be.log" 2>&1
+        grep -E "first .* call|kernel analyses|triton.compile in" "$OUT/compile_time_$be.log"
+      done ;;
+    ab_patch)  # A/B of a kernel change: env AB_BENCH (cli bench arguments) timed, then the patch in
+      # $AB_PATCH applied, env AB_TESTS (pytest arguments) run and the bench timed again; reverted after
+      read -r -a ab_args <<<"${AB_BENCH:---lengths 2048 4096 --cases causal bias+causal --peers triton_compiled}"
+      FLASH_INDUCTOR_TRITON_AUTOTUNE=0 bench 200 ab_before "${ab_args[@]}" | tail -12
+      patch -p1 <"$AB_PATCH" && {
+        FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout 240 python3 -m pytest -q -m gpu ${AB_TESTS:-tests/test_triton_kernels.py -k causal} 2>&1 | tee "$OUT/ab_tests.log" | tail -5
+        FLASH_INDUCTOR_TRITON_AUTOTUNE=0 bench 200 ab_after "${ab_args[@]}" | tail -12
+        patch -R -p1 <"$AB_PATCH"
+      } ;;
+    gpu_tests)  # env GPU_TESTS: pytest arguments (the marked GPU tests of chosen modules)
+      FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout ${GPU_TESTS_TIMEOUT:-300} python3 -m pytest -q -m gpu $GPU_TESTS 2>&1 | tee -a "$OUT/gpu_tests_chosen.log" | tail -8 ;;
     host_profile)  # cProfile of compiled steps, flash beside inductor (env HOST_MODELS, default bert;
       # HOST_MODES: forward and/or train); the output code goes to the log too
       for m in ${HOST_MODELS:-bert}; do

@@ -58,7 +58,7 @@ def main():
     ap.add_argument("--impl", default="sdpa")
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--host", action="store_true", help="cProfile of the host instead of torch.profiler")
-    ap.add_argument("--train", action="store_true", help="(--host) a training step instead of a forward")
+    ap.add_argument("--train", action="store_true", help="a training step (forward, backward of a scalar loss) instead of a no_grad forward")
     ap.add_argument("--steps", type=int, default=20, help="(--host) steps profiled")
     args = ap.parse_args()
 
@@ -70,29 +70,34 @@ def main():
     model = built.model.train(args.train)
     torch._dynamo.reset()
     fn = torch.compile(model, backend=args.backend)
-    if args.host:
-        def step():
-            if args.train:
-                main_output(fn(**built.inputs)).float().pow(2).mean().backward()
-            else:
-                with torch.no_grad():
-                    main_output(fn(**built.inputs))
-
-        return _host_profile(step, args.steps, args.rows,
-                             f"{args.model} {args.backend} {'train' if args.train else 'forward'}")
-    with torch.no_grad():
-        for _ in range(3):
-            main_output(fn(**built.inputs))
-        torch.cuda.synchronize()
-        ms = _median_ms(lambda: main_output(fn(**built.inputs)), 20, torch.device("cuda"))
-        print(f"{args.model} {args.backend} (mask tiles {'off' if os.environ.get('FLASH_INDUCTOR_MASK_TILES') == '0' else 'on'}): forward {ms:.2f} ms")
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
+    def step():
+        if args.train:
+            main_output(fn(**built.inputs)).float().pow(2).mean().backward()
+        else:
+            with torch.no_grad():
                 main_output(fn(**built.inputs))
-            torch.cuda.synchronize()
+
+    mode = "train" if args.train else "forward"
+    if args.host:
+        return _host_profile(step, args.steps, args.rows, f"{args.model} {args.backend} {mode}")
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    ms = _median_ms(step, 20, torch.device("cuda"))
+    print(f"{args.model} {args.backend} (mask tiles {'off' if os.environ.get('FLASH_INDUCTOR_MASK_TILES') == '0' else 'on'}): {mode} {ms:.2f} ms")
+    steps = 5
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=70))
-
+    # Every device kernel and copy with its launches per step: two backends' lists, diffed, name
+    # the launches one adds (e2e_models.py counts them but cannot say which).
+    print(f"launches per step ({mode}):")
+    for ev in sorted(prof.key_averages(), key=lambda e: e.key):
+        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.count:
+            print(f"  {ev.count / steps:7.1f}  {ev.device_time_total / steps:9.1f} us  {ev.key[:110]}")
 
 if __name__ == "__main__":
     main()

@@ -97,10 +97,12 @@ def _ours_compiled(kernel):
             flash_inductor.config.kernel = kernel
         try:
             if key not in compiled:
+                # max-autotune: Triton's kernels tune their configs, as the eager op's do
+                # (kernels_in_graph.py tunes in a graph only under max_autotune).
                 compiled[key] = torch.compile(
                     lambda q, k, v, bias: flash_inductor.attention(q, k, v, bias, causal=causal, dropout_p=p,
                                                                    softcap=cap or None),
-                    dynamic=False,
+                    dynamic=False, mode="max-autotune-no-cudagraphs",
                 )
             return compiled[key](q, k, v, bias)
         finally:

@@ -31,7 +31,7 @@ import os
 
 import torch
 
-from . import dispatch
+from . import dispatch, kernel_analysis_cache
 from .inputs import AttentionInputs
 
 log = logging.getLogger("flash_inductor")
@@ -133,7 +133,12 @@ def _rule(op_name, in_graph, inputs_of, phase):
         if why_not is not None:
             log.debug("%s stays one opaque op in the graph: %s", op_name, why_not)
             return mode.__torch_dispatch__(func, types, args, {})
-        with mode:
+        kernel_analysis_cache.install()  # torch analyses every launch of ours at every stage
+        from torch._inductor import config as inductor_config
+
+        from .kernels import triton_attention
+
+        with triton_attention.tuning_in_graph(bool(inductor_config.max_autotune)), mode:
             return in_graph(*args)
 
     return rule

@@ -542,6 +542,32 @@ def test_default_config_follows_the_head_dim(monkeypatch):
 
 
 @pytest.mark.skipif(INTERPRETING, reason="the interpreter runs one config per kernel")
+def test_tuning_in_a_graph_follows_max_autotune(monkeypatch):
+    """Unset, the environment leaves eager launches tuning and launches traced into an Inductor
+    graph tuning only under max_autotune; set, it decides everywhere."""
+    from flash_inductor.kernels import triton_attention as ta
+
+    args = dict(BLOCK_D=64, BLOCK_DV=64, ELT_BYTES=2, N_BUCKET=512, CAUSAL=0)
+
+    def kept():
+        return len(ta._prune("BLOCK_N", "BLOCK_M", "fwd")(list(ta._FWD_CONFIGS), args))
+
+    monkeypatch.delenv(ta.AUTOTUNE_ENV, raising=False)
+    assert ta.autotuning() and kept() > 1
+    with ta.tuning_in_graph(False):
+        assert not ta.autotuning() and kept() == 1
+        with ta.tuning_in_graph(True):
+            assert ta.autotuning() and kept() > 1
+        assert not ta.autotuning()
+    assert ta.autotuning()
+    for setting, expected in (("1", True), ("0", False)):
+        monkeypatch.setenv(ta.AUTOTUNE_ENV, setting)
+        for in_graph in (False, True):
+            with ta.tuning_in_graph(in_graph):
+                assert ta.autotuning() is expected
+
+
+@pytest.mark.skipif(INTERPRETING, reason="the interpreter runs one config per kernel")
 def test_eight_warp_candidates_only_above_head_dim_128(monkeypatch):
     """Head dims above 128 also try 8-warp tiles (their 4-warp candidates spill registers), and
     their dK/dV default is one; the D <= 128 candidate lists are what they were."""

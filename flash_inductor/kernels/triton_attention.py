@@ -29,6 +29,8 @@ one head of q/k/v must span < 2**31 elements; sequence lengths must be < 2**31.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
 import os
 
@@ -406,9 +408,36 @@ _LARGE_HEAD_ONLY = set() if _interpreting() else (
     | _add_wide(_DQ_CONFIGS, [(64, 32), (32, 32), (32, 64), (128, 32)])
 )
 
-# FLASH_INDUCTOR_TRITON_AUTOTUNE=0 runs the first config that fits instead of benchmarking
-# them all (each is a compile of a few seconds): for quick starts and the GPU tests.
+# Whether a launch benchmarks its candidate configs or runs the first that fits (the default for
+# its arguments: `_head_dim_default`). FLASH_INDUCTOR_TRITON_AUTOTUNE=1 or 0 decides wherever it
+# is set. Unset, the eager op tunes (once per argument bucket, the choice cached across processes
+# where Triton offers `cache_results`), and kernels compiled into an Inductor graph
+# (kernels_in_graph.py) tune only under Inductor's `max_autotune`, i.e. torch.compile(...,
+# mode="max-autotune"), as Inductor's own templates do. Tuning there compiles and times every
+# candidate of every kernel variant a model launches: a cold compile of BERT-base's training
+# step with backend="flash" ran past 150 s where backend="inductor" took 79 s (H100 host,
+# benchmarks/compile_time.py, session 11).
 AUTOTUNE_ENV = "FLASH_INDUCTOR_TRITON_AUTOTUNE"
+_tuning_in_graph: contextvars.ContextVar[bool | None] = contextvars.ContextVar("tuning_in_graph", default=None)
+
+
+def autotuning() -> bool:
+    setting = os.environ.get(AUTOTUNE_ENV, "").strip()
+    if setting:
+        return setting != "0"
+    in_graph = _tuning_in_graph.get()
+    return True if in_graph is None else in_graph
+
+
+@contextlib.contextmanager
+def tuning_in_graph(enabled: bool):
+    """Launches traced inside this context (into an Inductor graph) tune iff `enabled`, unless
+    the environment decides."""
+    token = _tuning_in_graph.set(enabled)
+    try:
+        yield
+    finally:
+        _tuning_in_graph.reset(token)
 
 # Shared memory per SM on H100 is 228 KiB; configs whose tiles clearly cannot fit are dropped
 # before compiling (the autotuner would skip them anyway, after paying for the compile).
@@ -471,7 +500,7 @@ def _prune(streamed_block: str, resident_block: str, kernel: str):
             kept = [triton.Config(dict(smallest.kwargs), num_warps=4, num_stages=1)]
         preferred = _head_dim_default(kernel, args)
         kept.sort(key=lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) != preferred)
-        if os.environ.get(AUTOTUNE_ENV, "1") == "0":
+        if not autotuning():
             kept = kept[:1]
         return kept
 
