@@ -270,6 +270,44 @@ return (where,)""")
         self.assertEqual(len(reps), 1)  # the attention site only; the router is not reported
         self.assertTrue(reps[0].rewritten)
 
+    def test_router_weights_mixed_into_the_next_layer_are_not_a_site(self):
+        """A router's weights scale the expert output elementwise, which then feeds the next
+        layer's q·kᵀ: that product is not P·V (only layout, casts and dropout carry P there)."""
+
+        def f(x, w_router, w_q):
+            gates = F.softmax(F.linear(x, w_router), dim=-1)
+            h = x * gates.amax(-1, keepdim=True)
+            q = F.linear(h, w_q)
+            return torch.matmul(q, q.transpose(-1, -2))
+
+        torch._dynamo.reset()
+        seen = {}
+
+        def capture(gm, example_inputs):
+            seen["reports"] = rewrite_graph(gm)
+            return gm.forward
+
+        x = torch.randn(2, 5, 8)
+        torch.compile(f, backend=capture, fullgraph=True)(x, torch.randn(4, 8), torch.randn(8, 8))
+        self.assertEqual(seen["reports"], [])
+
+    def test_banded_scores_are_reported_not_silent(self):
+        """Longformer: sliding-window scores gathered into [B, H, N, 2w + 1] (no [N, N] product
+        upstream of the softmax), probabilities laid out again and multiplied with windows of
+        the values. The op cannot take it; the site is counted and refused by name."""
+        w = 2
+
+        def f(q, k, v):
+            n = q.shape[-2]
+            kp = F.pad(k, (0, 0, w, w))  # keys j - w .. j + w for each query j
+            windows = kp.unfold(-2, 2 * w + 1, 1)  # [B, H, N, D, 2w + 1]
+            scores = (q.unsqueeze(-2) @ windows).squeeze(-2) * 0.25  # [B, H, N, 2w + 1]
+            probs = F.dropout(F.softmax(scores, dim=-1), p=0.1, training=False)
+            vwin = F.pad(v, (0, 0, w, w)).unfold(-2, 2 * w + 1, 1)  # [B, H, N, D, 2w + 1]
+            return torch.einsum("bhnw,bhndw->bhnd", probs.contiguous(), vwin)
+
+        self.assert_not_rewritten(f, *qkv(nq=9), guard="scores_not_a_product")
+
     def test_xglm_views_and_clamp_at_finfo_min(self):
         """XGLM: bmm in 3-D, a 4-D view to add the mask, `torch.max(s, finfo.min)`, a view back
         to 3-D before the softmax, and a 4-D/3-D round trip on the probabilities."""

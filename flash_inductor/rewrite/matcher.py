@@ -943,6 +943,56 @@ def _scores_upstream(node, depth: int = 24) -> str | None:
     return found
 
 
+# What probabilities pass through on their way to P·V without being mixed with anything else:
+# layout (views, pads, strided windows, slices), casts, dropout, and a constant fill.
+_PROBS_CARRIERS_FN = {
+    torch.nn.functional.pad, torch._C._nn.pad, torch.nn.functional.dropout, torch.as_strided, operator.getitem, torch.narrow,
+    torch.masked_fill, torch.transpose, torch.reshape, torch.flatten, torch.unsqueeze, torch.squeeze, torch.permute,
+}
+_PROBS_CARRIERS_METHOD = {
+    "view", "reshape", "transpose", "permute", "contiguous", "as_strided", "unsqueeze", "squeeze", "flatten",
+    "unflatten", "to", "type", "type_as", "float", "half", "bfloat16", "narrow", "masked_fill", "clone", "expand",
+}
+
+
+def _carries_probs(node: Node, gm_modules: dict) -> bool:
+    if node.op == "call_function":
+        return node.target in _PROBS_CARRIERS_FN
+    if node.op == "call_method":
+        return node.target in _PROBS_CARRIERS_METHOD
+    if node.op == "call_module":
+        return isinstance(gm_modules.get(node.target), torch.nn.Dropout)
+    return False
+
+
+def _weights_values(node: Node, gm_modules: dict, depth: int = 16) -> Node | None:
+    """The product (matmul/bmm/einsum) that takes a softmax's output, carried only through
+    layout, casts, dropout and constant fills (`_carries_probs`), as one operand beside another
+    activation: what attention does with its probabilities (P·V), however it lays them out
+    first. An MoE router's weights go to top-k, indexing or an elementwise product instead.
+    None when there is none within `depth` nodes."""
+    seen, frontier = set(), [node]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            if n in seen:
+                continue
+            seen.add(n)
+            for u in n.users:
+                c = canon(u)
+                is_product = (c is not None and c.op in ("matmul", "baddbmm")) or (
+                    u.op == "call_function" and u.target is torch.einsum
+                )
+                if is_product and any(a is not n and a.op != "get_attr" for a in u.all_input_nodes):
+                    return u
+                if _carries_probs(u, gm_modules):
+                    nxt.append(u)
+        frontier = nxt
+        if not frontier:
+            break
+    return None
+
+
 def _erase_dead(nodes, graph: Graph) -> None:
     """Erase the site's replaced nodes, then whatever pure node only they read (kᵀ, casts, kᵀ/scale)."""
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -990,9 +1040,23 @@ def rewrite_graph(gm: GraphModule, graph_name: str = "") -> list[SiteReport]:
             continue
         upstream = _scores_upstream(call["x"]) if call.op == "softmax" else "direct"
         if upstream is None:
-            # A softmax over something no product of two activations feeds (an MoE router's
-            # logits from a Linear): not attention, so not a site to report.
-            log.debug("flash-inductor: %s is not an attention softmax (no q·kᵀ upstream)", node.name)
+            pv = _weights_values(node, dict(gm.named_modules()))
+            if pv is None:
+                # A softmax over something no product of two activations feeds, whose output
+                # weights no product either (an MoE router's): not attention, not a site.
+                log.debug("flash-inductor: %s is not an attention softmax (no q·kᵀ upstream)", node.name)
+                continue
+            # Probabilities that weight values, over scores that are no [Nq, Nk] product
+            # (Longformer's banded sliding-window scores, copied chunk by chunk into a
+            # [B, N, H, 2w + 1] buffer): attention the op cannot take, reported, never silent.
+            rep = SiteReport(site_name(node), False, guard="scores_not_a_product", reason=(
+                f"the softmax's probabilities weight values in {pv.name}, but no q·kᵀ product of "
+                f"the softmax input's last two dims {tuple(example(call['x']).shape[-2:])} lies upstream "
+                "(banded, gathered or otherwise assembled scores): the op computes every query against "
+                "every key"))
+            rep.graph = graph_name
+            record(rep)
+            reports.append(rep)
             continue
         try:
             rep = (_rewrite_softmax(gm, node, call, upstream == "concat") if call.op == "softmax"
