@@ -291,6 +291,46 @@ return (where,)""")
         torch.compile(f, backend=capture, fullgraph=True)(x, torch.randn(4, 8), torch.randn(8, 8))
         self.assertEqual(seen["reports"], [])
 
+    def test_probabilities_zeroed_in_place_where_the_fill_masked(self):
+        """SEW-D's XSoftmax: fill with finfo.min, softmax, then `p.masked_fill_(rmask, 0)` with
+        the same mask. Exact: zero where softmax already gave 0, and the whole of a fully masked
+        row, which the op gives as 0 too (eager's softmax alone would average V there)."""
+
+        def f(q, k, v, keep):
+            rmask = ~keep
+            s = torch.matmul(q, k.transpose(-1, -2)) / 4.0
+            s = s.masked_fill(rmask, torch.tensor(torch.finfo(s.dtype).min))
+            p = torch.softmax(s, -1)
+            p.masked_fill_(rmask, 0)
+            return torch.matmul(F.dropout(p, 0.1, training=False), v)
+
+        q, k, v = qkv()
+        keep = torch.rand(2, 1, 7, 9) > 0.4
+        keep[1, :, 3] = False  # a fully masked query row
+        # No gradients: eager cannot take them through the in-place update of softmax's output
+        # (SEW-D runs this only in inference; its training path is an autograd.Function).
+        code, reps = self.run_rewritten(f, q, k, v, keep, grads=False)
+        self.assertTrue(reps[0].rewritten, reps[0].line())
+        self.assertIn("masked_fill(probs, 0)", reps[0].spelling)
+        self.assertExpectedInline(code, """\
+rmask = ~l_keep_
+tensor = torch.tensor(-3.4028234663852886e+38)
+logical_not = torch.logical_not(rmask)
+fwd_default = torch.ops.flash.fwd.default(l_q_, l_k_, l_v_, logical_not, None, 0, 0.25, 0.0)
+getitem = fwd_default[0]
+return (getitem,)""")
+
+    def test_probabilities_zeroed_by_another_mask_are_refused(self):
+        def f(q, k, v, keep, other):
+            s = torch.matmul(q, k.transpose(-1, -2)).masked_fill(~keep, torch.finfo(torch.float32).min)
+            p = torch.softmax(s, -1)
+            p.masked_fill_(other, 0)
+            return torch.matmul(p, v)
+
+        q, k, v = qkv()
+        self.assert_not_rewritten(f, q, k, v, torch.rand(2, 1, 7, 9) > 0.4, torch.rand(2, 1, 7, 9) > 0.9,
+                                  guard="probs_fill")
+
     def test_banded_scores_are_reported_not_silent(self):
         """Longformer: sliding-window scores gathered into [B, H, N, 2w + 1] (no [N, N] product
         upstream of the softmax), probabilities laid out again and multiplied with windows of

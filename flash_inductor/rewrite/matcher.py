@@ -61,13 +61,17 @@ def functionalize_score_updates(graph: Graph) -> None:
 
 
 def _is_fresh_scores(node: Node) -> bool:
-    """A tensor only this code can see: a score product, or an update already made functional."""
+    """A tensor only this code can see: a score product, the probabilities of a softmax (SEW-D's
+    XSoftmax zeroes them in place: `p.masked_fill_(rmask, 0)`), or an update already made
+    functional."""
     try:
         if scores_family.match_scores(node) is not None:
             return True
     except Refusal:
         return True
     c = canon(node)
+    if c is not None and c.op == "softmax":
+        return True
     return c is not None and node.op == "call_method" and c.op in _FUNCTIONAL.values() and _is_fresh_scores(c.node.args[0])
 
 
@@ -81,6 +85,8 @@ class _Site:
         # Readers of a chain node that belong to the site (the max of a max-shift): not "used
         # elsewhere" for `_single_user`.
         self.inner_readers: set[Node] = set()
+        # The mask of `probs.masked_fill(mask, 0)` between the softmax and P·V, if any.
+        self.zeroed_probs: Node | None = None
 
 
 # x.<method>(node) that reads only node's dtype or shape, never its values.
@@ -253,6 +259,14 @@ def _prob_path(site: _Site, softmax: Node, sink_column: bool = False):
         if c is not None and (layout.merges_heads(c) or layout.split_heads(c) is not None):
             site.chain.append(user)
             site.spelling.append("view(heads)")
+            node = user
+            continue
+        if (c is not None and c.op == "masked_fill" and c["x"] is node and site.zeroed_probs is None
+                and isinstance(c["mask"], Node) and constant_value(c["value"]) == 0):
+            # Zeroes what the score fill masked (checked against it in `_rewrite_softmax`).
+            site.zeroed_probs = c["mask"]
+            site.chain.append(user)
+            site.spelling.append("masked_fill(probs, 0)")
             node = user
             continue
         if c is not None and c.op == "dropout":
@@ -671,6 +685,18 @@ def _masked_rows(emit: Emitter, bias: Node) -> Node:
     return emit.call_method("all", emit.call(operator.le, bias, MASKED_BIAS), -1, keepdim=True)
 
 
+def _check_zeroed_probs(mask: Node, steps) -> None:
+    """`probs.masked_fill(mask, 0)` is exact only as the complement of one score fill by the same
+    mask node, with nothing else masking: then it zeroes exactly the entries softmax already
+    gave 0, plus every entry of a row the fill masked whole."""
+    fills = [s for s in steps if isinstance(s, Fill)]
+    if len(fills) != 1 or fills[0].mask is not mask or not fills[0].masked_when:
+        raise Refusal("probs_fill", "the probabilities are zeroed by a mask that is not the score fill's own mask")
+    if any(isinstance(s, Bias) for s in steps):
+        raise Refusal("probs_fill", "the probabilities are zeroed after a fill and a bias: rows the bias masks "
+                                    "whole would differ")
+
+
 def _rewrite_softmax(gm: GraphModule, node: Node, call, behind_concat: bool = False) -> SiteReport:
     site = _Site()
     start = softmax_family.key_dim_input(call)
@@ -730,7 +756,13 @@ def _rewrite_softmax(gm: GraphModule, node: Node, call, behind_concat: bool = Fa
         q_node, k_node, v = (_to_dtype(emit, x, out_dtype) for x in (q_node, k_node, v))
         _check_score_shape(q_node, k_node)
         opaque = st.bias is not None and _where_constants(st.bias) is None
-        if st.clamped_bias is not None:
+        if site.zeroed_probs is not None:
+            _check_zeroed_probs(site.zeroed_probs, steps)
+            # Eager zeroes the probabilities the fill masked: a no-op on a row with a visible
+            # key (the fill's weights are exactly 0 there), and the whole of a row without one,
+            # which the op gives as zeros too.
+            empty_rows = ("zero", None)
+        elif st.clamped_bias is not None:
             empty_rows = ("bias_softmax", st.clamped_bias)
         elif st.fill is not None and st.fill != -math.inf and st.bias is not None:
             # A finite fill and a bias: eager's entries on a fully masked row are the bias where
