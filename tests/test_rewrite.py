@@ -331,6 +331,28 @@ return (getitem,)""")
         self.assert_not_rewritten(f, q, k, v, torch.rand(2, 1, 7, 9) > 0.4, torch.rand(2, 1, 7, 9) > 0.9,
                                   guard="probs_fill")
 
+    def test_softmax_inside_an_autograd_function_is_reported(self):
+        """SEW-D in training: XSoftmax is a torch.autograd.Function, traced as one
+        autograd_function_apply node; its softmax is counted and refused by name."""
+
+        class MaskedSoftmax(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x, keep):
+                p = torch.softmax(x.masked_fill(~keep, -1e30), -1)
+                ctx.save_for_backward(p)
+                return p
+
+            @staticmethod
+            def backward(ctx, g):
+                (p,) = ctx.saved_tensors
+                return p * (g - (g * p).sum(-1, keepdim=True)), None
+
+        def f(q, k, v, keep):
+            return torch.matmul(MaskedSoftmax.apply(torch.matmul(q, k.transpose(-1, -2)), keep), v)
+
+        q, k, v = (t.requires_grad_() for t in qkv())
+        self.assert_not_rewritten(f, q, k, v, torch.rand(2, 1, 7, 9) > 0.3, guard="autograd_function")
+
     def test_banded_scores_are_reported_not_silent(self):
         """Longformer: sliding-window scores gathered into [B, H, N, 2w + 1] (no [N, N] product
         upstream of the softmax), probabilities laid out again and multiplied with windows of

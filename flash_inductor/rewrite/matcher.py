@@ -1057,6 +1057,33 @@ def _is_pure(node: Node) -> bool:
     return not (node.op == "call_function" and node.target in (operator.iadd, operator.imul, operator.itruediv, operator.isub))
 
 
+def _softmaxes_inside_functions(gm: GraphModule) -> list[SiteReport]:
+    """Attention computed inside a custom autograd.Function (SEW-D's XSoftmax in training):
+    Dynamo traces it as one `autograd_function_apply` node whose forward and backward are
+    subgraphs of the Function's own. The rewrite does not replace them (the backward is the
+    Function's), but a softmax in the forward whose result weights values (`_weights_values`)
+    or whose input is q·kᵀ (`_scores_upstream`) is reported, never passed over silently."""
+    reports = []
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or "autograd_function_apply" not in str(node.target):
+            continue
+        body = node.args[0] if node.args else None
+        fwd = getattr(gm, body.target, None) if isinstance(body, Node) and body.op == "get_attr" else None
+        if not isinstance(fwd, GraphModule):
+            continue
+        if not any((c := canon(n)) is not None and c.op == "softmax" for n in fwd.graph.nodes):
+            continue
+        inputs = [a for a in node.args[1:] if isinstance(a, Node)]
+        if _weights_values(node, modules) is None and not any(_scores_upstream(a) for a in inputs):
+            continue
+        reports.append(SiteReport(site_name(node), False, guard="autograd_function", reason=(
+            f"the softmax runs inside a custom torch.autograd.Function ({body.target}, traced as "
+            "autograd_function_apply): its forward and backward are the Function's own, which the rewrite "
+            "does not replace")))
+    return reports
+
+
 def rewrite_graph(gm: GraphModule, graph_name: str = "") -> list[SiteReport]:
     """Rewrite every attention site of a Dynamo graph in place; return one report per site."""
     from .mha import rewrite_one_call_sites  # it builds on this module's _emit_op
@@ -1095,6 +1122,10 @@ def rewrite_graph(gm: GraphModule, graph_name: str = "") -> list[SiteReport]:
                    else _rewrite_sdpa(gm, node, call))
         except Refusal as r:
             rep = SiteReport(site_name(node), False, guard=r.guard, reason=r.reason)
+        rep.graph = graph_name
+        record(rep)
+        reports.append(rep)
+    for rep in _softmaxes_inside_functions(gm):
         rep.graph = graph_name
         record(rep)
         reports.append(rep)
