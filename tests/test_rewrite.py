@@ -320,6 +320,47 @@ fwd_default = torch.ops.flash.fwd.default(l_q_, l_k_, l_v_, logical_not, None, 0
 getitem = fwd_default[0]
 return (getitem,)""")
 
+    def test_probabilities_zeroed_beside_a_bias(self):
+        """SEW-D's default config: a relative bias added before the fill. Rows the op reports
+        fully masked get eager's own arithmetic: a row the fill masks whole is 0; a row whose
+        other keys hold biases <= -1e30 averages V over the largest of them; a row whose other
+        keys hold exactly the fill's value shares the normaliser with the zeroed keys."""
+        big = torch.finfo(torch.float32).min
+
+        def f(q, k, v, keep, rel):
+            rmask = ~keep
+            s = torch.matmul(q, k.transpose(-1, -2)) / 4.0 + rel
+            s = s.masked_fill(rmask, torch.tensor(big))
+            p = torch.softmax(s, -1)
+            p.masked_fill_(rmask, 0)
+            return torch.matmul(p, v)
+
+        q, k, v = qkv()
+        keep = torch.rand(2, 1, 7, 9) > 0.4
+        keep[:, :, :, 0] = True
+        rel = torch.randn(2, 4, 7, 9)
+        keep[0, :, 1] = False  # masked whole by the fill
+        rel[0, :, 2] = -1e30  # every kept key of the row "masked" by the bias: eager averages them
+        rel[0, :, 2, 0] = -5e29  # ... over its largest
+        keep[1, :, 3, 4:] = False  # kept keys at exactly the fill's value
+        rel[1, :, 3, :4] = big
+        code, reps = self.run_rewritten(f, q, k, v, keep, rel, grads=False)
+        self.assertTrue(reps[0].rewritten, reps[0].line())
+        self.assertIn("masked_fill(probs, 0)", reps[0].spelling)
+
+    def test_probabilities_zeroed_after_an_inf_fill_beside_a_bias_are_refused(self):
+        def f(q, k, v, keep, rel):
+            rmask = ~keep
+            s = (torch.matmul(q, k.transpose(-1, -2)) + rel).masked_fill(rmask, float("-inf"))
+            p = torch.softmax(s, -1)
+            p.masked_fill_(rmask, 0)
+            return torch.matmul(p, v)
+
+        q, k, v = qkv()
+        keep = torch.rand(2, 1, 7, 9) > 0.4
+        keep[..., 0] = True
+        self.assert_not_rewritten(f, q, k, v, keep, torch.randn(2, 4, 7, 9), guard="probs_fill")
+
     def test_probabilities_zeroed_by_another_mask_are_refused(self):
         def f(q, k, v, keep, other):
             s = torch.matmul(q, k.transpose(-1, -2)).masked_fill(~keep, torch.finfo(torch.float32).min)

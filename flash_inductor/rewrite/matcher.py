@@ -587,6 +587,11 @@ def _emit_op(emit: Emitter, q, k, v, bias, causal: Causal, scale, dropout_p, out
         # float32 (lse's dtype) until the cast to the output's dtype below
         out = emit.call(operator.mul, out, emit.call(torch.sigmoid, emit.call(operator.sub, lse, sink)))
     kind, row_mask = empty_rows
+    zeroed = None
+    if kind == "bias_softmax_zeroed":
+        (row_mask, zeroed), kind = row_mask, "bias_softmax"
+        if three_d and example(zeroed).dim() == 3:
+            zeroed = emit.call_method("unsqueeze", zeroed, 1)
     if kind in ("nan", "bias_softmax", "bias_softmax_sdpa"):
         lse = emit.call(operator.getitem, res, 1)
         empty = emit.call_method("unsqueeze", emit.call(torch.isneginf, lse), -1)
@@ -598,7 +603,8 @@ def _emit_op(emit: Emitter, q, k, v, bias, causal: Causal, scale, dropout_p, out
                 scores = row_mask
                 if three_d and example(scores).dim() == 3:
                     scores = emit.call_method("unsqueeze", scores, 1)
-            fix = _softmax_of_bias_rows(emit, scores, v, groups, 0.0 if kind == "bias_softmax_sdpa" else math.nan)
+            fix = _softmax_of_bias_rows(emit, scores, v, groups, 0.0 if kind == "bias_softmax_sdpa" else math.nan,
+                                        zeroed)
         out = emit.call(torch.where, empty, fix, out)
     if three_d:
         out = emit.call_method("squeeze", out, 1)
@@ -611,17 +617,26 @@ def _emit_op(emit: Emitter, q, k, v, bias, causal: Causal, scale, dropout_p, out
     return _to_dtype(emit, out, out_dtype), kernel
 
 
-def _softmax_of_bias_rows(emit: Emitter, bias: Node, v: Node, groups: int, neg_inf_row: float) -> Node:
+def _softmax_of_bias_rows(emit: Emitter, bias: Node, v: Node, groups: int, neg_inf_row: float,
+                          zeroed: Node | None = None) -> Node:
     """What eager's softmax gives on rows whose every entry is <= -1e30 (where the scores are
     absorbed: s + b == b in float32): the mean of V over the keys holding the row's largest bias
     value, `neg_inf_row` if that value is -inf. Computed for every row (a [.., Nq, Nk] compare
-    and one product with V); the caller keeps it only on the rows the op reports fully masked."""
+    and one product with V); the caller keeps it only on the rows the op reports fully masked.
+    `zeroed` (bool, True where eager zeroes the probabilities after the softmax): those keys
+    keep their share of the normaliser but add nothing."""
     top = emit.call_method("amax", bias, -1, keepdim=True)
-    weights = emit.call_method("to", emit.call(operator.eq, bias, top), example(v).dtype)
+    at_top = emit.call(operator.eq, bias, top)
+    weights = emit.call_method("to", at_top, example(v).dtype)
+    count = None
+    if zeroed is not None:
+        count = emit.call_method("sum", weights, -1, keepdim=True)
+        weights = emit.call_method("to", emit.call(operator.and_, at_top, emit.call(torch.logical_not, zeroed)),
+                                   example(v).dtype)
     if groups > 1:
         v = emit.call_method("repeat_interleave", v, groups, dim=1)
     mean_v = emit.call(operator.truediv, emit.call(torch.matmul, weights, v),
-                       emit.call_method("sum", weights, -1, keepdim=True))
+                       count if count is not None else emit.call_method("sum", weights, -1, keepdim=True))
     return emit.call(torch.where, emit.call(torch.isneginf, top), neg_inf_row, mean_v)
 
 
@@ -685,16 +700,26 @@ def _masked_rows(emit: Emitter, bias: Node) -> Node:
     return emit.call_method("all", emit.call(operator.le, bias, MASKED_BIAS), -1, keepdim=True)
 
 
-def _check_zeroed_probs(mask: Node, steps) -> None:
-    """`probs.masked_fill(mask, 0)` is exact only as the complement of one score fill by the same
-    mask node, with nothing else masking: then it zeroes exactly the entries softmax already
-    gave 0, plus every entry of a row the fill masked whole."""
+def _check_zeroed_probs(mask: Node, steps, st) -> None:
+    """`probs.masked_fill(mask, 0)` follows only one score fill by the same mask node: it then
+    zeroes entries softmax already gave 0 on every row with a visible key. Beside a bias the fill
+    must be finite: a -inf fill leaves NaN rows that the zeroing only partly clears."""
     fills = [s for s in steps if isinstance(s, Fill)]
     if len(fills) != 1 or fills[0].mask is not mask or not fills[0].masked_when:
         raise Refusal("probs_fill", "the probabilities are zeroed by a mask that is not the score fill's own mask")
-    if any(isinstance(s, Bias) for s in steps):
-        raise Refusal("probs_fill", "the probabilities are zeroed after a fill and a bias: rows the bias masks "
-                                    "whole would differ")
+    if st.bias is not None and st.fill == -math.inf:
+        raise Refusal("probs_fill", "the probabilities are zeroed after a -inf fill beside a bias")
+
+
+def _eager_fill_bias(emit: Emitter, st, dtype) -> Node:
+    """Eager's entries on a row the op reports fully masked, for a finite fill beside a bias:
+    the bias where kept (it may hold -inf: MPT's) and the fill, plus any bias added after it
+    (GPT-Neo's), where filled; in the scores' dtype, so finfo.min + finfo.min overflows to -inf
+    as in eager (the scores vanish beside entries <= -1e30)."""
+    filled = st.fill
+    if st.post_fill is not None:
+        filled = emit.call(operator.add, emit.call_method("to", st.post_fill, dtype), st.fill)
+    return emit.call(torch.where, st.keep, emit.call_method("to", st.bias, dtype), filled)
 
 
 def _rewrite_softmax(gm: GraphModule, node: Node, call, behind_concat: bool = False) -> SiteReport:
@@ -757,24 +782,22 @@ def _rewrite_softmax(gm: GraphModule, node: Node, call, behind_concat: bool = Fa
         _check_score_shape(q_node, k_node)
         opaque = st.bias is not None and _where_constants(st.bias) is None
         if site.zeroed_probs is not None:
-            _check_zeroed_probs(site.zeroed_probs, steps)
+            _check_zeroed_probs(site.zeroed_probs, steps, st)
             # Eager zeroes the probabilities the fill masked: a no-op on a row with a visible
-            # key (the fill's weights are exactly 0 there), and the whole of a row without one,
-            # which the op gives as zeros too.
-            empty_rows = ("zero", None)
+            # key (the fill's weights are exactly 0 there). A row the fill masks whole becomes
+            # 0, the op's own empty row; beside a bias, a row the op reports empty gets eager's
+            # softmax over its own entries with the filled keys' weights zeroed.
+            if st.bias is None:
+                empty_rows = ("zero", None)
+            elif layouts is not None:
+                raise Refusal("layout_view", "probabilities zeroed beside a bias, on scores laid out by an einsum")
+            else:
+                empty_rows = ("bias_softmax_zeroed", (_eager_fill_bias(emit, st, example(start).dtype),
+                                                      site.zeroed_probs))
         elif st.clamped_bias is not None:
             empty_rows = ("bias_softmax", st.clamped_bias)
         elif st.fill is not None and st.fill != -math.inf and st.bias is not None:
-            # A finite fill and a bias: eager's entries on a fully masked row are the bias where
-            # kept (it may hold -inf: MPT's) and the fill, plus any bias added after it
-            # (GPT-Neo's), where filled; in the scores' dtype, so finfo.min + finfo.min
-            # overflows to -inf as in eager.
-            dt = example(start).dtype
-            filled = st.fill
-            if st.post_fill is not None:
-                filled = emit.call(operator.add, emit.call_method("to", st.post_fill, dt), st.fill)
-            eager_bias = emit.call(torch.where, st.keep, emit.call_method("to", st.bias, dt), filled)
-            empty_rows = ("bias_softmax", eager_bias)
+            empty_rows = ("bias_softmax", _eager_fill_bias(emit, st, example(start).dtype))
         elif st.fill is not None and st.fill != -math.inf:
             empty_rows = ("uniform", _masked_rows(emit, bias))
         elif opaque or (st.fill == -math.inf and _finite_masked_constant(st.bias)):
