@@ -414,9 +414,9 @@ _LARGE_HEAD_ONLY = set() if _interpreting() else (
 # where Triton offers `cache_results`), and kernels compiled into an Inductor graph
 # (kernels_in_graph.py) tune only under Inductor's `max_autotune`, i.e. torch.compile(...,
 # mode="max-autotune"), as Inductor's own templates do. Tuning there compiles and times every
-# candidate of every kernel variant a model launches: a cold compile of BERT-base's training
-# step with backend="flash" ran past 150 s where backend="inductor" took 79 s (H100 host,
-# benchmarks/compile_time.py, session 11).
+# candidate of every kernel variant a model launches: a cold compile of BERT-base (forward,
+# then training step) with backend="flash" had not finished after 150 s, where
+# backend="inductor" took 79 s (H100 host, benchmarks/compile_time.py, session 11).
 AUTOTUNE_ENV = "FLASH_INDUCTOR_TRITON_AUTOTUNE"
 _tuning_in_graph: contextvars.ContextVar[bool | None] = contextvars.ContextVar("tuning_in_graph", default=None)
 
