@@ -372,6 +372,40 @@ return (getitem,)""")
         self.assert_not_rewritten(f, q, k, v, torch.rand(2, 1, 7, 9) > 0.4, torch.rand(2, 1, 7, 9) > 0.9,
                                   guard="probs_fill")
 
+    def test_xsoftmax_function_is_inlined_and_rewritten(self):
+        """SEW-D's XSoftmax in training: an autograd.Function (fill, softmax, zero the filled
+        entries in place; backward `_softmax_backward_data` of its output) is autograd's own
+        gradient of its forward, so its forward replaces it in the graph and the site is
+        rewritten: values and gradients against eager running the Function."""
+
+        class XSoftmax(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x, mask):
+                rmask = ~(mask.to(torch.bool))
+                out = x.masked_fill(rmask, torch.tensor(torch.finfo(x.dtype).min))
+                out = torch.softmax(out, -1)
+                out.masked_fill_(rmask, 0)
+                ctx.save_for_backward(out)
+                return out
+
+            @staticmethod
+            def backward(ctx, grad):
+                (out,) = ctx.saved_tensors
+                return torch._softmax_backward_data(grad, out, -1, out.dtype), None
+
+        def f(q, k, v, mask, rel):
+            s = torch.matmul(q, k.transpose(-1, -2)) / 4.0 + rel
+            return torch.matmul(XSoftmax.apply(s, mask), v)
+
+        q, k, v = qkv()
+        mask = (torch.rand(2, 1, 7, 9) > 0.4).int()
+        mask[1, :, 2] = 0  # a fully masked row
+        rel = torch.randn(2, 4, 7, 9, requires_grad=True)
+        code, reps = self.run_rewritten(f, q, k, v, mask, rel)
+        self.assertTrue(reps[0].rewritten, reps[0].line())
+        self.assertIn("masked_fill(probs, 0)", reps[0].spelling)
+        self.assertNotIn("autograd_function_apply", code)
+
     def test_softmax_inside_an_autograd_function_is_reported(self):
         """SEW-D in training: XSoftmax is a torch.autograd.Function, traced as one
         autograd_function_apply node; its softmax is counted and refused by name."""

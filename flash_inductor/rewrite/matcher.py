@@ -1109,9 +1109,11 @@ def _softmaxes_inside_functions(gm: GraphModule) -> list[SiteReport]:
 
 def rewrite_graph(gm: GraphModule, graph_name: str = "") -> list[SiteReport]:
     """Rewrite every attention site of a Dynamo graph in place; return one report per site."""
+    from .functions import inline_softmax_functions
     from .mha import rewrite_one_call_sites  # it builds on this module's _emit_op
 
     start = time.perf_counter()
+    inline_softmax_functions(gm)  # SEW-D's XSoftmax in training: an autograd.Function
     functionalize_score_updates(gm.graph)
     reports = rewrite_one_call_sites(gm, graph_name)  # nn.MultiheadAttention, WavLM: one node, no softmax
     for node in list(gm.graph.nodes):

@@ -1,0 +1,126 @@
+"""Masked softmaxes written as a custom torch.autograd.Function, inlined so the matcher sees them.
+
+Why: SEW-D (and DeBERTa before transformers 4.3x) computes its attention probabilities with
+`XSoftmax`, an autograd.Function whose forward is fill, softmax, zero the filled entries, and
+whose backward is `torch._softmax_backward_data` of the saved output. Dynamo traces it as one
+`autograd_function_apply` node with the two bodies as subgraphs, where the rewrite does not look:
+a training graph showed no attention at all. That backward is exactly autograd's own gradient of
+that forward (the filled entries' gradient is 0 both ways, and the output it saves is the one
+the zeroing produced), so the forward's nodes can replace the node in the graph without changing
+any value or gradient, and the site is then an ordinary one (matcher.py follows the zeroing).
+
+Only this shape is inlined; any other Function keeps its own backward and is reported by the
+matcher (`autograd_function`).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.fx import GraphModule, Node
+
+_GRAD_MODE = (torch._C._set_grad_enabled,)
+
+
+def _body(gm: GraphModule, node) -> GraphModule | None:
+    if not isinstance(node, Node) or node.op != "get_attr":
+        return None
+    body = getattr(gm, node.target, None)
+    return body if isinstance(body, GraphModule) else None
+
+
+def _compute_nodes(g: GraphModule) -> list[Node]:
+    return [n for n in g.graph.nodes
+            if n.op not in ("placeholder", "output") and not (n.op == "call_function" and n.target in _GRAD_MODE)]
+
+
+def _softmax_backward(bwd: GraphModule):
+    """(index of the differentiable input, softmax dim) when the backward is exactly
+    `_softmax_backward_data(grad, saved, dim, dtype)` for one input and None for the others."""
+    placeholders = [n for n in bwd.graph.nodes if n.op == "placeholder"]
+    compute = _compute_nodes(bwd)
+    if len(placeholders) != 2 or len(compute) != 1:
+        return None
+    grad_node = compute[0]
+    if grad_node.target is not torch._softmax_backward_data or grad_node.args[:2] != tuple(placeholders):
+        return None
+    (outputs,) = [n for n in bwd.graph.nodes if n.op == "output"][0].args
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    grads = [i for i, o in enumerate(outputs) if o is grad_node]
+    if len(grads) != 1 or any(o is not None for i, o in enumerate(outputs) if i != grads[0]):
+        return None
+    return grads[0], grad_node.args[2]
+
+
+def _masked_softmax_forward(fwd: GraphModule, x_index: int, dim) -> Node | None:
+    """The softmax node when the forward is softmax(x or x.masked_fill(mask, c), dim), optionally
+    zeroed in place with `masked_fill_(mask2, 0)`, returned and saved, and nothing else reads x
+    or the probabilities."""
+    placeholders = [n for n in fwd.graph.nodes if n.op == "placeholder"]
+    if x_index >= len(placeholders):
+        return None
+    x = placeholders[x_index]
+    softmaxes = [n for n in _compute_nodes(fwd) if n.target in (torch.softmax, torch.nn.functional.softmax)
+                 or (n.op == "call_method" and n.target == "softmax")]
+    if len(softmaxes) != 1:
+        return None
+    sm = softmaxes[0]
+    sm_dim = sm.kwargs.get("dim", sm.args[1] if len(sm.args) > 1 else None)
+    if sm_dim != dim or len(sm.args) > 2 or set(sm.kwargs) - {"dim"}:
+        return None
+    source = sm.args[0]
+    if source is not x:
+        filled = source
+        is_fill = (filled.op == "call_method" and filled.target == "masked_fill") or (
+            filled.op == "call_function" and filled.target is torch.masked_fill)
+        if not is_fill or filled.args[0] is not x or len(filled.users) != 1:
+            return None
+    if len(x.users) != 1:
+        return None
+    for user in sm.users:
+        if user.op == "output":
+            continue
+        if not (user.op == "call_method" and user.target == "masked_fill_" and user.args[0] is sm
+                and len(user.args) == 3 and user.args[2] == 0 and not user.users):
+            return None
+    (out,) = [n for n in fwd.graph.nodes if n.op == "output"][0].args
+    if not (isinstance(out, (tuple, list)) and len(out) == 2 and tuple(out[0]) == (sm,) and tuple(out[1]) == (sm,)):
+        return None
+    return sm
+
+
+def inline_softmax_functions(gm: GraphModule) -> int:
+    """Replace every recognised masked-softmax autograd.Function with its forward's nodes; return
+    how many were inlined."""
+    inlined = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or "autograd_function_apply" not in str(node.target) or len(node.args) < 3:
+            continue
+        fwd, bwd = _body(gm, node.args[0]), _body(gm, node.args[1])
+        if fwd is None or bwd is None:
+            continue
+        found = _softmax_backward(bwd)
+        if found is None:
+            continue
+        sm = _masked_softmax_forward(fwd, *found)
+        if sm is None:
+            continue
+        users = list(node.users)
+        if not all(u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0 for u in users):
+            continue
+        inputs = list(node.args[2:])
+        env = {p: inputs[i] for i, p in enumerate(n for n in fwd.graph.nodes if n.op == "placeholder")}
+        with gm.graph.inserting_before(node):
+            for n in _compute_nodes(fwd):
+                env[n] = gm.graph.node_copy(n, lambda a: env[a])
+        for u in users:
+            u.replace_all_uses_with(env[sm])
+            gm.graph.erase_node(u)
+        bodies = node.args[:2]
+        gm.graph.erase_node(node)
+        for b in bodies:
+            if not b.users:
+                gm.graph.erase_node(b)
+        inlined += 1
+    return inlined
