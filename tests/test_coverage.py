@@ -38,3 +38,18 @@ def test_every_attention_layer_rewritten(model, impl, mode):
     assert row.rewritten == row.sites, row.skipped_reasons
     if mode != "train+dropout":
         assert row.max_rel_err < 1e-4, f"max relative error {row.max_rel_err:.2e}"
+
+
+# SEW-D: its XSoftmax zeroes the probabilities in place and, in training, is an autograd.Function
+# (inlined: flash_inductor/rewrite/functions.py). Its dropout is another Function with its own
+# random mask (StableDropout), left alone and refused by name.
+@pytest.mark.parametrize("mode", MODES)
+def test_sew_d_xsoftmax(mode):
+    row = check("sew-d", "eager", mode)
+    assert not row.error, row.error
+    assert row.sites == 2, row.skipped_reasons
+    if mode == "train+dropout":
+        assert row.rewritten == 0 and all("probs_to_values" in r for r in row.skipped_reasons), row.skipped_reasons
+        return
+    assert row.rewritten == row.sites, row.skipped_reasons
+    assert row.max_rel_err < 1e-4, f"max relative error {row.max_rel_err:.2e}"
