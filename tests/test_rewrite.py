@@ -406,6 +406,37 @@ return (getitem,)""")
         self.assertIn("masked_fill(probs, 0)", reps[0].spelling)
         self.assertNotIn("autograd_function_apply", code)
 
+    def test_functions_whose_backward_is_not_autograds_stay_whole(self):
+        """Not inlined, reported: a Function zeroing entries the fill did not mask (its saved-output
+        backward then differs from autograd's gradient), and one given a second input that
+        requires grad (the Function gives it none; inlined, it would get one)."""
+
+        def xsoftmax(zero_other):
+            class F_(torch.autograd.Function):
+                @staticmethod
+                def forward(ctx, x, mask, other):
+                    out = torch.softmax(x.masked_fill(~mask, -1e30), -1)
+                    out.masked_fill_(other if zero_other else ~mask, 0)
+                    ctx.save_for_backward(out)
+                    return out
+
+                @staticmethod
+                def backward(ctx, grad):
+                    (out,) = ctx.saved_tensors
+                    return torch._softmax_backward_data(grad, out, -1, out.dtype), None, None
+
+            return F_
+
+        mask = torch.rand(2, 1, 7, 9) > 0.3
+        for zero_other, other in ((True, torch.rand(2, 1, 7, 9) > 0.8), (False, torch.rand(2, 1, 7, 9).requires_grad_())):
+            fn = xsoftmax(zero_other)
+
+            def f(q, k, v, mask, other):
+                return torch.matmul(fn.apply(torch.matmul(q, k.transpose(-1, -2)), mask, other), v)
+
+            q, k, v = (t.requires_grad_() for t in qkv())
+            self.assert_not_rewritten(f, q, k, v, mask, other, guard="autograd_function")
+
     def test_softmax_inside_an_autograd_function_is_reported(self):
         """SEW-D in training: XSoftmax is a torch.autograd.Function, traced as one
         autograd_function_apply node; its softmax is counted and refused by name."""

@@ -20,6 +20,8 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
+from .fx import example
+
 _GRAD_MODE = (torch._C._set_grad_enabled,)
 
 
@@ -70,19 +72,25 @@ def _masked_softmax_forward(fwd: GraphModule, x_index: int, dim) -> Node | None:
     if sm_dim != dim or len(sm.args) > 2 or set(sm.kwargs) - {"dim"}:
         return None
     source = sm.args[0]
+    fill_mask = None
     if source is not x:
         filled = source
         is_fill = (filled.op == "call_method" and filled.target == "masked_fill") or (
             filled.op == "call_function" and filled.target is torch.masked_fill)
         if not is_fill or filled.args[0] is not x or len(filled.users) != 1:
             return None
+        fill_mask = filled.args[1]
     if len(x.users) != 1:
         return None
     for user in sm.users:
         if user.op == "output":
             continue
+        # Zeroing the filled entries keeps the saved output's softmax gradient exact (they are 0
+        # on every row with a visible key, and a row filled whole has no gradient to x); zeroing
+        # anything else would make the Function's backward differ from autograd's.
         if not (user.op == "call_method" and user.target == "masked_fill_" and user.args[0] is sm
-                and len(user.args) == 3 and user.args[2] == 0 and not user.users):
+                and len(user.args) == 3 and user.args[2] == 0 and not user.users
+                and fill_mask is not None and user.args[1] is fill_mask):
             return None
     (out,) = [n for n in fwd.graph.nodes if n.op == "output"][0].args
     if not (isinstance(out, (tuple, list)) and len(out) == 2 and tuple(out[0]) == (sm,) and tuple(out[1]) == (sm,)):
@@ -110,6 +118,10 @@ def inline_softmax_functions(gm: GraphModule) -> int:
         if not all(u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0 for u in users):
             continue
         inputs = list(node.args[2:])
+        # The Function gives the other inputs no gradient: inlined, one that requires grad would get one.
+        others = [example(a) for i, a in enumerate(inputs) if i != found[0] and isinstance(a, Node)]
+        if any(ev is None or (ev.is_floating_point() and ev.requires_grad) for ev in others):
+            continue
         env = {p: inputs[i] for i, p in enumerate(n for n in fwd.graph.nodes if n.op == "placeholder")}
         with gm.graph.inserting_before(node):
             for n in _compute_nodes(fwd):
