@@ -120,8 +120,9 @@ for phase in "$@"; do
       for be in ${COMPILE_BACKENDS:-flash inductor}; do
         FLASH_INDUCTOR_KERNEL_ANALYSIS_CACHE=$([ $be = flash-nocache ] && echo 0 || echo 1) timeout ${COMPILE_TIMEOUT:-240} \
           python3 benchmarks/compile_time.py --model ${COMPILE_MODEL:-gpt2-medium} --seq ${COMPILE_SEQ:-1024} \
-          --batch ${COMPILE_BATCH:-4} --backend ${be%-nocache} >"$OUT/compile_time_$be.log" 2>&1
-        grep -E "first .* call|kernel analyses|triton.compile in" "$OUT/compile_time_$be.log"
+          --batch ${COMPILE_BATCH:-4} --backend ${be%-nocache} ${COMPILE_CALLERS:+--callers "$COMPILE_CALLERS"} \
+          >"$OUT/compile_time_$be.log" 2>&1
+        grep -E "first .* call|kernel analyses" "$OUT/compile_time_$be.log"
       done ;;
     ab_patch)  # A/B of a kernel change: env AB_BENCH (cli bench arguments) timed, then the patch in
       # $AB_PATCH applied, env AB_TESTS (pytest arguments) run and the bench timed again; reverted after

@@ -32,6 +32,15 @@ def _body(gm: GraphModule, node) -> GraphModule | None:
     return body if isinstance(body, GraphModule) else None
 
 
+def function_bodies(gm: GraphModule, node: Node) -> tuple[GraphModule, GraphModule] | None:
+    """(forward, backward) subgraphs when `node` applies a custom autograd.Function
+    (`autograd_function_apply`), else None."""
+    if node.op != "call_function" or "autograd_function_apply" not in str(node.target) or len(node.args) < 3:
+        return None
+    fwd, bwd = _body(gm, node.args[0]), _body(gm, node.args[1])
+    return None if fwd is None or bwd is None else (fwd, bwd)
+
+
 def _compute_nodes(g: GraphModule) -> list[Node]:
     return [n for n in g.graph.nodes
             if n.op not in ("placeholder", "output") and not (n.op == "call_function" and n.target in _GRAD_MODE)]
@@ -103,11 +112,10 @@ def inline_softmax_functions(gm: GraphModule) -> int:
     how many were inlined."""
     inlined = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or "autograd_function_apply" not in str(node.target) or len(node.args) < 3:
+        bodies = function_bodies(gm, node)
+        if bodies is None:
             continue
-        fwd, bwd = _body(gm, node.args[0]), _body(gm, node.args[1])
-        if fwd is None or bwd is None:
-            continue
+        fwd, bwd = bodies
         found = _softmax_backward(bwd)
         if found is None:
             continue

@@ -31,6 +31,7 @@ from ..patterns.steps import (Bias, Cast, ClampMin, Fill, MergeBatch, MergeHeads
                               SplitHeads, Tanh)
 from . import einsum_views
 from .emit import Emitter
+from .functions import function_bodies, inline_softmax_functions
 from .fx import IN_PLACE_METHODS, canon, constant_value, example
 from .report import SiteReport, log, record
 
@@ -957,6 +958,13 @@ def _concat_on_last_dim(node: Node) -> bool:
     return out is not None and isinstance(dim, int) and dim % out.dim() == out.dim() - 1
 
 
+def _is_product(node: Node) -> bool:
+    """matmul / bmm / baddbmm / einsum: what computes q·kᵀ or P·V, however it is spelled."""
+    c = canon(node)
+    return (c is not None and c.op in ("matmul", "baddbmm")) or (
+        node.op == "call_function" and node.target is torch.einsum)
+
+
 def _scores_upstream(node, depth: int = 24) -> str | None:
     """Whether a product (matmul/bmm/einsum/baddbmm) with the softmax input's last two dims
     [Nq, Nk] lies within `depth` nodes upstream of it, through any ops. Broader than
@@ -979,12 +987,8 @@ def _scores_upstream(node, depth: int = 24) -> str | None:
             if not isinstance(n, Node) or n in seen:
                 continue
             seen.add(n)
-            c = canon(n)
-            is_product = (c is not None and c.op in ("matmul", "baddbmm")) or (
-                n.op == "call_function" and n.target is torch.einsum
-            )
             out = example(n)
-            if is_product and out is not None and out.dim() >= 2:
+            if _is_product(n) and out is not None and out.dim() >= 2:
                 shape = tuple(out.shape[-2:])
                 if shape == want and not behind_cat:
                     return "direct"
@@ -1034,11 +1038,7 @@ def _weights_values(node: Node, gm_modules: dict, depth: int = 16) -> Node | Non
                 continue
             seen.add(n)
             for u in n.users:
-                c = canon(u)
-                is_product = (c is not None and c.op in ("matmul", "baddbmm")) or (
-                    u.op == "call_function" and u.target is torch.einsum
-                )
-                if is_product and any(a is not n and a.op != "get_attr" for a in u.all_input_nodes):
+                if _is_product(u) and any(a is not n and a.op != "get_attr" for a in u.all_input_nodes):
                     return u
                 if _carries_probs(u, gm_modules):
                     nxt.append(u)
@@ -1089,15 +1089,13 @@ def _softmaxes_inside_functions(gm: GraphModule) -> list[SiteReport]:
     reports = []
     modules = dict(gm.named_modules())
     for node in gm.graph.nodes:
-        if node.op != "call_function" or "autograd_function_apply" not in str(node.target):
+        bodies = function_bodies(gm, node)
+        if bodies is None:
             continue
-        body = node.args[0] if node.args else None
-        fwd = getattr(gm, body.target, None) if isinstance(body, Node) and body.op == "get_attr" else None
-        if not isinstance(fwd, GraphModule):
-            continue
+        fwd, body = bodies[0], node.args[0]
         if not any((c := canon(n)) is not None and c.op == "softmax" for n in fwd.graph.nodes):
             continue
-        inputs = [a for a in node.args[1:] if isinstance(a, Node)]
+        inputs = [a for a in node.args[2:] if isinstance(a, Node)]
         if _weights_values(node, modules) is None and not any(_scores_upstream(a) for a in inputs):
             continue
         reports.append(SiteReport(site_name(node), False, guard="autograd_function", reason=(
@@ -1109,7 +1107,6 @@ def _softmaxes_inside_functions(gm: GraphModule) -> list[SiteReport]:
 
 def rewrite_graph(gm: GraphModule, graph_name: str = "") -> list[SiteReport]:
     """Rewrite every attention site of a Dynamo graph in place; return one report per site."""
-    from .functions import inline_softmax_functions
     from .mha import rewrite_one_call_sites  # it builds on this module's _emit_op
 
     start = time.perf_counter()
