@@ -31,6 +31,8 @@ def compile_one(which, causal, bias, dropout, float_type="fp32", stages=3, spars
         consts["stride_lm"] = 1  # dense lse/delta rows are contiguous, as real launches specialise
     if which == "dq":
         consts["STORE_DS"] = bias
+    if which == "dkdv":
+        consts["FUSED_DQ"] = False
     sig = {}
     for name in fn.arg_names:
         if name in consts:
@@ -39,7 +41,7 @@ def compile_one(which, causal, bias, dropout, float_type="fp32", stages=3, spars
             sig[name] = "*i64"
         elif name in ("Counts", "Tiles", "CuQ", "CuK"):
             sig[name] = "*i32"
-        elif name in ("Lse", "Delta"):
+        elif name in ("Lse", "Delta", "DQAcc"):
             sig[name] = "*fp32"
         elif name in ("Q", "K", "V", "Bias", "Out", "DO", "DQ", "DK", "DV_", "DS"):
             sig[name] = "*bf16"

@@ -82,11 +82,15 @@ def sweep(name: str) -> dict:
         return ta.backward(inp, seed, out, lse, dout, None, False)
 
     run = {"fwd": lambda: ta.forward(inp, seed), "dkdv": backward, "dq": backward}
+    # With dropout the backward is one kernel (`ta.fused_dq`): no dQ kernel to sweep.
+    swept = {k: kern for k, kern in KERNELS.items() if not (k == "dq" and ta.fused_dq(inp, False))}
+    for kern in swept.values():
+        kern.cache = {}
     run["fwd"](), backward()  # full lists, autotuning off: each kernel's default for this shape
-    defaults = {k: _label(kern.best_config) for k, kern in KERNELS.items()}
+    defaults = {k: _label(kern.best_config) for k, kern in swept.items()}
     result = {}
     large = max(inp.head_dim, inp.head_dim_v) > 128
-    for kname, kern in KERNELS.items():
+    for kname, kern in swept.items():
         times = {}
         for cfg in (c for c in originals[kname] if large or id(c) not in ta._LARGE_HEAD_ONLY):
             for other, okern in KERNELS.items():  # the others at their autotune-off default

@@ -36,6 +36,7 @@ import time
 
 import torch
 
+from flash_inductor.bench import device_time
 from flash_inductor.demo import _median_ms
 from flash_inductor.explain import explain
 from flash_inductor.models import build, main_output
@@ -101,17 +102,9 @@ def breakdown(step, device: torch.device, steps: int = 3, host_steps: int = 10) 
         t0 = time.perf_counter()
         step()
         host.append((time.perf_counter() - t0) * 1e3)
-    torch.cuda.synchronize()
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    device_ms, kernels = device_time(step, steps)
     return {"host_ms": min(host), "host_median_ms": sorted(host)[len(host) // 2],
-            "device_ms": sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / steps,
-            "kernels": len(kernels) / steps, **_host_syncs(step)}
+            "device_ms": device_ms, "kernels": kernels, **_host_syncs(step)}
 
 
 def _host_syncs(step) -> dict:

@@ -65,6 +65,13 @@ for phase in "$@"; do
       bench 200 bench_dropout_8k --lengths 8192 --cases none dropout causal+dropout --peers triton ${DROP_PEERS:+${DROP_PEERS//,/ }}
       # at N=2048 the eager op is host-bound (session 8: 20-60 TFLOP/s), so the compiled one
       bench 150 bench_dropout_d64 --lengths 2048 --head-dim 64 --cases none dropout --peers triton_compiled ${DROP_PEERS:+${DROP_PEERS//,/ }} ;;
+    fused_dq)  # the one-kernel dropout backward (dQ by atomics) against the two-kernel one, same process
+      # order; env FUSED_AUTOTUNE (default 0) and FUSED_PEERS (SDPA backends to time beside them)
+      # (FUSED_CASES: the bench cases, default the four below)
+      for fused in 0 1; do
+        FLASH_INDUCTOR_FUSED_DQ=$fused FLASH_INDUCTOR_TRITON_AUTOTUNE=${FUSED_AUTOTUNE:-0} bench 240 bench_fused_dq_$fused \
+          --lengths 8192 --cases ${FUSED_CASES:-none causal dropout causal+dropout} --peers triton $([ $fused = 1 ] && echo ${FUSED_PEERS:-}) | tail -8
+      done ;;
     dropout_variants)  # the keep-mask variants of benchmarks/dropout_variants.py, one process each
       dv=${DROPOUT_VARIANTS:-philox10,philox7,bytes16,hash}
       for variant in ${dv//,/ }; do
@@ -135,6 +142,8 @@ for phase in "$@"; do
       } ;;
     gpu_tests)  # env GPU_TESTS: pytest arguments (the marked GPU tests of chosen modules)
       FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout ${GPU_TESTS_TIMEOUT:-300} python3 -m pytest -q -m gpu $GPU_TESTS 2>&1 | tee -a "$OUT/gpu_tests_chosen.log" | tail -8 ;;
+    autotuned_tests)  # the GPU tests that tune (every candidate timed: what restore_value guards)
+      timeout ${GPU_TESTS_TIMEOUT:-300} python3 -m pytest -q -m gpu tests/test_triton_kernels.py -k autotuned 2>&1 | tee -a "$OUT/gpu_tests_autotuned.log" | tail -4 ;;
     host_profile)  # cProfile of compiled steps, flash beside inductor (env HOST_MODELS, default bert;
       # HOST_MODES: forward and/or train); the output code goes to the log too
       for m in ${HOST_MODELS:-bert}; do

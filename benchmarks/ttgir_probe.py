@@ -30,7 +30,7 @@ from triton.compiler import ASTSource
 from flash_inductor.kernels import triton_attention as ta
 
 KERNELS = {"fwd": ta._attn_fwd, "dkdv": ta._attn_bwd_dkdv, "dq": ta._attn_bwd_dq}
-_POINTER_TYPES = {"Lse": "*fp32", "Delta": "*fp32", "Seed": "*i64", "Counts": "*i32", "Tiles": "*i32",
+_POINTER_TYPES = {"Lse": "*fp32", "Delta": "*fp32", "DQAcc": "*fp32", "Seed": "*i64", "Counts": "*i32", "Tiles": "*i32",
                   "CuQ": "*i32", "CuK": "*i32"}
 _SCALARS = {"Hq", "G", "Nq", "Nk", "N_BUCKET"}
 _FLOATS = {"qk_scale", "cap_scale", "drop_scale", "sm_scale", "scale"}
@@ -38,12 +38,13 @@ SASS_OPS = ("STS", "LDS", "BAR", "SHFL", "IMAD", "LOP3", "PRMT", "SEL", "ISETP",
 
 
 def compile_kernel(name: str, block_m: int, block_n: int, warps: int, stages: int, head_dim: int,
-                   dropout: bool, causal: int, bias: bool, arch: int = 90, softcap: bool = False):
+                   dropout: bool, causal: int, bias: bool, arch: int = 90, softcap: bool = False,
+                   fused_dq: bool = False):
     """One kernel, one config, as `triton.compile` builds it for the GPU (bf16 inputs)."""
     fn = KERNELS[name].fn
     meta = dict(D=head_dim, DV=head_dim, BLOCK_D=head_dim, BLOCK_DV=head_dim, ELT_BYTES=2, CAUSAL=causal,
                 HAS_BIAS=bias, BIAS_IS_BOOL=False, HAS_DROPOUT=dropout, DOT_PRECISION="tf32", SOFTCAP=softcap, SPARSE=False,
-                TILE=128, VARLEN=False, BLOCK_M=block_m, BLOCK_N=block_n, STORE_DS=False)
+                TILE=128, VARLEN=False, BLOCK_M=block_m, BLOCK_N=block_n, STORE_DS=False, FUSED_DQ=fused_dq)
     signature, constexprs = {}, {}
     for arg in fn.arg_names:
         if arg in meta:
@@ -91,13 +92,14 @@ def main(argv=None) -> int:
     ap.add_argument("--bias", action="store_true")
     ap.add_argument("--causal", type=int, default=0)
     ap.add_argument("--softcap", action="store_true")
+    ap.add_argument("--fused-dq", action="store_true", help="the dK/dV kernel adds dQ with atomics")
     ap.add_argument("--ttgir-out", default=None, help="write the last kernel's TTGIR here")
     args = ap.parse_args(argv)
     print(f"triton {triton.__version__}, sm_90, config {args.config}, D={args.head_dim}, dropout={args.dropout}, "
-          f"bias={args.bias}, causal={args.causal}, softcap={args.softcap}")
+          f"bias={args.bias}, causal={args.causal}, softcap={args.softcap}, fused_dq={args.fused_dq}")
     for name in args.kernels:
         c = compile_kernel(name, *args.config, args.head_dim, args.dropout, args.causal, args.bias,
-                           softcap=args.softcap)
+                           softcap=args.softcap, fused_dq=args.fused_dq)
         ops = sass_counts(c)
         sass = ("no cuobjdump" if ops is None else
                 f"SASS {sum(ops.values()):5d}  " + "  ".join(f"{op} {ops[op]}" for op in SASS_OPS))

@@ -2,7 +2,8 @@
 
 The seed README's tables: rows (B, H, N, D) = (1, 12, N, 128) for N in --lengths, each with
 dropout p in {0, 0.1} × bias in {no, yes} × causal in {no, yes}; forward, backward and
-forward+backward times in µs (medians of triton.testing.do_bench), TFLOP/s, and the peak
+forward+backward times in µs (medians of triton.testing.do_bench, or with --timing device the
+GPU time of the call's kernels from torch.profiler), TFLOP/s, and the peak
 extra memory of one forward+backward. Every peer runs in the same process on the same inputs:
 
 - triton: our op with the Triton kernels forced (FLASH_INDUCTOR_KERNEL=triton), called eagerly;
@@ -243,6 +244,27 @@ def _chosen_configs() -> dict:
     return out
 
 
+def device_time(fn, reps: int) -> tuple[float, float]:
+    """(GPU ms, launches) per call of `fn`, from torch.profiler over `reps` calls: the summed
+    durations of the kernels (and memsets/copies) it launches. Gaps between kernels, which the
+    host's launch time opens at small sizes, are not counted."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    gpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.time_range.elapsed_us() for e in gpu) / reps / 1e3, len(gpu) / reps
+
+
+def device_ms(fn, reps: int = 20, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    return device_time(fn, reps)[0]
+
+
 def ceilings(do_bench):
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     mm = do_bench(lambda: a @ a)
@@ -325,6 +347,10 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="write every measurement here")
     ap.add_argument("--markdown", action="store_true", help="print the tables as markdown at the end")
     ap.add_argument("--plot", default=None, help="write a PNG bar chart here (needs matplotlib)")
+    ap.add_argument("--timing", default="wall", choices=("wall", "device"),
+                    help="wall: do_bench's per-call time (host launch cost included, L2 flushed); "
+                         "device: the GPU time of the call's kernels from torch.profiler (for short "
+                         "calls, where the eager op's host time would hide its kernels)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("flash-inductor bench needs a CUDA GPU (it times GPU kernels against each other).")
@@ -333,6 +359,8 @@ def main(argv=None):
     import triton.testing
 
     def do_bench(fn):
+        if args.timing == "device":
+            return device_ms(fn)
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
     dtype = getattr(torch, args.dtype)
@@ -344,6 +372,7 @@ def main(argv=None):
         "python": platform.python_version(),
         "command": " ".join(["flash-inductor", "bench"] + (sys.argv[1:] if argv is None else argv)),
         "dtype": args.dtype, "heads": args.heads, "head_dim": args.head_dim, "bias_grad": args.bias_grad,
+        "timing": args.timing,
         "ceilings": ceilings(do_bench),
     }
     print(json.dumps(meta), flush=True)

@@ -112,7 +112,7 @@ def _recorded_launches(run):
     return launches
 
 
-@pytest.mark.parametrize("varlen", [False, True])
+@pytest.mark.parametrize("varlen", [False, True, "fused_dq"])
 def test_traced_launches_pass_no_input_as_a_placeholder(varlen):
     """Traced for Inductor, a pointer a kernel does not use gets a fresh empty tensor, never an
     input: torch's analysis of what a Triton kernel writes is conservative (it names unused
@@ -124,7 +124,7 @@ def test_traced_launches_pass_no_input_as_a_placeholder(varlen):
     q, k, v = make_qkv(1, 2, 2, 40, head_dim=16)
     out, dout = torch.randn_like(q), torch.randn_like(q)
     lse = torch.randn(1, 2, 40)
-    if varlen:
+    if varlen is True:
         pq, pk, pv, po, pd = (t[0].transpose(0, 1).contiguous() for t in (q, k, v, out, dout))
         cu = torch.tensor([0, 15, 40], dtype=torch.int32)
         own = {"Q": pq, "K": pk, "V": pv, "Out": po, "DO DOut": pd, "CuQ CuK": cu}
@@ -135,18 +135,64 @@ def test_traced_launches_pass_no_input_as_a_placeholder(varlen):
                                launch=launch)
     else:
         own = {"Q": q, "K": k, "V": v, "Out": out, "DO DOut": dout}
+        # With dropout the dK/dV kernel adds dQ into an accumulator (`fused_dq`), and no dQ kernel runs.
+        p, seed = (0.1, torch.tensor([1, 2])) if varlen == "fused_dq" else (0.0, None)
+        if seed is not None:
+            own["Seed"] = seed
 
         def run(launch):
-            inp = validate(q, k, v, causal=True)
-            ta.forward(inp, None, launch=launch)
-            ta.backward(inp, None, out, lse, dout, None, False, launch=launch)
+            inp = validate(q, k, v, causal=True, dropout_p=p)
+            ta.forward(inp, seed, launch=launch)
+            ta.backward(inp, seed, out, lse, dout, None, False, launch=launch)
 
     launches = _recorded_launches(run)
-    assert {name for name, _ in launches} >= {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"}
+    names = {name for name, _ in launches}
+    if varlen == "fused_dq":
+        assert names == {"_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv"}
+        (dkdv,) = (args for name, args in launches if name == "_attn_bwd_dkdv")
+        assert dkdv["FUSED_DQ"] and dkdv["DQAcc"].shape == q.shape and dkdv["DQAcc"].dtype == torch.float32
+    else:
+        assert names >= {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"}
     for kernel, args in launches:
         for name, value in args.items():
             for names, t in own.items():
                 assert value is not t or name in names.split(), f"{kernel}: input {names} passed as {name}"
+
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["two_kernels", "fused_dq"])
+def test_eager_launches_never_pass_an_input_where_the_autotuner_restores(p, monkeypatch):
+    """Called eagerly, unused pointers get q itself (nothing allocated); but an argument in an
+    autotuner's `restore_value` is written back in place after each timed config, even a lone
+    one, which bumps the input's autograd version (GPU: "modified by an inplace operation" on
+    the next backward through the same graph). Those arguments always get their own tensor."""
+    import triton
+
+    from flash_inductor.inputs import validate
+    from flash_inductor.kernels import triton_attention as ta
+
+    q, k, v = make_qkv(1, 2, 2, 40, head_dim=16)
+    out, dout, lse = torch.randn_like(q), torch.randn_like(q), torch.randn(1, 2, 40)
+    seed = torch.tensor([1, 2]) if p else None
+    launches = []
+
+    def record(kernel):
+        class Grid:
+            def __getitem__(self, _grid):
+                fn = kernel
+                while not isinstance(fn, triton.runtime.JITFunction):
+                    fn = fn.fn
+                restored = getattr(kernel, "restore_value", None) or []
+                return lambda *args, **kw: launches.append(({**dict(zip(fn.arg_names, args)), **kw}, restored))
+
+        return Grid()
+
+    monkeypatch.setattr(ta, "_direct", record)  # `_unused` then hands out q, as eagerly
+    inp = validate(q, k, v, causal=True, dropout_p=p)
+    ta.backward(inp, seed, out, lse, dout, None, False, launch=record)
+    assert any(restored for _, restored in launches)
+    for args, restored in launches:
+        for name in restored:
+            assert all(args[name] is not t for t in (q, k, v, out, dout, lse)), name
+
 
 # ---- GPU --------------------------------------------------------------------------------------
 
@@ -231,6 +277,41 @@ def test_gpu_dropout_in_graph_is_random_and_consistent(monkeypatch):
     # dv[j, c] = sum_i P_drop[i, j] · 1: every column of dv is the column sums of the dropped,
     # scaled probabilities, which (v = identity) is what the forward returned.
     torch.testing.assert_close(dv1[0, 0, :, 0].float(), out1[0, 0].float().sum(0), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_fused_dropout_backward_in_the_graph(monkeypatch):
+    """With dropout Inductor's backward is the one-kernel one (dQ added by the dK/dV kernel) and
+    every gradient matches float64 autograd under the keep-mask the forward drew (v = identity
+    makes the forward's output the scaled, dropped probabilities, so the mask is read off it)."""
+    monkeypatch.setenv("FLASH_INDUCTOR_TRITON_AUTOTUNE", "0")
+    monkeypatch.delenv("FLASH_INDUCTOR_FUSED_DQ", raising=False)
+    Hq, N, D, p = 4, 128, 64, 0.2
+    gen = torch.Generator().manual_seed(17)
+    q = (torch.randn(2, Hq, N, D, generator=gen) * 0.3).cuda().half().requires_grad_()
+    k = (torch.randn(2, 2, N, D, generator=gen) * 0.3).cuda().half().requires_grad_()
+    v = torch.eye(N).expand(2, 2, N, N).contiguous().cuda().half().requires_grad_()
+    dout = torch.randn(2, Hq, N, N, generator=gen).cuda().half()
+
+    def step(q, k, v):
+        out = flash_inductor.attention(q, k, v, causal=True, dropout_p=p)
+        return (out, *torch.autograd.grad(out, [q, k, v], dout))
+
+    (out, dq, dk, dv), code = _inductor_code(step, q, k, v)
+    code = "\n".join(code)
+    assert "_attn_bwd_dkdv" in code and "_attn_bwd_dq" not in code
+
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    s = q64 @ k64.repeat_interleave(2, 1).transpose(-1, -2) / D ** 0.5
+    s = s.masked_fill(torch.ones(N, N, dtype=torch.bool, device="cuda").triu(1), float("-inf"))
+    keep = out != 0  # every visible probability is far from 0 at these score sizes
+    ref = (s.softmax(-1) * keep / (1 - p)) @ v64.repeat_interleave(2, 1)
+    ref_grads = torch.autograd.grad(ref, [q64, k64, v64], dout.double())
+    assert rel_err(out, ref) < 1e-2
+    for name, g, r in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads):
+        assert torch.isfinite(g).all(), name
+        assert rel_err(g, r) < 2e-2, f"{name}: {rel_err(g, r):.3g}"
 
 
 @pytest.mark.gpu

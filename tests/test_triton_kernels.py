@@ -302,6 +302,55 @@ def test_softcap_forward_backward(interp, poisoned, case):
     _check_against_ref(interp, poisoned, q, k, v, bias, causal, gen, softcap=cap)
 
 
+# The fused backward (dQ by atomics from the dK/dV kernel) forced on without dropout: every
+# path of the dK/dV loop adds into dQ (causal band and full blocks, keys past Nk, rows with no
+# visible key, GQA groups, soft-capping's extra factor, an incoming dlse).
+FUSED_DQ_CASES = ["gqa_top_left_nq_gt_nk_strided", "mqa_bottom_right_nq_gt_nk", "fp16_bottom_right",
+                  "bool_mask_empty_row"]
+
+
+@pytest.mark.parametrize("case", FUSED_DQ_CASES + ["softcap", "dlse"])
+@interpreted
+def test_fused_dq_backward(interp, poisoned, monkeypatch, case):
+    monkeypatch.setenv(interp.FUSED_DQ_ENV, "1")
+    gen = torch.Generator().manual_seed(zlib.crc32(case.encode()))
+    if case == "softcap":
+        q, k, v = (_randn(s, torch.float32, gen) for s in ((2, 4, 37, 16), (2, 2, 45, 16), (2, 2, 45, 16)))
+        _check_against_ref(interp, poisoned, q, k, v, _bias("bool", 2, 4, 37, 45, None, gen), "top_left", gen,
+                           softcap=2.0)
+        return
+    if case == "dlse":
+        q, k, v = (_randn(s, torch.float32, gen) for s in ((1, 2, 37, 16), (1, 1, 45, 16), (1, 1, 45, 24)))
+        _check_against_ref(interp, poisoned, q, k, v, None, "bottom_right", gen, dlse=True)
+        return
+    B, Hq, Hkv, Nq, Nk, D, Dv, dtype, causal, bias_kind, layout = CASES[case]
+    q = _randn((B, Hq, Nq, D), dtype, gen, layout)
+    k = _randn((B, Hkv, Nk, D), dtype, gen, layout)
+    v = _randn((B, Hkv, Nk, Dv), dtype, gen, layout)
+    _check_against_ref(interp, poisoned, q, k, v, _bias(bias_kind, B, Hq, Nq, Nk, dtype, gen), causal, gen)
+
+
+def test_fused_dq_is_dropouts_default_and_never_deterministic(monkeypatch):
+    ta = importlib.import_module(KERNEL_MODULE)
+    monkeypatch.delenv(ta.FUSED_DQ_ENV, raising=False)
+    q = torch.zeros(1, 2, 8, 16)
+    plain, dropout = validate(q, q, q), validate(q, q, q, dropout_p=0.1)
+    assert ta.fused_dq(dropout, False) and not ta.fused_dq(plain, False)
+    # A bias that requires grad needs the dQ kernel's dS.
+    assert not ta.fused_dq(dropout, True)
+    monkeypatch.setenv(ta.FUSED_DQ_ENV, "1")
+    assert ta.fused_dq(plain, False) and not ta.fused_dq(plain, True)
+    monkeypatch.setenv(ta.FUSED_DQ_ENV, "0")
+    assert not ta.fused_dq(dropout, False)
+    monkeypatch.setenv(ta.FUSED_DQ_ENV, "1")
+    prior = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not ta.fused_dq(dropout, False)
+    finally:
+        torch.use_deterministic_algorithms(prior)
+
+
 _kernel_tanh = None
 
 
@@ -361,11 +410,16 @@ def _dropout_mask(kernels, q, k, seed, p, causal=False, bias=None):
     return out != 0
 
 
+@pytest.mark.parametrize("fused", ["1", "0"], ids=["fused_dq", "dq_kernel"])
 @pytest.mark.parametrize(
     "causal,bias_kind", [(False, None), ("bottom_right", "heads_rows_keys")], ids=["plain", "causal_bias"]
 )
 @interpreted
-def test_dropout_backward_matches_forward_mask(interp, poisoned, causal, bias_kind):
+def test_dropout_backward_matches_forward_mask(interp, poisoned, monkeypatch, causal, bias_kind, fused):
+    """Both backwards regenerate the forward's keep bits: the fused one (dQ added by the dK/dV
+    kernel, dropout's default) and the two-kernel one. With a bias that requires grad the dQ
+    kernel runs either way (it writes dS)."""
+    monkeypatch.setenv(interp.FUSED_DQ_ENV, fused)
     B, Hq, Hkv, Nq, Nk, D, p = 2, 4, 2, 37, 24, 16, 0.25
     gen = torch.Generator().manual_seed(11)
     q, k, v = (_randn(s, torch.float32, gen) for s in ((B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, Nk)))
@@ -780,6 +834,19 @@ def _to_cuda(*ts):
 def test_gpu_forward_backward(compiled, poisoned, monkeypatch, case):
     # One config per kernel: autotuning every case would compile ~30 variants each.
     monkeypatch.setenv(compiled.AUTOTUNE_ENV, "0")
+    _gpu_case(compiled, poisoned, case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["fp16_d64_plain", "bf16_d128_gqa_top_left", "bf16_d256_bool", "bf16_d192_plain"])
+def test_gpu_fused_dq(compiled, poisoned, monkeypatch, case):
+    """The one-kernel backward (dQ by atomics), forced on without dropout, at real sizes."""
+    monkeypatch.setenv(compiled.AUTOTUNE_ENV, "0")
+    monkeypatch.setenv(compiled.FUSED_DQ_ENV, "1")
+    _gpu_case(compiled, poisoned, case)
+
+
+def _gpu_case(compiled, poisoned, case):
     B, Hq, Hkv, Nq, Nk, D, Dv, dtype, causal, bias_kind = GPU_CASES[case]
     gen = torch.Generator().manual_seed(zlib.crc32(case.encode()))
     q = _randn((B, Hq, Nq, D), dtype, gen, "bnhd")

@@ -21,7 +21,8 @@ Every tensor is read through its strides (size-1 bias dims with stride 0, never 
 the last dim is assumed unit-stride, and a q/k/v/out/dout/bias whose last dim is not gets a copy
 (of the bias, only its unbroadcast part).
 GQA: query head h reads KV head h // (Hq // Hkv); the dK/dV kernel loops over the group's query
-heads, so K/V are never repeated and the backward needs no atomics (deterministic).
+heads, so K/V are never repeated and the backward needs no atomics (deterministic), except
+that with dropout dQ is added by the dK/dV kernel with atomics (`fused_dq`).
 
 Limits: offsets inside one (batch, head) slice are int32 except the bias/dS rows (int64), so
 one head of q/k/v must span < 2**31 elements; sequence lengths must be < 2**31.
@@ -221,6 +222,18 @@ def _causal_shift(Nq, Nk, CAUSAL: tl.constexpr):
     else:
         shift = Nk * 0
     return shift
+
+
+@triton.jit
+def _row_block(CAUSAL: tl.constexpr):
+    """This program's query block (forward and dQ grids). Under causal a block's work grows with
+    its index and the GPU starts programs in grid order, so each head's blocks are taken longest
+    first (as FlashAttention 2 does): the programs that start last, the tail of the last wave,
+    are then the shortest, not the longest of the last head."""
+    pid = tl.program_id(0)
+    if CAUSAL != CAUSAL_NONE:
+        pid = tl.num_programs(0) - 1 - pid
+    return pid
 
 
 @triton.jit
@@ -439,6 +452,27 @@ def tuning_in_graph(enabled: bool):
     finally:
         _tuning_in_graph.reset(token)
 
+# With dropout, the backward runs as one kernel: the dK/dV kernel, which already has each score's
+# probability and keep bits, also adds dS·K into a float32 dQ accumulator with atomics, and the dQ
+# kernel (which recomputed all of it and drew every keep bit again) is not launched. Measured on
+# an H100 (session 11, N=8192 D=128 bf16): dropout backward 253 → 280 TFLOP/s and BERT-base's
+# attention backward 1867 → 1469 µs a step; without dropout the atomics cost more than the
+# recompute saves (430 → 402, causal 353 → 333), so it stays off there. Atomics make dQ's
+# float32 sums order-dependent: off under torch.use_deterministic_algorithms, and
+# FLASH_INDUCTOR_FUSED_DQ=0 / 1 forces it off / on (a bias that requires grad needs the dQ
+# kernel's dS, so it never fuses).
+FUSED_DQ_ENV = "FLASH_INDUCTOR_FUSED_DQ"
+
+
+def fused_dq(inp: AttentionInputs, bias_requires_grad: bool) -> bool:
+    if bias_requires_grad or torch.are_deterministic_algorithms_enabled():
+        return False
+    setting = os.environ.get(FUSED_DQ_ENV, "").strip()
+    if setting:
+        return setting != "0"
+    return inp.dropout_p > 0.0
+
+
 # Shared memory per SM on H100 is 228 KiB; configs whose tiles clearly cannot fit are dropped
 # before compiling (the autotuner would skip them anyway, after paying for the compile).
 _SMEM_BUDGET = 200 * 1024
@@ -548,7 +582,7 @@ def _attn_fwd(
     cap_scale = tl.cast(cap_scale, tl.float32)
     drop_scale = tl.cast(drop_scale, tl.float32)
     tl.static_assert(BLOCK_DV >= DV)
-    pid_m = tl.program_id(0)
+    pid_m = _row_block(CAUSAL)
     bh = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
     h = (bh % Hq).to(tl.int64)
@@ -636,11 +670,14 @@ def _attn_fwd(
 
 @triton.jit
 def _attn_bwd_preprocess(
-    Out, DOut, DLse, Delta,
+    Out, DOut, DLse, Delta, DQAcc,
     stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
     Hq, Nq,
-    DV: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_DLSE: tl.constexpr, ZERO_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
+    """delta = rowsum(dO ∘ O) - dlse; with ZERO_DQ also zeroes the fused backward's dQ
+    accumulator ([B, Hq, Nq, D] float32, contiguous), which saves a memset launch."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
@@ -662,38 +699,45 @@ def _attn_bwd_preprocess(
         # d lse / d s = p, so an incoming dlse enters dS = p ∘ (dP - delta) through delta.
         delta -= tl.load(DLse + row, mask=offs_m < Nq, other=0.0)
     tl.store(Delta + row, delta, mask=offs_m < Nq)
+    if ZERO_DQ:
+        offs_d = tl.arange(0, BLOCK_D)
+        tl.store(
+            DQAcc + row[:, None] * D + offs_d[None, :], tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32),
+            mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D),
+        )
 
 
 @triton.jit
 def _attn_bwd_dkdv_inner(
     dk, dv, k, v,
-    Q_head, DO_head, Lse_head, Delta_head, bias_cols, philox_seed, philox_offset, bh,
+    Q_head, DO_head, Lse_head, Delta_head, DQ_head, bias_cols, philox_seed, philox_offset, bh,
     start_n, offs_n, offs_d, offs_dv, lo, hi, tiles,
     stride_qm, stride_dom, stride_bm, stride_lm,
     Nq, Nk, shift, qk_scale, cap_scale, drop_threshold, drop_scale,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     MASK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
-    SPARSE: tl.constexpr, TILE: tl.constexpr,
+    SPARSE: tl.constexpr, TILE: tl.constexpr, FUSED_DQ: tl.constexpr,
 ):
     """Accumulate this key block's dK, dV over query rows [lo, hi) of one query head (on sᵀ);
-    with SPARSE, over the blocks of the `hi` query tiles listed at `tiles`."""
+    with SPARSE, over the blocks of the `hi` query tiles listed at `tiles`. With FUSED_DQ, also
+    add each row block's dQ share into the float32 accumulator at DQ_head (atomics)."""
     if SPARSE:
         for it in range(0, hi * (TILE // BLOCK_M)):
             start_m = _listed_block(it, tiles, TILE, BLOCK_M)
             dk, dv = _attn_bwd_dkdv_step(
-                dk, dv, k, v, start_m, Q_head, DO_head, Lse_head, Delta_head, bias_cols, philox_seed,
+                dk, dv, k, v, start_m, Q_head, DO_head, Lse_head, Delta_head, DQ_head, bias_cols, philox_seed,
                 philox_offset, bh, start_n, offs_n, offs_d, offs_dv, stride_qm, stride_dom, stride_bm, stride_lm,
                 Nq, Nk, shift, qk_scale, cap_scale, drop_threshold, drop_scale, D, DV, BLOCK_M, BLOCK_N,
-                HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, MASK_CAUSAL, DOT_PRECISION, SOFTCAP,
+                HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, MASK_CAUSAL, DOT_PRECISION, SOFTCAP, FUSED_DQ,
             )
     else:
         for start_m in range(lo, hi, BLOCK_M):
             dk, dv = _attn_bwd_dkdv_step(
-                dk, dv, k, v, start_m, Q_head, DO_head, Lse_head, Delta_head, bias_cols, philox_seed,
+                dk, dv, k, v, start_m, Q_head, DO_head, Lse_head, Delta_head, DQ_head, bias_cols, philox_seed,
                 philox_offset, bh, start_n, offs_n, offs_d, offs_dv, stride_qm, stride_dom, stride_bm, stride_lm,
                 Nq, Nk, shift, qk_scale, cap_scale, drop_threshold, drop_scale, D, DV, BLOCK_M, BLOCK_N,
-                HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, MASK_CAUSAL, DOT_PRECISION, SOFTCAP,
+                HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, MASK_CAUSAL, DOT_PRECISION, SOFTCAP, FUSED_DQ,
             )
     return dk, dv
 
@@ -701,13 +745,14 @@ def _attn_bwd_dkdv_inner(
 @triton.jit
 def _attn_bwd_dkdv_step(
     dk, dv, k, v, start_m,
-    Q_head, DO_head, Lse_head, Delta_head, bias_cols, philox_seed, philox_offset, bh,
+    Q_head, DO_head, Lse_head, Delta_head, DQ_head, bias_cols, philox_seed, philox_offset, bh,
     start_n, offs_n, offs_d, offs_dv,
     stride_qm, stride_dom, stride_bm, stride_lm,
     Nq, Nk, shift, qk_scale, cap_scale, drop_threshold, drop_scale,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     MASK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+    FUSED_DQ: tl.constexpr,
 ):
     n_ok = offs_n[:, None] < Nk
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -748,17 +793,27 @@ def _attn_bwd_dkdv_step(
     dsT = pT * (dpT - delta[None, :])
     if SOFTCAP:
         dsT = dsT * (1.0 - tT * tT)
-    dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PRECISION)
+    dsT = dsT.to(qT.dtype)
+    dk += tl.dot(dsT, tl.trans(qT), input_precision=DOT_PRECISION)
+    if FUSED_DQ:
+        # Keys past Nk were loaded as zeros, so their (nonzero) dS rows add nothing here.
+        dq = tl.dot(tl.trans(dsT), k, input_precision=DOT_PRECISION)
+        tl.atomic_add(
+            DQ_head + offs_m[:, None] * D + offs_d[None, :], dq,
+            mask=m_ok[:, None] & (offs_d[None, :] < D), sem="relaxed",
+        )
     return dk, dv
 
 
 @triton.autotune(
-    configs=_DKDV_CONFIGS, key=_TUNE_KEY,
-    prune_configs_by={"early_config_prune": _prune("BLOCK_M", "BLOCK_N", "dkdv")}, **_AUTOTUNE_EXTRA,
+    configs=_DKDV_CONFIGS, key=_TUNE_KEY + ["FUSED_DQ"],
+    prune_configs_by={"early_config_prune": _prune("BLOCK_M", "BLOCK_N", "dkdv")},
+    # Every timed run adds into the dQ accumulator, and Triton times even a lone candidate.
+    restore_value=["DQAcc"], **_AUTOTUNE_EXTRA,
 )
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, Bias, Seed, DO, Lse, Delta, DK, DV_, Counts, Tiles, CuQ, CuK,
+    Q, K, V, Bias, Seed, DO, Lse, Delta, DK, DV_, DQAcc, Counts, Tiles, CuQ, CuK,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -773,11 +828,14 @@ def _attn_bwd_dkdv(
     ELT_BYTES: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SOFTCAP: tl.constexpr, SPARSE: tl.constexpr, TILE: tl.constexpr, VARLEN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FUSED_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (b, KV head, key block); loops over the G query heads of its group.
-    Lse and Delta share one layout (strides stride_l*); VARLEN as in `_attn_fwd`."""
+    Lse and Delta share one layout (strides stride_l*); VARLEN as in `_attn_fwd`. With FUSED_DQ
+    it also accumulates dQ / sm_scale into DQAcc ([B, Hq, Nq, D] float32, zeroed beforehand) and
+    the dQ kernel is not launched (`fused_dq`)."""
     tl.static_assert(BLOCK_D >= D)
+    tl.static_assert(not (FUSED_DQ and VARLEN))
     tl.static_assert((not SPARSE) or (TILE % BLOCK_M == 0 and TILE % BLOCK_N == 0))
     qk_scale = tl.cast(qk_scale, tl.float32)
     cap_scale = tl.cast(cap_scale, tl.float32)
@@ -834,40 +892,41 @@ def _attn_bwd_dkdv(
         DO_head = DO + b * stride_dob + h * stride_doh + q_start * stride_dom
         Lse_head = Lse + b * stride_lb + h * stride_lh + q_start * stride_lm
         Delta_head = Delta + b * stride_lb + h * stride_lh + q_start * stride_lm
+        DQ_head = DQAcc + (b * Hq + h) * Nq * D
         bias_cols = Bias + b * stride_bb + h * stride_bh + offs_n[:, None] * stride_bn
         if SPARSE:
             n_partial, partial, n_full, full = _tile_lists(
                 Counts, Tiles, b, h, start_n // TILE, stride_tb, stride_th, list_stride, row_len
             )
             dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, bias_cols,
+                dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, DQ_head, bias_cols,
                 philox_seed, philox_offset, bh, start_n, offs_n, offs_d, offs_dv, 0, n_partial, partial,
                 stride_qm, stride_dom, stride_bm, stride_lm, Nq, Nk, shift, qk_scale, cap_scale,
                 drop_threshold, drop_scale, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
-                CAUSAL != CAUSAL_NONE, DOT_PRECISION, SOFTCAP, True, TILE,
+                CAUSAL != CAUSAL_NONE, DOT_PRECISION, SOFTCAP, True, TILE, FUSED_DQ,
             )
             dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, bias_cols,
+                dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, DQ_head, bias_cols,
                 philox_seed, philox_offset, bh, start_n, offs_n, offs_d, offs_dv, 0, n_full, full,
                 stride_qm, stride_dom, stride_bm, stride_lm, Nq, Nk, shift, qk_scale, cap_scale,
                 drop_threshold, drop_scale, D, DV, BLOCK_M, BLOCK_N, False, False, HAS_DROPOUT, False,
-                DOT_PRECISION, SOFTCAP, True, TILE,
+                DOT_PRECISION, SOFTCAP, True, TILE, FUSED_DQ,
             )
         else:
             if CAUSAL != CAUSAL_NONE:
                 dk, dv = _attn_bwd_dkdv_inner(
-                    dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, bias_cols,
+                    dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, DQ_head, bias_cols,
                     philox_seed, philox_offset, bh, start_n, offs_n, offs_d, offs_dv, lo, mid, Tiles,
                     stride_qm, stride_dom, stride_bm, stride_lm, Nq, Nk, shift, qk_scale, cap_scale,
                     drop_threshold, drop_scale, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
-                    True, DOT_PRECISION, SOFTCAP, False, TILE,
+                    True, DOT_PRECISION, SOFTCAP, False, TILE, FUSED_DQ,
                 )
             dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, bias_cols,
+                dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, DQ_head, bias_cols,
                 philox_seed, philox_offset, bh, start_n, offs_n, offs_d, offs_dv, mid, Nq, Tiles,
                 stride_qm, stride_dom, stride_bm, stride_lm, Nq, Nk, shift, qk_scale, cap_scale,
                 drop_threshold, drop_scale, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
-                False, DOT_PRECISION, SOFTCAP, False, TILE,
+                False, DOT_PRECISION, SOFTCAP, False, TILE, FUSED_DQ,
             )
 
     dk *= sm_scale
@@ -999,7 +1058,7 @@ def _attn_bwd_dq(
     sm_scale = tl.cast(sm_scale, tl.float32)
     drop_scale = tl.cast(drop_scale, tl.float32)
     tl.static_assert(BLOCK_DV >= DV)
-    pid_m = tl.program_id(0)
+    pid_m = _row_block(CAUSAL)
     bh = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
     h = (bh % Hq).to(tl.int64)
@@ -1229,7 +1288,8 @@ def backward(
     bias_requires_grad: bool,
     launch=_direct,
 ):
-    """(dq, dk, dv, dbias or None), FlashAttention-2 style, deterministic (no atomics).
+    """(dq, dk, dv, dbias or None), FlashAttention-2 style: deterministic (no atomics) unless
+    `fused_dq` says the dK/dV kernel adds dQ in with atomics (dropout's default).
 
     The bias gradient is dS summed over the bias's broadcast dims. dS is written in the bias's
     dtype to a [B, Hq, Nq, Nk] buffer: for a bias of that full shape the buffer is the
@@ -1262,14 +1322,18 @@ def backward(
         G = Hq // Hkv
         seed_arg = seed if seed is not None else unused
 
+        fused = fused_dq(inp, bias_requires_grad)
+        # Never an input when unused either: the dK/dV autotuner restores DQAcc in place after
+        # timing a config (`restore_value`), which would bump q's autograd version.
+        dq_acc = torch.empty((B, Hq, Nq, inp.head_dim) if fused else (0,), dtype=torch.float32, device=dev)
         delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=dev)
         launch(_attn_bwd_preprocess)[(triton.cdiv(Nq, _PREPROCESS_BLOCK_M), B * Hq)](
-            out, dout, dlse.contiguous() if dlse is not None else delta, delta,
+            out, dout, dlse.contiguous() if dlse is not None else delta, delta, dq_acc,
             out.stride(0), out.stride(1), out.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2),
             Hq, Nq,
-            DV=inp.head_dim_v, BLOCK_DV=_block(inp.head_dim_v), HAS_DLSE=dlse is not None,
-            BLOCK_M=_PREPROCESS_BLOCK_M,
+            D=inp.head_dim, BLOCK_D=_block(inp.head_dim), DV=inp.head_dim_v, BLOCK_DV=_block(inp.head_dim_v),
+            HAS_DLSE=dlse is not None, ZERO_DQ=fused, BLOCK_M=_PREPROCESS_BLOCK_M,
         )
         common = (
             q.stride(0), q.stride(1), q.stride(2),
@@ -1287,25 +1351,28 @@ def backward(
         grid_kv = lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
         tile_ptrs, tile_strides = _tile_args(tiles, False, unused)
         launch(_attn_bwd_dkdv)[grid_kv](
-            q, k, v, bias, seed_arg, dout, lse, delta, dk, dv, *tile_ptrs, unused, unused,
+            q, k, v, bias, seed_arg, dout, lse, delta, dk, dv, dq_acc, *tile_ptrs, unused, unused,
             *common,
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
             *delta.stride(),
             *tile_strides,
-            *scalars, VARLEN=False, **meta,
+            *scalars, VARLEN=False, FUSED_DQ=fused, **meta,
         )
-        grid_q = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
-        tile_ptrs, tile_strides = _tile_args(tiles, True, unused)
-        launch(_attn_bwd_dq)[grid_q](
-            q, k, v, bias, seed_arg, dout, lse, delta, dq, ds if ds is not None else unused, *tile_ptrs,
-            unused, unused,
-            *common,
-            dq.stride(0), dq.stride(1), dq.stride(2),
-            *delta.stride(),
-            *tile_strides,
-            *scalars, STORE_DS=ds is not None, VARLEN=False, **meta,
-        )
+        if fused:
+            torch.mul(dq_acc, inp.scale, out=dq)
+        else:
+            grid_q = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+            tile_ptrs, tile_strides = _tile_args(tiles, True, unused)
+            launch(_attn_bwd_dq)[grid_q](
+                q, k, v, bias, seed_arg, dout, lse, delta, dq, ds if ds is not None else unused, *tile_ptrs,
+                unused, unused,
+                *common,
+                dq.stride(0), dq.stride(1), dq.stride(2),
+                *delta.stride(),
+                *tile_strides,
+                *scalars, STORE_DS=ds is not None, VARLEN=False, **meta,
+            )
 
     dbias = None
     if bias_requires_grad:
@@ -1393,12 +1460,13 @@ def backward_varlen(dout, dlse, q, k, v, cu_q, cu_k, max_q: int, max_k: int, see
                sc["N_BUCKET"])
     lse_strides = (0, lse.stride(1), lse.stride(0))
     launch(_attn_bwd_dkdv)[lambda m: (triton.cdiv(max(max_k, 1), m["BLOCK_N"]), B * Hkv)](
-        q, k, v, unused, seed_arg, dout, lse, delta, dk, dv, unused, unused, cu_q, cu_k,
+        q, k, v, unused, seed_arg, dout, lse, delta, dk, dv, torch.empty(0, dtype=torch.float32, device=q.device),
+        unused, unused, cu_q, cu_k,
         *common,
         0, dk.stride(1), dk.stride(0),
         0, dv.stride(1), dv.stride(0),
         *lse_strides, 0, 0, 0, 0,
-        *scalars, **meta,
+        *scalars, FUSED_DQ=False, **meta,
     )
     launch(_attn_bwd_dq)[lambda m: (triton.cdiv(max(max_q, 1), m["BLOCK_M"]), B * Hq)](
         q, k, v, unused, seed_arg, dout, lse, delta, dq, unused, unused, unused, cu_q, cu_k,
