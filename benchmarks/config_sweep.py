@@ -47,6 +47,10 @@ CASES = {
     "d128_2k_bias_causal": (1, 12, 2048, 128, True, "per_head", 0.0),
     "d128_4k_causal": (1, 12, 4096, 128, True, None, 0.0),
     "d128_4k_bias_causal": (1, 12, 4096, 128, True, "per_head", 0.0),
+    # issue 3's N = 8192 bias rows (the bench's per-head bias), and dropout's one-kernel backward
+    "d128_8k_bias": (1, 12, 8192, 128, False, "per_head", 0.0),
+    "d128_8k_bias_causal": (1, 12, 8192, 128, True, "per_head", 0.0),
+    "d128_8k_dropout": (1, 12, 8192, 128, False, None, 0.1),
     # Gemma 2 2B's attention in e2e_models.py (its 4 KV heads repeated here), and the bench row
     "gemma2": (2, 8, 2048, 256, True, "padding", 0.0),
     "d256_8k": (1, 12, 8192, 256, False, None, 0.0),

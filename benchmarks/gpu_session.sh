@@ -83,6 +83,11 @@ for phase in "$@"; do
     bench8k_bias)
       bench 330 bench_8k_bias --lengths 8192 --cases none bias bias+causal bias+causal+dropout --peers triton flex sdpa_cudnn
       bench 150 bench_8k_bias_grad --lengths 8192 --cases bias bias+causal --bias-grad --peers triton flex ;;
+    issue3_8k)  # issue 3's N=8192 target rows, every peer in one process (env ISSUE3_AUTOTUNE, default 0:
+      # the defaults are the autotuner's most frequent picks at D=128; tuning every variant takes longer than a call)
+      FLASH_INDUCTOR_TRITON_AUTOTUNE=${ISSUE3_AUTOTUNE:-0} bench ${ISSUE3_TIMEOUT:-540} bench_issue3_8k --lengths 8192 \
+        --cases none causal bias bias+causal dropout causal+dropout bias+causal+dropout \
+        --peers triton sdpa_cudnn sdpa_flash flex --markdown --plot "$OUT/bench_issue3_8k.png" | tail -40 ;;
     bench_final)
       bench 240 bench_8k_bias_final --lengths 8192 --cases bias bias+causal --peers triton flex
       bench 120 bench_8k_bias_grad_final --lengths 8192 --cases bias+causal --bias-grad --peers triton flex
