@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 
 import torch
 
@@ -117,6 +118,11 @@ def _bwd_in_graph(
     return dq, dk, dv, dbias
 
 
+# One memo per trace (keyed by its FunctionalTensorMode, dropped with it): the mask tiles' maps
+# that the trace's calls share (mask_tiles.shared_in_trace).
+_trace_memos: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _rule(op_name, in_graph, inputs_of, phase):
     from torch._subclasses.fake_tensor import FakeTensor
     from torch._subclasses.functional_tensor import FunctionalTensor
@@ -138,7 +144,10 @@ def _rule(op_name, in_graph, inputs_of, phase):
 
         from .kernels import triton_attention
 
-        with triton_attention.tuning_in_graph(bool(inductor_config.max_autotune)), mode:
+        from .kernels import mask_tiles
+
+        with (triton_attention.tuning_in_graph(bool(inductor_config.max_autotune)),
+              mask_tiles.shared_in_trace(_trace_memos.setdefault(mode, {})), mode):
             return in_graph(*args)
 
     return rule

@@ -194,6 +194,47 @@ def test_eager_launches_never_pass_an_input_where_the_autotuner_restores(p, monk
             assert all(args[name] is not t for t in (q, k, v, out, dout, lse)), name
 
 
+def test_one_trace_classifies_a_shared_mask_once(monkeypatch):
+    """Every layer of a model passes the same mask: inside one trace (`shared_in_trace`) its
+    tile map is built by the first call and its lists reused, the backward adding only the
+    dK/dV lists; another mask, or the same one changed in place, is classified again."""
+    from flash_inductor.inputs import validate
+    from flash_inductor.kernels import mask_tiles
+    from flash_inductor.kernels import triton_attention as ta
+
+    monkeypatch.setattr(mask_tiles, "MIN_FLOPS", 0)
+    q, k, v = make_qkv(2, 2, 2, 300, head_dim=16)
+    idx = torch.arange(300)
+    mask = ((idx[None, :] <= idx[:, None]) & (idx < torch.tensor([300, 200])[:, None, None]))[:, None]
+    out, dout, lse = torch.randn_like(q), torch.randn_like(q), torch.randn(2, 2, 300)
+
+    def layers(masks):
+        def run(launch):
+            for m in masks:
+                inp = validate(q, k, v, m)
+                ta.forward(inp, None, launch=launch)
+            for m in reversed(masks):
+                ta.backward(validate(q, k, v, m), None, out, lse, dout, None, False, launch=launch)
+        with mask_tiles.shared_in_trace({}):
+            names = [name for name, args in _recorded_launches(run)]
+        return names.count("_classify_tiles"), names.count("_build_lists"), names.count("_attn_fwd")
+
+    assert layers([mask] * 4) == (1, 2, 4)
+    assert layers([mask, mask.clone(), mask]) == (2, 4, 3)
+    changed = mask.clone()
+
+    def run(launch):
+        ta.forward(validate(q, k, v, changed), None, launch=launch)
+        changed[0, 0, 0, 0] = False  # in place: the version moves
+        ta.forward(validate(q, k, v, changed), None, launch=launch)
+
+    with mask_tiles.shared_in_trace({}):
+        assert [n for n, _ in _recorded_launches(run)].count("_classify_tiles") == 2
+    # Outside a trace nothing is shared.
+    assert [n for n, _ in _recorded_launches(lambda launch: [ta.forward(validate(q, k, v, mask), None, launch=launch)
+                                                             for _ in range(2)])].count("_classify_tiles") == 2
+
+
 # ---- GPU --------------------------------------------------------------------------------------
 
 

@@ -23,6 +23,8 @@ head dims of size 1 in the bias stay size 1 here (stride 0 in the kernels).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 from dataclasses import dataclass
 
@@ -162,23 +164,53 @@ def worth_it(inp: AttentionInputs) -> bool:
     return mask_like(inp) and flops >= MIN_FLOPS
 
 
+# Inside one trace (kernels_in_graph.py: one AOTAutograd graph, forward and backward), every
+# layer of a model passes the same mask tensor, and each call would classify it again: in GPT-2
+# medium's training step the map was 96 of its launches and 378 µs (RESULTS.md, session 12).
+# Inductor cannot merge those launches (each writes a fresh buffer), so the trace shares them:
+# a call finds the map and lists an earlier call of the same trace built from the same tensor
+# (same object, same version, same shape, lengths and causal flag) and uses them as graph values.
+_shared_memo: contextvars.ContextVar[dict | None] = contextvars.ContextVar("mask_tiles_shared", default=None)
+
+
+@contextlib.contextmanager
+def shared_in_trace(memo: dict):
+    """Calls classified inside this context share their maps through `memo` (one per trace)."""
+    token = _shared_memo.set(memo)
+    try:
+        yield
+    finally:
+        _shared_memo.reset(token)
+
+
 def classify(inp: AttentionInputs, bias4: torch.Tensor, strides: tuple, launch, by_key: bool = True) -> MaskTiles:
     """Read the bias once and build the tile lists. `bias4` / `strides` as the kernels get them.
     `by_key=False` (the forward) skips the dK/dV lists: one launch and two buffers fewer."""
+    memo = _shared_memo.get()
+    key = None
+    if memo is not None:
+        key = (id(inp.bias), inp.bias._version, tuple(bias4.shape), tuple(strides), inp.len_q, inp.len_k,
+               int(inp.causal), inp.bias_kind)
+        entry = memo.get(key)
+        if entry is not None and (entry["tiles"].counts_k is not None or not by_key):
+            return entry["tiles"]
     b4 = inp.bias_4d()
     bb, hb = b4.shape[0], b4.shape[1]
     nq, nk = inp.len_q, inp.len_k
     mt, nt = triton.cdiv(nq, TILE), triton.cdiv(nk, TILE)
     dev = inp.device
-    state = torch.empty((bb, hb, mt, nt), dtype=torch.int8, device=dev)
-    shift = nk - nq if inp.causal == Causal.BOTTOM_RIGHT else 0
-    launch(_classify_tiles)[(mt, nt, bb * hb)](
-        bias4, state, *strides, hb, nq, nk, shift,
-        IS_BOOL=inp.bias_kind == "bool", CAUSAL=inp.causal != Causal.NONE, TILE=TILE,
-    )
-    lists = []
+    if key is not None and key in memo:
+        state, lists = memo[key]["state"], [memo[key]["tiles"].counts_q, memo[key]["tiles"].tiles_q]
+    else:
+        state = torch.empty((bb, hb, mt, nt), dtype=torch.int8, device=dev)
+        shift = nk - nq if inp.causal == Causal.BOTTOM_RIGHT else 0
+        launch(_classify_tiles)[(mt, nt, bb * hb)](
+            bias4, state, *strides, hb, nq, nk, shift,
+            IS_BOOL=inp.bias_kind == "bool", CAUSAL=inp.causal != Causal.NONE, TILE=TILE,
+        )
+        lists = []
     # By query tile (rows of the map), then by key tile (its columns).
-    for rows, row_len, stride_row, stride_col in ((mt, nt, nt, 1), (nt, mt, 1, nt))[: 2 if by_key else 1]:
+    for rows, row_len, stride_row, stride_col in ((mt, nt, nt, 1), (nt, mt, 1, nt))[len(lists) // 2: 2 if by_key else 1]:
         counts = torch.empty((2, bb, hb, rows), dtype=torch.int32, device=dev)
         tiles = torch.empty((2, bb, hb, rows, row_len), dtype=torch.int32, device=dev)
         launch(_build_lists)[(bb * hb * rows,)](
@@ -188,4 +220,8 @@ def classify(inp: AttentionInputs, bias4: torch.Tensor, strides: tuple, launch, 
         lists += [counts, tiles]
     if not by_key:
         lists += [None, None]
-    return MaskTiles(*lists, bb, hb, mt, nt)
+    result = MaskTiles(*lists, bb, hb, mt, nt)
+    if key is not None:
+        # The bias is held so that its id cannot be reused by another tensor while the memo lives.
+        memo[key] = {"bias": inp.bias, "state": state, "tiles": result}
+    return result
