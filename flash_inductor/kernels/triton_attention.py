@@ -455,9 +455,10 @@ def tuning_in_graph(enabled: bool):
 # With dropout, the backward runs as one kernel: the dK/dV kernel, which already has each score's
 # probability and keep bits, also adds dS·K into a float32 dQ accumulator with atomics, and the dQ
 # kernel (which recomputed all of it and drew every keep bit again) is not launched. Measured on
-# an H100 (session 11, N=8192 D=128 bf16): dropout backward 253 → 280 TFLOP/s and BERT-base's
-# attention backward 1867 → 1469 µs a step; without dropout the atomics cost more than the
-# recompute saves (430 → 402, causal 353 → 333), so it stays off there. Atomics make dQ's
+# an H100 (session 12, N=8192 D=128 bf16, one call): dropout backward 244 → 284 TFLOP/s, causal +
+# dropout 200 → 226, and BERT-base's attention backward 1867 → 1457 µs a step; without dropout
+# the atomics cost more than the recompute saves (session 11, one call: 430 → 402, causal 353 →
+# 333), so it stays off. Atomics make dQ's
 # float32 sums order-dependent: off under torch.use_deterministic_algorithms, and
 # FLASH_INDUCTOR_FUSED_DQ=0 / 1 forces it off / on (a bias that requires grad needs the dQ
 # kernel's dS, so it never fuses).
@@ -502,6 +503,8 @@ _LARGE_HEAD_DEFAULTS = {"dkdv": (32, 64, 8, 3), "fwd": (128, 64, 8, 2)}
 # 64 keys, 4 warps, 2 stages. config_sweep.py (session 9, H200, bias + causal, D=128) timed the
 # backward at 233 against 273 µs (N=2048) and 665 against 744 (N=4096) with the D=128 default;
 # the autotuner picked it too. Without a bias the default stays within 3% of the best there.
+# On an H100 (session 12, device time) the bias + causal backward went 118 → 137 TFLOP/s (2048)
+# and 173 → 192 (4096). At 8192 the 8-warp default stays within 5-7% of it (no change there).
 _BIAS_DKDV_DEFAULT = (32, 64, 4, 2)
 
 
