@@ -232,12 +232,24 @@ def bench_case(fn, n, d, heads, dtype, case, bias_grad, do_bench):
     }
 
 
+_TUNED_KERNELS = ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq")
+
+
+def _forget_chosen_configs():
+    """Before a case: a kernel the case does not launch (dQ, with dropout's one-kernel backward)
+    must not report the config an earlier case picked."""
+    from .kernels import triton_attention as ta
+
+    for name in _TUNED_KERNELS:
+        getattr(ta, name).best_config = None
+
+
 def _chosen_configs() -> dict:
     """The config each autotuned kernel last picked (what the timing above ran)."""
     from .kernels import triton_attention as ta
 
     out = {}
-    for name in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"):
+    for name in _TUNED_KERNELS:
         best = getattr(getattr(ta, name), "best_config", None)
         if best is not None:
             out[name] = f"{best.kwargs} warps={best.num_warps} stages={best.num_stages}"
@@ -382,6 +394,8 @@ def main(argv=None):
             for peer in args.peers:
                 if peer in ("sdpa_math", "eager") and n > 8192:
                     continue
+                if peer == "triton":
+                    _forget_chosen_configs()
                 res = bench_case(PEERS[peer](), n, args.head_dim, args.heads, dtype, case, args.bias_grad, do_bench)
                 row = {"n": n, "d": args.head_dim, "case": case, "peer": peer, **res}
                 if peer == "triton" and res["status"] == "ok":
