@@ -25,7 +25,7 @@ def compile_one(which, causal, bias, dropout, float_type="fp32", stages=3, spars
     kernel, bm, bn, warps = KERNELS[which]
     fn = kernel.fn
     consts = dict(D=128, DV=128, BLOCK_D=128, BLOCK_DV=128, ELT_BYTES=2, BIAS_IS_BOOL=False,
-                  DOT_PRECISION="tf32", CAUSAL=causal, HAS_BIAS=bias, HAS_DROPOUT=dropout,
+                  DOT_PRECISION="tf32", SCORES=1, CAUSAL=causal, HAS_BIAS=bias, HAS_DROPOUT=dropout,
                   BLOCK_M=bm, BLOCK_N=bn, stride_bn=1, SPARSE=sparse, TILE=128, VARLEN=varlen)
     if not varlen:
         consts["stride_lm"] = 1  # dense lse/delta rows are contiguous, as real launches specialise

@@ -86,7 +86,7 @@ for phase in "$@"; do
     issue3_8k)  # issue 3's N=8192 target rows, every peer in one process (env ISSUE3_AUTOTUNE, default 0:
       # the defaults are the autotuner's most frequent picks at D=128; tuning every variant takes longer than a call)
       FLASH_INDUCTOR_TRITON_AUTOTUNE=${ISSUE3_AUTOTUNE:-0} bench ${ISSUE3_TIMEOUT:-540} bench_issue3_8k --lengths 8192 \
-        --cases none causal bias bias+causal dropout causal+dropout bias+causal+dropout \
+        --cases ${ISSUE3_CASES:-none causal bias bias+causal dropout causal+dropout bias+causal+dropout} \
         --peers triton sdpa_cudnn sdpa_flash flex --markdown --plot "$OUT/bench_issue3_8k.png" | tail -40 ;;
     bench_final)
       bench 240 bench_8k_bias_final --lengths 8192 --cases bias bias+causal --peers triton flex
@@ -145,6 +145,17 @@ for phase in "$@"; do
         FLASH_INDUCTOR_TRITON_AUTOTUNE=0 bench 200 ab_after "${ab_args[@]}" | tail -12
         patch -R -p1 <"$AB_PATCH"
       } ;;
+    ab_variants)  # several patches timed against main in one process each (env AB_PATCHES: patch files;
+      # AB_BENCH: cli bench arguments; AB_TESTS: pytest arguments run with each patch applied, if set)
+      read -r -a ab_args <<<"${AB_BENCH:---lengths 4096 8192 --cases bias bias+causal --peers triton --timing device}"
+      FLASH_INDUCTOR_TRITON_AUTOTUNE=0 bench 200 ab_main "${ab_args[@]}" | grep TFLOP
+      for p in ${AB_PATCHES:?}; do
+        name=$(basename "$p" .patch)
+        patch -s -p1 <"$p" || { echo "$name does not apply"; continue; }
+        [ -n "${AB_TESTS:-}" ] && FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout 240 python3 -m pytest -q -m gpu $AB_TESTS 2>&1 | tee "$OUT/ab_tests_$name.log" | tail -3
+        FLASH_INDUCTOR_TRITON_AUTOTUNE=0 bench 200 "ab_$name" "${ab_args[@]}" | grep TFLOP
+        patch -s -R -p1 <"$p"
+      done ;;
     gpu_tests)  # env GPU_TESTS: pytest arguments (the marked GPU tests of chosen modules)
       FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout ${GPU_TESTS_TIMEOUT:-300} python3 -m pytest -q -m gpu $GPU_TESTS 2>&1 | tee -a "$OUT/gpu_tests_chosen.log" | tail -8 ;;
     autotuned_tests)  # the GPU tests that tune (every candidate timed: what restore_value guards)

@@ -34,17 +34,23 @@ _POINTER_TYPES = {"Lse": "*fp32", "Delta": "*fp32", "DQAcc": "*fp32", "Seed": "*
                   "CuQ": "*i32", "CuK": "*i32"}
 _SCALARS = {"Hq", "G", "Nq", "Nk", "N_BUCKET"}
 _FLOATS = {"qk_scale", "cap_scale", "drop_scale", "sm_scale", "scale"}
-SASS_OPS = ("STS", "LDS", "BAR", "SHFL", "IMAD", "LOP3", "PRMT", "SEL", "ISETP", "MUFU", "HGMMA", "STL", "LDL")
+SASS_OPS = ("LDGSTS", "STS", "LDS", "BAR", "SHFL", "IMAD", "LOP3", "PRMT", "SEL", "ISETP", "MUFU", "HGMMA", "STL", "LDL")
 
 
 def compile_kernel(name: str, block_m: int, block_n: int, warps: int, stages: int, head_dim: int,
                    dropout: bool, causal: int, bias: bool, arch: int = 90, softcap: bool = False,
-                   fused_dq: bool = False):
-    """One kernel, one config, as `triton.compile` builds it for the GPU (bf16 inputs)."""
+                   fused_dq: bool = False, lengths_divisible: bool = True):
+    """One kernel, one config, as `triton.compile` builds it for the GPU (bf16 inputs), specialised
+    as a real launch is: pointers and strides divisible by 16, unit last strides as the constant 1,
+    and (with `lengths_divisible`, e.g. N=8192) the sequence lengths divisible by 16. Without the
+    lengths' divisibility Triton cannot prove a masked bias load 16-byte aligned and leaves it
+    unpipelined, with two extra layout conversions: what session 12 read off this probe before it
+    specialised anything, and took for the cost of a bias at every length."""
     fn = KERNELS[name].fn
     meta = dict(D=head_dim, DV=head_dim, BLOCK_D=head_dim, BLOCK_DV=head_dim, ELT_BYTES=2, CAUSAL=causal,
-                HAS_BIAS=bias, BIAS_IS_BOOL=False, HAS_DROPOUT=dropout, DOT_PRECISION="tf32", SOFTCAP=softcap, SPARSE=False,
-                TILE=128, VARLEN=False, BLOCK_M=block_m, BLOCK_N=block_n, STORE_DS=False, FUSED_DQ=fused_dq)
+                HAS_BIAS=bias, BIAS_IS_BOOL=False, HAS_DROPOUT=dropout, DOT_PRECISION="tf32", SCORES=2 if softcap else 1, SPARSE=False,
+                TILE=128, VARLEN=False, BLOCK_M=block_m, BLOCK_N=block_n, STORE_DS=False, FUSED_DQ=fused_dq,
+                stride_bn=1, stride_lm=1)
     signature, constexprs = {}, {}
     for arg in fn.arg_names:
         if arg in meta:
@@ -55,7 +61,12 @@ def compile_kernel(name: str, block_m: int, block_n: int, warps: int, stages: in
             signature[arg] = _POINTER_TYPES.get(arg, "*bf16")
         else:
             signature[arg] = "i32"
-    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+    divisible = [i for i, arg in enumerate(fn.arg_names) if arg not in constexprs and (
+        (signature[arg].startswith("*") and arg not in ("Counts", "Tiles", "CuQ", "CuK"))
+        or (arg.startswith("stride") and signature[arg] == "i32")
+        or (lengths_divisible and arg in ("Nq", "Nk", "N_BUCKET")))]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in divisible}
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                           target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
 
 
@@ -93,13 +104,14 @@ def main(argv=None) -> int:
     ap.add_argument("--causal", type=int, default=0)
     ap.add_argument("--softcap", action="store_true")
     ap.add_argument("--fused-dq", action="store_true", help="the dK/dV kernel adds dQ with atomics")
+    ap.add_argument("--odd-lengths", action="store_true", help="sequence lengths not divisible by 16")
     ap.add_argument("--ttgir-out", default=None, help="write the last kernel's TTGIR here")
     args = ap.parse_args(argv)
     print(f"triton {triton.__version__}, sm_90, config {args.config}, D={args.head_dim}, dropout={args.dropout}, "
           f"bias={args.bias}, causal={args.causal}, softcap={args.softcap}, fused_dq={args.fused_dq}")
     for name in args.kernels:
         c = compile_kernel(name, *args.config, args.head_dim, args.dropout, args.causal, args.bias,
-                           softcap=args.softcap, fused_dq=args.fused_dq)
+                           softcap=args.softcap, fused_dq=args.fused_dq, lengths_divisible=not args.odd_lengths)
         ops = sass_counts(c)
         sass = ("no cuobjdump" if ops is None else
                 f"SASS {sum(ops.values()):5d}  " + "  ".join(f"{op} {ops[op]}" for op in SASS_OPS))

@@ -187,22 +187,22 @@ def _rel(x, ref):
     return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
-def _ref_out_and_grads(q, k, v, bias, causal, dout, dtype, softcap=None):
+def _ref_out_and_grads(q, k, v, bias, causal, dout, dtype, softcap=None, scale=None):
     """(out, dq, dk, dv, dbias) from autograd of attention_ref, with its inputs in `dtype`."""
     leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
     b = None
     if bias is not None:
         b = bias if bias.dtype == torch.bool else bias.detach().to(dtype).requires_grad_()
-    out = attention_ref(*leaves, b, causal=causal, softcap=softcap)
+    out = attention_ref(*leaves, b, causal=causal, softcap=softcap, scale=scale)
     out.backward(dout.to(dtype))
     dbias = b.grad if b is not None and b.dtype != torch.bool else None
     return (out.detach(), *(t.grad for t in leaves), dbias)
 
 
-def _check_against_ref(kernels, run, q, k, v, bias, causal, gen, dlse=False, softcap=None):
+def _check_against_ref(kernels, run, q, k, v, bias, causal, gen, dlse=False, softcap=None, scale=None):
     """Forward and backward of `kernels` against float64 autograd; bounds from `q.dtype`."""
     dtype = q.dtype
-    inp = validate(q, k, v, bias, causal=causal, softcap=softcap)
+    inp = validate(q, k, v, bias, causal=causal, softcap=softcap, scale=scale)
     out, lse = run(kernels.forward, inp, None)
     assert out.shape == (*q.shape[:3], v.shape[3]) and out.dtype == dtype
     assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
@@ -219,8 +219,8 @@ def _check_against_ref(kernels, run, q, k, v, bias, causal, gen, dlse=False, sof
     dlse_t = torch.randn(lse.shape, generator=gen).to(q.device) if dlse else None
     grads = run(kernels.backward, inp, None, out, lse, dout, dlse_t, bias_grad)
 
-    ref64 = _ref_out_and_grads(q, k, v, bias, causal, dout, torch.float64, softcap)
-    ref_lo = _ref_out_and_grads(q, k, v, bias, causal, dout, dtype, softcap)
+    ref64 = _ref_out_and_grads(q, k, v, bias, causal, dout, torch.float64, softcap, inp.scale)
+    ref_lo = _ref_out_and_grads(q, k, v, bias, causal, dout, dtype, softcap, inp.scale)
     if dlse:
         assert not softcap, "the dlse path's dense reference has no soft-capping"
         # attention_ref has no lse: fold d lse in through the dense float64 path instead.
@@ -275,6 +275,54 @@ def test_forward_backward(interp, poisoned, case):
     v = _randn((B, Hkv, Nk, Dv), dtype, gen, layout)
     bias = _bias(bias_kind, B, Hq, Nq, Nk, dtype, gen)
     _check_against_ref(interp, poisoned, q, k, v, bias, causal, gen)
+
+
+# The forward adds a float bias without masking entries <= MASKED_BIAS one by one; rows whose
+# max stays at or below REDO_BELOW are computed again with the select. Rows masked whole by a
+# finite -1e30 must come out empty (zeros, lse = -inf), as the contract says, not averaged.
+@pytest.mark.parametrize("causal", [False, "bottom_right"])
+@interpreted
+def test_finite_masked_rows_take_the_exact_pass(interp, poisoned, causal):
+    gen = torch.Generator().manual_seed(7)
+    q = _randn((1, 2, 37, 16), torch.float32, gen)
+    k = _randn((1, 2, 45, 16), torch.float32, gen)
+    v = _randn((1, 2, 45, 16), torch.float32, gen)
+    bias = torch.randn(1, 2, 37, 45, generator=gen)
+    bias[0, 0, 3] = -1e30  # whole rows masked by a finite value: the second pass
+    bias[0, 1, 20] = -2e30
+    bias[0, 0, 5, 10:] = -1e30  # partly masked rows: the fast pass, exactly
+    bias[0, 1, 30, 30:] = -1e30
+    bias[0, 1, 9] = torch.finfo(torch.float32).min  # overflows to -inf in base 2: no second pass
+    _check_against_ref(interp, poisoned, q, k, v, bias, causal, gen)
+    _, lse = poisoned(interp.forward, validate(q, k, v, bias, causal=causal), None)
+    assert torch.isneginf(lse[0, 0, 3]) and torch.isneginf(lse[0, 1, 20]) and torch.isneginf(lse[0, 1, 9])
+    assert torch.isfinite(lse[0, 0, 5]) and torch.isfinite(lse[0, 1, 30])
+
+
+# A positive scale is folded into exp2's argument (SCORES_FOLDED); zero and negative scales take
+# the multiply-first path, where a hidden key must stay -inf (0 · -inf and -s · -inf would not).
+@pytest.mark.parametrize("scale", [0.3, 0.0, -0.3])
+@pytest.mark.parametrize("causal", [False, "top_left"])
+@interpreted
+def test_any_scale_sign(interp, poisoned, scale, causal):
+    gen = torch.Generator().manual_seed(11)
+    q = _randn((1, 2, 37, 16), torch.float32, gen)
+    k = _randn((1, 2, 45, 16), torch.float32, gen)
+    v = _randn((1, 2, 45, 16), torch.float32, gen)
+    _check_against_ref(interp, poisoned, q, k, v, None, causal, gen, scale=scale)
+
+
+def test_scores_mode_folds_only_a_positive_scale_without_a_cap(interp):
+    q = torch.randn(1, 1, 4, 8)
+    modes = {
+        (scale, cap): interp._scores_mode(validate(q, q, q, scale=scale, softcap=cap))
+        for scale in (0.5, 0.0, -0.5) for cap in (None, 2.0)
+    }
+    assert modes == {
+        (0.5, None): interp.SCORES_FOLDED.value, (0.0, None): interp.SCORES_SCALED.value,
+        (-0.5, None): interp.SCORES_SCALED.value, (0.5, 2.0): interp.SCORES_CAPPED.value,
+        (0.0, 2.0): interp.SCORES_CAPPED.value, (-0.5, 2.0): interp.SCORES_CAPPED.value,
+    }
 
 
 # Logit soft-capping (Gemma 2): (B, Hq, Hkv, Nq, Nk, D, dtype, causal, bias kind, cap). Scores are

@@ -53,7 +53,24 @@ CAUSAL_BOTTOM_RIGHT = tl.constexpr(int(Causal.BOTTOM_RIGHT))
 # they sit in one thread's accumulator registers (`_dropout_keep`).
 DROPOUT_BITS = tl.constexpr(16)
 MASKED_BIAS = tl.constexpr(_MASKED_BIAS)
+# Half of MASKED_BIAS·log2(e): a forward row whose base-2 max is above it has a key whose bias is
+# above about -5e29 (while |scale·q·kᵀ| stays below 1e29), so an entry <= MASKED_BIAS adds
+# exp2(<= -7e29) = 0 to it, as -inf would (docs/design.md §19).
+REDO_BELOW = tl.constexpr(_MASKED_BIAS * 1.4426950408889634 / 2)
 DROP_SPAN = tl.constexpr(32)
+# How a q·kᵀ tile becomes base-2 scores (the SCORES constexpr). FOLDED: the scale is positive,
+# so the forward takes a row's max over q·kᵀ itself and the scale joins exp2's argument in one
+# FMA (FlashAttention's order): one multiply per score fewer than SCALED, which multiplies first
+# (any sign of the scale; 0 · -inf or -c · -inf would break a hidden key). CAPPED: logit
+# soft-capping. Measured (session 13, H200, N=4096/8192 D=128, device time, one call): forward
+# +2-4% without a mask and causal; the same fold in both backward kernels came out 1% slower
+# at 8192 (LLVM already fuses the multiply into the subtraction of lse there, where no select
+# sits between them), so the backward runs FOLDED as SCALED. So does a forward with a bias: its
+# row max, and the select that masks entries <= MASKED_BIAS, need the biased scores. The FMA
+# is LLVM's contraction, on by default up to Triton 3.9 (3.10 turns it off by default).
+SCORES_SCALED = tl.constexpr(0)
+SCORES_FOLDED = tl.constexpr(1)
+SCORES_CAPPED = tl.constexpr(2)
 
 
 def _interpreting() -> bool:
@@ -69,7 +86,7 @@ def _interpreting() -> bool:
 def _masked_scores(
     s, qi, kj, b, Nk, shift,
     HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, MASK_KEYS: tl.constexpr,
-    MASK_CAUSAL: tl.constexpr,
+    MASK_CAUSAL: tl.constexpr, SELECT_MASKED: tl.constexpr = True,
 ):
     """Add the bias tile `b` to the base-2 scores `s` and set hidden entries to -inf.
 
@@ -90,9 +107,13 @@ def _masked_scores(
             s = tl.where(keep, s, float("-inf"))
         else:
             # <= MASKED_BIAS masks the key (inputs.py); finfo.min * log2(e) would round to
-            # -inf anyway, but -1e30 would not.
+            # -inf anyway, but -1e30 would not. Without SELECT_MASKED such an entry stays a
+            # number <= -1.44e30: the forward's fast pass (`_attn_fwd_rows`).
             bf = b.to(tl.float32)
-            s = tl.where(bf <= MASKED_BIAS, float("-inf"), s + bf * LOG2E)
+            if SELECT_MASKED:
+                s = tl.where(bf <= MASKED_BIAS, float("-inf"), s + bf * LOG2E)
+            else:
+                s = s + bf * LOG2E
             s = _hide_keys(s, qi, kj, Nk, shift, MASK_KEYS, MASK_CAUSAL)
     else:
         s = _hide_keys(s, qi, kj, Nk, shift, MASK_KEYS, MASK_CAUSAL)
@@ -130,12 +151,12 @@ def _tanh(x):
 
 
 @triton.jit
-def _scaled_scores(qk, qk_scale, cap_scale, SOFTCAP: tl.constexpr):
+def _scaled_scores(qk, qk_scale, cap_scale, SCORES: tl.constexpr):
     """(base-2 scores, t) of a q·kᵀ tile. Without soft-capping s = qk_scale·qk (qk_scale =
     scale·log2 e) and t is unused; with it (qk_scale = scale / c, cap_scale = c·log2 e)
     t = tanh(scale·qk / c) and s = c·t in base 2: the backward needs t for d(c·t)/d(scale·qk)
     = 1 - t²."""
-    if SOFTCAP:
+    if SCORES == SCORES_CAPPED:
         t = _tanh(qk * qk_scale)
         s = t * cap_scale
     else:
@@ -293,7 +314,7 @@ def _attn_fwd_inner(
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     MASK_KEYS: tl.constexpr, MASK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SOFTCAP: tl.constexpr, SPARSE: tl.constexpr, TILE: tl.constexpr,
+    SCORES: tl.constexpr, SPARSE: tl.constexpr, TILE: tl.constexpr, SELECT_MASKED: tl.constexpr,
 ):
     """Key blocks [lo, hi); with SPARSE, the blocks of the `hi` key tiles listed at `tiles`
     (flash_inductor/kernels/mask_tiles.py). Both loops run the same step."""
@@ -304,7 +325,7 @@ def _attn_fwd_inner(
                 acc, l_i, m_i, q, start_n, K_head, V_head, bias_rows, philox_seed, philox_offset, bh,
                 offs_m, offs_d, offs_dv, stride_kn, stride_vn, stride_bn, Nq, Nk, shift, qk_scale,
                 cap_scale, drop_threshold, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
-                MASK_KEYS, MASK_CAUSAL, DOT_PRECISION, SOFTCAP,
+                MASK_KEYS, MASK_CAUSAL, DOT_PRECISION, SCORES, SELECT_MASKED,
             )
     else:
         for start_n in range(lo, hi, BLOCK_N):
@@ -312,7 +333,7 @@ def _attn_fwd_inner(
                 acc, l_i, m_i, q, start_n, K_head, V_head, bias_rows, philox_seed, philox_offset, bh,
                 offs_m, offs_d, offs_dv, stride_kn, stride_vn, stride_bn, Nq, Nk, shift, qk_scale,
                 cap_scale, drop_threshold, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
-                MASK_KEYS, MASK_CAUSAL, DOT_PRECISION, SOFTCAP,
+                MASK_KEYS, MASK_CAUSAL, DOT_PRECISION, SCORES, SELECT_MASKED,
             )
     return acc, l_i, m_i
 
@@ -327,7 +348,7 @@ def _attn_fwd_step(
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     MASK_KEYS: tl.constexpr, MASK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SOFTCAP: tl.constexpr,
+    SCORES: tl.constexpr, SELECT_MASKED: tl.constexpr,
 ):
     m_ok = offs_m[:, None] < Nq
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -336,16 +357,24 @@ def _attn_fwd_step(
         mask=(offs_n[None, :] < Nk) & (offs_d[:, None] < D), other=0.0,
     )
     b = _load_bias(bias_rows + offs_n[None, :] * stride_bn, m_ok & (offs_n[None, :] < Nk), HAS_BIAS)
-    s, _t = _scaled_scores(tl.dot(q, kT, input_precision=DOT_PRECISION), qk_scale, cap_scale, SOFTCAP)
-    s = _masked_scores(
-        s, offs_m[:, None], offs_n[None, :], b, Nk, shift,
-        HAS_BIAS, BIAS_IS_BOOL, MASK_KEYS, MASK_CAUSAL,
-    )
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
+    if SCORES == SCORES_FOLDED and not HAS_BIAS:
+        s = _hide_keys(qk, offs_m[:, None], offs_n[None, :], Nk, shift, MASK_KEYS, MASK_CAUSAL)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    else:
+        s, _t = _scaled_scores(qk, qk_scale, cap_scale, SCORES)
+        s = _masked_scores(
+            s, offs_m[:, None], offs_n[None, :], b, Nk, shift,
+            HAS_BIAS, BIAS_IS_BOOL, MASK_KEYS, MASK_CAUSAL, SELECT_MASKED,
+        )
+        m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen only -inf so far keeps m = -inf; subtracting 0 instead keeps
     # exp2(-inf - m) = 0 rather than NaN.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
+    if SCORES == SCORES_FOLDED and not HAS_BIAS:
+        p = tl.math.exp2(s * qk_scale - m_safe[:, None])
+    else:
+        p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     if HAS_DROPOUT:
@@ -360,6 +389,60 @@ def _attn_fwd_step(
     )
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
+
+
+@triton.jit
+def _attn_fwd_rows(
+    q_rows, K_head, V_head, bias_rows, philox_seed, philox_offset, bh, offs_m, offs_d, offs_dv,
+    Counts, Tiles, b, h, start_m, stride_kn, stride_vn, stride_bn, stride_tb, stride_th,
+    list_stride, row_len, Nq, Nk, shift, qk_scale, cap_scale, drop_threshold,
+    CAUSAL: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, SCORES: tl.constexpr,
+    SPARSE: tl.constexpr, TILE: tl.constexpr, SELECT_MASKED: tl.constexpr,
+):
+    """(acc, l, m) of one query block over every key block it sees. q is loaded here, so that
+    nothing of a first pass stays live into a second (`_attn_fwd`)."""
+    q = tl.load(q_rows + offs_d[None, :], mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D), other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    if SPARSE:
+        # Partial key tiles (bias and element masks), then full ones (neither).
+        n_partial, partial, n_full, full = _tile_lists(
+            Counts, Tiles, b, h, start_m // TILE, stride_tb, stride_th, list_stride, row_len
+        )
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, K_head, V_head, bias_rows, philox_seed, philox_offset, bh,
+            offs_m, offs_d, offs_dv, 0, n_partial, partial, stride_kn, stride_vn, stride_bn,
+            Nq, Nk, shift, qk_scale, cap_scale, drop_threshold,
+            D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, True,
+            CAUSAL != CAUSAL_NONE, DOT_PRECISION, SCORES, True, TILE, SELECT_MASKED,
+        )
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, K_head, V_head, bias_rows, philox_seed, philox_offset, bh,
+            offs_m, offs_d, offs_dv, 0, n_full, full, stride_kn, stride_vn, stride_bn,
+            Nq, Nk, shift, qk_scale, cap_scale, drop_threshold,
+            D, DV, BLOCK_M, BLOCK_N, False, False, HAS_DROPOUT, False, False, DOT_PRECISION, SCORES, True, TILE, True,
+        )
+    else:
+        hi, mid = _key_ranges(start_m, Nk, shift, CAUSAL, BLOCK_M, BLOCK_N)
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, K_head, V_head, bias_rows, philox_seed, philox_offset, bh,
+            offs_m, offs_d, offs_dv, 0, mid, Tiles, stride_kn, stride_vn, stride_bn,
+            Nq, Nk, shift, qk_scale, cap_scale, drop_threshold,
+            D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, False, False, DOT_PRECISION,
+            SCORES, False, TILE, SELECT_MASKED,
+        )
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, K_head, V_head, bias_rows, philox_seed, philox_offset, bh,
+            offs_m, offs_d, offs_dv, mid, hi, Tiles, stride_kn, stride_vn, stride_bn,
+            Nq, Nk, shift, qk_scale, cap_scale, drop_threshold,
+            D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, True,
+            CAUSAL != CAUSAL_NONE, DOT_PRECISION, SCORES, False, TILE, SELECT_MASKED,
+        )
+
+    return acc, l_i, m_i
 
 
 def _config_list(default, block_m, block_n, warps_for, stages):
@@ -559,7 +642,7 @@ _AUTOTUNE_EXTRA = (
     {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 )
 _TUNE_KEY = [
-    "BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_BIAS", "BIAS_IS_BOOL", "HAS_DROPOUT", "SOFTCAP", "SPARSE", "N_BUCKET",
+    "BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_BIAS", "BIAS_IS_BOOL", "HAS_DROPOUT", "SCORES", "SPARSE", "N_BUCKET",
 ]
 
 
@@ -581,7 +664,7 @@ def _attn_fwd(
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ELT_BYTES: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SOFTCAP: tl.constexpr, SPARSE: tl.constexpr, TILE: tl.constexpr, VARLEN: tl.constexpr,
+    SCORES: tl.constexpr, SPARSE: tl.constexpr, TILE: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (query block, b·Hq + h). With VARLEN, b is a sequence of the packed
@@ -609,10 +692,7 @@ def _attn_fwd(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    q = tl.load(
-        Q + b * stride_qb + h * stride_qh + q_start * stride_qm + offs_m[:, None] * stride_qm + offs_d[None, :],
-        mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D), other=0.0,
-    )
+    q_rows = Q + b * stride_qb + h * stride_qh + q_start * stride_qm + offs_m[:, None] * stride_qm
     K_head = K + b * stride_kb + hk * stride_kh + k_start * stride_kn
     V_head = V + b * stride_vb + hk * stride_vh + k_start * stride_vn
     bias_rows = Bias + b * stride_bb + h * stride_bh + offs_m[:, None].to(tl.int64) * stride_bm
@@ -623,43 +703,30 @@ def _attn_fwd(
 
     shift = _causal_shift(Nq, Nk, CAUSAL)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    if SPARSE:
-        # Partial key tiles (bias and element masks), then full ones (neither).
-        n_partial, partial, n_full, full = _tile_lists(
-            Counts, Tiles, b, h, start_m // TILE, stride_tb, stride_th, list_stride, row_len
-        )
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, K_head, V_head, bias_rows, philox_seed, philox_offset, bh,
-            offs_m, offs_d, offs_dv, 0, n_partial, partial, stride_kn, stride_vn, stride_bn,
-            Nq, Nk, shift, qk_scale, cap_scale, drop_threshold,
-            D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, True,
-            CAUSAL != CAUSAL_NONE, DOT_PRECISION, SOFTCAP, True, TILE,
-        )
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, K_head, V_head, bias_rows, philox_seed, philox_offset, bh,
-            offs_m, offs_d, offs_dv, 0, n_full, full, stride_kn, stride_vn, stride_bn,
-            Nq, Nk, shift, qk_scale, cap_scale, drop_threshold,
-            D, DV, BLOCK_M, BLOCK_N, False, False, HAS_DROPOUT, False, False, DOT_PRECISION, SOFTCAP, True, TILE,
-        )
-    else:
-        hi, mid = _key_ranges(start_m, Nk, shift, CAUSAL, BLOCK_M, BLOCK_N)
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, K_head, V_head, bias_rows, philox_seed, philox_offset, bh,
-            offs_m, offs_d, offs_dv, 0, mid, Tiles, stride_kn, stride_vn, stride_bn,
-            Nq, Nk, shift, qk_scale, cap_scale, drop_threshold,
-            D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, False, False, DOT_PRECISION,
-            SOFTCAP, False, TILE,
-        )
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, K_head, V_head, bias_rows, philox_seed, philox_offset, bh,
-            offs_m, offs_d, offs_dv, mid, hi, Tiles, stride_kn, stride_vn, stride_bn,
-            Nq, Nk, shift, qk_scale, cap_scale, drop_threshold,
-            D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, True,
-            CAUSAL != CAUSAL_NONE, DOT_PRECISION, SOFTCAP, False, TILE,
-        )
+    # A float bias is added without the select that masks entries <= MASKED_BIAS (one
+    # compare and one select per score: +3-9% forward without it, docs/design.md §19).
+    # A masked entry then stays a number <= -1.44e30 in base 2, which adds exactly 0 to a row
+    # whose max is above REDO_BELOW; a block with a row at or below it (every key masked by
+    # such finite entries, or absurd biases near -1e30) is computed again with the select.
+    acc, l_i, m_i = _attn_fwd_rows(
+        q_rows, K_head, V_head, bias_rows, philox_seed, philox_offset, bh, offs_m, offs_d, offs_dv,
+        Counts, Tiles, b, h, start_m, stride_kn, stride_vn, stride_bn, stride_tb, stride_th,
+        list_stride, row_len, Nq, Nk, shift, qk_scale, cap_scale, drop_threshold,
+        CAUSAL, D, DV, BLOCK_M, BLOCK_N, BLOCK_DV, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, DOT_PRECISION,
+        SCORES, SPARSE, TILE, BIAS_IS_BOOL or not HAS_BIAS,
+    )
+    if HAS_BIAS and not BIAS_IS_BOOL:
+        redo = (m_i > float("-inf")) & (m_i <= REDO_BELOW)
+        if tl.max(redo.to(tl.int32), 0) > 0:
+            # The whole block again (its other rows come out the same): merging rows would
+            # keep two accumulators live, which spills.
+            acc, l_i, m_i = _attn_fwd_rows(
+                q_rows, K_head, V_head, bias_rows, philox_seed, philox_offset, bh, offs_m, offs_d, offs_dv,
+                Counts, Tiles, b, h, start_m, stride_kn, stride_vn, stride_bn, stride_tb, stride_th,
+                list_stride, row_len, Nq, Nk, shift, qk_scale, cap_scale, drop_threshold,
+                CAUSAL, D, DV, BLOCK_M, BLOCK_N, BLOCK_DV, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
+                DOT_PRECISION, SCORES, SPARSE, TILE, True,
+            )
 
     # l = 0 exactly when the row saw no key (the row max contributes exp2(0) = 1 otherwise):
     # acc is 0 there too, so the row stores zeros and lse = -inf.
@@ -728,7 +795,7 @@ def _attn_bwd_dkdv_inner(
     Nq, Nk, shift, qk_scale, cap_scale, drop_threshold, drop_scale,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    MASK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+    MASK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, SCORES: tl.constexpr,
     SPARSE: tl.constexpr, TILE: tl.constexpr, FUSED_DQ: tl.constexpr,
 ):
     """Accumulate this key block's dK, dV over query rows [lo, hi) of one query head (on sᵀ);
@@ -741,7 +808,7 @@ def _attn_bwd_dkdv_inner(
                 dk, dv, k, v, start_m, Q_head, DO_head, Lse_head, Delta_head, DQ_head, bias_cols, philox_seed,
                 philox_offset, bh, start_n, offs_n, offs_d, offs_dv, stride_qm, stride_dom, stride_bm, stride_lm,
                 Nq, Nk, shift, qk_scale, cap_scale, drop_threshold, drop_scale, D, DV, BLOCK_M, BLOCK_N,
-                HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, MASK_CAUSAL, DOT_PRECISION, SOFTCAP, FUSED_DQ,
+                HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, MASK_CAUSAL, DOT_PRECISION, SCORES, FUSED_DQ,
             )
     else:
         for start_m in range(lo, hi, BLOCK_M):
@@ -749,7 +816,7 @@ def _attn_bwd_dkdv_inner(
                 dk, dv, k, v, start_m, Q_head, DO_head, Lse_head, Delta_head, DQ_head, bias_cols, philox_seed,
                 philox_offset, bh, start_n, offs_n, offs_d, offs_dv, stride_qm, stride_dom, stride_bm, stride_lm,
                 Nq, Nk, shift, qk_scale, cap_scale, drop_threshold, drop_scale, D, DV, BLOCK_M, BLOCK_N,
-                HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, MASK_CAUSAL, DOT_PRECISION, SOFTCAP, FUSED_DQ,
+                HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, MASK_CAUSAL, DOT_PRECISION, SCORES, FUSED_DQ,
             )
     return dk, dv
 
@@ -763,7 +830,7 @@ def _attn_bwd_dkdv_step(
     Nq, Nk, shift, qk_scale, cap_scale, drop_threshold, drop_scale,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    MASK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+    MASK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, SCORES: tl.constexpr,
     FUSED_DQ: tl.constexpr,
 ):
     n_ok = offs_n[:, None] < Nk
@@ -779,7 +846,7 @@ def _attn_bwd_dkdv_step(
     # lse = -inf marks a row with no visible key: +inf makes its p exactly 0.
     lse = tl.load(Lse_head + offs_m * stride_lm, mask=m_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-    sT, tT = _scaled_scores(tl.dot(k, qT, input_precision=DOT_PRECISION), qk_scale, cap_scale, SOFTCAP)
+    sT, tT = _scaled_scores(tl.dot(k, qT, input_precision=DOT_PRECISION), qk_scale, cap_scale, SCORES)
     sT = _masked_scores(
         sT, offs_m[None, :], offs_n[:, None], b, Nk, shift,
         HAS_BIAS, BIAS_IS_BOOL, False, MASK_CAUSAL,
@@ -803,7 +870,7 @@ def _attn_bwd_dkdv_step(
     dv += tl.dot(pdT.to(do.dtype), do, input_precision=DOT_PRECISION)
     delta = tl.load(Delta_head + offs_m * stride_lm, mask=m_ok, other=0.0)
     dsT = pT * (dpT - delta[None, :])
-    if SOFTCAP:
+    if SCORES == SCORES_CAPPED:
         dsT = dsT * (1.0 - tT * tT)
     dsT = dsT.to(qT.dtype)
     dk += tl.dot(dsT, tl.trans(qT), input_precision=DOT_PRECISION)
@@ -839,7 +906,7 @@ def _attn_bwd_dkdv(
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ELT_BYTES: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SOFTCAP: tl.constexpr, SPARSE: tl.constexpr, TILE: tl.constexpr, VARLEN: tl.constexpr,
+    SCORES: tl.constexpr, SPARSE: tl.constexpr, TILE: tl.constexpr, VARLEN: tl.constexpr,
     FUSED_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (b, KV head, key block); loops over the G query heads of its group.
@@ -915,14 +982,14 @@ def _attn_bwd_dkdv(
                 philox_seed, philox_offset, bh, start_n, offs_n, offs_d, offs_dv, 0, n_partial, partial,
                 stride_qm, stride_dom, stride_bm, stride_lm, Nq, Nk, shift, qk_scale, cap_scale,
                 drop_threshold, drop_scale, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
-                CAUSAL != CAUSAL_NONE, DOT_PRECISION, SOFTCAP, True, TILE, FUSED_DQ,
+                CAUSAL != CAUSAL_NONE, DOT_PRECISION, SCORES, True, TILE, FUSED_DQ,
             )
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, DQ_head, bias_cols,
                 philox_seed, philox_offset, bh, start_n, offs_n, offs_d, offs_dv, 0, n_full, full,
                 stride_qm, stride_dom, stride_bm, stride_lm, Nq, Nk, shift, qk_scale, cap_scale,
                 drop_threshold, drop_scale, D, DV, BLOCK_M, BLOCK_N, False, False, HAS_DROPOUT, False,
-                DOT_PRECISION, SOFTCAP, True, TILE, FUSED_DQ,
+                DOT_PRECISION, SCORES, True, TILE, FUSED_DQ,
             )
         else:
             if CAUSAL != CAUSAL_NONE:
@@ -931,14 +998,14 @@ def _attn_bwd_dkdv(
                     philox_seed, philox_offset, bh, start_n, offs_n, offs_d, offs_dv, lo, mid, Tiles,
                     stride_qm, stride_dom, stride_bm, stride_lm, Nq, Nk, shift, qk_scale, cap_scale,
                     drop_threshold, drop_scale, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
-                    True, DOT_PRECISION, SOFTCAP, False, TILE, FUSED_DQ,
+                    True, DOT_PRECISION, SCORES, False, TILE, FUSED_DQ,
                 )
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, DQ_head, bias_cols,
                 philox_seed, philox_offset, bh, start_n, offs_n, offs_d, offs_dv, mid, Nq, Tiles,
                 stride_qm, stride_dom, stride_bm, stride_lm, Nq, Nk, shift, qk_scale, cap_scale,
                 drop_threshold, drop_scale, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
-                False, DOT_PRECISION, SOFTCAP, False, TILE, FUSED_DQ,
+                False, DOT_PRECISION, SCORES, False, TILE, FUSED_DQ,
             )
 
     dk *= sm_scale
@@ -963,7 +1030,7 @@ def _attn_bwd_dq_inner(
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     STORE_DS: tl.constexpr, MASK_KEYS: tl.constexpr, MASK_CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, SPARSE: tl.constexpr, TILE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SCORES: tl.constexpr, SPARSE: tl.constexpr, TILE: tl.constexpr,
 ):
     """Key blocks [lo, hi), or with SPARSE the blocks of the `hi` key tiles listed at `tiles`."""
     if SPARSE:
@@ -973,7 +1040,7 @@ def _attn_bwd_dq_inner(
                 dq, q, do, lse2, delta, start_n, K_head, V_head, bias_rows, DS_rows, philox_seed,
                 philox_offset, bh, offs_m, offs_d, offs_dv, stride_kn, stride_vn, stride_bn, Nq, Nk,
                 shift, qk_scale, cap_scale, drop_threshold, drop_scale, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS,
-                BIAS_IS_BOOL, HAS_DROPOUT, STORE_DS, MASK_KEYS, MASK_CAUSAL, DOT_PRECISION, SOFTCAP,
+                BIAS_IS_BOOL, HAS_DROPOUT, STORE_DS, MASK_KEYS, MASK_CAUSAL, DOT_PRECISION, SCORES,
             )
     else:
         for start_n in range(lo, hi, BLOCK_N):
@@ -981,7 +1048,7 @@ def _attn_bwd_dq_inner(
                 dq, q, do, lse2, delta, start_n, K_head, V_head, bias_rows, DS_rows, philox_seed,
                 philox_offset, bh, offs_m, offs_d, offs_dv, stride_kn, stride_vn, stride_bn, Nq, Nk,
                 shift, qk_scale, cap_scale, drop_threshold, drop_scale, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS,
-                BIAS_IS_BOOL, HAS_DROPOUT, STORE_DS, MASK_KEYS, MASK_CAUSAL, DOT_PRECISION, SOFTCAP,
+                BIAS_IS_BOOL, HAS_DROPOUT, STORE_DS, MASK_KEYS, MASK_CAUSAL, DOT_PRECISION, SCORES,
             )
     return dq
 
@@ -996,7 +1063,7 @@ def _attn_bwd_dq_step(
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     STORE_DS: tl.constexpr, MASK_KEYS: tl.constexpr, MASK_CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SCORES: tl.constexpr,
 ):
     m_ok = offs_m[:, None] < Nq
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -1009,7 +1076,7 @@ def _attn_bwd_dq_step(
         V_head + offs_n[None, :] * stride_vn + offs_dv[:, None],
         mask=n_ok[None, :] & (offs_dv[:, None] < DV), other=0.0,
     )
-    s, t = _scaled_scores(tl.dot(q, kT, input_precision=DOT_PRECISION), qk_scale, cap_scale, SOFTCAP)
+    s, t = _scaled_scores(tl.dot(q, kT, input_precision=DOT_PRECISION), qk_scale, cap_scale, SCORES)
     b = _load_bias(bias_rows + offs_n[None, :] * stride_bn, m_ok & n_ok[None, :], HAS_BIAS)
     s = _masked_scores(
         s, offs_m[:, None], offs_n[None, :], b, Nk, shift,
@@ -1029,7 +1096,7 @@ def _attn_bwd_dq_step(
             DS_rows + offs_n[None, :], ds.to(DS_rows.dtype.element_ty),
             mask=(offs_m[:, None] < Nq) & n_ok[None, :],
         )
-    if SOFTCAP:
+    if SCORES == SCORES_CAPPED:
         # The bias is added after the cap (its gradient is dS above); q·kᵀ is under it.
         ds = ds * (1.0 - t * t)
     dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=DOT_PRECISION)
@@ -1055,7 +1122,7 @@ def _attn_bwd_dq(
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ELT_BYTES: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_DS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, SPARSE: tl.constexpr, TILE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SCORES: tl.constexpr, SPARSE: tl.constexpr, TILE: tl.constexpr,
     VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (b, query head, query block); loops over key blocks like the forward.
@@ -1118,14 +1185,14 @@ def _attn_bwd_dq(
             bh, offs_m, offs_d, offs_dv, 0, n_partial, partial, stride_kn, stride_vn, stride_bn,
             Nq, Nk, shift, qk_scale, cap_scale, drop_threshold, drop_scale,
             D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, STORE_DS, True,
-            CAUSAL != CAUSAL_NONE, DOT_PRECISION, SOFTCAP, True, TILE,
+            CAUSAL != CAUSAL_NONE, DOT_PRECISION, SCORES, True, TILE,
         )
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, K_head, V_head, bias_rows, DS_rows, philox_seed, philox_offset,
             bh, offs_m, offs_d, offs_dv, 0, n_full, full, stride_kn, stride_vn, stride_bn,
             Nq, Nk, shift, qk_scale, cap_scale, drop_threshold, drop_scale,
             D, DV, BLOCK_M, BLOCK_N, False, False, HAS_DROPOUT, STORE_DS, False, False,
-            DOT_PRECISION, SOFTCAP, True, TILE,
+            DOT_PRECISION, SCORES, True, TILE,
         )
     else:
         hi, mid = _key_ranges(start_m, Nk, shift, CAUSAL, BLOCK_M, BLOCK_N)
@@ -1134,14 +1201,14 @@ def _attn_bwd_dq(
             bh, offs_m, offs_d, offs_dv, 0, mid, Tiles, stride_kn, stride_vn, stride_bn,
             Nq, Nk, shift, qk_scale, cap_scale, drop_threshold, drop_scale,
             D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, STORE_DS, False, False,
-            DOT_PRECISION, SOFTCAP, False, TILE,
+            DOT_PRECISION, SCORES, False, TILE,
         )
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, K_head, V_head, bias_rows, DS_rows, philox_seed,
             philox_offset, bh, offs_m, offs_d, offs_dv, mid, hi, Tiles, stride_kn, stride_vn,
             stride_bn, Nq, Nk, shift, qk_scale, cap_scale, drop_threshold, drop_scale,
             D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, STORE_DS, True,
-            CAUSAL != CAUSAL_NONE, DOT_PRECISION, SOFTCAP, False, TILE,
+            CAUSAL != CAUSAL_NONE, DOT_PRECISION, SCORES, False, TILE,
         )
         if STORE_DS and CAUSAL != CAUSAL_NONE:
             # dS is allocated uninitialised: the key blocks causal skipped are written as zeros
@@ -1191,6 +1258,12 @@ def _bias_args(inp: AttentionInputs, dummy: torch.Tensor, launch=None):
     return b4, strides
 
 
+def _scores_mode(inp: AttentionInputs) -> int:
+    if inp.softcap > 0.0:
+        return SCORES_CAPPED.value
+    return SCORES_FOLDED.value if inp.scale > 0.0 else SCORES_SCALED.value
+
+
 def _common_meta(inp: AttentionInputs) -> dict:
     """Constexpr switches shared by the three autotuned kernels (also the autotune key)."""
     return dict(
@@ -1198,7 +1271,7 @@ def _common_meta(inp: AttentionInputs) -> dict:
         BLOCK_D=_block(inp.head_dim), BLOCK_DV=_block(inp.head_dim_v),
         ELT_BYTES=inp.q.element_size(), CAUSAL=int(inp.causal),
         HAS_BIAS=inp.bias is not None, BIAS_IS_BOOL=inp.bias_kind == "bool",
-        HAS_DROPOUT=inp.dropout_p > 0.0, SOFTCAP=inp.softcap > 0.0,
+        HAS_DROPOUT=inp.dropout_p > 0.0, SCORES=_scores_mode(inp),
         # float32 promises float32 results: exact dots, not TF32.
         DOT_PRECISION="ieee" if inp.dtype == torch.float32 else "tf32",
     )
