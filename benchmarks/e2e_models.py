@@ -19,7 +19,12 @@ compiled step is host-bound on the lent GPU hosts, so the launches decide the ra
 appended to --json as each model finishes, so a run cut short keeps what it measured.
 
     python benchmarks/e2e_models.py --json e2e.json                # GPU, the issue's table
+    python benchmarks/e2e_models.py --isolate --json e2e.json      # each backend in its own process
     python benchmarks/e2e_models.py --size tiny --repeats 2        # CPU smoke run (tests)
+
+With --isolate each backend runs in a worker process of its own, as a user's job holds one
+compiled model, and the parent times them in the same rotated rounds; without it all three live in
+one process, whose host was the bottleneck of the host-bound rows (T5-base, session 13).
 """
 
 from __future__ import annotations
@@ -124,12 +129,9 @@ def _host_syncs(step) -> dict:
     return {"host_syncs": len(syncs), "host_sync_first": syncs[:3]}
 
 
-def run_row(name: str, size: str, device: torch.device, dtype, repeats: int, impl: str, out=print,
-            modes=MODES, interleave: bool = True) -> dict:
-    """One model under every backend. `modes` picks what is compiled and timed: both (the table),
-    or one, so that a process holds one graph per frame (the e2e/profile gap: NOTES.md). With
-    `interleave` the compiled models live side by side (Dynamo keeps one cache entry per backend)
-    and are timed in alternating blocks."""
+def _prepare(name: str, size: str, device: torch.device, dtype, impl: str):
+    """(built model and inputs, attn_implementation used, seq, batch, {"fwd": step, "train": step}):
+    each step takes the callable to run (the model or its compiled version)."""
     key, seq, batch, *own_impl = ROWS[name]
     impl = own_impl[0] if own_impl else impl
     if size == "tiny":
@@ -156,11 +158,45 @@ def run_row(name: str, size: str, device: torch.device, dtype, repeats: int, imp
         y = main_output(fn(**built.inputs))
         y.float().pow(2).mean().backward()
 
+    return built, impl, seq, batch, {"fwd": forward, "train": train_step}
+
+
+def _first_call(fn, backend, steps, modes) -> tuple[dict, torch.Tensor | None]:
+    """Compile (or run) `fn` once in every mode of `modes`: its wall time, the forward's output and,
+    for flash, how many attention ops stayed opaque."""
+    counter = _OpaqueCounter()
+    logger = logging.getLogger("flash_inductor")
+    logger.addHandler(counter)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    t0 = time.perf_counter()
+    try:
+        y = steps["fwd"](fn) if "forward" in modes else None
+        if "train" in modes:
+            steps["train"](fn)
+    finally:
+        logger.removeHandler(counter)
+        logger.setLevel(level)
+    facts = {f"{backend}_first_call_s": time.perf_counter() - t0}
+    if backend == "flash":
+        facts["flash_opaque_ops"] = counter.count
+        facts["flash_opaque_reasons"] = sorted(counter.reasons)
+    return facts, y
+
+
+def run_row(name: str, size: str, device: torch.device, dtype, repeats: int, impl: str, out=print,
+            modes=MODES, interleave: bool = True) -> dict:
+    """One model under every backend. `modes` picks what is compiled and timed: both (the table),
+    or one, so that a process holds one graph per frame (the e2e/profile gap: NOTES.md). With
+    `interleave` the compiled models live side by side (Dynamo keeps one cache entry per backend)
+    and are timed in alternating blocks."""
+    built, impl, seq, batch, steps = _prepare(name, size, device, dtype, impl)
+    model = built.model
+    forward, train_step = steps["fwd"], steps["train"]
     report = explain(model.eval(), **built.inputs)
     row = {"model": name, "seq": seq, "batch": batch, "impl": impl,
            "attention_layers": built.num_attention_layers, "rewritten": report.rewritten}
     y_eager = forward(model)
-    steps = {"fwd": forward, "train": train_step}
     timed = [m for m in steps if ("forward" if m == "fwd" else "train") in modes]
     compiled = {}
     torch._dynamo.reset()
@@ -169,23 +205,8 @@ def run_row(name: str, size: str, device: torch.device, dtype, repeats: int, imp
             torch._dynamo.reset()
         fn = model if backend == "eager" else torch.compile(model, backend=backend)
         compiled[backend] = fn
-        counter = _OpaqueCounter()
-        logger = logging.getLogger("flash_inductor")
-        logger.addHandler(counter)
-        level = logger.level
-        logger.setLevel(logging.DEBUG)
-        t0 = time.perf_counter()
-        try:
-            y = forward(fn) if "forward" in modes else None
-            if "train" in modes:
-                train_step(fn)
-        finally:
-            logger.removeHandler(counter)
-            logger.setLevel(level)
-        row[f"{backend}_first_call_s"] = time.perf_counter() - t0
-        if backend == "flash":
-            row["flash_opaque_ops"] = counter.count
-            row["flash_opaque_reasons"] = sorted(counter.reasons)
+        facts, y = _first_call(fn, backend, steps, modes)
+        row.update(facts)
         if backend != "eager" and y is not None:
             row[f"{backend}_rel_diff_fwd"] = _rel(y, y_eager)
         for _ in range(2):  # lazy first-run work (allocator growth, cubin loads) stays untimed
@@ -218,14 +239,119 @@ def run_row(name: str, size: str, device: torch.device, dtype, repeats: int, imp
             row[f"inductor_over_flash_{mode}_paired"] = statistics.median(pairs)
             row[f"inductor_over_flash_{mode}_pairs"] = pairs
         row["graphs_compiled_while_timing"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+    return _least_blocks(row, name, out)
+
+
+def _least_blocks(row: dict, name: str, out) -> dict:
     nan = float("nan")
     for backend in BACKENDS:
-        for mode in steps:
+        for mode in ("fwd", "train"):
             blocks = row.get(f"{backend}_{mode}_block_medians_ms", [])
             row[f"{backend}_{mode}_ms"] = min(blocks) if blocks else nan
         out(f"{name:12s} {backend:8s} fwd {row[f'{backend}_fwd_ms']:8.2f} ms  train {row[f'{backend}_train_ms']:8.2f} ms"
             f"  (first call {row[f'{backend}_first_call_s']:.1f} s)", flush=True)
     return row
+
+
+# --isolate: one process per backend, as a user's training job holds one compiled model. In one
+# process holding all three, the host alone spent 53.6 ms on a flash T5-base training step whose
+# lone process ran it whole in 36.3 ms (session 13, H200; RESULTS.md), and both backends were
+# host-bound there. The workers are timed in the same rotated rounds, one at a time (the others
+# wait on their pipe), so a drift of the machine still lands on every backend alike.
+
+
+def _serve(conn, name, size, device_name, dtype, impl, backend, repeats, modes):
+    """A worker: builds the model (seeded, so every worker holds the same weights), compiles it with
+    `backend` on "setup", then times blocks on request."""
+    device = torch.device(device_name)
+    built, impl, seq, batch, steps = _prepare(name, size, device, dtype, impl)
+    fn = built.model if backend == "eager" else torch.compile(built.model, backend=backend)
+    timed = [m for m in steps if ("forward" if m == "fwd" else "train") in modes]
+    while True:
+        cmd, *args = conn.recv()
+        if cmd == "setup":
+            facts, y = _first_call(fn, backend, steps, modes)
+            facts.update(impl=impl, seq=seq, batch=batch, attention_layers=built.num_attention_layers)
+            if backend == "flash":
+                facts["rewritten"] = explain(built.model.eval(), **built.inputs).rewritten
+            for _ in range(2):  # lazy first-run work stays untimed, as in run_row
+                for mode in timed:
+                    steps[mode](fn)
+            for mode in ("forward", "train"):
+                if mode in modes and (b := breakdown(lambda: steps["fwd" if mode == "forward" else "train"](fn), device)):
+                    facts[f"{backend}_{mode}_breakdown"] = b
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # three processes share the card
+            conn.send((facts, None if y is None else y.detach().cpu()))
+        elif cmd == "block":
+            conn.send(_median_ms(lambda: steps[args[0]](fn), repeats, device))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        else:
+            conn.close()
+            return
+
+
+def run_row_isolated(name: str, size: str, device: torch.device, dtype, repeats: int, impl: str,
+                     out=print, modes=MODES) -> dict:
+    """`run_row` with each backend in its own process (see `_serve`); the same row keys, plus
+    `"isolated": True`. The processes compile one after another."""
+    import importlib
+    import multiprocessing
+    import os
+
+    # A spawned worker unpickles its target by importing the module that defines it, by name. So
+    # the target is `_serve` as module `e2e_models` holds it (benchmarks/ put on the sys.path the
+    # workers inherit), also when this file runs as __main__ or was loaded by path (the tests).
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    serve = importlib.import_module("e2e_models")._serve
+    ctx = multiprocessing.get_context("spawn")
+    workers = {}
+    try:
+        for backend in BACKENDS:
+            mine, theirs = ctx.Pipe()
+            proc = ctx.Process(target=serve, args=(theirs, name, size, str(device), dtype, impl, backend,
+                                                    repeats, tuple(modes)), daemon=True)
+            proc.start()
+            workers[backend] = (proc, mine)
+        row = {"model": name, "isolated": True}
+        outputs = {}
+        for backend, (_, conn) in workers.items():
+            conn.send(("setup",))
+            facts, outputs[backend] = conn.recv()
+            row.update(facts)
+            for mode in ("forward", "train"):
+                if b := facts.get(f"{backend}_{mode}_breakdown"):
+                    out(f"{name:12s} {backend:8s} {mode:7s} host {b['host_ms']:8.2f} ms  device {b['device_ms']:8.2f} ms"
+                        f"  kernels {b['kernels']:.0f}  syncs {b['host_syncs']}", flush=True)
+        for backend in ("inductor", "flash"):
+            if outputs[backend] is not None:
+                row[f"{backend}_rel_diff_fwd"] = _rel(outputs[backend], outputs["eager"])
+        timed = [m for m in ("fwd", "train") if ("forward" if m == "fwd" else "train") in modes]
+        for mode in timed:
+            for backend in BACKENDS:
+                row[f"{backend}_{mode}_block_medians_ms"] = []
+            for r in range(BLOCKS):
+                for backend in BACKENDS[r % len(BACKENDS):] + BACKENDS[:r % len(BACKENDS)]:
+                    conn = workers[backend][1]
+                    conn.send(("block", mode))
+                    row[f"{backend}_{mode}_block_medians_ms"].append(conn.recv())
+            pairs = [i / f for i, f in zip(row[f"inductor_{mode}_block_medians_ms"],
+                                          row[f"flash_{mode}_block_medians_ms"])]
+            row[f"inductor_over_flash_{mode}_paired"] = statistics.median(pairs)
+            row[f"inductor_over_flash_{mode}_pairs"] = pairs
+    finally:
+        for proc, conn in workers.values():
+            try:
+                conn.send(("quit",))
+            except (BrokenPipeError, OSError):
+                pass
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    return _least_blocks(row, name, out)
 
 
 def markdown(rows) -> str:
@@ -257,6 +383,8 @@ def main(argv=None) -> int:
                     help="what to compile and time (one mode: one graph per frame in the process)")
     ap.add_argument("--no-interleave", dest="interleave", action="store_false",
                     help="time each backend right after its compile (one Dynamo cache entry per frame)")
+    ap.add_argument("--isolate", action="store_true",
+                    help="each backend in its own process, timed in the same rotated rounds")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -267,8 +395,11 @@ def main(argv=None) -> int:
     print(json.dumps(meta), flush=True)
     rows = []
     for name in args.models:
-        rows.append(run_row(name, args.size, device, dtype, args.repeats, args.impl, modes=args.modes,
-                            interleave=args.interleave))
+        if args.isolate:
+            rows.append(run_row_isolated(name, args.size, device, dtype, args.repeats, args.impl, modes=args.modes))
+        else:
+            rows.append(run_row(name, args.size, device, dtype, args.repeats, args.impl, modes=args.modes,
+                                interleave=args.interleave))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"meta": meta, "rows": rows}, f, indent=1)

@@ -75,6 +75,22 @@ def test_e2e_script_times_one_mode_alone():
     assert row["flash_rel_diff_fwd"] < 1e-4
 
 
+def test_e2e_script_isolates_each_backend_in_its_own_process():
+    """`--isolate`: one worker process per backend, timed in the same rotated rounds."""
+    import math
+
+    e2e = _e2e_module()
+    row = e2e.run_row_isolated("bert", "tiny", torch.device("cpu"), torch.float32, repeats=1, impl="sdpa",
+                               out=lambda *a, **k: None, modes=("forward",))
+    assert row["isolated"] and row["rewritten"] == row["attention_layers"] == 2
+    assert all(len(row[f"{b}_fwd_block_medians_ms"]) == e2e.BLOCKS for b in e2e.BACKENDS)
+    for backend in e2e.BACKENDS:
+        assert row[f"{backend}_fwd_ms"] > 0 and math.isnan(row[f"{backend}_train_ms"])
+    # The workers built the same seeded weights: the compiled outputs match the eager worker's.
+    assert row["flash_rel_diff_fwd"] < 1e-4 and row["inductor_rel_diff_fwd"] < 1e-4
+    assert row["inductor_over_flash_fwd_paired"] > 0
+
+
 def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     rows = [_row("bias", "triton", 200.0, 400.0), _row("bias", "flex", 300.0, 500.0)]
