@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import rel_err
-from test_rewrite import RewriteCase, _code
+from test_rewrite import RewriteCase
 
 import flash_inductor  # noqa: F401  (registers torch.ops.flash)
 from flash_inductor.rewrite.matcher import rewrite_graph
@@ -251,18 +251,10 @@ class TestGraphs(RewriteCase):
         module = torch.nn.MultiheadAttention(E, H, batch_first=True)
         padding = torch.zeros(B, L, dtype=torch.bool)
         padding[1, -2:] = True
-        torch._dynamo.reset()
-        seen = {}
-
-        def capture(gm, example_inputs):
-            seen["reports"] = rewrite_graph(gm)
-            seen["code"] = _code(gm)
-            return gm.forward
-
-        torch.compile(lambda x, p: module(x, x, x, key_padding_mask=p, need_weights=False)[0], backend=capture,
-                      fullgraph=True)(torch.randn(B, L, E), padding)
-        self.assertEqual(seen["reports"][0].spelling, "mha·in_proj(packed)·key_padding_mask(bool)·out_proj")
-        self.assertExpectedInline(seen["code"], """\
+        _, reports, code = self.rewrite_only(
+            lambda x, p: module(x, x, x, key_padding_mask=p, need_weights=False)[0], torch.randn(B, L, E), padding)
+        self.assertEqual(reports[0].spelling, "mha·in_proj(packed)·key_padding_mask(bool)·out_proj")
+        self.assertExpectedInline(code, """\
 query = l_x_.transpose(1, 0)
 linear = torch._C._nn.linear(query, l_module_parameters_in_proj_weight_, l_module_parameters_in_proj_bias_)
 unflatten = linear.unflatten(-1, (3, 4, 4))

@@ -70,6 +70,19 @@ class RewriteCase(expecttest.TestCase):
         want_v = torch.autograd.grad(ref, ref_leaves[2], rows)[0]
         self.assertLess(((got_v.double() - want_v).norm() / want_v.norm()).item(), 1e-5)
 
+    def rewrite_only(self, fn, *args):
+        """(output, reports, code) of `fn` compiled with the rewrite and run once."""
+        torch._dynamo.reset()
+        seen = {}
+
+        def capture(gm, example_inputs):
+            seen["reports"] = rewrite_graph(gm)
+            seen["code"] = _code(gm)
+            return gm.forward
+
+        out = torch.compile(fn, backend=capture, fullgraph=True)(*args)
+        return out, seen["reports"], seen["code"]
+
     def assert_not_rewritten(self, fn, *args, guard: str):
         torch._dynamo.reset()
         seen = {}
@@ -436,6 +449,50 @@ return (getitem,)""")
 
             q, k, v = (t.requires_grad_() for t in qkv())
             self.assert_not_rewritten(f, q, k, v, mask, other, guard="autograd_function")
+
+    def test_dropout_function_on_probabilities_becomes_the_ops_dropout(self):
+        """SEW-D's StableDropout in training: a Function drawing its own keep mask
+        (`1 - bernoulli_(1 - p)`, masked_fill, scale forward; the same mask and scale on the
+        gradient) is F.dropout in distribution and gradient, so on a softmax's output it is replaced
+        by that call and the op carries the rate. A Function whose backward is anything else (here
+        it forgets the mask) keeps its own and the site is refused."""
+
+        def stable_dropout(masked_grad):
+            class XDropout(torch.autograd.Function):
+                @staticmethod
+                def forward(ctx, x):
+                    mask = (1 - torch.empty_like(x).bernoulli_(1 - 0.25)).to(torch.bool)
+                    ctx.save_for_backward(mask)
+                    return x.masked_fill(mask, 0) * (1.0 / (1 - 0.25))
+
+                @staticmethod
+                def backward(ctx, grad):
+                    (mask,) = ctx.saved_tensors
+                    if masked_grad:
+                        grad = grad.masked_fill(mask, 0)
+                    return grad * (1.0 / (1 - 0.25))
+
+            return XDropout
+
+        for masked_grad in (True, False):
+            drop = stable_dropout(masked_grad)
+
+            def f(q, k, v):
+                return torch.matmul(drop.apply(torch.softmax(torch.matmul(q, k.transpose(-1, -2)) / 4.0, -1)), v)
+
+            # (No comparison of values with eager: the masks are random.)
+            out, (rep,), code = self.rewrite_only(f, *(t.requires_grad_() for t in qkv()))
+            if not masked_grad:
+                self.assertFalse(rep.rewritten)
+                self.assertEqual(rep.guard, "probs_to_values", rep.line())
+                self.assertIn("autograd_function_apply", code)
+                continue
+            self.assertTrue(rep.rewritten, rep.line())
+            self.assertIn("softmax·dropout", rep.spelling)
+            self.assertNotIn("autograd_function_apply", code)
+            self.assertIn("0.25", code)  # the op's dropout_p
+            out.sum().backward()
+            self.assertTrue(torch.isfinite(out).all() and all(torch.isfinite(t.grad).all() for t in (q, k, v)))
 
     def test_softmax_inside_an_autograd_function_is_reported(self):
         """SEW-D in training: XSoftmax is a torch.autograd.Function, traced as one

@@ -9,12 +9,20 @@ that forward (the filled entries' gradient is 0 both ways, and the output it sav
 the zeroing produced), so the forward's nodes can replace the node in the graph without changing
 any value or gradient, and the site is then an ordinary one (matcher.py follows the zeroing).
 
-Only this shape is inlined; any other Function keeps its own backward and is reported by the
+SEW-D's dropout on those probabilities is a Function too (`StableDropout` / `XDropout`): a keep
+mask drawn with `bernoulli_`, `x.masked_fill(mask, 0) * 1/(1-p)` forward, the same mask and scale
+on the gradient backward. That is `F.dropout(x, p, training=True)` in distribution and in its
+gradient, though not in its random stream (no two dropout implementations share one), so on the
+attention probabilities (a softmax's output) the Function is replaced by that call, which the
+dropout family then carries into the op. Elsewhere it is left alone.
+
+Only these shapes are inlined; any other Function keeps its own backward and is reported by the
 matcher (`autograd_function`).
 """
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -134,13 +142,94 @@ def inline_softmax_functions(gm: GraphModule) -> int:
         with gm.graph.inserting_before(node):
             for n in _compute_nodes(fwd):
                 env[n] = gm.graph.node_copy(n, lambda a: env[a])
-        for u in users:
-            u.replace_all_uses_with(env[sm])
-            gm.graph.erase_node(u)
-        bodies = node.args[:2]
-        gm.graph.erase_node(node)
-        for b in bodies:
-            if not b.users:
-                gm.graph.erase_node(b)
+        _replace_function(gm, node, users, env[sm])
         inlined += 1
     return inlined
+
+
+def _replace_function(gm: GraphModule, node: Node, users: list[Node], result: Node) -> None:
+    """Route the Function's output (its `getitem(node, 0)` users) to `result`, then erase the
+    node and its body submodules' get_attrs where nothing else reads them."""
+    for u in users:
+        u.replace_all_uses_with(result)
+        gm.graph.erase_node(u)
+    bodies = node.args[:2]
+    gm.graph.erase_node(node)
+    for b in bodies:
+        if not b.users:
+            gm.graph.erase_node(b)
+
+
+def _is(n, fn=None, method=None) -> bool:
+    return isinstance(n, Node) and ((fn is not None and n.op == "call_function" and n.target is fn)
+                                    or (method is not None and n.op == "call_method" and n.target == method))
+
+
+def _dropout_forward(fwd: GraphModule) -> float | None:
+    """p when the forward is exactly `mask = (1 - empty_like(x).bernoulli_(1 - p)).to(bool)`,
+    `x.masked_fill(mask, 0) * (1 / (1 - p))`, returning the product and saving the mask."""
+    placeholders = [n for n in fwd.graph.nodes if n.op == "placeholder"]
+    compute = _compute_nodes(fwd)
+    if len(placeholders) != 1 or len(compute) != 6:
+        return None
+    (x,) = placeholders
+    empty, draw, flip, mask, filled, scaled = compute
+    keep = draw.args[1] if len(draw.args) == 2 and not draw.kwargs else None
+    ok = (_is(empty, fn=torch.empty_like) and empty.args == (x,) and not empty.kwargs
+          and _is(draw, method="bernoulli_") and draw.args[0] is empty
+          and isinstance(keep, float) and 0.0 < keep < 1.0
+          and _is(flip, fn=operator.sub) and flip.args == (1, draw)
+          and _is(mask, method="to") and mask.args == (flip, torch.bool) and not mask.kwargs
+          and _is(filled, method="masked_fill") and filled.args == (x, mask, 0)
+          and _is(scaled, fn=operator.mul) and scaled.args[0] is filled and isinstance(scaled.args[1], float)
+          and math.isclose(scaled.args[1], 1.0 / keep, rel_tol=1e-12))
+    if not ok:
+        return None
+    (out,) = [n for n in fwd.graph.nodes if n.op == "output"][0].args
+    if not (isinstance(out, (tuple, list)) and len(out) == 2 and tuple(out[0]) == (scaled,) and tuple(out[1]) == (mask,)):
+        return None
+    return 1.0 - keep
+
+
+def _dropout_backward(bwd: GraphModule, scale: float) -> bool:
+    """Whether the backward is `grad.masked_fill(mask, 0) * scale` with the saved mask."""
+    placeholders = [n for n in bwd.graph.nodes if n.op == "placeholder"]
+    compute = _compute_nodes(bwd)
+    if len(placeholders) != 2 or len(compute) != 2:
+        return False
+    grad, mask = placeholders
+    filled, scaled = compute
+    if not (_is(filled, method="masked_fill") and filled.args == (grad, mask, 0)
+            and _is(scaled, fn=operator.mul) and scaled.args[0] is filled and isinstance(scaled.args[1], float)
+            and math.isclose(scaled.args[1], scale, rel_tol=1e-12)):
+        return False
+    (out,) = [n for n in bwd.graph.nodes if n.op == "output"][0].args
+    return tuple(out) == (scaled,) if isinstance(out, (tuple, list)) else out is scaled
+
+
+def inline_dropout_functions(gm: GraphModule) -> int:
+    """Replace every recognised dropout autograd.Function applied to a softmax's output with
+    `F.dropout(x, p, training=True)`; return how many were replaced."""
+    replaced = 0
+    for node in list(gm.graph.nodes):
+        bodies = function_bodies(gm, node)
+        if bodies is None or len(node.args) != 3:
+            continue
+        x = node.args[2]
+        if not (_is(x, fn=torch.softmax) or _is(x, fn=torch.nn.functional.softmax) or _is(x, method="softmax")):
+            continue
+        fwd, bwd = bodies
+        p = _dropout_forward(fwd)
+        if p is None or not _dropout_backward(bwd, 1.0 / (1.0 - p)):
+            continue
+        users = list(node.users)
+        if not all(u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0 for u in users):
+            continue
+        with gm.graph.inserting_before(node):
+            dropped = gm.graph.call_function(torch.nn.functional.dropout, (x,), {"p": p, "training": True})
+        dropped.meta.update(node.meta)
+        if "example_value" in x.meta:
+            dropped.meta["example_value"] = x.meta["example_value"]
+        _replace_function(gm, node, users, dropped)
+        replaced += 1
+    return replaced

@@ -31,7 +31,7 @@ from ..patterns.steps import (Bias, Cast, ClampMin, Fill, MergeBatch, MergeHeads
                               SplitHeads, Tanh)
 from . import einsum_views
 from .emit import Emitter
-from .functions import function_bodies, inline_softmax_functions
+from .functions import function_bodies, inline_dropout_functions, inline_softmax_functions
 from .fx import IN_PLACE_METHODS, canon, constant_value, example
 from .report import SiteReport, log, record
 
@@ -1111,6 +1111,7 @@ def rewrite_graph(gm: GraphModule, graph_name: str = "") -> list[SiteReport]:
 
     start = time.perf_counter()
     inline_softmax_functions(gm)  # SEW-D's XSoftmax in training: an autograd.Function
+    inline_dropout_functions(gm)  # and its StableDropout on those probabilities
     functionalize_score_updates(gm.graph)
     reports = rewrite_one_call_sites(gm, graph_name)  # nn.MultiheadAttention, WavLM: one node, no softmax
     for node in list(gm.graph.nodes):
