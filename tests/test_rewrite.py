@@ -481,7 +481,8 @@ return (getitem,)""")
                 return torch.matmul(drop.apply(torch.softmax(torch.matmul(q, k.transpose(-1, -2)) / 4.0, -1)), v)
 
             # (No comparison of values with eager: the masks are random.)
-            out, (rep,), code = self.rewrite_only(f, *(t.requires_grad_() for t in qkv()))
+            q, k, v = (t.requires_grad_() for t in qkv())
+            out, (rep,), code = self.rewrite_only(f, q, k, v)
             if not masked_grad:
                 self.assertFalse(rep.rewritten)
                 self.assertEqual(rep.guard, "probs_to_values", rep.line())

@@ -227,7 +227,8 @@ def inline_dropout_functions(gm: GraphModule) -> int:
             continue
         with gm.graph.inserting_before(node):
             dropped = gm.graph.call_function(torch.nn.functional.dropout, (x,), {"p": p, "training": True})
-        dropped.meta.update(node.meta)
+        # The node's own example value is the Function's tuple; the dropout's is x's shape.
+        dropped.meta.update({k: v for k, v in node.meta.items() if k != "example_value"})
         if "example_value" in x.meta:
             dropped.meta["example_value"] = x.meta["example_value"]
         _replace_function(gm, node, users, dropped)
