@@ -112,6 +112,11 @@ def breakdown(step, device: torch.device, steps: int = 3, host_steps: int = 10) 
             "device_ms": device_ms, "kernels": kernels, **_host_syncs(step)}
 
 
+def _print_breakdown(out, name: str, backend: str, mode: str, b: dict) -> None:
+    out(f"{name:12s} {backend:8s} {mode:7s} host {b['host_ms']:8.2f} ms  device {b['device_ms']:8.2f} ms"
+        f"  kernels {b['kernels']:.0f}  syncs {b['host_syncs']}", flush=True)
+
+
 def _host_syncs(step) -> dict:
     """Synchronizing CUDA calls in one step (torch's sync debug mode): each makes the host wait
     for the GPU, so a host-bound step then costs host + device time instead of the larger one."""
@@ -215,8 +220,7 @@ def run_row(name: str, size: str, device: torch.device, dtype, repeats: int, imp
         for mode, step in (("forward", forward), ("train", train_step)):
             if mode in modes and (b := breakdown(lambda: step(fn), device)):
                 row[f"{backend}_{mode}_breakdown"] = b
-                out(f"{name:12s} {backend:8s} {mode:7s} host {b['host_ms']:8.2f} ms  device {b['device_ms']:8.2f} ms"
-                    f"  kernels {b['kernels']:.0f}  syncs {b['host_syncs']}", flush=True)
+                _print_breakdown(out, name, backend, mode, b)
         if not interleave:
             for mode in timed:
                 row[f"{backend}_{mode}_block_medians_ms"] = [
@@ -226,20 +230,24 @@ def run_row(name: str, size: str, device: torch.device, dtype, repeats: int, imp
         # stretch of the host lands on all of them alike (module docstring). A graph compiled
         # while timing would mean the backends' cache entries evict each other: counted.
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        for mode in timed:
-            for backend in BACKENDS:
-                row[f"{backend}_{mode}_block_medians_ms"] = []
-            for r in range(BLOCKS):
-                for backend in BACKENDS[r % len(BACKENDS):] + BACKENDS[:r % len(BACKENDS)]:
-                    fn = compiled[backend]
-                    row[f"{backend}_{mode}_block_medians_ms"].append(
-                        _median_ms(lambda: steps[mode](fn), repeats, device))
-            pairs = [i / f for i, f in zip(row[f"inductor_{mode}_block_medians_ms"],
-                                          row[f"flash_{mode}_block_medians_ms"])]
-            row[f"inductor_over_flash_{mode}_paired"] = statistics.median(pairs)
-            row[f"inductor_over_flash_{mode}_pairs"] = pairs
+        _timed_rounds(row, timed, lambda backend, mode: _median_ms(lambda: steps[mode](compiled[backend]), repeats, device))
         row["graphs_compiled_while_timing"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
     return _least_blocks(row, name, out)
+
+
+def _timed_rounds(row: dict, timed, block) -> None:
+    """BLOCKS rounds per mode, each timing one block of every backend (`block(backend, mode)` -> ms)
+    in an order rotated every round; the paired inductor / flash ratio is the median over rounds."""
+    for mode in timed:
+        for backend in BACKENDS:
+            row[f"{backend}_{mode}_block_medians_ms"] = []
+        for r in range(BLOCKS):
+            for backend in BACKENDS[r % len(BACKENDS):] + BACKENDS[:r % len(BACKENDS)]:
+                row[f"{backend}_{mode}_block_medians_ms"].append(block(backend, mode))
+        pairs = [i / f for i, f in zip(row[f"inductor_{mode}_block_medians_ms"],
+                                      row[f"flash_{mode}_block_medians_ms"])]
+        row[f"inductor_over_flash_{mode}_paired"] = statistics.median(pairs)
+        row[f"inductor_over_flash_{mode}_pairs"] = pairs
 
 
 def _least_blocks(row: dict, name: str, out) -> dict:
@@ -324,24 +332,16 @@ def run_row_isolated(name: str, size: str, device: torch.device, dtype, repeats:
             row.update(facts)
             for mode in ("forward", "train"):
                 if b := facts.get(f"{backend}_{mode}_breakdown"):
-                    out(f"{name:12s} {backend:8s} {mode:7s} host {b['host_ms']:8.2f} ms  device {b['device_ms']:8.2f} ms"
-                        f"  kernels {b['kernels']:.0f}  syncs {b['host_syncs']}", flush=True)
+                    _print_breakdown(out, name, backend, mode, b)
         for backend in ("inductor", "flash"):
             if outputs[backend] is not None:
                 row[f"{backend}_rel_diff_fwd"] = _rel(outputs[backend], outputs["eager"])
-        timed = [m for m in ("fwd", "train") if ("forward" if m == "fwd" else "train") in modes]
-        for mode in timed:
-            for backend in BACKENDS:
-                row[f"{backend}_{mode}_block_medians_ms"] = []
-            for r in range(BLOCKS):
-                for backend in BACKENDS[r % len(BACKENDS):] + BACKENDS[:r % len(BACKENDS)]:
-                    conn = workers[backend][1]
-                    conn.send(("block", mode))
-                    row[f"{backend}_{mode}_block_medians_ms"].append(conn.recv())
-            pairs = [i / f for i, f in zip(row[f"inductor_{mode}_block_medians_ms"],
-                                          row[f"flash_{mode}_block_medians_ms"])]
-            row[f"inductor_over_flash_{mode}_paired"] = statistics.median(pairs)
-            row[f"inductor_over_flash_{mode}_pairs"] = pairs
+        def block(backend, mode):
+            conn = workers[backend][1]
+            conn.send(("block", mode))
+            return conn.recv()
+
+        _timed_rounds(row, [m for m in ("fwd", "train") if ("forward" if m == "fwd" else "train") in modes], block)
     finally:
         for proc, conn in workers.values():
             try:

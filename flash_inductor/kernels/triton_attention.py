@@ -56,7 +56,7 @@ MASKED_BIAS = tl.constexpr(_MASKED_BIAS)
 # Half of MASKED_BIAS·log2(e): a forward row whose base-2 max is above it has a key whose bias is
 # above about -5e29 (while |scale·q·kᵀ| stays below 1e29), so an entry <= MASKED_BIAS adds
 # exp2(<= -7e29) = 0 to it, as -inf would (docs/design.md §19).
-REDO_BELOW = tl.constexpr(_MASKED_BIAS * 1.4426950408889634 / 2)
+REDO_BELOW = tl.constexpr(_MASKED_BIAS * LOG2E.value / 2)
 DROP_SPAN = tl.constexpr(32)
 # How a q·kᵀ tile becomes base-2 scores (the SCORES constexpr). FOLDED: the scale is positive,
 # so the forward takes a row's max over q·kᵀ itself and the scale joins exp2's argument in one

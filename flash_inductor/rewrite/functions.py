@@ -28,7 +28,7 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from .fx import example
+from .fx import canon, example
 
 _GRAD_MODE = (torch._C._set_grad_enabled,)
 
@@ -216,7 +216,7 @@ def inline_dropout_functions(gm: GraphModule) -> int:
         if bodies is None or len(node.args) != 3:
             continue
         x = node.args[2]
-        if not (_is(x, fn=torch.softmax) or _is(x, fn=torch.nn.functional.softmax) or _is(x, method="softmax")):
+        if (c := canon(x)) is None or c.op != "softmax":
             continue
         fwd, bwd = bodies
         p = _dropout_forward(fwd)
