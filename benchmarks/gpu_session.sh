@@ -136,6 +136,15 @@ for phase in "$@"; do
           >"$OUT/compile_time_$be.log" 2>&1
         grep -E "first .* call|kernel analyses" "$OUT/compile_time_$be.log"
       done ;;
+    flex_device)  # the no-mask and causal rows against FlexAttention, GPU time per kernel (autotuning off)
+      FLASH_INDUCTOR_TRITON_AUTOTUNE=0 bench 170 flex_device --lengths 4096 8192 --cases none causal --peers triton flex --timing device ;;
+    flex_code)  # FlexAttention's generated Triton source (the log) and both projects' compiled kernels
+      # (TTGIR, cubin, metadata: $OUT/kernels) for one shape, to be read with cuobjdump off the GPU
+      TORCH_LOGS=output_code FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout 150 python3 benchmarks/flex_source.py >"$OUT/flex_output_code.log" 2>&1
+      tail -1 "$OUT/flex_output_code.log"; mkdir -p "$OUT/kernels"
+      find "$TRITON_CACHE_DIR" \( -name "triton_tem*" -o -name "_attn_*" \) \( -name "*.ttgir" -o -name "*.cubin" -o -name "*.json" \) |
+        while read -r f; do cp "$f" "$OUT/kernels/$(basename "$(dirname "$f")" | cut -c1-12)_$(basename "$f")"; done
+      ls "$OUT/kernels" | wc -l ;;
     ab_patch)  # A/B of a kernel change: env AB_BENCH (cli bench arguments) timed, then the patch in
       # $AB_PATCH applied, env AB_TESTS (pytest arguments) run and the bench timed again; reverted after
       read -r -a ab_args <<<"${AB_BENCH:---lengths 2048 4096 --cases causal bias+causal --peers triton_compiled}"
@@ -146,15 +155,19 @@ for phase in "$@"; do
         patch -R -p1 <"$AB_PATCH"
       } ;;
     ab_variants)  # several patches timed against main in one process each (env AB_PATCHES: patch files;
-      # AB_BENCH: cli bench arguments; AB_TESTS: pytest arguments run with each patch applied, if set)
+      # AB_BENCH: cli bench arguments; AB_TESTS: pytest arguments run with each patch applied, if set;
+      # AB_ROUNDS: how many times main and the patches are timed in turn, default 1: two rounds show
+      # how far one process's figures wander from the next's)
       read -r -a ab_args <<<"${AB_BENCH:---lengths 4096 8192 --cases bias bias+causal --peers triton --timing device}"
-      FLASH_INDUCTOR_TRITON_AUTOTUNE=0 bench 200 ab_main "${ab_args[@]}" | grep TFLOP
-      for p in ${AB_PATCHES:?}; do
-        name=$(basename "$p" .patch)
-        patch -s -p1 <"$p" || { echo "$name does not apply"; continue; }
-        [ -n "${AB_TESTS:-}" ] && FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout 240 python3 -m pytest -q -m gpu $AB_TESTS 2>&1 | tee "$OUT/ab_tests_$name.log" | tail -3
-        FLASH_INDUCTOR_TRITON_AUTOTUNE=0 bench 200 "ab_$name" "${ab_args[@]}" | grep TFLOP
-        patch -s -R -p1 <"$p"
+      for round in $(seq "${AB_ROUNDS:-1}"); do
+        FLASH_INDUCTOR_TRITON_AUTOTUNE=0 bench 200 "ab_main_r$round" "${ab_args[@]}" | grep -E "TFLOP|bwd µs"
+        for p in ${AB_PATCHES:?}; do
+          name=$(basename "$p" .patch)
+          patch -s -p1 <"$p" || { echo "$name does not apply"; continue; }
+          [ -n "${AB_TESTS:-}" ] && [ "$round" = 1 ] && FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout 240 python3 -m pytest -q -m gpu $AB_TESTS 2>&1 | tee "$OUT/ab_tests_$name.log" | tail -3
+          FLASH_INDUCTOR_TRITON_AUTOTUNE=0 bench 200 "ab_${name}_r$round" "${ab_args[@]}" | grep -E "TFLOP|bwd µs"
+          patch -s -R -p1 <"$p"
+        done
       done ;;
     gpu_tests)  # env GPU_TESTS: pytest arguments (the marked GPU tests of chosen modules)
       FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout ${GPU_TESTS_TIMEOUT:-300} python3 -m pytest -q -m gpu $GPU_TESTS 2>&1 | tee -a "$OUT/gpu_tests_chosen.log" | tail -8 ;;

@@ -80,18 +80,42 @@ def _cuobjdump() -> str | None:
     return str(bundled) if bundled.exists() else shutil.which("cuobjdump")
 
 
-def sass_counts(compiled) -> collections.Counter | None:
+def sass_text(compiled) -> str | None:
     tool = _cuobjdump()
     if tool is None:
         return None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def sass_counts(compiled) -> collections.Counter | None:
+    sass = sass_text(compiled)
+    if sass is None:
+        return None
     return collections.Counter(
         m.group(1).split(".")[0]
         for m in re.finditer(r"/\*[0-9a-f]{4,5}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass)
     )
+
+
+def loop_counts(compiled) -> list[tuple[int, collections.Counter]]:
+    """Per innermost loop (a backward branch's span), its length and opcode counts: the
+    instructions every key or query block pays, which whole-kernel counts blur."""
+    sass = sass_text(compiled)
+    if sass is None:
+        return []
+    insts = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in re.finditer(
+        r"/\*([0-9a-f]{4,5})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)([^;]*);", sass)]
+    loops = []
+    for addr, op, rest in insts:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if target and int(target.group(1), 16) < addr:
+            loops.append((int(target.group(1), 16), addr))
+    innermost = [lp for lp in loops if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops)]
+    return [(hi - lo, collections.Counter(op.split(".")[0] for a, op, _ in insts if lo <= a <= hi))
+            for lo, hi in sorted(set(innermost))]
 
 
 def main(argv=None) -> int:
@@ -106,6 +130,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fused-dq", action="store_true", help="the dK/dV kernel adds dQ with atomics")
     ap.add_argument("--odd-lengths", action="store_true", help="sequence lengths not divisible by 16")
     ap.add_argument("--ttgir-out", default=None, help="write the last kernel's TTGIR here")
+    ap.add_argument("--loops", action="store_true", help="also count each innermost loop's instructions")
     args = ap.parse_args(argv)
     print(f"triton {triton.__version__}, sm_90, config {args.config}, D={args.head_dim}, dropout={args.dropout}, "
           f"bias={args.bias}, causal={args.causal}, softcap={args.softcap}, fused_dq={args.fused_dq}")
@@ -116,6 +141,11 @@ def main(argv=None) -> int:
         sass = ("no cuobjdump" if ops is None else
                 f"SASS {sum(ops.values()):5d}  " + "  ".join(f"{op} {ops[op]}" for op in SASS_OPS))
         print(f"{name:5s} convert_layout {layout_conversions(c):3d}  {sass}", flush=True)
+        if args.loops:
+            for span, ops in loop_counts(c):
+                if ops["HGMMA"]:
+                    print(f"      loop of {sum(ops.values()):4d}: " + "  ".join(
+                        f"{op} {ops[op]}" for op in ("HGMMA", "FSEL", "FSETP", "FADD", "FFMA", "FMUL", "MUFU", "BAR", "SHFL", "LDS", "STS", "STL", "LDL")))
         if args.ttgir_out:
             with open(args.ttgir_out, "w") as f:
                 f.write(c.asm["ttgir"])

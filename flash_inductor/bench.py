@@ -213,6 +213,8 @@ def bench_case(fn, n, d, heads, dtype, case, bias_grad, do_bench):
         return {"status": "refused", "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
     fwd_ms = do_bench(lambda: fn(q, k, v, bias, causal, p))
     bwd_ms = do_bench(lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True))
+    # With device timing: which kernels the backward's time went to (an A/B of one kernel).
+    bwd_kernels = {name: round(us, 1) for name, us in getattr(do_bench, "by_kernel", {}).items()}
     del out
     both_ms = do_bench(lambda: torch.autograd.grad(fn(q, k, v, bias, causal, p), leaves, dout))
     torch.cuda.synchronize()
@@ -229,6 +231,7 @@ def bench_case(fn, n, d, heads, dtype, case, bias_grad, do_bench):
         "bwd_tflops": flops(1, heads, n, n, d, causal, "bwd") / bwd_ms / 1e9,
         "fwd+bwd_tflops": flops(1, heads, n, n, d, causal, "fwd+bwd") / both_ms / 1e9,
         "peak_extra_mib": peak / 2**20,
+        **({"bwd_kernels_us": bwd_kernels} if bwd_kernels else {}),
     }
 
 
@@ -256,10 +259,11 @@ def _chosen_configs() -> dict:
     return out
 
 
-def device_time(fn, reps: int) -> tuple[float, float]:
+def device_time(fn, reps: int, by_kernel: dict | None = None) -> tuple[float, float]:
     """(GPU ms, launches) per call of `fn`, from torch.profiler over `reps` calls: the summed
     durations of the kernels (and memsets/copies) it launches. Gaps between kernels, which the
-    host's launch time opens at small sizes, are not counted."""
+    host's launch time opens at small sizes, are not counted. `by_kernel`, if given, is filled
+    with µs per call for each kernel name."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -268,13 +272,16 @@ def device_time(fn, reps: int) -> tuple[float, float]:
             fn()
         torch.cuda.synchronize()
     gpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if by_kernel is not None:
+        for e in gpu:
+            by_kernel[e.name] = by_kernel.get(e.name, 0.0) + e.time_range.elapsed_us() / reps
     return sum(e.time_range.elapsed_us() for e in gpu) / reps / 1e3, len(gpu) / reps
 
 
-def device_ms(fn, reps: int = 20, warmup: int = 5) -> float:
+def device_ms(fn, reps: int = 20, warmup: int = 5, by_kernel: dict | None = None) -> float:
     for _ in range(warmup):
         fn()
-    return device_time(fn, reps)[0]
+    return device_time(fn, reps, by_kernel)[0]
 
 
 def ceilings(do_bench):
@@ -372,7 +379,8 @@ def main(argv=None):
 
     def do_bench(fn):
         if args.timing == "device":
-            return device_ms(fn)
+            do_bench.by_kernel = {}
+            return device_ms(fn, by_kernel=do_bench.by_kernel)
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
     dtype = getattr(torch, args.dtype)
@@ -406,6 +414,9 @@ def main(argv=None):
                           f"fwd {res['fwd_tflops']:6.1f} bwd {res['bwd_tflops']:6.1f} TFLOP/s "
                           f"({res['fwd_us']:.0f} / {res['bwd_us']:.0f} / {res['fwd+bwd_us']:.0f} µs, "
                           f"peak +{res['peak_extra_mib']:.0f} MiB)", flush=True)
+                    if res.get("bwd_kernels_us"):
+                        print("    bwd µs: " + ", ".join(f"{k[:40]} {v:.0f}" for k, v in res["bwd_kernels_us"].items()),
+                              flush=True)
                 else:
                     print(f"N={n:5d} D={args.head_dim} {case:20s} {peer:15s} refused: {res['reason']}", flush=True)
                 if args.json:  # written as it goes: a run cut short keeps what it measured

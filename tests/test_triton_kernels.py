@@ -199,8 +199,9 @@ def _ref_out_and_grads(q, k, v, bias, causal, dout, dtype, softcap=None, scale=N
     return (out.detach(), *(t.grad for t in leaves), dbias)
 
 
-def _check_against_ref(kernels, run, q, k, v, bias, causal, gen, dlse=False, softcap=None, scale=None):
-    """Forward and backward of `kernels` against float64 autograd; bounds from `q.dtype`."""
+def _check_against_ref(kernels, run, q, k, v, bias, causal, gen, dlse=False, softcap=None, scale=None, dout=None):
+    """Forward and backward of `kernels` against float64 autograd; bounds from `q.dtype`.
+    lse is compared to within float32's relative precision too (rows of scores near -1e30)."""
     dtype = q.dtype
     inp = validate(q, k, v, bias, causal=causal, softcap=softcap, scale=scale)
     out, lse = run(kernels.forward, inp, None)
@@ -212,9 +213,10 @@ def _check_against_ref(kernels, run, q, k, v, bias, causal, gen, dlse=False, sof
     assert not lse.isnan().any()
     assert torch.equal(torch.isneginf(lse), torch.isneginf(lse64))
     finite = torch.isfinite(lse64)
-    torch.testing.assert_close(lse.double()[finite], lse64[finite], rtol=0, atol=1e-5 if dtype == torch.float32 else 2e-3)
+    torch.testing.assert_close(lse.double()[finite], lse64[finite], rtol=3e-7, atol=1e-5 if dtype == torch.float32 else 2e-3)
 
-    dout = _randn(out.shape, dtype, gen).to(q.device)
+    if dout is None:
+        dout = _randn(out.shape, dtype, gen).to(q.device)
     bias_grad = bias is not None and bias.dtype != torch.bool
     dlse_t = torch.randn(lse.shape, generator=gen).to(q.device) if dlse else None
     grads = run(kernels.backward, inp, None, out, lse, dout, dlse_t, bias_grad)
@@ -277,17 +279,23 @@ def test_forward_backward(interp, poisoned, case):
     _check_against_ref(interp, poisoned, q, k, v, bias, causal, gen)
 
 
+def _odd_float32_inputs(seed):
+    """(generator, q, k, v, bias): 37 queries, 45 keys (neither a block multiple), 2 heads,
+    D=16, float32, a normal bias for the tests to mask parts of."""
+    gen = torch.Generator().manual_seed(seed)
+    q = _randn((1, 2, 37, 16), torch.float32, gen)
+    k = _randn((1, 2, 45, 16), torch.float32, gen)
+    v = _randn((1, 2, 45, 16), torch.float32, gen)
+    return gen, q, k, v, torch.randn(1, 2, 37, 45, generator=gen)
+
+
 # The forward adds a float bias without masking entries <= MASKED_BIAS one by one; rows whose
 # max stays at or below REDO_BELOW are computed again with the select. Rows masked whole by a
 # finite -1e30 must come out empty (zeros, lse = -inf), as the contract says, not averaged.
 @pytest.mark.parametrize("causal", [False, "bottom_right"])
 @interpreted
 def test_finite_masked_rows_take_the_exact_pass(interp, poisoned, causal):
-    gen = torch.Generator().manual_seed(7)
-    q = _randn((1, 2, 37, 16), torch.float32, gen)
-    k = _randn((1, 2, 45, 16), torch.float32, gen)
-    v = _randn((1, 2, 45, 16), torch.float32, gen)
-    bias = torch.randn(1, 2, 37, 45, generator=gen)
+    gen, q, k, v, bias = _odd_float32_inputs(7)
     bias[0, 0, 3] = -1e30  # whole rows masked by a finite value: the second pass
     bias[0, 1, 20] = -2e30
     bias[0, 0, 5, 10:] = -1e30  # partly masked rows: the fast pass, exactly
@@ -297,6 +305,34 @@ def test_finite_masked_rows_take_the_exact_pass(interp, poisoned, causal):
     _, lse = poisoned(interp.forward, validate(q, k, v, bias, causal=causal), None)
     assert torch.isneginf(lse[0, 0, 3]) and torch.isneginf(lse[0, 1, 20]) and torch.isneginf(lse[0, 1, 9])
     assert torch.isfinite(lse[0, 0, 5]) and torch.isfinite(lse[0, 1, 30])
+
+
+# The backward adds a float bias without the select that masks entries <= MASKED_BIAS. That is
+# exact on every row whose lse is above REDO_BELOW; a row at or below it (every visible key's
+# score near -1e30, as in the forward's second pass) passes no gradient: float32 cannot hold its
+# lse to within log2(Nk), so exp2(s - lse) is noise there, and here a masked key scoring above the
+# visible ones would make it inf (NaN gradients for the whole head). Those rows get dO = 0 in the
+# comparison (so their exact gradient is 0 too); then with dO != 0 they must still give none.
+@pytest.mark.parametrize("causal", [False, "bottom_right"])
+@interpreted
+def test_rows_near_the_mask_value_pass_no_gradient(interp, poisoned, causal):
+    gen, q, k, v, bias = _odd_float32_inputs(5)
+    dout = _randn((1, 2, 37, 16), torch.float32, gen)
+    rows = ((0, 3, 5), (1, 20, 25))  # (head, row, masked key), the key visible under either alignment
+    for h, row, key in rows:
+        bias[0, h, row] = -9e29
+        bias[0, h, row, key] = -1e30
+        q[0, h, row] = 1e30 * k[0, h, key] / k[0, h, key].square().sum()  # q·k = 1e30 on that key
+        dout[0, h, row] = 0.0
+    _check_against_ref(interp, poisoned, q, k, v, bias, causal, gen, dout=dout)
+
+    inp = validate(q, k, v, bias, causal=causal)
+    out, lse = poisoned(interp.forward, inp, None)
+    dq, dk, dv, dbias = poisoned(interp.backward, inp, None, out, lse, torch.randn_like(out), None, True)
+    assert all(torch.isfinite(t).all() for t in (dq, dk, dv, dbias))
+    for h, row, _ in rows:
+        assert lse[0, h, row] < -5e29
+        assert not dq[0, h, row].any() and not dbias[0, h, row].any()
 
 
 # A positive scale is folded into exp2's argument (SCORES_FOLDED); zero and negative scales take
@@ -637,9 +673,10 @@ def test_default_config_follows_the_head_dim(monkeypatch):
         assert chosen(kernel, 128, 512, 0) == (128, 64, 8, 3)
     assert chosen("fwd", 64, 8192, 0) == chosen("dq", 64, 16384, 0) == (128, 64, 8, 3)
     assert chosen("dkdv", 64, 8192, 0) == (64, 64, 4, 3)
-    # A bias at head dim 128 up to N = 4096: dK/dV streams 32 queries past 64 keys.
-    assert chosen("dkdv", 128, 4096, 1, bias=True) == (32, 64, 4, 2)
-    assert chosen("dkdv", 128, 8192, 1, bias=True) == chosen("dq", 128, 2048, 1, bias=True) == (128, 64, 8, 3)
+    # A bias at head dim 128 up to N = 4096, or at any length with a causal mask: dK/dV streams
+    # 32 queries past 64 keys.
+    assert chosen("dkdv", 128, 4096, 0, bias=True) == chosen("dkdv", 128, 8192, 1, bias=True) == (32, 64, 4, 2)
+    assert chosen("dkdv", 128, 8192, 0, bias=True) == chosen("dq", 128, 2048, 1, bias=True) == (128, 64, 8, 3)
     monkeypatch.setenv(ta.AUTOTUNE_ENV, "1")
     kept = ta._prune("BLOCK_N", "BLOCK_M", "fwd")(list(candidates), dict(
         BLOCK_D=64, BLOCK_DV=64, ELT_BYTES=2, N_BUCKET=512, CAUSAL=0))
@@ -706,6 +743,32 @@ def test_dropout_moves_nothing_between_threads(kernel, config, head_dim):
     """docs/design.md §4: a Philox call's 8 draws are the 8 scores one thread holds in the tensor
     cores' accumulator, so dropout adds no layout conversion (a shared-memory round trip per
     tile) to the forward or the dQ kernel. The earlier grouping (8 adjacent keys) added 10."""
+    probe = _sm90_probe()
+    plain, dropout = (probe.layout_conversions(_sm90_compile(probe, kernel, *config, head_dim, d, 0, False))
+                      for d in (False, True))
+    assert dropout == plain
+
+
+@pytest.mark.skipif(INTERPRETING, reason="compiles for sm_90; the interpreter compiles nothing")
+@pytest.mark.parametrize("kernel,config", [("dq", (128, 64, 8, 3)), ("dkdv", (32, 64, 4, 2)), ("dkdv", (64, 128, 8, 3))])
+def test_a_float_bias_adds_no_select_to_the_backward_loops(kernel, config):
+    """docs/design.md §19: the backward adds a float bias as one FMA per score and never masks
+    entries <= MASKED_BIAS one by one, so every key (dQ) or query (dK/dV) loop compares and
+    selects as often with a bias as without one (session 13's backward added a compare and a
+    select per score)."""
+    probe = _sm90_probe()
+    plain, biased = (
+        [(ops["FSETP"], ops["FSEL"]) for _, ops in probe.loop_counts(_sm90_compile(probe, kernel, *config, 128, False, 0, b))
+         if ops["HGMMA"]]
+        for b in (False, True)
+    )
+    if not plain:
+        pytest.skip("no cuobjdump to read SASS with")
+    assert biased == plain
+
+
+def _sm90_probe():
+    """benchmarks/ttgir_probe.py, which compiles our kernels for sm_90 without a GPU."""
     import importlib.util
     import pathlib
 
@@ -714,11 +777,16 @@ def test_dropout_moves_nothing_between_threads(kernel, config, head_dim):
     probe = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(probe)
-        plain, dropout = (probe.layout_conversions(probe.compile_kernel(kernel, *config, head_dim, d, 0, False))
-                          for d in (False, True))
+    except ImportError as e:
+        pytest.skip(f"cannot compile for sm_90 here: {e}")
+    return probe
+
+
+def _sm90_compile(probe, *args):
+    try:
+        return probe.compile_kernel(*args)
     except (ImportError, RuntimeError) as e:  # a Triton without its CUDA backend
         pytest.skip(f"cannot compile for sm_90 here: {e}")
-    assert dropout == plain
 
 
 @interpreted

@@ -86,7 +86,7 @@ def _interpreting() -> bool:
 def _masked_scores(
     s, qi, kj, b, Nk, shift,
     HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, MASK_KEYS: tl.constexpr,
-    MASK_CAUSAL: tl.constexpr, SELECT_MASKED: tl.constexpr = True,
+    MASK_CAUSAL: tl.constexpr, SELECT_MASKED: tl.constexpr,
 ):
     """Add the bias tile `b` to the base-2 scores `s` and set hidden entries to -inf.
 
@@ -108,16 +108,32 @@ def _masked_scores(
         else:
             # <= MASKED_BIAS masks the key (inputs.py); finfo.min * log2(e) would round to
             # -inf anyway, but -1e30 would not. Without SELECT_MASKED such an entry stays a
-            # number <= -1.44e30: the forward's fast pass (`_attn_fwd_rows`).
+            # number <= -1.44e30: the forward's fast pass (`_attn_fwd_rows`) and the backward
+            # (`_backward_lse2`). The FMA is written out: as `s + bf * LOG2E` the dK/dV kernel
+            # converted the float32 product to the MMA layout instead of the bf16 tile (twice
+            # the shared-memory traffic; TTGIR, sm_90).
             bf = b.to(tl.float32)
             if SELECT_MASKED:
-                s = tl.where(bf <= MASKED_BIAS, float("-inf"), s + bf * LOG2E)
+                s = tl.where(bf <= MASKED_BIAS, float("-inf"), tl.fma(bf, LOG2E, s))
             else:
-                s = s + bf * LOG2E
+                s = tl.fma(bf, LOG2E, s)
             s = _hide_keys(s, qi, kj, Nk, shift, MASK_KEYS, MASK_CAUSAL)
     else:
         s = _hide_keys(s, qi, kj, Nk, shift, MASK_KEYS, MASK_CAUSAL)
     return s
+
+
+@triton.jit
+def _backward_lse2(lse):
+    """The backward's base-2 lse: +inf (p = 0) for a row with no visible key, and for a row whose
+    lse is at or below REDO_BELOW (every visible score near -1e30). Float32 cannot hold such an
+    lse to within log2(Nk) (its ulp there is 7e22), so exp2(s - lse) could give a row no
+    meaningful gradient whatever the kernel did; it gets none. Every other row's bias entries
+    <= MASKED_BIAS give exp2(<= -5.8e29) = 0 without the per-score select, as -inf would: so
+    the backward never selects (docs/design.md §19). One compare covers both kinds of row
+    (-inf is below REDO_BELOW): this runs for every query row of every dK/dV step."""
+    lse2 = lse * LOG2E
+    return tl.where(lse2 <= REDO_BELOW, float("inf"), lse2)
 
 
 @triton.jit
@@ -587,7 +603,10 @@ _LARGE_HEAD_DEFAULTS = {"dkdv": (32, 64, 8, 3), "fwd": (128, 64, 8, 2)}
 # backward at 233 against 273 µs (N=2048) and 665 against 744 (N=4096) with the D=128 default;
 # the autotuner picked it too. Without a bias the default stays within 3% of the best there.
 # On an H100 (session 12, device time) the bias + causal backward went 118 → 137 TFLOP/s (2048)
-# and 173 → 192 (4096). At 8192 the 8-warp default stays within 5-7% of it (no change there).
+# and 173 → 192 (4096). With a causal mask it is the default at every length: at 8192 the
+# autotuner picks it (session 14, H200, backward without the bias select: dK/dV 1207 µs against
+# 1870 for the 8-warp default, whose two causal loops spill); without one the 8-warp default stays
+# ahead at 8192 (the autotuner keeps it: 2275 µs).
 _BIAS_DKDV_DEFAULT = (32, 64, 4, 2)
 
 
@@ -595,7 +614,7 @@ def _head_dim_default(kernel: str, args: dict) -> tuple[int, int, int, int] | No
     if max(args["BLOCK_D"], args["BLOCK_DV"]) > 128:
         return _LARGE_HEAD_DEFAULTS.get(kernel)
     if max(args["BLOCK_D"], args["BLOCK_DV"]) > 64:
-        if kernel == "dkdv" and args.get("HAS_BIAS") and args["N_BUCKET"] <= 4096:
+        if kernel == "dkdv" and args.get("HAS_BIAS") and (args["CAUSAL"] or args["N_BUCKET"] <= 4096):
             return _BIAS_DKDV_DEFAULT
         return None
     if kernel != "dkdv" and args["N_BUCKET"] >= 8192 and not args["CAUSAL"]:
@@ -843,13 +862,11 @@ def _attn_bwd_dkdv_step(
         Q_head + offs_m[None, :] * stride_qm + offs_d[:, None],
         mask=m_ok[None, :] & (offs_d[:, None] < D), other=0.0,
     )
-    # lse = -inf marks a row with no visible key: +inf makes its p exactly 0.
-    lse = tl.load(Lse_head + offs_m * stride_lm, mask=m_ok, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    lse2 = _backward_lse2(tl.load(Lse_head + offs_m * stride_lm, mask=m_ok, other=float("-inf")))
     sT, tT = _scaled_scores(tl.dot(k, qT, input_precision=DOT_PRECISION), qk_scale, cap_scale, SCORES)
     sT = _masked_scores(
         sT, offs_m[None, :], offs_n[:, None], b, Nk, shift,
-        HAS_BIAS, BIAS_IS_BOOL, False, MASK_CAUSAL,
+        HAS_BIAS, BIAS_IS_BOOL, False, MASK_CAUSAL, False,
     )
     pT = tl.math.exp2(sT - lse2[None, :])
     do = tl.load(
@@ -1080,7 +1097,7 @@ def _attn_bwd_dq_step(
     b = _load_bias(bias_rows + offs_n[None, :] * stride_bn, m_ok & n_ok[None, :], HAS_BIAS)
     s = _masked_scores(
         s, offs_m[:, None], offs_n[None, :], b, Nk, shift,
-        HAS_BIAS, BIAS_IS_BOOL, MASK_KEYS, MASK_CAUSAL,
+        HAS_BIAS, BIAS_IS_BOOL, MASK_KEYS, MASK_CAUSAL, False,
     )
     p = tl.math.exp2(s - lse2[:, None])
     dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
@@ -1161,8 +1178,7 @@ def _attn_bwd_dq(
         mask=m_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
     )
     row = b * stride_lb + h * stride_lh + (q_start + offs_m) * stride_lm
-    lse = tl.load(Lse + row, mask=m_ok, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    lse2 = _backward_lse2(tl.load(Lse + row, mask=m_ok, other=float("-inf")))
     delta = tl.load(Delta + row, mask=m_ok, other=0.0)
     K_head = K + b * stride_kb + hk * stride_kh + k_start * stride_kn
     V_head = V + b * stride_vb + hk * stride_vh + k_start * stride_vn
