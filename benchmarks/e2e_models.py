@@ -25,6 +25,9 @@ appended to --json as each model finishes, so a run cut short keeps what it meas
 With --isolate each backend runs in a worker process of its own, as a user's job holds one
 compiled model, and the parent times them in the same rotated rounds; without it all three live in
 one process, whose host was the bottleneck of the host-bound rows (T5-base, session 13).
+--compile-together lets the workers compile at once (T5-base's three compiles one after another
+took most of a 320 s call, session 14); their step breakdowns and timed blocks still run one at a
+time.
 """
 
 from __future__ import annotations
@@ -270,14 +273,15 @@ def _least_blocks(row: dict, name: str, out) -> dict:
 
 def _serve(conn, name, size, device_name, dtype, impl, backend, repeats, modes):
     """A worker: builds the model (seeded, so every worker holds the same weights), compiles it with
-    `backend` on "setup", then times blocks on request."""
+    `backend` on "compile", measures its step breakdown on "measure", then times blocks on
+    request."""
     device = torch.device(device_name)
     built, impl, seq, batch, steps = _prepare(name, size, device, dtype, impl)
     fn = built.model if backend == "eager" else torch.compile(built.model, backend=backend)
     timed = [m for m in steps if ("forward" if m == "fwd" else "train") in modes]
     while True:
         cmd, *args = conn.recv()
-        if cmd == "setup":
+        if cmd == "compile":
             facts, y = _first_call(fn, backend, steps, modes)
             facts.update(impl=impl, seq=seq, batch=batch, attention_layers=built.num_attention_layers)
             if backend == "flash":
@@ -285,12 +289,15 @@ def _serve(conn, name, size, device_name, dtype, impl, backend, repeats, modes):
             for _ in range(2):  # lazy first-run work stays untimed, as in run_row
                 for mode in timed:
                     steps[mode](fn)
+            conn.send((facts, None if y is None else y.detach().cpu()))
+        elif cmd == "measure":
+            facts = {}
             for mode in ("forward", "train"):
                 if mode in modes and (b := breakdown(lambda: steps["fwd" if mode == "forward" else "train"](fn), device)):
                     facts[f"{backend}_{mode}_breakdown"] = b
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # three processes share the card
-            conn.send((facts, None if y is None else y.detach().cpu()))
+            conn.send(facts)
         elif cmd == "block":
             conn.send(_median_ms(lambda: steps[args[0]](fn), repeats, device))
             if device.type == "cuda":
@@ -301,9 +308,12 @@ def _serve(conn, name, size, device_name, dtype, impl, backend, repeats, modes):
 
 
 def run_row_isolated(name: str, size: str, device: torch.device, dtype, repeats: int, impl: str,
-                     out=print, modes=MODES) -> dict:
+                     out=print, modes=MODES, compile_together: bool = False) -> dict:
     """`run_row` with each backend in its own process (see `_serve`); the same row keys, plus
-    `"isolated": True`. The processes compile one after another."""
+    `"isolated": True`. The processes compile one after another, or with `compile_together` all
+    at once (a model's row then takes about one compile instead of two, but each first-call time
+    includes the others' load); the step breakdowns and the timed blocks run one process at a
+    time either way."""
     import importlib
     import multiprocessing
     import os
@@ -324,11 +334,19 @@ def run_row_isolated(name: str, size: str, device: torch.device, dtype, repeats:
                                                     repeats, tuple(modes)), daemon=True)
             proc.start()
             workers[backend] = (proc, mine)
-        row = {"model": name, "isolated": True}
+        row = {"model": name, "isolated": True, "compiled_together": compile_together}
         outputs = {}
+        if compile_together:
+            for _, conn in workers.values():
+                conn.send(("compile",))
         for backend, (_, conn) in workers.items():
-            conn.send(("setup",))
+            if not compile_together:
+                conn.send(("compile",))
             facts, outputs[backend] = conn.recv()
+            row.update(facts)
+        for backend, (_, conn) in workers.items():
+            conn.send(("measure",))
+            facts = conn.recv()
             row.update(facts)
             for mode in ("forward", "train"):
                 if b := facts.get(f"{backend}_{mode}_breakdown"):
@@ -385,6 +403,8 @@ def main(argv=None) -> int:
                     help="time each backend right after its compile (one Dynamo cache entry per frame)")
     ap.add_argument("--isolate", action="store_true",
                     help="each backend in its own process, timed in the same rotated rounds")
+    ap.add_argument("--compile-together", action="store_true",
+                    help="with --isolate: the workers compile at once (first-call times then overlap)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -396,7 +416,8 @@ def main(argv=None) -> int:
     rows = []
     for name in args.models:
         if args.isolate:
-            rows.append(run_row_isolated(name, args.size, device, dtype, args.repeats, args.impl, modes=args.modes))
+            rows.append(run_row_isolated(name, args.size, device, dtype, args.repeats, args.impl, modes=args.modes,
+                                         compile_together=args.compile_together))
         else:
             rows.append(run_row(name, args.size, device, dtype, args.repeats, args.impl, modes=args.modes,
                                 interleave=args.interleave))

@@ -111,9 +111,10 @@ for phase in "$@"; do
     sweep)  # every Triton config timed alone on the e2e shapes (env SWEEP_CASES: config_sweep.py's names)
       timeout ${SWEEP_TIMEOUT:-500} python3 benchmarks/config_sweep.py --json "$OUT/sweep.json" ${SWEEP_CASES:+--cases ${SWEEP_CASES//,/ }} 2>&1 | grep -v Warning | tee "$OUT/sweep.log" | tail -30 ;;
     e2e_models)  # env E2E_MODELS (default: issue 5's five), E2E_ISOLATE=1: one process per backend
+      # (E2E_TOGETHER=1 with it: the workers compile at once, about one compile per model instead of two)
       # Autotuning off: each compile would otherwise tune every kernel variant (2-3 min per model);
       # the default configs are the ones the autotuner picked most often (triton_attention.py).
-      FLASH_INDUCTOR_TRITON_AUTOTUNE=0 TORCH_LOGS=recompiles timeout ${E2E_TIMEOUT:-560} python3 benchmarks/e2e_models.py --json "$OUT/e2e_models.json" ${E2E_MODELS:+--models $E2E_MODELS} ${E2E_ISOLATE:+--isolate} 2>&1 | grep -v Warning | tee "$OUT/e2e_models.log" | tail -12 ;;
+      FLASH_INDUCTOR_TRITON_AUTOTUNE=0 TORCH_LOGS=recompiles timeout ${E2E_TIMEOUT:-560} python3 benchmarks/e2e_models.py --json "$OUT/e2e_models.json" ${E2E_MODELS:+--models $E2E_MODELS} ${E2E_ISOLATE:+--isolate} ${E2E_TOGETHER:+--compile-together} 2>&1 | grep -v Warning | tee "$OUT/e2e_models.log" | tail -12 ;;
     profile_bert)
       for tiles in 1 0; do FLASH_INDUCTOR_MASK_TILES=$tiles timeout 150 python3 benchmarks/profile_model.py --model bert --seq 512 --batch 8 2>&1 | grep -v Warning | tee -a "$OUT/profile_bert.log" | grep -E "forward|opaque" | sort | uniq -c | head; done
       timeout 100 python3 benchmarks/profile_model.py --model bert --seq 512 --batch 8 --backend inductor 2>&1 | grep -v Warning | tee -a "$OUT/profile_bert.log" | grep forward ;;

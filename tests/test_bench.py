@@ -75,14 +75,19 @@ def test_e2e_script_times_one_mode_alone():
     assert row["flash_rel_diff_fwd"] < 1e-4
 
 
-def test_e2e_script_isolates_each_backend_in_its_own_process():
-    """`--isolate`: one worker process per backend, timed in the same rotated rounds."""
+@pytest.mark.parametrize("together", [False, True])
+def test_e2e_script_isolates_each_backend_in_its_own_process(together):
+    """`--isolate`: one worker process per backend, timed in the same rotated rounds; with
+    `--compile-together` the workers compile at once and are measured one at a time after."""
     import math
 
     e2e = _e2e_module()
+    lines = []
     row = e2e.run_row_isolated("bert", "tiny", torch.device("cpu"), torch.float32, repeats=1, impl="sdpa",
-                               out=lambda *a, **k: None, modes=("forward",))
-    assert row["isolated"] and row["rewritten"] == row["attention_layers"] == 2
+                               out=lambda *a, **k: lines.append(a), modes=("forward",), compile_together=together)
+    assert row["isolated"] and row["compiled_together"] == together
+    assert row["rewritten"] == row["attention_layers"] == 2
+    assert all(row[f"{b}_first_call_s"] > 0 for b in e2e.BACKENDS) and len(lines) >= len(e2e.BACKENDS)
     assert all(len(row[f"{b}_fwd_block_medians_ms"]) == e2e.BLOCKS for b in e2e.BACKENDS)
     for backend in e2e.BACKENDS:
         assert row[f"{backend}_fwd_ms"] > 0 and math.isnan(row[f"{backend}_train_ms"])
