@@ -662,7 +662,8 @@ def test_default_config_follows_the_head_dim(monkeypatch):
                   for m, n, w, s in ((128, 64, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2), (32, 64, 4, 2))]
 
     def chosen(kernel, d, n_bucket, causal, bias=False):
-        args = dict(BLOCK_D=d, BLOCK_DV=d, ELT_BYTES=2, N_BUCKET=n_bucket, CAUSAL=causal, HAS_BIAS=bias)
+        args = dict(BLOCK_D=d, BLOCK_DV=d, ELT_BYTES=2, N_BUCKET=n_bucket, CAUSAL=causal, HAS_BIAS=bool(bias),
+                    BIAS_IS_BOOL=bias == "bool")
         (c,) = ta._prune("BLOCK_N", "BLOCK_M", kernel)(list(candidates), args)
         return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
 
@@ -673,10 +674,11 @@ def test_default_config_follows_the_head_dim(monkeypatch):
         assert chosen(kernel, 128, 512, 0) == (128, 64, 8, 3)
     assert chosen("fwd", 64, 8192, 0) == chosen("dq", 64, 16384, 0) == (128, 64, 8, 3)
     assert chosen("dkdv", 64, 8192, 0) == (64, 64, 4, 3)
-    # A bias at head dim 128 up to N = 4096, or at any length with a causal mask: dK/dV streams
-    # 32 queries past 64 keys.
+    # A bias at head dim 128 up to N = 4096, or a float one at any length with a causal mask:
+    # dK/dV streams 32 queries past 64 keys.
     assert chosen("dkdv", 128, 4096, 0, bias=True) == chosen("dkdv", 128, 8192, 1, bias=True) == (32, 64, 4, 2)
     assert chosen("dkdv", 128, 8192, 0, bias=True) == chosen("dq", 128, 2048, 1, bias=True) == (128, 64, 8, 3)
+    assert chosen("dkdv", 128, 8192, 1, bias="bool") == (128, 64, 8, 3)
     monkeypatch.setenv(ta.AUTOTUNE_ENV, "1")
     kept = ta._prune("BLOCK_N", "BLOCK_M", "fwd")(list(candidates), dict(
         BLOCK_D=64, BLOCK_DV=64, ELT_BYTES=2, N_BUCKET=512, CAUSAL=0))

@@ -603,10 +603,10 @@ _LARGE_HEAD_DEFAULTS = {"dkdv": (32, 64, 8, 3), "fwd": (128, 64, 8, 2)}
 # backward at 233 against 273 µs (N=2048) and 665 against 744 (N=4096) with the D=128 default;
 # the autotuner picked it too. Without a bias the default stays within 3% of the best there.
 # On an H100 (session 12, device time) the bias + causal backward went 118 → 137 TFLOP/s (2048)
-# and 173 → 192 (4096). With a causal mask it is the default at every length: at 8192 the
+# and 173 → 192 (4096). A float bias with a causal mask takes it at every length: at 8192 the
 # autotuner picks it (session 14, H200, backward without the bias select: dK/dV 1207 µs against
 # 1870 for the 8-warp default, whose two causal loops spill); without one the 8-warp default stays
-# ahead at 8192 (the autotuner keeps it: 2275 µs).
+# ahead at 8192 (the autotuner keeps it: 2275 µs). Boolean masks were not timed there.
 _BIAS_DKDV_DEFAULT = (32, 64, 4, 2)
 
 
@@ -614,7 +614,8 @@ def _head_dim_default(kernel: str, args: dict) -> tuple[int, int, int, int] | No
     if max(args["BLOCK_D"], args["BLOCK_DV"]) > 128:
         return _LARGE_HEAD_DEFAULTS.get(kernel)
     if max(args["BLOCK_D"], args["BLOCK_DV"]) > 64:
-        if kernel == "dkdv" and args.get("HAS_BIAS") and (args["CAUSAL"] or args["N_BUCKET"] <= 4096):
+        float_bias_causal = args.get("HAS_BIAS") and not args.get("BIAS_IS_BOOL") and args["CAUSAL"]
+        if kernel == "dkdv" and args.get("HAS_BIAS") and (float_bias_causal or args["N_BUCKET"] <= 4096):
             return _BIAS_DKDV_DEFAULT
         return None
     if kernel != "dkdv" and args["N_BUCKET"] >= 8192 and not args["CAUSAL"]:
