@@ -90,14 +90,17 @@ def sass_text(compiled) -> str | None:
         return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
 
 
+def _instructions(sass: str) -> list[tuple[int, str, str]]:
+    """(address, opcode with modifiers, operands) per SASS instruction, predicates dropped."""
+    return [(int(m.group(1), 16), m.group(2), m.group(3)) for m in re.finditer(
+        r"/\*([0-9a-f]{4,5})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)([^;]*);", sass)]
+
+
 def sass_counts(compiled) -> collections.Counter | None:
     sass = sass_text(compiled)
     if sass is None:
         return None
-    return collections.Counter(
-        m.group(1).split(".")[0]
-        for m in re.finditer(r"/\*[0-9a-f]{4,5}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass)
-    )
+    return collections.Counter(op.split(".")[0] for _, op, _ in _instructions(sass))
 
 
 def loop_counts(compiled) -> list[tuple[int, collections.Counter]]:
@@ -106,8 +109,7 @@ def loop_counts(compiled) -> list[tuple[int, collections.Counter]]:
     sass = sass_text(compiled)
     if sass is None:
         return []
-    insts = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in re.finditer(
-        r"/\*([0-9a-f]{4,5})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)([^;]*);", sass)]
+    insts = _instructions(sass)
     loops = []
     for addr, op, rest in insts:
         target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None

@@ -199,9 +199,10 @@ def _ref_out_and_grads(q, k, v, bias, causal, dout, dtype, softcap=None, scale=N
     return (out.detach(), *(t.grad for t in leaves), dbias)
 
 
-def _check_against_ref(kernels, run, q, k, v, bias, causal, gen, dlse=False, softcap=None, scale=None, dout=None):
+def _check_against_ref(kernels, run, q, k, v, bias, causal, gen, dlse=False, softcap=None, scale=None, dout=None,
+                       lse_rtol=0.0):
     """Forward and backward of `kernels` against float64 autograd; bounds from `q.dtype`.
-    lse is compared to within float32's relative precision too (rows of scores near -1e30)."""
+    `lse_rtol`: for rows whose scores sit near -1e30, where float32 holds lse only relatively."""
     dtype = q.dtype
     inp = validate(q, k, v, bias, causal=causal, softcap=softcap, scale=scale)
     out, lse = run(kernels.forward, inp, None)
@@ -213,7 +214,7 @@ def _check_against_ref(kernels, run, q, k, v, bias, causal, gen, dlse=False, sof
     assert not lse.isnan().any()
     assert torch.equal(torch.isneginf(lse), torch.isneginf(lse64))
     finite = torch.isfinite(lse64)
-    torch.testing.assert_close(lse.double()[finite], lse64[finite], rtol=3e-7, atol=1e-5 if dtype == torch.float32 else 2e-3)
+    torch.testing.assert_close(lse.double()[finite], lse64[finite], rtol=lse_rtol, atol=1e-5 if dtype == torch.float32 else 2e-3)
 
     if dout is None:
         dout = _randn(out.shape, dtype, gen).to(q.device)
@@ -324,7 +325,7 @@ def test_rows_near_the_mask_value_pass_no_gradient(interp, poisoned, causal):
         bias[0, h, row, key] = -1e30
         q[0, h, row] = 1e30 * k[0, h, key] / k[0, h, key].square().sum()  # q·k = 1e30 on that key
         dout[0, h, row] = 0.0
-    _check_against_ref(interp, poisoned, q, k, v, bias, causal, gen, dout=dout)
+    _check_against_ref(interp, poisoned, q, k, v, bias, causal, gen, dout=dout, lse_rtol=3e-7)
 
     inp = validate(q, k, v, bias, causal=causal)
     out, lse = poisoned(interp.forward, inp, None)

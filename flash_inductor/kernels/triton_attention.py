@@ -53,9 +53,9 @@ CAUSAL_BOTTOM_RIGHT = tl.constexpr(int(Causal.BOTTOM_RIGHT))
 # they sit in one thread's accumulator registers (`_dropout_keep`).
 DROPOUT_BITS = tl.constexpr(16)
 MASKED_BIAS = tl.constexpr(_MASKED_BIAS)
-# Half of MASKED_BIAS·log2(e): a forward row whose base-2 max is above it has a key whose bias is
-# above about -5e29 (while |scale·q·kᵀ| stays below 1e29), so an entry <= MASKED_BIAS adds
-# exp2(<= -7e29) = 0 to it, as -inf would (docs/design.md §19).
+# Half of MASKED_BIAS·log2(e): a forward row whose base-2 max (a backward row whose lse) is above
+# it has a key whose bias is above about -5e29 (while |scale·q·kᵀ| stays below 1e29), so an entry
+# <= MASKED_BIAS adds exp2(<= -5.8e29) = 0 to it, as -inf would (docs/design.md §19).
 REDO_BELOW = tl.constexpr(_MASKED_BIAS * LOG2E.value / 2)
 DROP_SPAN = tl.constexpr(32)
 # How a q·kᵀ tile becomes base-2 scores (the SCORES constexpr). FOLDED: the scale is positive,
