@@ -1,6 +1,6 @@
 """Is a call host-bound? GPU time of the kernel alone against the time per call through the op.
 
-    python benchmarks/host_vs_kernel.py --n 4096
+    python benchmarks/host_vs_kernel.py --n 4096 [--d 64] [--causal]
 
 Prints, for one shape: do_bench of `triton_attention.forward` (kernel launches only, back to
 back), of `flash_inductor.attention` under no_grad and with inputs that require grad, and the
@@ -23,16 +23,19 @@ def main():
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--causal", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="also print cProfile's top functions over 200 "
+                    "calls of triton_attention.forward (where its host time goes)")
     args = ap.parse_args()
     q, k, v = (torch.randn(1, args.heads, args.n, args.d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     bench = lambda f: triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median") * 1e3  # noqa: E731
-    inp = validate(q, k, v)
+    inp = validate(q, k, v, causal=args.causal)
     ta.forward(inp, None)
     rows = {"triton_attention.forward": bench(lambda: ta.forward(inp, None))}
     with torch.no_grad():
-        rows["attention() no_grad"] = bench(lambda: flash_inductor.attention(q, k, v))
+        rows["attention() no_grad"] = bench(lambda: flash_inductor.attention(q, k, v, causal=args.causal))
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-    rows["attention() requires_grad"] = bench(lambda: flash_inductor.attention(qg, kg, vg))
+    rows["attention() requires_grad"] = bench(lambda: flash_inductor.attention(qg, kg, vg, causal=args.causal))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(20):
             ta.forward(inp, None)
@@ -41,9 +44,16 @@ def main():
     if kern:
         attr = "device_time" if hasattr(kern[0], "device_time") else "cuda_time"
         rows["_attn_fwd kernel (profiler)"] = getattr(kern[0], attr)
+    if args.profile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.runcall(lambda: [ta.forward(inp, None) for _ in range(200)])
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     best = getattr(ta._attn_fwd, "best_config", None)
     for name, us in rows.items():
-        print(f"N={args.n} {name:32s} {us:8.1f} µs")
+        print(f"N={args.n} D={args.d} causal={int(args.causal)} {name:32s} {us:8.1f} µs")
     print("config:", best)
 
 

@@ -271,6 +271,10 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 @interpreted
 def test_forward_backward(interp, poisoned, case):
+    _check_case(interp, poisoned, case)
+
+
+def _check_case(interp, poisoned, case):
     B, Hq, Hkv, Nq, Nk, D, Dv, dtype, causal, bias_kind, layout = CASES[case]
     gen = torch.Generator().manual_seed(zlib.crc32(case.encode()))
     q = _randn((B, Hq, Nq, D), dtype, gen, layout)
@@ -278,6 +282,39 @@ def test_forward_backward(interp, poisoned, case):
     v = _randn((B, Hkv, Nk, Dv), dtype, gen, layout)
     bias = _bias(bias_kind, B, Hq, Nq, Nk, dtype, gen)
     _check_against_ref(interp, poisoned, q, k, v, bias, causal, gen)
+
+
+# Small shapes take the joint dK/dV + dQ grid (`_attn_bwd_joint`); these run the two kernels
+# that every larger non-causal input runs.
+@pytest.mark.parametrize("case", ["plain", "gqa_top_left_nq_gt_nk_strided", "bias_heads_rows_keys_causal", "bool_mask_bottom_right"])
+@interpreted
+def test_forward_backward_separate_kernels(interp, poisoned, monkeypatch, case):
+    monkeypatch.setenv("FLASH_INDUCTOR_BWD_JOINT", "0")
+    _check_case(interp, poisoned, case)
+
+
+def test_joint_backward_grid_only_where_a_kernel_would_leave_sms_idle(monkeypatch):
+    """Causal backwards run in one grid at every length; non-causal ones only while the dK/dV
+    grid is under two waves (session 15, H100: +10% at N=2048, -2% at 4096, B=1 H=12, D=128)."""
+    from flash_inductor.kernels import triton_attention as ta
+
+    monkeypatch.setenv(ta.AUTOTUNE_ENV, "0")
+    monkeypatch.delenv("FLASH_INDUCTOR_BWD_JOINT", raising=False)
+    h100 = torch.device("cpu")  # counted as 132 SMs
+
+    def joint(n, causal, heads=12, bias=False):
+        meta = dict(D=128, DV=128, BLOCK_D=128, BLOCK_DV=128, ELT_BYTES=2, CAUSAL=causal, HAS_BIAS=bias,
+                    BIAS_IS_BOOL=False, HAS_DROPOUT=False)
+        sc = dict(N_BUCKET=n)
+        return ta._joint_configs(meta, sc, n, heads, h100)
+
+    assert joint(2048, 0) == ((64, 128, 128, 64), 8, 3)
+    assert joint(4096, 0) is None and joint(2048, 0, heads=96) is None
+    assert joint(4096, 1) == joint(8192, 1) == joint(8192, 2) == ((64, 128, 128, 64), 8, 3)
+    # A bias up to 4096 streams dK/dV in a 4-warp tile: no shared config, two kernels.
+    assert joint(2048, 1, bias=True) is None
+    monkeypatch.setenv("FLASH_INDUCTOR_BWD_JOINT", "0")
+    assert joint(8192, 1) is None
 
 
 def _odd_float32_inputs(seed):
