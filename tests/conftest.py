@@ -5,7 +5,18 @@ from __future__ import annotations
 import io
 import socket
 
+import pytest
 import torch
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dispatch_choices():
+    """Tests change what backends declare (monkeypatched limits, UNVALIDATED, the interpreter):
+    each starts with no cached dispatch choice (flash_inductor.dispatch._CHOICES)."""
+    from flash_inductor import dispatch
+
+    dispatch.clear_choices()
+    yield
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -663,6 +663,39 @@ def test_default_dispatch_on_cpu(default_dispatch):
     assert chosen == "reference" and "aten_cpu: dropout_p=0.1 (this kernel has no dropout)" in why_not_others
 
 
+def test_dispatch_choice_is_cached_per_signature(default_dispatch, monkeypatch):
+    """The automatic choice is computed once per input signature (shapes, strides, dtypes,
+    alignment, arguments); a new signature asks the backends again, and fakes never hit the cache."""
+    if default_dispatch != "auto":
+        pytest.skip("checks automatic dispatch")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from flash_inductor.backends.base import KernelBackend
+
+    asked = []
+    real = KernelBackend.not_supported_reasons
+
+    def counted(self, inp, varlen=False):
+        asked.append(self.NAME)
+        return real(self, inp, varlen)
+
+    monkeypatch.setattr(KernelBackend, "not_supported_reasons", counted)
+    q, k, v, inp = _inputs()
+    assert dispatch.select(inp).NAME == "aten_cpu" and asked
+    asked.clear()
+    assert dispatch.select(validate(*make_qkv(1, 2, 2, 5, 6, 8))).NAME == "aten_cpu"
+    assert asked == []  # fresh tensors, same signature
+    assert dispatch.select(validate(q, k, v, dropout_p=0.1)).NAME == "reference" and asked
+    asked.clear()
+    assert dispatch.select(validate(q.double(), k.double(), v.double())).NAME == "aten_cpu" and asked
+    asked.clear()
+    with FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+        for _ in range(2):
+            assert dispatch.select(validate(fq, fk, fv)).NAME == "aten_cpu"
+    assert len(asked) >= 2 * len(("cutlass", "triton", "aten_cpu"))
+
+
 HOW = ["env", "config"]
 
 
