@@ -10,14 +10,20 @@
   visible key, since exp(fill - row max) underflows to exactly 0 for any score below ~1e29;
   a row with no visible key is a uniform average of V in eager, restored after the op.
   Smaller finite fills (0, -1e4, fp16's -65504) leave masked keys a non-zero weight and are
-  refused.
+  refused, but for one spelling whose rows are checked at run time:
+- Multiplicative: `s·b + c·(1 − b)` with b a float tensor of 0s and 1s (OpenAI GPT's causal
+  mask, c = -1e4): s where b is 1, c where it is 0, a fill of c. The rewrite asserts, in the
+  compiled graph, that b holds only 0 and 1 and that every row's scores stay far enough above c
+  that exp(c − row max) is exactly 0 (`matcher._emit_op`).
 """
 
 from __future__ import annotations
 
 import math
 
-from flash_inductor.rewrite.fx import Call, constant_value, example
+from torch.fx import Node
+
+from flash_inductor.rewrite.fx import Call, canon, constant_value, example, is_scalar_like
 
 from .steps import Bias, Fill, Refusal
 
@@ -75,3 +81,26 @@ def match_fill(call: Call, chain) -> Fill | None:
         if call["b"] is chain:  # where(masked, fill, scores)
             return Fill(call["cond"], masked_when=True, value=check_fill_value(call["a"]))
     return None
+
+
+def match_zero_one_mask(mul: Call, scores, other) -> Fill | None:
+    """`mul` = scores·b and `other` = c·(1 − b) (either order in each product), the two terms of
+    an add: the Fill of c where b == 0, or None when the add is not that spelling."""
+    if mul.op != "mul":
+        return None
+    b = mul["b"] if mul["a"] is scores else mul["a"]
+    eb = example(b)
+    if not isinstance(b, Node) or is_scalar_like(b) or eb is None or not eb.dtype.is_floating_point:
+        return None
+    term = canon(other)
+    if term is None or term.op != "mul":
+        return None
+    c, rest = (term["a"], term["b"]) if constant_value(term["a"]) is not None else (term["b"], term["a"])
+    c, one_minus_b = constant_value(c), canon(rest)
+    if c is None or one_minus_b is None or one_minus_b.op != "sub" or one_minus_b.get("alpha", 1) != 1:
+        return None
+    if constant_value(one_minus_b["a"]) != 1.0 or one_minus_b["b"] is not b:
+        return None
+    if not (math.isfinite(c) and c < 0):
+        raise Refusal("fill_is_exact", f"s·b + c·(1 − b) with c = {c:g}: only a finite negative c is a mask")
+    return Fill(b, masked_when=False, value=c, zero_one=True)

@@ -42,6 +42,10 @@ class Fill:
     mask: Node
     masked_when: bool
     value: float
+    # `mask` is a float tensor of 0s and 1s that multiplied the scores (OpenAI GPT's
+    # `s·b + c·(1 − b)`): masked where it is 0. Its values, and a `value` of small magnitude,
+    # are checked at run time (`masks.match_zero_one_mask`).
+    zero_one: bool = False
 
 
 @dataclass

@@ -22,9 +22,10 @@ from flash_inductor.models import COVERAGE
 # (`scores + 0` before a bool mask's fill: it crashed the compile before session 8), BEiT (images,
 # a learned relative position bias), wav2vec 2.0 (raw audio in), CLIP (a text and a vision tower),
 # WavLM (F.multi_head_attention_forward, one node in Dynamo's graph: flash_inductor/rewrite/mha.py),
-# GPT-OSS (attention sinks), Swin V2 (a per-head logit scale; shifted windows through a 5-D view).
+# GPT-OSS (attention sinks), Swin V2 (a per-head logit scale; shifted windows through a 5-D view),
+# OpenAI GPT (a multiplicative causal mask s·b − 1e4·(1 − b), checked at run time).
 BEYOND = ("gemma2", "xglm", "xlm", "squeezebert", "mixtral", "gpt_neo", "mpt", "deberta", "beit", "wav2vec2",
-          "clip", "wavlm", "gpt_oss", "swinv2")
+          "clip", "wavlm", "gpt_oss", "swinv2", "openai-gpt")
 
 
 @pytest.mark.parametrize("mode", MODES)

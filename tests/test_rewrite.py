@@ -1198,6 +1198,95 @@ return (where_1,)""")
         empty = ~(causal & pad[:, None, None, :]).any(-1, keepdim=True)
         self.assert_grads_beside_patched_rows(out, leaves, ref, ref_leaves, empty)
 
+    @staticmethod
+    def _openai_gpt(q, k, v, b, mask):
+        """OpenAI GPT's `_attn`: a causal buffer b of 0s and 1s multiplies the scores."""
+        w = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(v.size(-1))
+        b = b[:, :, : w.size(-2), : w.size(-1)]
+        w = w * b + -1e4 * (1 - b)
+        return torch.matmul(F.softmax(w + mask, dim=-1), v)
+
+    def test_openai_gpt_multiplicative_causal_mask(self):
+        """s·b − 1e4·(1 − b) is a fill of -1e4 where b is 0: the op masks those keys, and the
+        graph asserts that b holds only 0 and 1 and that every row scores far enough above -1e4
+        for eager's weights there to be exactly 0. With left padding the first rows of the second
+        sequence have no real key: eager gives them the softmax of -1e4 plus the mask over the
+        real keys past the diagonal (the row's largest entries), and the rewrite patches them so."""
+        q, k, v = qkv(nk=7)
+        b = torch.tril(torch.ones(9, 9)).view(1, 1, 9, 9)
+        pad = torch.tensor([[True] * 7, [False] * 3 + [True] * 4])
+        mask = torch.where(pad[:, None, None, :], 0.0, torch.finfo(torch.float32).min)
+        learned = torch.tensor([0.0, -1.0, 0.5, -2.0])  # not only 0 / finfo.min: their differences count
+        mask[1, ..., 3:] = learned
+
+        code, reps = self.run_rewritten(self._openai_gpt, q, k, v, b, mask, grads=False)
+        self.assertEqual(reps[0].spelling, "matmul·truediv(scale)·mul(0/1 mask)·add(fill)·add(bias)·softmax·matmul")
+        self.assertExpectedInline(code, """\
+b = l_b_[(slice(None, None, None), slice(None, None, None), slice(None, 7, None), slice(None, 7, None))]
+ne = torch.ne(b, 0)
+where = torch.where(ne, l_mask_, -inf)
+to = l_mask_.to(torch.float32)
+add_2 = to + -10000.0
+to_1 = l_mask_.to(torch.float32)
+where_1 = torch.where(ne, to_1, add_2)
+fwd_default = torch.ops.flash.fwd.default(l_q_, l_k_, l_v_, where, None, 0, 0.25, 0.0)
+eq = torch.eq(b, 0)
+eq_1 = torch.eq(b, 1)
+logical_or = torch.logical_or(eq, eq_1)
+all_1 = logical_or.all()
+_assert_async = torch._assert_async(all_1, "flash-inductor, softmax: the scores were multiplied by a mask b (s*b + c*(1 - b)) holding values other than 0 and 1 (compile this model with backend='inductor' to keep eager's arithmetic)")
+float_1 = l_mask_.float()
+amax = float_1.amax(-1)
+add_3 = amax + -9888.054089850944
+getitem_1 = fwd_default[1]
+isneginf = torch.isneginf(getitem_1)
+gt = getitem_1 > add_3
+logical_or_1 = torch.logical_or(isneginf, gt)
+all_2 = logical_or_1.all()
+_assert_async_1 = torch._assert_async(all_2, "flash-inductor, softmax: a row's scores came within 110 of the mask fill -10000, where its masked keys get weight in eager and none in the fused op (compile this model with backend='inductor' to keep eager's arithmetic)")
+getitem_2 = fwd_default[0]
+getitem_3 = fwd_default[1]
+isneginf_1 = torch.isneginf(getitem_3)
+unsqueeze = isneginf_1.unsqueeze(-1)
+float_2 = where_1.float()
+softmax_1 = torch.softmax(float_2, -1)
+to_2 = softmax_1.to(torch.float32)
+matmul_2 = torch.matmul(to_2, l_v_)
+where_2 = torch.where(unsqueeze, matmul_2, getitem_2)
+return (where_2,)""")
+        torch._dynamo.reset()
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = torch.compile(self._openai_gpt, backend=lambda gm, ex: (rewrite_graph(gm), gm.forward)[1])(
+            *leaves, b, mask)
+        ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        ref = self._openai_gpt(*ref_leaves, b.double(), mask.double())
+        weights = torch.softmax(learned.double(), -1)
+        for row in range(3):  # padded rows: eager's softmax over the real keys 3..6
+            torch.testing.assert_close(out[1, :, row].double(), (weights @ ref_leaves[2][1, :, 3:]).detach(),
+                                       rtol=1e-5, atol=1e-5)
+        empty = torch.zeros(2, 1, 7, 1, dtype=torch.bool)
+        empty[1, :, :3] = True
+        self.assert_grads_beside_patched_rows(out, leaves, ref, ref_leaves, empty)
+
+    def test_openai_gpt_mask_checked_at_run_time(self):
+        """Where the values break what the rewrite assumed, the compiled graph raises, naming
+        the site and the limit: a b holding other values than 0 and 1, or a later mask that lifts
+        the filled keys back near the row's scores (eager weighs them there)."""
+        q, k, v = qkv(nk=7)
+        b = torch.tril(torch.ones(7, 7)).view(1, 1, 7, 7)
+        zero = torch.zeros(2, 1, 1, 7)
+        torch._dynamo.reset()
+        compiled = torch.compile(self._openai_gpt, backend=lambda gm, ex: (rewrite_graph(gm), gm.forward)[1])
+        torch.testing.assert_close(compiled(q, k, v, b, zero), self._openai_gpt(q, k, v, b, zero))
+        half = b.clone()
+        half[0, 0, 3, 1] = 0.5
+        with self.assertRaisesRegex(RuntimeError, r"mask b \(s\*b \+ c\*\(1 - b\)\) holding values other than 0 and 1"):
+            compiled(q, k, v, half, zero)
+        lifted = zero.clone()
+        lifted[..., 6] = 1e4  # key 6's -1e4 fill becomes 0 on rows 0..5, a real weight in eager
+        with self.assertRaisesRegex(RuntimeError, r"came within 110 of the mask fill -10000"):
+            compiled(q, k, v, b, lifted)
+
     def test_mpt_finite_fill_after_a_bias_that_may_hold_neg_inf(self):
         """MPT: scores + a bias the rewrite cannot see into (ALiBi, possibly -inf), then
         masked_fill(finfo.min). A row whose kept keys all hold -inf bias has eager's weight on

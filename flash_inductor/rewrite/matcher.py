@@ -213,6 +213,17 @@ def _score_steps(site: _Site, start: Node):
                     raise Refusal("score_chain", f"{c.spelling} negates or scales the scores")
                 node = chain
                 continue
+            product = canon(chain) if c.op == "add" else None
+            if product is not None and product.op == "mul":
+                scores = product["a"] if _leads_to_scores(product["a"]) else product["b"]
+                fill = masks.match_zero_one_mask(product, scores, other)
+                if fill is not None:  # s·b + c·(1 − b): one fill step for the two nodes
+                    _single_user(chain, "score tensor", site.inner_readers)
+                    site.chain.append(chain)
+                    site.spelling.insert(0, f"{product.spelling}(0/1 mask)·{c.spelling}(fill)")
+                    steps.insert(0, fill)
+                    node = scores
+                    continue
             step = masks.match_bias(c, chain) if c.op != "where" else masks.match_fill(c, chain)
             site.spelling.insert(0, f"{c.spelling}({'bias' if c.op != 'where' else 'fill'})")
         elif c.op == "masked_fill":
@@ -368,6 +379,9 @@ class _Folded:
     # After max(s + bias, floor) over a bias that may hold -inf (XGLM's clamp after a mask that
     # reaches the graph as an input): eager's entries on a fully masked row, max(bias, floor).
     clamped_bias: Node | None = None
+    # The 0/1 tensor of a multiplicative mask (`s·b + c·(1 − b)`), whose values the rewrite
+    # checks at run time.
+    zero_one: Node | None = None
 
 
 def _fold(steps, emit: Emitter) -> _Folded:
@@ -485,7 +499,11 @@ def _fold(steps, emit: Emitter) -> _Folded:
             if st.fill is not None and st.fill != step.value:
                 raise Refusal("fill_is_exact", f"two masks fill different values ({st.fill:g} and {step.value:g})")
             mask = _unexpanded(step.mask)
-            k = emit.call(torch.logical_not, mask) if step.masked_when else mask
+            if step.zero_one:
+                st.zero_one = mask
+                k = emit.call(torch.ne, mask, 0)
+            else:
+                k = emit.call(torch.logical_not, mask) if step.masked_when else mask
             st.keep = k if st.keep is None else emit.call(operator.and_, st.keep, k)
             st.fill = step.value
     if windows is not None:
@@ -550,8 +568,53 @@ def _kernel_line(q, k, v, bias, causal, scale, dropout_p, softcap=0.0) -> tuple[
     return chosen, why
 
 
+@dataclass
+class RunTimeChecks:
+    """What a rewrite can prove only on the values (`masks.match_zero_one_mask`): `zero_one` holds
+    only 0 and 1; every row with a visible key scores far enough above `fill` (plus the largest
+    `post_fill` entry of its row) that eager's exp(fill − row max) is exactly 0, which the op's lse
+    bounds: row max >= lse − ln(Nk)."""
+    zero_one: Node | None
+    fill: float | None
+    post_fill: Node | None
+    score_dtype: torch.dtype
+    site: str
+
+
+# exp(x) is exactly 0 below these in the dtype softmax computes in (half types compute in float32).
+_EXP_UNDERFLOWS_BELOW = {torch.float64: -750.0}
+_EXP_UNDERFLOWS_BELOW_FP32 = -110.0
+
+
+def _emit_run_time_checks(emit: Emitter, res, k, checks: RunTimeChecks) -> None:
+    """torch._assert_async in the graph: a clear error (on CUDA a device-side assert), never a
+    silently different result, where the values break what the rewrite assumed."""
+    advice = " (compile this model with backend='inductor' to keep eager's arithmetic)"
+    if checks.zero_one is not None:
+        b = checks.zero_one
+        ok = emit.call(torch.logical_or, emit.call(torch.eq, b, 0), emit.call(torch.eq, b, 1))
+        emit.call(torch._assert_async, emit.call_method("all", ok),
+                  f"flash-inductor, {checks.site}: the scores were multiplied by a mask b (s*b + c*(1 - b)) holding "
+                  f"values other than 0 and 1{advice}")
+    if checks.fill is None:
+        return
+    nk = example(k).shape[-2]
+    if not isinstance(nk, int):
+        raise Refusal("fill_is_exact", "a fill above -1e30 checked at run time needs the key length at compile time")
+    underflow = _EXP_UNDERFLOWS_BELOW.get(checks.score_dtype, _EXP_UNDERFLOWS_BELOW_FP32)
+    ceiling = checks.fill - underflow + math.log(max(nk, 1))
+    if checks.post_fill is not None:
+        ceiling = emit.call(operator.add, emit.call_method("amax", emit.call_method("float", checks.post_fill), -1),
+                            ceiling)
+    lse = emit.call(operator.getitem, res, 1)
+    ok = emit.call(torch.logical_or, emit.call(torch.isneginf, lse), emit.call(operator.gt, lse, ceiling))
+    emit.call(torch._assert_async, emit.call_method("all", ok),
+              f"flash-inductor, {checks.site}: a row's scores came within {-underflow:g} of the mask fill "
+              f"{checks.fill:g}, where its masked keys get weight in eager and none in the fused op{advice}")
+
+
 def _emit_op(emit: Emitter, q, k, v, bias, causal: Causal, scale, dropout_p, out_dtype, empty_rows,
-             softcap=0.0, sink=None):
+             softcap=0.0, sink=None, checks: RunTimeChecks | None = None):
     """Emit flash::fwd and the output fix-ups; return the node that replaces P·V.
 
     `empty_rows` says what eager gives on a row with no visible key, where the op gives zeros:
@@ -578,8 +641,12 @@ def _emit_op(emit: Emitter, q, k, v, bias, causal: Causal, scale, dropout_p, out
     kernel = _kernel_line(example(q), example(k), example(v), example(bias) if bias is not None else None,
                           causal, scale, dropout_p, softcap)
     extra = (float(softcap),) if softcap else ()
+    if checks is not None and three_d:
+        raise Refusal("fill_is_exact", "a mask checked at run time on 3-D [B·H, N, N] scores")
     res = emit.call(torch.ops.flash.fwd.default, q, k, v, bias, None, int(causal), float(scale), float(dropout_p),
                     *extra)
+    if checks is not None:
+        _emit_run_time_checks(emit, res, k, checks)
     out = emit.call(operator.getitem, res, 0)
     if sink is not None:
         lse = emit.call_method("unsqueeze", emit.call(operator.getitem, res, 1), -1)
@@ -605,7 +672,7 @@ def _emit_op(emit: Emitter, q, k, v, bias, causal: Causal, scale, dropout_p, out
                 if three_d and example(scores).dim() == 3:
                     scores = emit.call_method("unsqueeze", scores, 1)
             fix = _softmax_of_bias_rows(emit, scores, v, groups, 0.0 if kind == "bias_softmax_sdpa" else math.nan,
-                                        zeroed)
+                                        zeroed, exact=checks is not None and checks.fill is not None)
         out = emit.call(torch.where, empty, fix, out)
     if three_d:
         out = emit.call_method("squeeze", out, 1)
@@ -619,13 +686,21 @@ def _emit_op(emit: Emitter, q, k, v, bias, causal: Causal, scale, dropout_p, out
 
 
 def _softmax_of_bias_rows(emit: Emitter, bias: Node, v: Node, groups: int, neg_inf_row: float,
-                          zeroed: Node | None = None) -> Node:
+                          zeroed: Node | None = None, exact: bool = False) -> Node:
     """What eager's softmax gives on rows whose every entry is <= -1e30 (where the scores are
     absorbed: s + b == b in float32): the mean of V over the keys holding the row's largest bias
     value, `neg_inf_row` if that value is -inf. Computed for every row (a [.., Nq, Nk] compare
     and one product with V); the caller keeps it only on the rows the op reports fully masked.
     `zeroed` (bool, True where eager zeroes the probabilities after the softmax): those keys
-    keep their share of the normaliser but add nothing."""
+    keep their share of the normaliser but add nothing. `exact`: the row's entries include a
+    fill above -1e30 (plus what was added after it), whose differences count: their softmax."""
+    if exact:
+        if zeroed is not None:
+            raise Refusal("fill_is_exact", "probabilities zeroed beside a fill checked at run time")
+        if groups > 1:
+            v = emit.call_method("repeat_interleave", v, groups, dim=1)
+        weights = emit.call(torch.softmax, emit.call_method("float", bias), -1)
+        return emit.call(torch.matmul, emit.call_method("to", weights, example(v).dtype), v)
     top = emit.call_method("amax", bias, -1, keepdim=True)
     at_top = emit.call(operator.eq, bias, top)
     weights = emit.call_method("to", at_top, example(v).dtype)
@@ -771,6 +846,14 @@ def _rewrite_softmax(gm: GraphModule, node: Node, call, behind_concat: bool = Fa
             q_node, k_node, v = (_split_heads(emit, x, split) if example(x).dim() == 3 else x
                                  for x in (q_node, k_node, v))
         st = _fold(steps, emit)
+        small_fill = st.fill is not None and -masks.EXACT_FILL_MAGNITUDE < st.fill < 0
+        checks = None
+        if st.zero_one is not None or small_fill:
+            if layouts is not None or split is not None or sink is not None or site.zeroed_probs is not None:
+                raise Refusal("fill_is_exact", "a mask checked at run time (s·b + c·(1 − b)) on scores laid out by an "
+                                               "einsum or viewed between 3-D and 4-D, beside sinks or zeroed probabilities")
+            checks = RunTimeChecks(st.zero_one, st.fill if small_fill else None, st.post_fill,
+                                   example(start).dtype, site_name(node))
         for f, divide, per_row in st.q_factors:
             if per_row:
                 _check_row_factor(f, q_node, split is not None or layouts is not None)
@@ -824,7 +907,7 @@ def _rewrite_softmax(gm: GraphModule, node: Node, call, behind_concat: bool = Fa
             if copied:
                 site.spelling.append("copy(bias)")
         new, kernel = _emit_op(emit, q_node, k_node, v, bias, Causal.NONE, st.scale, site.dropout_p, out_dtype,
-                               empty_rows, st.softcap, sink)
+                               empty_rows, st.softcap, sink, checks)
         if layouts is not None:
             new = einsum_views.result(emit, new, v_lay, sizes)
         elif example(new).dim() == 4 and example(pv).dim() == 3:
