@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import dispatch, kernels_in_graph
 from .inputs import AttentionInputs, accumulation_dtype, empty_in_layout, in_layout, validate
@@ -43,6 +44,12 @@ def fwd(
     dropout_p: float,
     softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    return _fwd_body(q, k, v, bias, seed, causal, scale, dropout_p, softcap)
+
+
+def _fwd_body(q, k, v, bias, seed, causal: int, scale: float, dropout_p: float, softcap: float = 0.0):
+    """`flash::fwd`'s implementation; `attention_with_lse` calls it directly where nothing could
+    tell the difference (`_unobserved`)."""
     inp = AttentionInputs.from_op(q, k, v, bias, causal, scale, dropout_p, softcap)
     if dropout_p > 0.0:
         rng = seed.to(device=q.device, dtype=torch.int64).clone() if seed is not None else _draw_seed(q.device)
@@ -128,6 +135,20 @@ fwd.register_autograd(_backward, setup_context=_setup_context)
 kernels_in_graph.register(fwd, bwd)
 
 
+def _unobserved(*tensors) -> bool:
+    """Whether calling `flash::fwd`'s body directly is indistinguishable from calling the op:
+    plain tensors that need no autograd, outside torch.compile, with no dispatch or function mode
+    active and the profiler off. torch.library's Python layers then cost about 23 µs a call for
+    nothing (the CPU machine: `attention()` under no_grad 53 → 30 µs; the lent GPU hosts are
+    slower)."""
+    if torch.compiler.is_compiling() or torch.autograd._profiler_enabled():
+        return False
+    if torch._C._is_torch_function_mode_enabled() or _get_current_dispatch_mode() is not None:
+        return False
+    grad = torch.is_grad_enabled()
+    return all(t is None or (type(t) is Tensor and not (grad and t.requires_grad)) for t in tensors)
+
+
 def attention_with_lse(
     q: Tensor,
     k: Tensor,
@@ -149,7 +170,8 @@ def attention_with_lse(
                          "nested); use attention, or attention_varlen on the packed values")
     inp = validate(q, k, v, bias, causal=causal, scale=scale, dropout_p=dropout_p, softcap=softcap)
     extra = (inp.softcap,) if inp.softcap else ()
-    out, lse, _ = fwd(q, k, v, bias, None, int(inp.causal), inp.scale, inp.dropout_p, *extra)
+    call = _fwd_body if _unobserved(q, k, v, bias) else fwd
+    out, lse, _ = call(q, k, v, bias, None, int(inp.causal), inp.scale, inp.dropout_p, *extra)
     return out, lse
 
 

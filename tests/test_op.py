@@ -696,6 +696,46 @@ def test_dispatch_choice_is_cached_per_signature(default_dispatch, monkeypatch):
     assert len(asked) >= 2 * len(("cutlass", "triton", "aten_cpu"))
 
 
+def test_unobserved_eager_calls_skip_the_op_layers(monkeypatch):
+    """Plain tensors without autograd run the op's body directly (torch.library's Python layers
+    were 45% of a no_grad call); autograd, a dispatch mode or the profiler go through the op,
+    and the results are the same either way."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from flash_inductor import ops
+
+    calls = []
+    real = ops.fwd
+    monkeypatch.setattr(ops, "fwd", lambda *a: calls.append(1) or real(*a))
+    q, k, v = make_qkv(2, 4, 2, 9, 11, 16)
+    bias = torch.randn(2, 1, 9, 11)
+    with torch.no_grad():
+        fast = attention(q, k, v, bias, causal="bottom_right")
+    assert calls == []
+    assert torch.equal(fast, real(q, k, v, bias, None, 2, 0.25, 0.0)[0])
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Seen() as seen:
+        torch.testing.assert_close(attention(q, k, v, bias, causal="bottom_right"), fast, rtol=0, atol=0)
+    assert calls and any("flash.fwd" in name for name in seen.ops)
+    calls.clear()
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        attention(q, k, v, bias, causal="bottom_right")
+    assert calls and any("flash::fwd" in e.name for e in prof.events())
+    calls.clear()
+    qg = q.clone().requires_grad_()
+    attention(qg, k, v, bias, causal="bottom_right").sum().backward()
+    assert calls and qg.grad is not None
+
+
 HOW = ["env", "config"]
 
 
