@@ -139,7 +139,7 @@ def _unobserved(*tensors) -> bool:
     """Whether calling `flash::fwd`'s body directly is indistinguishable from calling the op:
     plain tensors that need no autograd, outside torch.compile, with no dispatch or function mode
     active and the profiler off. torch.library's Python layers then cost about 23 µs a call for
-    nothing (the CPU machine: `attention()` under no_grad 53 → 30 µs; the lent GPU hosts are
+    nothing (the CPU machine: `attention()` under no_grad 53 → 34 µs; the lent GPU hosts are
     slower)."""
     if torch.compiler.is_compiling() or torch.autograd._profiler_enabled():
         return False
