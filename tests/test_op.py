@@ -10,12 +10,14 @@ online softmax (and the dropout masks) cross several key chunks.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import flash_inductor
 from conftest import make_qkv, rel_err
@@ -696,12 +698,23 @@ def test_dispatch_choice_is_cached_per_signature(default_dispatch, monkeypatch):
     assert len(asked) >= 2 * len(("cutlass", "triton", "aten_cpu"))
 
 
-def test_unobserved_eager_calls_skip_the_op_layers(monkeypatch):
-    """Plain tensors without autograd run the op's body directly (torch.library's Python layers
-    were 45% of a no_grad call); autograd, a dispatch mode or the profiler go through the op,
-    and the results are the same either way."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+class _SeenOps(TorchDispatchMode):
+    """Records the ops dispatched under it; being a mode, it also makes `attention` call the op."""
 
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_unobserved_eager_calls_skip_the_op_layers(monkeypatch):
+    """Plain tensors run the op's body directly, and with autograd its registered autograd as a
+    plain autograd.Function (torch.library's Python layers were 45% of a no_grad call and two
+    thirds of one that records autograd). A dispatch mode or the profiler go through the op, and
+    the results are the same either way."""
     from flash_inductor import ops
 
     calls = []
@@ -713,27 +726,33 @@ def test_unobserved_eager_calls_skip_the_op_layers(monkeypatch):
         fast = attention(q, k, v, bias, causal="bottom_right")
     assert calls == []
     assert torch.equal(fast, real(q, k, v, bias, None, 2, 0.25, 0.0)[0])
-
-    class Seen(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    with torch.no_grad(), Seen() as seen:
+    with torch.no_grad(), _SeenOps() as seen:
         torch.testing.assert_close(attention(q, k, v, bias, causal="bottom_right"), fast, rtol=0, atol=0)
     assert calls and any("flash.fwd" in name for name in seen.ops)
     calls.clear()
     with torch.no_grad(), torch.profiler.profile() as prof:
         attention(q, k, v, bias, causal="bottom_right")
     assert calls and any("flash::fwd" in e.name for e in prof.events())
-    calls.clear()
-    qg = q.clone().requires_grad_()
-    attention(qg, k, v, bias, causal="bottom_right").sum().backward()
-    assert calls and qg.grad is not None
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_eager_autograd_without_the_op_matches_the_op(dropout_p):
+    """`_EagerAttention` gives the gradients the op's registered autograd gives, d lse and a
+    learned bias included, and dropout regenerates the forward's mask in both."""
+    q, k, v = make_qkv(2, 4, 2, 9, 11, 16)
+    bias = torch.randn(2, 1, 9, 11)
+
+    def run(observed: bool):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+        torch.manual_seed(7)
+        with _SeenOps() if observed else contextlib.nullcontext() as seen:
+            out, lse = attention_with_lse(*leaves, causal=True, dropout_p=dropout_p)
+            (out * torch.linspace(-1, 1, out.shape[-1])).sum().add(lse.sum()).backward()
+        assert observed == bool(seen and any("flash.fwd" in name for name in seen.ops))
+        return out, lse, *(t.grad for t in leaves)
+
+    for got, want in zip(run(False), run(True)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 HOW = ["env", "config"]
