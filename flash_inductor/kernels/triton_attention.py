@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import inspect
 import os
 
@@ -1488,6 +1489,20 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# What `_prune` and `_head_dim_default` read of a launch's arguments.
+_PRUNE_READS = ("BLOCK_D", "BLOCK_DV", "ELT_BYTES", "N_BUCKET", "CAUSAL", "HAS_BIAS", "BIAS_IS_BOOL")
+
+
+@functools.lru_cache(maxsize=256)
+def _backward_defaults(*values):
+    """The dK/dV and dQ kernels' default configs for these `_PRUNE_READS` values: the first of
+    each pruned list, the same whether autotuning is on. Cached: pruning both lists took about
+    20 µs of host time per backward call."""
+    args = dict(zip(_PRUNE_READS, values))
+    return (_prune("BLOCK_M", "BLOCK_N", "dkdv")(list(_DKDV_CONFIGS), args)[0],
+            _prune("BLOCK_N", "BLOCK_M", "dq")(list(_DQ_CONFIGS), args)[0])
+
+
 def _joint_configs(meta: dict, sc: dict, Nk: int, kv_heads: int, device: torch.device):
     """((BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2), warps, stages) for `_attn_bwd_joint`, or None.
 
@@ -1499,9 +1514,7 @@ def _joint_configs(meta: dict, sc: dict, Nk: int, kv_heads: int, device: torch.d
     has one of each); FLASH_INDUCTOR_BWD_JOINT=0 turns it off."""
     if os.environ.get("FLASH_INDUCTOR_BWD_JOINT", "1") != "1":
         return None
-    args = {**meta, **sc}
-    kv = _prune("BLOCK_M", "BLOCK_N", "dkdv")(list(_DKDV_CONFIGS), args)[0]
-    qd = _prune("BLOCK_N", "BLOCK_M", "dq")(list(_DQ_CONFIGS), args)[0]
+    kv, qd = _backward_defaults(*(({**meta, **sc})[name] for name in _PRUNE_READS))
     if (kv.num_warps, kv.num_stages) != (qd.num_warps, qd.num_stages):
         return None
     kv_programs = triton.cdiv(Nk, kv.kwargs["BLOCK_N"]) * kv_heads
@@ -1580,19 +1593,7 @@ def backward(
         )
         tiles = mask_tiles.classify(inp, bias, sb, launch) if sparse else None
         meta.update(SPARSE=sparse, TILE=mask_tiles.TILE)
-        grid_kv = lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
-        tile_ptrs, tile_strides = _tile_args(tiles, False, unused)
         joint = None if fused or sparse else _joint_configs(meta, sc, Nk, B * Hkv, dev)
-        if joint is None:
-            launch(_attn_bwd_dkdv)[grid_kv](
-                q, k, v, bias, seed_arg, dout, lse, delta, dk, dv, dq_acc, *tile_ptrs, unused, unused,
-                *common,
-                dk.stride(0), dk.stride(1), dk.stride(2),
-                dv.stride(0), dv.stride(1), dv.stride(2),
-                *delta.stride(),
-                *tile_strides,
-                *scalars, VARLEN=False, FUSED_DQ=fused, **meta,
-            )
         if joint is not None:
             (m1, n1, m2, n2), warps, stages = joint
             launch(_attn_bwd_joint)[(triton.cdiv(Nk, n1) + triton.cdiv(Nq, m2), B * Hq)](
@@ -1605,20 +1606,32 @@ def backward(
                 *scalars, STORE_DS=ds is not None, BLOCK_M1=m1, BLOCK_N1=n1, BLOCK_M2=m2, BLOCK_N2=n2,
                 num_warps=warps, num_stages=stages, **{k_: v_ for k_, v_ in meta.items() if k_ not in ("SPARSE", "TILE")},
             )
-        elif fused:
-            torch.mul(dq_acc, inp.scale, out=dq)
         else:
-            grid_q = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
-            tile_ptrs, tile_strides = _tile_args(tiles, True, unused)
-            launch(_attn_bwd_dq)[grid_q](
-                q, k, v, bias, seed_arg, dout, lse, delta, dq, ds if ds is not None else unused, *tile_ptrs,
-                unused, unused,
+            grid_kv = lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
+            tile_ptrs, tile_strides = _tile_args(tiles, False, unused)
+            launch(_attn_bwd_dkdv)[grid_kv](
+                q, k, v, bias, seed_arg, dout, lse, delta, dk, dv, dq_acc, *tile_ptrs, unused, unused,
                 *common,
-                dq.stride(0), dq.stride(1), dq.stride(2),
+                dk.stride(0), dk.stride(1), dk.stride(2),
+                dv.stride(0), dv.stride(1), dv.stride(2),
                 *delta.stride(),
                 *tile_strides,
-                *scalars, STORE_DS=ds is not None, VARLEN=False, **meta,
+                *scalars, VARLEN=False, FUSED_DQ=fused, **meta,
             )
+            if fused:
+                torch.mul(dq_acc, inp.scale, out=dq)
+            else:
+                grid_q = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+                tile_ptrs, tile_strides = _tile_args(tiles, True, unused)
+                launch(_attn_bwd_dq)[grid_q](
+                    q, k, v, bias, seed_arg, dout, lse, delta, dq, ds if ds is not None else unused, *tile_ptrs,
+                    unused, unused,
+                    *common,
+                    dq.stride(0), dq.stride(1), dq.stride(2),
+                    *delta.stride(),
+                    *tile_strides,
+                    *scalars, STORE_DS=ds is not None, VARLEN=False, **meta,
+                )
 
     dbias = None
     if bias_requires_grad:

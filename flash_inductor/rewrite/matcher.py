@@ -581,9 +581,6 @@ class RunTimeChecks:
     site: str
 
 
-# exp(x) is exactly 0 below these in the dtype softmax computes in (half types compute in float32).
-_EXP_UNDERFLOWS_BELOW = {torch.float64: -750.0}
-_EXP_UNDERFLOWS_BELOW_FP32 = -110.0
 
 
 def _emit_run_time_checks(emit: Emitter, res, k, checks: RunTimeChecks) -> None:
@@ -601,7 +598,8 @@ def _emit_run_time_checks(emit: Emitter, res, k, checks: RunTimeChecks) -> None:
     nk = example(k).shape[-2]
     if not isinstance(nk, int):
         raise Refusal("fill_is_exact", "a fill above -1e30 checked at run time needs the key length at compile time")
-    underflow = _EXP_UNDERFLOWS_BELOW.get(checks.score_dtype, _EXP_UNDERFLOWS_BELOW_FP32)
+    # exp(x) is exactly 0 below this in the dtype softmax computes in (half types: float32).
+    underflow = -750.0 if checks.score_dtype == torch.float64 else -110.0
     ceiling = checks.fill - underflow + math.log(max(nk, 1))
     if checks.post_fill is not None:
         ceiling = emit.call(operator.add, emit.call_method("amax", emit.call_method("float", checks.post_fill), -1),
