@@ -21,6 +21,7 @@ appended to --json as each model finishes, so a run cut short keeps what it meas
     python benchmarks/e2e_models.py --json e2e.json                # GPU, the issue's table
     python benchmarks/e2e_models.py --isolate --json e2e.json      # each backend in its own process
     python benchmarks/e2e_models.py --size tiny --repeats 2        # CPU smoke run (tests)
+    python benchmarks/e2e_models.py --compile-mode reduce-overhead # both backends as CUDA graphs
 
 With --isolate each backend runs in a worker process of its own, as a user's job holds one
 compiled model, and the parent times them in the same rotated rounds; without it all three live in
@@ -96,6 +97,13 @@ class _OpaqueCounter(logging.Handler):
 MODES = ("forward", "train")
 
 
+def _compile(model, backend: str, mode: str | None):
+    """The model as `backend` runs it, with torch.compile's `mode=` (both compiled backends take it
+    alike: "reduce-overhead" replays each graph as one CUDA graph, which takes the host's launch
+    cost out of the race)."""
+    return model if backend == "eager" else torch.compile(model, backend=backend, mode=mode)
+
+
 def breakdown(step, device: torch.device, steps: int = 3, host_steps: int = 10) -> dict:
     """Where one step's time goes: host ms (until `step` returns, the queue drained first, so
     the host is never waiting on a full launch queue; the least of `host_steps`, since whatever
@@ -155,13 +163,17 @@ def _prepare(name: str, size: str, device: torch.device, dtype, impl: str):
                       device=device, dtype=dtype, dropout=None)
     model = built.model
 
+    # Each step is a new iteration for CUDA graph trees (mode="reduce-overhead"): the previous
+    # step's outputs are dead, so the graphs' memory pool may be reused. A no-op otherwise.
     def forward(fn):
         model.eval()
+        torch.compiler.cudagraph_mark_step_begin()
         with torch.no_grad():
             return main_output(fn(**built.inputs))
 
     def train_step(fn):
         model.train()
+        torch.compiler.cudagraph_mark_step_begin()
         model.zero_grad(set_to_none=True)
         y = main_output(fn(**built.inputs))
         y.float().pow(2).mean().backward()
@@ -179,7 +191,8 @@ def _first_call(fn, backend, steps, modes) -> tuple[dict, torch.Tensor | None]:
     logger.setLevel(logging.DEBUG)
     t0 = time.perf_counter()
     try:
-        y = steps["fwd"](fn) if "forward" in modes else None
+        # cloned: a CUDA graph's output is overwritten by the graph's next replay
+        y = steps["fwd"](fn).clone() if "forward" in modes else None
         if "train" in modes:
             steps["train"](fn)
     finally:
@@ -193,7 +206,7 @@ def _first_call(fn, backend, steps, modes) -> tuple[dict, torch.Tensor | None]:
 
 
 def run_row(name: str, size: str, device: torch.device, dtype, repeats: int, impl: str, out=print,
-            modes=MODES, interleave: bool = True) -> dict:
+            modes=MODES, interleave: bool = True, compile_mode: str | None = None) -> dict:
     """One model under every backend. `modes` picks what is compiled and timed: both (the table),
     or one, so that a process holds one graph per frame (the e2e/profile gap: NOTES.md). With
     `interleave` the compiled models live side by side (Dynamo keeps one cache entry per backend)
@@ -202,7 +215,7 @@ def run_row(name: str, size: str, device: torch.device, dtype, repeats: int, imp
     model = built.model
     forward, train_step = steps["fwd"], steps["train"]
     report = explain(model.eval(), **built.inputs)
-    row = {"model": name, "seq": seq, "batch": batch, "impl": impl,
+    row = {"model": name, "seq": seq, "batch": batch, "impl": impl, "compile_mode": compile_mode,
            "attention_layers": built.num_attention_layers, "rewritten": report.rewritten}
     y_eager = forward(model)
     timed = [m for m in steps if ("forward" if m == "fwd" else "train") in modes]
@@ -211,7 +224,7 @@ def run_row(name: str, size: str, device: torch.device, dtype, repeats: int, imp
     for backend in BACKENDS:
         if not interleave:
             torch._dynamo.reset()
-        fn = model if backend == "eager" else torch.compile(model, backend=backend)
+        fn = _compile(model, backend, compile_mode)
         compiled[backend] = fn
         facts, y = _first_call(fn, backend, steps, modes)
         row.update(facts)
@@ -271,13 +284,13 @@ def _least_blocks(row: dict, name: str, out) -> dict:
 # wait on their pipe), so a drift of the machine still lands on every backend alike.
 
 
-def _serve(conn, name, size, device_name, dtype, impl, backend, repeats, modes):
+def _serve(conn, name, size, device_name, dtype, impl, backend, repeats, modes, compile_mode=None):
     """A worker: builds the model (seeded, so every worker holds the same weights), compiles it with
     `backend` on "compile", measures its step breakdown on "measure", then times blocks on
     request."""
     device = torch.device(device_name)
     built, impl, seq, batch, steps = _prepare(name, size, device, dtype, impl)
-    fn = built.model if backend == "eager" else torch.compile(built.model, backend=backend)
+    fn = _compile(built.model, backend, compile_mode)
     timed = [m for m in steps if ("forward" if m == "fwd" else "train") in modes]
     while True:
         cmd, *args = conn.recv()
@@ -308,7 +321,7 @@ def _serve(conn, name, size, device_name, dtype, impl, backend, repeats, modes):
 
 
 def run_row_isolated(name: str, size: str, device: torch.device, dtype, repeats: int, impl: str,
-                     out=print, modes=MODES, compile_together: bool = False) -> dict:
+                     out=print, modes=MODES, compile_together: bool = False, compile_mode: str | None = None) -> dict:
     """`run_row` with each backend in its own process (see `_serve`); the same row keys, plus
     `"isolated": True`. The processes compile one after another, or with `compile_together` all
     at once (a model's row then takes about one compile instead of two, but each first-call time
@@ -331,10 +344,10 @@ def run_row_isolated(name: str, size: str, device: torch.device, dtype, repeats:
         for backend in BACKENDS:
             mine, theirs = ctx.Pipe()
             proc = ctx.Process(target=serve, args=(theirs, name, size, str(device), dtype, impl, backend,
-                                                    repeats, tuple(modes)), daemon=True)
+                                                    repeats, tuple(modes), compile_mode), daemon=True)
             proc.start()
             workers[backend] = (proc, mine)
-        row = {"model": name, "isolated": True, "compiled_together": compile_together}
+        row = {"model": name, "isolated": True, "compiled_together": compile_together, "compile_mode": compile_mode}
         outputs = {}
         if compile_together:
             for _, conn in workers.values():
@@ -378,7 +391,8 @@ def markdown(rows) -> str:
     for r in rows:
         f = [r[f"{b}_fwd_ms"] for b in BACKENDS]
         t = [r[f"{b}_train_ms"] for b in BACKENDS]
-        lines.append(f"| {r['model']} ({r['seq']} × {r['batch']}), {r['impl']} | {r['rewritten']}/{r['attention_layers']} | "
+        mode = f", mode={r['compile_mode']}" if r.get("compile_mode") else ""
+        lines.append(f"| {r['model']} ({r['seq']} × {r['batch']}), {r['impl']}{mode} | {r['rewritten']}/{r['attention_layers']} | "
                      + " / ".join(f"{x:.2f}" for x in f) + " | " + " / ".join(f"{x:.2f}" for x in t)
                      + f" | {f[1] / f[2]:.2f}× / {t[1] / t[2]:.2f}× | "
                      + " / ".join(f"{x:.2f}×" if (x := r.get(f"inductor_over_flash_{m}_paired")) else "—"
@@ -405,6 +419,9 @@ def main(argv=None) -> int:
                     help="each backend in its own process, timed in the same rotated rounds")
     ap.add_argument("--compile-together", action="store_true",
                     help="with --isolate: the workers compile at once (first-call times then overlap)")
+    ap.add_argument("--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune",
+                                                              "max-autotune-no-cudagraphs"),
+                    help="torch.compile's mode= for both compiled backends")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -417,10 +434,10 @@ def main(argv=None) -> int:
     for name in args.models:
         if args.isolate:
             rows.append(run_row_isolated(name, args.size, device, dtype, args.repeats, args.impl, modes=args.modes,
-                                         compile_together=args.compile_together))
+                                         compile_together=args.compile_together, compile_mode=args.compile_mode))
         else:
             rows.append(run_row(name, args.size, device, dtype, args.repeats, args.impl, modes=args.modes,
-                                interleave=args.interleave))
+                                interleave=args.interleave, compile_mode=args.compile_mode))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"meta": meta, "rows": rows}, f, indent=1)

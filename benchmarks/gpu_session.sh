@@ -114,7 +114,9 @@ for phase in "$@"; do
       # (E2E_TOGETHER=1 with it: the workers compile at once, about one compile per model instead of two)
       # Autotuning off: each compile would otherwise tune every kernel variant (2-3 min per model);
       # the default configs are the ones the autotuner picked most often (triton_attention.py).
-      FLASH_INDUCTOR_TRITON_AUTOTUNE=0 TORCH_LOGS=recompiles timeout ${E2E_TIMEOUT:-560} python3 benchmarks/e2e_models.py --json "$OUT/e2e_models.json" ${E2E_MODELS:+--models $E2E_MODELS} ${E2E_ISOLATE:+--isolate} ${E2E_TOGETHER:+--compile-together} 2>&1 | grep -v Warning | tee "$OUT/e2e_models.log" | tail -12 ;;
+      # E2E_MODE: torch.compile's mode= for both compiled backends (reduce-overhead: CUDA graphs);
+      # E2E_TAG: a suffix for the result files, for several runs in one call
+      FLASH_INDUCTOR_TRITON_AUTOTUNE=0 TORCH_LOGS=recompiles timeout ${E2E_TIMEOUT:-560} python3 benchmarks/e2e_models.py --json "$OUT/e2e_models${E2E_TAG:-}.json" ${E2E_MODELS:+--models $E2E_MODELS} ${E2E_ISOLATE:+--isolate} ${E2E_TOGETHER:+--compile-together} ${E2E_MODE:+--compile-mode $E2E_MODE} 2>&1 | grep -v Warning | tee "$OUT/e2e_models${E2E_TAG:-}.log" | tail -12 ;;
     profile_bert)
       for tiles in 1 0; do FLASH_INDUCTOR_MASK_TILES=$tiles timeout 150 python3 benchmarks/profile_model.py --model bert --seq 512 --batch 8 2>&1 | grep -v Warning | tee -a "$OUT/profile_bert.log" | grep -E "forward|opaque" | sort | uniq -c | head; done
       timeout 100 python3 benchmarks/profile_model.py --model bert --seq 512 --batch 8 --backend inductor 2>&1 | grep -v Warning | tee -a "$OUT/profile_bert.log" | grep forward ;;

@@ -18,12 +18,37 @@ from flash_inductor.inputs import validate
 from flash_inductor.kernels import triton_attention as ta
 
 
+def ab_unobserved(q, k, v, qg, kg, vg, causal, rounds, bench):
+    """Rows of µs per call, direct path against the op's layers, alternating in one process."""
+    from flash_inductor import ops
+
+    direct = ops._unobserved
+    calls = {
+        "no_grad": lambda: flash_inductor.attention(q, k, v, causal=causal),
+        "requires_grad": lambda: flash_inductor.attention(qg, kg, vg, causal=causal),
+        "fwd+bwd": lambda: flash_inductor.attention(qg, kg, vg, causal=causal).sum().backward(),
+    }
+    for r in range(rounds):
+        for path, fn in (("direct", direct), ("op", lambda *t: False)):
+            ops._unobserved = fn
+            try:
+                for name, call in calls.items():
+                    with torch.no_grad() if name == "no_grad" else torch.enable_grad():
+                        us = bench(call)
+                    print(f"ab round {r} {path:6s} {name:14s} {us:8.1f} µs")
+            finally:
+                ops._unobserved = direct
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--causal", action="store_true")
+    ap.add_argument("--ab-rounds", type=int, default=0, help="also time attention() through torch.library "
+                    "(ops._unobserved forced False) against the direct eager path, interleaved in this "
+                    "process for this many rounds: the host's speed differs between processes")
     ap.add_argument("--profile", action="store_true", help="also print cProfile's top functions over 200 "
                     "calls of triton_attention.forward (where its host time goes)")
     args = ap.parse_args()
@@ -44,6 +69,8 @@ def main():
     if kern:
         attr = "device_time" if hasattr(kern[0], "device_time") else "cuda_time"
         rows["_attn_fwd kernel (profiler)"] = getattr(kern[0], attr)
+    if args.ab_rounds:
+        ab_unobserved(q, k, v, qg, kg, vg, args.causal, args.ab_rounds, bench)
     if args.profile:
         import cProfile
         import pstats

@@ -515,3 +515,99 @@ def test_hf_model_with_ragged_padding_matches_eager(name, padding, device, monke
     floor = 1e-8 * max(g.norm().item() for g in want_g.values())
     for n, w in want_g.items():
         assert (got_g[n] - w).norm().item() <= 1e-3 * w.norm().item() + floor, n
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_openai_gpt_runs_our_kernels_under_its_run_time_checks(monkeypatch):
+    """OpenAI GPT's s·b − 1e4·(1 − b) mask becomes a fill of -1e4 guarded by two
+    `torch._assert_async` checks (docs/design.md §3). On CUDA Inductor lowers them to device-side
+    asserts beside our kernels; with left padding (rows with no real key: eager's softmax over the
+    filled keys), forward and every parameter's gradient match the model in float64."""
+    monkeypatch.setenv("FLASH_INDUCTOR_TRITON_AUTOTUNE", "0")
+    import copy
+
+    from torch._inductor.utils import run_and_get_code
+
+    from flash_inductor import models
+
+    built = models.build_any("openai-gpt", seq_len=48)
+    model = built.model.cuda().eval()
+    mask = torch.ones(2, 48, dtype=torch.long, device="cuda")
+    mask[1, :20] = 0
+    inputs = dict(input_ids=built.inputs["input_ids"].cuda(), attention_mask=mask)
+    ref64 = copy.deepcopy(model).double()
+    with torch.no_grad():
+        want = ref64(**inputs).last_hidden_state
+        torch._dynamo.reset()
+        got, code = run_and_get_code(torch.compile(model, backend="flash"), **inputs)
+    code = "\n".join(code)
+    assert "_attn_fwd" in code and "flash.fwd" not in code
+    assert "device_assert" in code or "assert_async" in code
+    assert rel_err(got.last_hidden_state, want) < 1e-4
+
+    # A fixed random projection as the loss: a mean of squares after the last LayerNorm leaves
+    # the lower layers gradients 1e-6 of the largest, cancellation noise in float32 eager too.
+    proj = torch.randn(got.last_hidden_state.shape[-1], generator=torch.Generator().manual_seed(0),
+                       dtype=torch.float64).cuda()
+
+    def grads(fn, m):
+        m.zero_grad(set_to_none=True)
+        (fn(**inputs).last_hidden_state.double() @ proj).sum().backward()
+        return {n: p.grad.double() for n, p in m.named_parameters() if p.grad is not None}
+
+    model.train()
+    want_g = grads(ref64.train(), ref64)
+    torch._dynamo.reset()
+    got_g = grads(torch.compile(model, backend="flash"), model)
+    assert want_g.keys() == got_g.keys()
+    for n, w in want_g.items():
+        assert (got_g[n] - w).norm().item() <= 1e-4 * w.norm().item(), n
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1], ids=["no_dropout", "dropout"])
+def test_gpu_reduce_overhead_replays_our_kernels_as_cuda_graphs(dropout_p, monkeypatch):
+    """mode="reduce-overhead" (CUDA graph trees) with the rewrite: a training step of a small
+    HF BERT with a padding mask is captured whole (no cudagraph skip: nothing in our graph syncs
+    with the host or lives on the CPU), replays match the model in float64 (without dropout), and
+    dropout draws a fresh mask at every replay."""
+    monkeypatch.setenv("FLASH_INDUCTOR_TRITON_AUTOTUNE", "0")
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    from flash_inductor import models
+
+    built = models.build("bert", size="tiny", seq_len=200, device="cuda", dropout=0.0)
+    model = built.model.train()
+    for layer in model.encoder.layer:  # dropout on the probabilities only: ours to draw
+        layer.attention.self.dropout.p = dropout_p
+    mask = built.inputs["attention_mask"]
+    proj = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0)).cuda()
+
+    def step(fn, m=model):
+        torch.compiler.cudagraph_mark_step_begin()
+        m.zero_grad(set_to_none=True)
+        h = fn(**built.inputs).last_hidden_state
+        ((h @ proj.to(h.dtype)) * mask).sum().backward()  # a random projection of the real tokens
+        return h.detach().clone(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="flash", mode="reduce-overhead")
+    replays = [step(compiled) for _ in range(4)]  # warm-up, record, then replays
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    if dropout_p == 0.0:
+        ref64 = copy.deepcopy(model).double()
+        want_h, want_g = step(ref64, ref64)
+        # key.bias's gradient is zero in exact arithmetic (softmax cancels a per-row shift):
+        # float32 rounding noise, bounded relative to the largest gradient.
+        floor = 1e-6 * max(w.norm().item() for w in want_g.values())
+        for h, g in replays[2:]:
+            assert rel_err(h, want_h) < 1e-4
+            for n, w in want_g.items():
+                assert (g[n].double() - w).norm().item() <= 1e-4 * w.norm().item() + floor, n
+    else:
+        assert not torch.equal(replays[2][0], replays[3][0])
