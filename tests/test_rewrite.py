@@ -1887,6 +1887,9 @@ class TestNearMisses(RewriteCase):
 
         torch.compile(f, backend=capture)(*qkv())
         self.assertEqual([r.guard for r in reports["r"]], ["used_once"])
+        # The user is told why (the probabilities must exist anyway) and what lets the site fuse.
+        self.assertIn("is an output of this compiled graph", reports["r"][0].reason)
+        self.assertIn("attn_implementation='sdpa'", reports["r"][0].reason)
 
     def test_weights_summed(self):
         def f(q, k, v):

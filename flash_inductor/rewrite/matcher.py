@@ -114,9 +114,18 @@ def _dead_and_pure(node: Node) -> bool:
 
 
 def _single_user(node: Node, what: str, inner: set = frozenset()) -> None:
-    if len([u for u in _value_users(node) if u not in inner]) != 1:
-        users = ", ".join(u.name for u in node.users)
-        raise Refusal("used_once", f"the {what} ({node.name}) is used elsewhere too ({users})")
+    users = [u for u in _value_users(node) if u not in inner]
+    if len(users) == 1:
+        return
+    if any(u.op == "output" for u in users):
+        # Returned, or kept alive across a graph break (JetMoE, I-BERT in training): the tensor
+        # must exist in memory, so a fused kernel would compute the attention a second time.
+        raise Refusal("used_once", f"the {what} ({node.name}) is an output of this compiled graph (returned, or "
+                      "still referenced where the model graph-breaks), so it must be materialised and fusing "
+                      "would compute the attention twice; attn_implementation='sdpa', or a model without the "
+                      "graph break (torch._dynamo.explain lists them), lets the site fuse")
+    names = ", ".join(u.name for u in node.users)
+    raise Refusal("used_once", f"the {what} ({node.name}) is used elsewhere too ({names})")
 
 
 def _check_float_cast(node: Node) -> None:
