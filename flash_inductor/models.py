@@ -193,12 +193,47 @@ def build(
     return Built(name, model, inputs, layers)
 
 
+# Architectures with no AutoModel entry (a decoder or a generation model alone), or whose config
+# lives under another model type: (config model type, the model class's name in transformers).
+_OTHER_CLASS = {
+    "trocr": ("trocr", "TrOCRForCausalLM"),
+    "musicgen": ("musicgen_decoder", "MusicgenForCausalLM"),
+    "pix2struct": ("pix2struct", "Pix2StructForConditionalGeneration"),
+}
+
+
+def _special_inputs(model_type: str, cfg, batch: int, seq_len: int, gen: torch.Generator) -> dict | None:
+    """Inputs of architectures that read neither token ids nor one of the usual modalities."""
+    if model_type == "decision_transformer":  # (return, state, action) triples of an episode, padded
+        inputs = {"states": torch.randn(batch, seq_len, cfg.state_dim, generator=gen),
+                  "actions": torch.randn(batch, seq_len, cfg.act_dim, generator=gen),
+                  "returns_to_go": torch.randn(batch, seq_len, 1, generator=gen),
+                  "timesteps": torch.arange(seq_len).expand(batch, seq_len).contiguous()}
+        inputs["attention_mask"] = _padded_text_inputs(cfg, batch, seq_len, gen)["attention_mask"]
+        return inputs
+    if model_type == "musicgen":  # one row of ids per codebook: [B · codebooks, N]
+        inputs = _padded_text_inputs(cfg, batch * cfg.num_codebooks, seq_len, gen)
+        return inputs
+    if model_type == "pix2struct":  # flattened patches, each [row, column, pixels...], and a decoder
+        v = cfg.vision_config
+        rows = torch.arange(seq_len, dtype=torch.float32) // 4 + 1
+        cols = torch.arange(seq_len, dtype=torch.float32) % 4 + 1
+        pixels = torch.randn(batch, seq_len, v.patch_embed_hidden_size, generator=gen)
+        patches = torch.stack([rows, cols], -1).expand(batch, seq_len, 2)
+        text = _padded_text_inputs(cfg.text_config, batch, seq_len, gen)
+        return {"flattened_patches": torch.cat([patches, pixels], -1), "attention_mask": text["attention_mask"],
+                "decoder_input_ids": text["input_ids"]}
+    return None
+
+
 def build_any(model_type: str, *, attn_implementation: str = "eager", dropout: float | None = 0.0,
               batch: int = 2, seq_len: int = 7, seed: int = 0) -> Built:
     """Any transformers architecture, shrunk to 2 small layers, with inputs of its modality."""
+    import transformers
     from transformers import AutoConfig, AutoModel, PretrainedConfig
 
-    cfg = AutoConfig.for_model(model_type)
+    config_type, class_name = _OTHER_CLASS.get(model_type, (model_type, None))
+    cfg = AutoConfig.for_model(config_type)
     # A text + vision pair (CLIP, SigLIP) is shrunk and fed tower by tower.
     text_cfg, vision_cfg = getattr(cfg, "text_config", None), getattr(cfg, "vision_config", None)
     # T5Gemma: an encoder and a decoder config, shrunk alike
@@ -222,10 +257,15 @@ def build_any(model_type: str, *, attn_implementation: str = "eager", dropout: f
         halves[-1].cross_attention_hidden_size = halves[0].hidden_size
     cfg._attn_implementation = attn_implementation
     torch.manual_seed(seed)
-    model = AutoModel.from_config(cfg, attn_implementation=attn_implementation)
+    if class_name:
+        model = getattr(transformers, class_name)._from_config(cfg, attn_implementation=attn_implementation)
+    else:
+        model = AutoModel.from_config(cfg, attn_implementation=attn_implementation)
     gen = torch.Generator().manual_seed(seed)
     modality = getattr(model, "main_input_name", "input_ids")
-    if text_cfg is not None and vision_cfg is not None:
+    if (special := _special_inputs(model_type, cfg, batch, seq_len, gen)) is not None:
+        inputs = special
+    elif text_cfg is not None and vision_cfg is not None:
         inputs = _padded_text_inputs(text_cfg, batch, seq_len, gen)
         channels = getattr(vision_cfg, "num_channels", 3)
         inputs["pixel_values"] = torch.randn(batch, channels, vision_cfg.image_size, vision_cfg.image_size, generator=gen)
