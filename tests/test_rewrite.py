@@ -175,6 +175,94 @@ sigmoid = torch.sigmoid(sub_1)
 mul_1 = getitem_3 * sigmoid
 return (mul_1,)""")
 
+    @staticmethod
+    def _granite_swa(q, k, v, mask, sinks):
+        """transformers' Granite-SWA eager attention: the sink as sigmoid(logsumexp - sink)."""
+        w = torch.matmul(q, k.transpose(2, 3)) * 0.25 + mask
+        lse = torch.logsumexp(w, dim=-1)
+        sink_scale = (lse - sinks.view(1, -1, 1)).to(torch.float32).sigmoid()
+        p = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+        p = F.dropout(p, p=0.0, training=True)
+        out = torch.matmul(p, v)
+        return out * sink_scale.unsqueeze(-1).to(out.dtype)
+
+    def test_granite_swa_sinks_read_the_op_lse(self):
+        """Granite-SWA's sinks read logsumexp(scores), which the op returns: the logsumexp
+        reads the op's lse, what reads it moves after the op, and the scores are never
+        materialised. Left padding leaves rows with no real key: eager's logsumexp there is that
+        of the mask row (finfo.min + ln Nk = finfo.min), rebuilt from the mask, so the sink scale
+        is 0 on both sides; values and every gradient (mask and sinks included) match."""
+        q, k, v = qkv(nk=7)
+        keep = torch.ones(2, 1, 7, 7, dtype=torch.bool).tril()
+        keep[1, ..., :3] = False  # left padding: rows 0-2 of the second sequence see no key
+        mask = torch.where(keep, 0.0, torch.finfo(torch.float32).min)
+        sinks = torch.randn(4, generator=torch.Generator().manual_seed(3))
+        code, reps = self.run_rewritten(self._granite_swa, q, k, v, mask, sinks)
+        self.assertEqual(reps[0].spelling, "matmul·mul(scale)·add(bias)·logsumexp·softmax(fp32)·dropout(off)·matmul")
+        self.assertExpectedInline(code, """\
+view = l_sinks_.view(1, -1, 1)
+fwd_default = torch.ops.flash.fwd.default(l_q_, l_k_, l_v_, l_mask_, None, 0, 0.25, 0.0)
+getitem = fwd_default[1]
+to_3 = l_mask_.to(torch.float32)
+logsumexp_1 = torch.logsumexp(to_3, -1)
+isneginf = torch.isneginf(getitem)
+where = torch.where(isneginf, logsumexp_1, getitem)
+to_4 = where.to(torch.float32)
+getitem_1 = fwd_default[0]
+getitem_2 = fwd_default[1]
+isneginf_1 = torch.isneginf(getitem_2)
+unsqueeze_1 = isneginf_1.unsqueeze(-1)
+amax = l_mask_.amax(-1, keepdim = True)
+eq = l_mask_ == amax
+to_5 = eq.to(torch.float32)
+matmul_2 = torch.matmul(to_5, l_v_)
+sum_1 = to_5.sum(-1, keepdim = True)
+truediv = matmul_2 / sum_1
+isneginf_2 = torch.isneginf(amax)
+where_1 = torch.where(isneginf_2, nan, truediv)
+where_2 = torch.where(unsqueeze_1, where_1, getitem_1)
+sub = to_4 - view
+to = sub.to(torch.float32)
+sink_scale = to.sigmoid()
+unsqueeze = sink_scale.unsqueeze(-1)
+to_2 = unsqueeze.to(torch.float32)
+mul_1 = where_2 * to_2
+return (mul_1,)""")
+        self.assertNotIn("matmul(l_q_", code)
+
+    def test_granite_swa_with_its_mask_built_in_the_graph(self):
+        """HF builds the mask in the graph as where(keep, 0, finfo.min): a row the padding masks
+        whole holds finfo.min alone in eager, whose logsumexp is finfo.min in float32."""
+
+        def f(q, k, v, keep, sinks):
+            return self._granite_swa(q, k, v, torch.where(keep, 0.0, torch.finfo(torch.float32).min), sinks)
+
+        q, k, v = qkv(nk=7)
+        keep = torch.ones(2, 1, 7, 7, dtype=torch.bool).tril()
+        keep[1, ..., :3] = False
+        code, reps = self.run_rewritten(f, q, k, v, keep, torch.randn(4))
+        self.assertTrue(reps[0].rewritten)
+        self.assertIn("torch.where(isneginf, -3.4028234663852886e+38, getitem)", code)
+
+    def test_logsumexp_read_before_a_mutation_is_refused(self):
+        """What reads the scores' logsumexp moves after the op; a mutation cannot move."""
+
+        def f(q, k, v, acc):
+            w = torch.matmul(q, k.transpose(2, 3)) * 0.25
+            acc.add_(torch.logsumexp(w, dim=-1).sum())
+            return torch.matmul(w.softmax(-1), v)
+
+        q, k, v = qkv()
+        torch._dynamo.reset()
+        reports = {}
+
+        def capture(gm, ex):
+            reports["r"] = rewrite_graph(gm)
+            return gm.forward
+
+        torch.compile(f, backend=capture)(q, k, v, torch.zeros(()))
+        self.assertEqual([r.guard for r in reports["r"]], ["lse_reader"])
+
     def test_sinks_with_gqa_in_bf16(self):
         """GPT-OSS's own dtypes: bf16 logits and sinks (the max-shift keeps them from
         overflowing), grouped KV heads through repeat_kv."""

@@ -621,7 +621,7 @@ def _emit_run_time_checks(emit: Emitter, res, k, checks: RunTimeChecks) -> None:
 
 
 def _emit_op(emit: Emitter, q, k, v, bias, causal: Causal, scale, dropout_p, out_dtype, empty_rows,
-             softcap=0.0, sink=None, checks: RunTimeChecks | None = None):
+             softcap=0.0, sink=None, checks: RunTimeChecks | None = None, lse_out=None):
     """Emit flash::fwd and the output fix-ups; return the node that replaces P·V.
 
     `empty_rows` says what eager gives on a row with no visible key, where the op gives zeros:
@@ -637,6 +637,9 @@ def _emit_op(emit: Emitter, q, k, v, bias, causal: Causal, scale, dropout_p, out
 
     `sink`, [.., Nq, 1] in the scores' layout: a logit per row that joined eager's softmax over
     the keys (`_peel_sink`); the output is scaled by sigmoid(lse - sink).
+
+    `lse_out`: (logsumexp nodes of the scores, the scores' dtype): their readers read the op's
+    lse instead (`_lse_for_readers`).
     """
     v_in = v
     q4 = example(q)
@@ -654,6 +657,8 @@ def _emit_op(emit: Emitter, q, k, v, bias, causal: Causal, scale, dropout_p, out
                     *extra)
     if checks is not None:
         _emit_run_time_checks(emit, res, k, checks)
+    if lse_out is not None:
+        _lse_for_readers(emit, res, bias, empty_rows, *lse_out)
     out = emit.call(operator.getitem, res, 0)
     if sink is not None:
         lse = emit.call_method("unsqueeze", emit.call(operator.getitem, res, 1), -1)
@@ -690,6 +695,88 @@ def _emit_op(emit: Emitter, q, k, v, bias, causal: Causal, scale, dropout_p, out
             mean_v = emit.call_method("repeat_interleave", mean_v, groups, dim=1)
         out = emit.call(torch.where, row_mask, mean_v, out)
     return _to_dtype(emit, out, out_dtype), kernel
+
+
+def _logsumexp_readers(scores: Node) -> list[Node]:
+    """`torch.logsumexp(scores, -1)` (or `scores.logsumexp(dim=-1)`, keepdim either way) beside
+    the softmax of the same scores: Granite-SWA's attention sinks, sigmoid(lse - sink) times the
+    output. The op returns that lse, so those readers are part of the site."""
+    ev = example(scores)
+    if ev is None:
+        return []
+    found = []
+    for u in scores.users:
+        is_call = u.op == "call_function" and u.target is torch.logsumexp
+        if not (is_call or (u.op == "call_method" and u.target == "logsumexp")) or u.args[0] is not scores:
+            continue
+        dim = u.args[1] if len(u.args) > 1 else u.kwargs.get("dim")
+        dim = dim[0] if isinstance(dim, (list, tuple)) and len(dim) == 1 else dim
+        keepdim = u.args[2] if len(u.args) > 2 else u.kwargs.get("keepdim", False)
+        if isinstance(dim, int) and dim % ev.dim() == ev.dim() - 1 and isinstance(keepdim, bool):
+            found.append(u)
+    return found
+
+
+def _empty_row_lse(st, empty_rows) -> float | None:
+    """Eager's logsumexp on a row whose every score one constant c <= -1e30 replaced or
+    absorbed (a fill, or HF's where(mask, 0, finfo.min) added): c + ln Nk, which is c in float32
+    and bfloat16 alike. None where the row's entries are not that one constant."""
+    if empty_rows[0] != "uniform":
+        return None
+    if st.fill is not None:
+        return st.fill if st.fill <= -masks.EXACT_FILL_MAGNITUDE else None
+    masked = {v for v in (_where_constants(st.bias) or ()) if v <= MASKED_BIAS}
+    return masked.pop() if st.keep is None and len(masked) == 1 else None
+
+
+def _lse_for_readers(emit: Emitter, res: Node, bias, empty_rows, readers: list[Node], dtype,
+                     replacements: dict, empty_lse: float | None) -> None:
+    """What every logsumexp reader of the scores reads instead, into `replacements`: the op's lse (natural log, scale, bias and
+    masks included: eager's logsumexp of the same scores, in float32 here, cast to the scores'
+    dtype as eager's is). A row the op reports fully masked (lse -inf) holds in eager only
+    entries <= -1e30 beside which the scores vanish (or -inf): its logsumexp is that of the
+    bias row, -inf for a row of -inf; for a row one constant fill c <= -1e30 replaced whole,
+    c + ln Nk, which is c in float32 and bfloat16 alike."""
+    kind, row_values = empty_rows
+    lse = emit.call(operator.getitem, res, 1)
+    if kind == "bias_softmax" and row_values is None and bias is not None and example(bias).dtype.is_floating_point:
+        fix = emit.call(torch.logsumexp, emit.call_method("to", bias, torch.float32), -1)
+        lse = emit.call(torch.where, emit.call(torch.isneginf, lse), fix, lse)
+    elif kind == "uniform" and empty_lse is not None:
+        lse = emit.call(torch.where, emit.call(torch.isneginf, lse), float(empty_lse), lse)
+    elif kind != "nan":
+        raise Refusal("lse_reader", "a logsumexp of the scores where a row the op reports fully masked "
+                                    f"({kind}) has a logsumexp in eager that the rewrite does not rebuild")
+    lse = emit.call_method("to", lse, dtype)
+    for r in readers:
+        keepdim = r.args[2] if len(r.args) > 2 else r.kwargs.get("keepdim", False)
+        replacements[r] = emit.call_method("unsqueeze", lse, -1) if keepdim else lse
+
+
+_IN_PLACE = (operator.iadd, operator.imul, operator.itruediv, operator.isub)
+
+
+def _lse_dependents(readers: list[Node], pv: Node, chain: list[Node]) -> list[Node]:
+    """The nodes between the readers and P·V that read them, directly or not, in graph order:
+    they move after the op. Pure computations only (a mutation or a random draw must keep its
+    place), and none of the site's own."""
+    tainted, later = set(readers), []
+    node = min(readers, key=lambda r: list(r.graph.nodes).index(r)).next
+    while node is not pv and node.op != "output":
+        if any(a in tainted for a in node.all_input_nodes):
+            impure = (node.op not in ("call_function", "call_method")
+                      or (node.op == "call_method" and node.target.endswith("_"))
+                      or node.target in _IN_PLACE or node.is_impure()
+                      or "dropout" in str(node.target) or "rand" in str(node.target))
+            if impure or node in chain:
+                raise Refusal("lse_reader", f"{node.name} reads the scores' logsumexp before the attention's "
+                                            "output and cannot move after it")
+            tainted.add(node)
+            later.append(node)
+        node = node.next
+    if node is not pv:
+        raise Refusal("lse_reader", "the scores' logsumexp is read after a graph order the rewrite did not expect")
+    return later
 
 
 def _softmax_of_bias_rows(emit: Emitter, bias: Node, v: Node, groups: int, neg_inf_row: float,
@@ -823,6 +910,10 @@ def _rewrite_softmax(gm: GraphModule, node: Node, call, behind_concat: bool = Fa
     elif behind_concat:
         raise Refusal("softmax_over_keys", "the softmax runs over the scores concatenated with other logits along "
                                            "the key dim, not as GPT-OSS's sinks (max-shifted, then one column)")
+    lse_readers = _logsumexp_readers(start)
+    site.inner_readers.update(lse_readers)
+    if lse_readers:
+        site.spelling.insert(0, "logsumexp")
     found, steps = _score_steps(site, start)
     probs, pv, v, v_layout = _prob_path(site, node, sink_column=sink is not None)
     site.spelling.append(pv_spelling(pv))
@@ -913,8 +1004,16 @@ def _rewrite_softmax(gm: GraphModule, node: Node, call, behind_concat: bool = Fa
             empty_rows = (empty_rows[0], rows)
             if copied:
                 site.spelling.append("copy(bias)")
+        if lse_readers and (layouts is not None or split is not None or sink is not None or checks is not None
+                            or any(isinstance(x, MergeHeads) for x in steps)):
+            raise Refusal("lse_reader", "a logsumexp of the scores beside sinks, a mask checked at run time, or "
+                                        "scores laid out by an einsum or viewed between 3-D and 4-D")
+        lse_out = None
+        if lse_readers:
+            later = _lse_dependents(lse_readers, pv, site.chain)
+            lse_out = (lse_readers, example(start).dtype, {}, _empty_row_lse(st, empty_rows))
         new, kernel = _emit_op(emit, q_node, k_node, v, bias, Causal.NONE, st.scale, site.dropout_p, out_dtype,
-                               empty_rows, st.softcap, sink, checks)
+                               empty_rows, st.softcap, sink, checks, lse_out)
         if layouts is not None:
             new = einsum_views.result(emit, new, v_lay, sizes)
         elif example(new).dim() == 4 and example(pv).dim() == 3:
@@ -923,7 +1022,14 @@ def _rewrite_softmax(gm: GraphModule, node: Node, call, behind_concat: bool = Fa
         emit.rollback()
         raise
     pv.replace_all_uses_with(new)
-    _erase_dead([pv] + site.chain, gm.graph)
+    if lse_out is not None:
+        # The readers' values now come from the op, emitted just before P·V: what used them
+        # moves there too, in its order.
+        for reader, replacement in lse_out[2].items():
+            reader.replace_all_uses_with(replacement)
+        for n in later:
+            pv.prepend(n)
+    _erase_dead([pv] + lse_readers + site.chain, gm.graph)
     return SiteReport(site_name(node), True, "·".join(site.spelling), *kernel)
 
 
