@@ -93,13 +93,14 @@ _PER_MODEL = {
                        linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
                        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                        shared_expert_intermediate_size=32),
+    # Qwen 3.5 (text): as Qwen3-Next
     "qwen3_5_text": dict(layer_types=["linear_attention", "full_attention"], linear_key_head_dim=16,
                          linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
                          num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                          shared_expert_intermediate_size=32),
     "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"], mamba_n_heads=4, mamba_d_head=32,
                              mamba_d_state=16, mamba_chunk_size=8),
-    # Qwen 3.5 (text) as Qwen3-Next; OLMo hybrid: one linear-attention layer, one full
+    # OLMo hybrid: one linear-attention layer, one full
     "olmo_hybrid": dict(layer_types=["linear_attention", "full_attention"]),
     # CANINE reads Unicode code points (its config has no vocabulary): ids drawn below 128
     "canine": dict(vocab_size=128),

@@ -244,6 +244,18 @@ return (mul_1,)""")
         self.assertTrue(reps[0].rewritten)
         self.assertIn("torch.where(isneginf, -3.4028234663852886e+38, getitem)", code)
 
+    def test_logsumexp_read_after_the_values_product(self):
+        """A logsumexp taken after P·V already follows the op: it reads the op's lse in place."""
+
+        def f(q, k, v):
+            w = torch.matmul(q, k.transpose(2, 3)) * 0.25
+            out = torch.matmul(w.softmax(-1), v)
+            return out * torch.logsumexp(w, dim=-1, keepdim=True).sigmoid()
+
+        code, reps = self.run_rewritten(f, *qkv())
+        self.assertTrue(reps[0].rewritten, reps[0].line())
+        self.assertNotIn("matmul", code)
+
     def test_logsumexp_read_before_a_mutation_is_refused(self):
         """What reads the scores' logsumexp moves after the op; a mutation cannot move."""
 

@@ -638,8 +638,8 @@ def _emit_op(emit: Emitter, q, k, v, bias, causal: Causal, scale, dropout_p, out
     `sink`, [.., Nq, 1] in the scores' layout: a logit per row that joined eager's softmax over
     the keys (`_peel_sink`); the output is scaled by sigmoid(lse - sink).
 
-    `lse_out`: (logsumexp nodes of the scores, the scores' dtype): their readers read the op's
-    lse instead (`_lse_for_readers`).
+    `lse_out`: (logsumexp nodes of the scores, the scores' dtype, a dict the replacements go
+    to, eager's logsumexp on an empty row if one constant): `_lse_for_readers`.
     """
     v_in = v
     q4 = example(q)
@@ -731,9 +731,9 @@ def _empty_row_lse(st, empty_rows) -> float | None:
 
 def _lse_for_readers(emit: Emitter, res: Node, bias, empty_rows, readers: list[Node], dtype,
                      replacements: dict, empty_lse: float | None) -> None:
-    """What every logsumexp reader of the scores reads instead, into `replacements`: the op's lse (natural log, scale, bias and
-    masks included: eager's logsumexp of the same scores, in float32 here, cast to the scores'
-    dtype as eager's is). A row the op reports fully masked (lse -inf) holds in eager only
+    """What every logsumexp reader of the scores reads instead, into `replacements`: the op's
+    lse (natural log, scale, bias and masks included: eager's logsumexp of the same scores, in
+    float32 here, cast to the scores' dtype as eager's is). A row the op reports fully masked (lse -inf) holds in eager only
     entries <= -1e30 beside which the scores vanish (or -inf): its logsumexp is that of the
     bias row, -inf for a row of -inf; for a row one constant fill c <= -1e30 replaced whole,
     c + ln Nk, which is c in float32 and bfloat16 alike."""
@@ -744,7 +744,7 @@ def _lse_for_readers(emit: Emitter, res: Node, bias, empty_rows, readers: list[N
         lse = emit.call(torch.where, emit.call(torch.isneginf, lse), fix, lse)
     elif kind == "uniform" and empty_lse is not None:
         lse = emit.call(torch.where, emit.call(torch.isneginf, lse), float(empty_lse), lse)
-    elif kind != "nan":
+    elif kind != "nan" and not (kind == "zero" and bias is None):  # (no mask: no row is ever empty)
         raise Refusal("lse_reader", "a logsumexp of the scores where a row the op reports fully masked "
                                     f"({kind}) has a logsumexp in eager that the rewrite does not rebuild")
     lse = emit.call_method("to", lse, dtype)
@@ -758,11 +758,15 @@ _IN_PLACE = (operator.iadd, operator.imul, operator.itruediv, operator.isub)
 
 def _lse_dependents(readers: list[Node], pv: Node, chain: list[Node]) -> list[Node]:
     """The nodes between the readers and P·V that read them, directly or not, in graph order:
-    they move after the op. Pure computations only (a mutation or a random draw must keep its
-    place), and none of the site's own."""
+    they move after the op (none when the readers follow P·V). Pure computations only (a
+    mutation or a random draw must keep its place), and none of the site's own."""
+    order = {n: i for i, n in enumerate(pv.graph.nodes)}
+    first = min(readers, key=order.__getitem__)
+    if order[first] > order[pv]:
+        return []
     tainted, later = set(readers), []
-    node = min(readers, key=lambda r: list(r.graph.nodes).index(r)).next
-    while node is not pv and node.op != "output":
+    node = first.next
+    while node is not pv:
         if any(a in tainted for a in node.all_input_nodes):
             impure = (node.op not in ("call_function", "call_method")
                       or (node.op == "call_method" and node.target.endswith("_"))
@@ -774,8 +778,6 @@ def _lse_dependents(readers: list[Node], pv: Node, chain: list[Node]) -> list[No
             tainted.add(node)
             later.append(node)
         node = node.next
-    if node is not pv:
-        raise Refusal("lse_reader", "the scores' logsumexp is read after a graph order the rewrite did not expect")
     return later
 
 
@@ -1005,9 +1007,9 @@ def _rewrite_softmax(gm: GraphModule, node: Node, call, behind_concat: bool = Fa
             if copied:
                 site.spelling.append("copy(bias)")
         if lse_readers and (layouts is not None or split is not None or sink is not None or checks is not None
-                            or any(isinstance(x, MergeHeads) for x in steps)):
+                            or any(isinstance(x, MergeHeads) for x in steps) or example(start).dim() != 4):
             raise Refusal("lse_reader", "a logsumexp of the scores beside sinks, a mask checked at run time, or "
-                                        "scores laid out by an einsum or viewed between 3-D and 4-D")
+                                        "scores not in the op's [B, H, Nq, Nk] layout")
         lse_out = None
         if lse_readers:
             later = _lse_dependents(lse_readers, pv, site.chain)
