@@ -434,12 +434,21 @@ def _with_sinks(q, k, v, sinks, mask):
     return torch.matmul(torch.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1], v)
 
 
+def _granite_sinks(q, k, v, sinks, mask):
+    """Granite-SWA's spelling of the same sink: sigmoid(logsumexp(scores) - sink) times P·V."""
+    w = torch.matmul(q, k.transpose(-1, -2)) * 0.125 + mask
+    scale = (torch.logsumexp(w, dim=-1) - sinks.view(1, -1, 1)).to(torch.float32).sigmoid()
+    out = torch.matmul(torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype), v)
+    return out * scale.unsqueeze(-1).to(out.dtype)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])])
-def test_attention_sinks_run_fused(device, monkeypatch):
-    """GPT-OSS's sinks under backend="flash" in bf16: our kernels in Inductor's graph (the Triton
-    ones on a GPU), the lse they return scaling the output, and every gradient (the sinks'
-    included) against float64 eager; a padded batch row whose queries see no key gives 0, as
-    eager does."""
+@pytest.mark.parametrize("spelling", [_with_sinks, _granite_sinks], ids=["gpt_oss", "granite_swa"])
+def test_attention_sinks_run_fused(spelling, device, monkeypatch):
+    """GPT-OSS's sinks (and Granite-SWA's, through logsumexp) under backend="flash" in bf16: our
+    kernels in Inductor's graph (the Triton ones on a GPU), the lse they return scaling the
+    output, and every gradient (the sinks' included) against float64 eager; a padded batch row
+    whose queries see no key gives 0, as eager does."""
     monkeypatch.setenv("FLASH_INDUCTOR_TRITON_AUTOTUNE", "0")
     q, k, v = make_qkv(2, 4, None, 300, head_dim=64, dtype=torch.bfloat16, device=device, requires_grad=True)
     sinks = (torch.randn(4, device=device) * 2).to(torch.bfloat16).requires_grad_()
@@ -449,7 +458,7 @@ def test_attention_sinks_run_fused(device, monkeypatch):
     mask = torch.where(visible, 0.0, torch.finfo(torch.bfloat16).min).to(torch.bfloat16)
 
     def step(q, k, v, sinks, mask):
-        out = _with_sinks(q, k, v, sinks, mask)
+        out = spelling(q, k, v, sinks, mask)
         return (out, *torch.autograd.grad(out, [q, k, v, sinks], torch.ones_like(out)))
 
     got, code = _inductor_code(step, q, k, v, sinks, mask, backend="flash")
