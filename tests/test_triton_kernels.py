@@ -690,7 +690,8 @@ def test_mask_tiles_only_where_they_can_repay_their_launches():
 
 def test_default_config_follows_the_head_dim(monkeypatch):
     """With autotuning off, head dims up to 64 run 64 × 64 tiles (config_sweep.py's finding on
-    the e2e shapes), except the forward and dQ of a long non-causal row; larger head dims keep
+    the e2e shapes; 2 stages for BERT's fused dropout dK/dV), except the forward and dQ of a long
+    non-causal row; larger head dims keep
     the first config of the list. With autotuning on, every fitting candidate stays."""
     import triton
 
@@ -699,9 +700,9 @@ def test_default_config_follows_the_head_dim(monkeypatch):
     candidates = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                   for m, n, w, s in ((128, 64, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2), (32, 64, 4, 2))]
 
-    def chosen(kernel, d, n_bucket, causal, bias=False):
+    def chosen(kernel, d, n_bucket, causal, bias=False, fused_dq=False):
         args = dict(BLOCK_D=d, BLOCK_DV=d, ELT_BYTES=2, N_BUCKET=n_bucket, CAUSAL=causal, HAS_BIAS=bool(bias),
-                    BIAS_IS_BOOL=bias == "bool")
+                    BIAS_IS_BOOL=bias == "bool", FUSED_DQ=fused_dq)
         (c,) = ta._prune("BLOCK_N", "BLOCK_M", kernel)(list(candidates), args)
         return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
 
@@ -717,6 +718,10 @@ def test_default_config_follows_the_head_dim(monkeypatch):
     assert chosen("dkdv", 128, 4096, 0, bias=True) == chosen("dkdv", 128, 8192, 1, bias=True) == (32, 64, 4, 2)
     assert chosen("dkdv", 128, 8192, 0, bias=True) == chosen("dq", 128, 2048, 1, bias=True) == (128, 64, 8, 3)
     assert chosen("dkdv", 128, 8192, 1, bias="bool") == (128, 64, 8, 3)
+    # BERT's training backward (a padding bias, dropout's fused dQ, no causal mask) at head dim
+    # 64: 2 stages, which do not spill in the loop; with causal, or without the bias, 3.
+    assert chosen("dkdv", 64, 512, 0, bias=True, fused_dq=True) == (64, 64, 4, 2)
+    assert chosen("dkdv", 64, 512, 1, bias=True, fused_dq=True) == chosen("dkdv", 64, 512, 0, fused_dq=True) == (64, 64, 4, 3)
     monkeypatch.setenv(ta.AUTOTUNE_ENV, "1")
     kept = ta._prune("BLOCK_N", "BLOCK_M", "fwd")(list(candidates), dict(
         BLOCK_D=64, BLOCK_DV=64, ELT_BYTES=2, N_BUCKET=512, CAUSAL=0))

@@ -624,6 +624,11 @@ def _head_dim_default(kernel: str, args: dict) -> tuple[int, int, int, int] | No
         return None
     if kernel != "dkdv" and args["N_BUCKET"] >= 8192 and not args["CAUSAL"]:
         return None
+    if kernel == "dkdv" and args.get("FUSED_DQ") and args.get("HAS_BIAS") and not args["CAUSAL"]:
+        # BERT's training backward (padding bias, dropout): with 3 stages the fused loop spills
+        # (11 STL + 11 LDL per key block, ttgir_probe at D=64); with 2 it does not. H200, device
+        # time, B·H = 96, three rounds: dK/dV 107-108 → 105 µs at N=512, 386-390 → 381-384 at 1024.
+        return _SMALL_HEAD_DEFAULT[:3] + (2,)
     return _SMALL_HEAD_DEFAULT
 
 
