@@ -100,6 +100,10 @@ _PER_MODEL = {
                          shared_expert_intermediate_size=32),
     "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"], mamba_n_heads=4, mamba_d_head=32,
                              mamba_d_state=16, mamba_chunk_size=8),
+    # Gemma 4 (text): one sliding-window layer, one full, each with the default head dim (the
+    # published config's per-layer list names layers 5..29), small per-layer inputs
+    "gemma4_text": dict(layer_types=["sliding_attention", "full_attention"], per_layer_config={},
+                        hidden_size_per_layer_input=16, vocab_size_per_layer_input=128, num_kv_shared_layers=0),
     # OLMo hybrid: one linear-attention layer, one full
     "olmo_hybrid": dict(layer_types=["linear_attention", "full_attention"]),
     # CANINE reads Unicode code points (its config has no vocabulary): ids drawn below 128
@@ -254,7 +258,12 @@ def build_any(model_type: str, *, attn_implementation: str = "eager", dropout: f
         for key, value in _SMALL.items():
             if c is cfg and key in _PER_MODEL.get(model_type, {}):
                 continue
-            if hasattr(c, key) or key in getattr(c, "attribute_map", {}):
+            try:
+                # Reading may raise too: Gemma 4's per-layer attributes (head_dim) refuse a global read.
+                present = hasattr(c, key) or key in getattr(c, "attribute_map", {})
+            except Exception:
+                continue
+            if present:
                 try:
                     setattr(c, key, value)
                 except (AttributeError, NotImplementedError):  # a derived property (Falcon's head_dim), or

@@ -25,7 +25,8 @@ from flash_inductor.models import COVERAGE
 # GPT-OSS (attention sinks), Swin V2 (a per-head logit scale; shifted windows through a 5-D view),
 # OpenAI GPT (a multiplicative causal mask s·b − 1e4·(1 − b), checked at run time).
 BEYOND = ("gemma2", "xglm", "xlm", "squeezebert", "mixtral", "gpt_neo", "mpt", "deberta", "beit", "wav2vec2",
-          "clip", "wavlm", "gpt_oss", "swinv2", "openai-gpt", "pix2struct", "musicgen", "granite_swa")
+          "clip", "wavlm", "gpt_oss", "swinv2", "openai-gpt", "pix2struct", "musicgen", "granite_swa",
+          "gemma4_text")
 
 
 @pytest.mark.parametrize("mode", MODES)
