@@ -1275,7 +1275,7 @@ def _is_pure(node: Node) -> bool:
         return False
     if node.op == "call_method" and node.target.endswith("_"):
         return False
-    return not (node.op == "call_function" and node.target in (operator.iadd, operator.imul, operator.itruediv, operator.isub))
+    return not (node.op == "call_function" and node.target in _IN_PLACE)
 
 
 def _softmaxes_inside_functions(gm: GraphModule) -> list[SiteReport]:
