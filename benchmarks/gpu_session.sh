@@ -17,6 +17,8 @@ if [ -z "${LANE_CHILD:-}" ]; then  # a lane of gpu_lanes.sh finds everything ins
     export PYTHONPATH=/tmp/site
   fi
   python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { echo "editable install failed"; tail "$OUT/install.log"; export PYTHONPATH=$PWD:${PYTHONPATH:-}; }
+  # curand's headers (the sm_80 kernels' dropout), where the machine has neither the toolkit's nor the wheel's
+  [ -d .whl/curand_include ] && export FLASH_INDUCTOR_CURAND_INCLUDE=${FLASH_INDUCTOR_CURAND_INCLUDE:-$PWD/.whl/curand_include}
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 fi
@@ -42,6 +44,16 @@ for phase in "$@"; do
       ( time timeout 400 python3 -m flash_inductor.cli build ) 2>&1 | tee "$OUT/cutlass_build.log" | tail -5
       cp "$(python3 -m flash_inductor.cli build --print-plan | sed -n 's/^directory: //p')/build.log" "$OUT/cutlass_build_errors.log" 2>/dev/null
       python3 -m flash_inductor.cli info 2>&1 | tail -7 ;;
+    sm80)  # the sm_80 family (example 41's kernels as sm_80 code): build, GPU tests, then the bench rows
+      ( time timeout 300 python3 -m flash_inductor.cli build --family ampere ) 2>&1 | tee "$OUT/sm80_build.log" | tail -4
+      cp "$(python3 -m flash_inductor.cli build --family ampere --print-plan | sed -n 's/^directory: //p')/build.log" "$OUT/sm80_build_errors.log" 2>/dev/null
+      FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout ${SM80_TESTS_TIMEOUT:-300} python3 -m pytest -q -m gpu tests/test_cutlass_sm80.py 2>&1 | tee "$OUT/sm80_tests.log" | tail -25
+      # the bench lets the features through before a session removes them from UNVALIDATED
+      sm80_bench() { timeout "$1" python3 -c "import sys; from flash_inductor.backends import cutlass_sm80; cutlass_sm80.UNVALIDATED.clear(); from flash_inductor.cli import main; sys.exit(main(sys.argv[1:]))" bench "${@:3}" --json "$OUT/$2.json" 2>&1 | grep -v Warning | tee "$OUT/$2.log"; }
+      sm80_bench 240 bench_sm80_8k --lengths 8192 --cases ${SM80_CASES:-none causal bias bias+causal dropout} --peers cutlass_sm80 triton sdpa_efficient sdpa_cudnn
+      sm80_bench 150 bench_sm80_d64 --lengths 8192 --head-dim 64 --cases none dropout --peers cutlass_sm80 triton sdpa_efficient ;;
+    sm80_padding)  # issue 6's table with the sm_80 varlen kernels forced (dense row: the same kernel)
+      FLASH_INDUCTOR_KERNEL=cutlass_sm80 timeout 240 python3 -c "import runpy, sys; from flash_inductor.backends import cutlass_sm80; cutlass_sm80.UNVALIDATED.clear(); sys.argv = ['padding.py', '--parts', '1', '--json', '$OUT/sm80_padding.json']; runpy.run_path('benchmarks/padding.py', run_name='__main__')" 2>&1 | grep -v Warning | tee "$OUT/sm80_padding.log" | tail -20 ;;
     cutlass_tests)
       FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout 300 python3 -m pytest -q -m gpu tests/test_cutlass.py 2>&1 | tee "$OUT/cutlass_tests.log" | tail -8 ;;
     cutlass_bias)  # the bias rows (after cutlass_tests); features still in UNVALIDATED are let through for the bench only

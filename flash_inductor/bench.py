@@ -183,6 +183,7 @@ def _flex():
 PEERS = {
     "triton": lambda: _ours("triton"),
     "cutlass": lambda: _ours("cutlass"),
+    "cutlass_sm80": lambda: _ours("cutlass_sm80"),
     "triton_compiled": lambda: _ours_compiled("triton"),
     "cutlass_compiled": lambda: _ours_compiled("cutlass"),
     "flash_compiled": lambda: _ours_compiled(None),

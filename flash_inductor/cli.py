@@ -33,9 +33,10 @@ def _info(args) -> int:
         print(f"CUDA: not available ({why}); attention runs on the CPU: PyTorch's fused CPU kernel "
               "(aten_cpu) where it accepts the input, else the PyTorch reference")
         device = "cpu"
-    from .cutlass_build import status
+    from .cutlass_build import AMPERE, status
 
     print(f"CUTLASS kernels: {status()}")
+    print(f"CUTLASS sm_80 kernels: {status(AMPERE)}")
     forced = dispatch.forced_kernel()
     print(f"kernel setting ({dispatch.ENV_VAR}): {forced or 'automatic'}")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -43,7 +44,7 @@ def _info(args) -> int:
     inp = validate(q, q, q)
     print(f"a {str(dtype).replace('torch.', '')} [1, 8, 128, 64] attention on {device} would run on:")
     for name, reasons in dispatch.reasons_by_backend(inp).items():
-        print(f"  {name:<10} {'accepts' if not reasons else 'refuses: ' + '; '.join(reasons)}")
+        print(f"  {name:<12} {'accepts' if not reasons else 'refuses: ' + '; '.join(reasons)}")
     return 0
 
 

@@ -1,8 +1,17 @@
-"""Build the CUTLASS kernels in csrc/ into one shared library, with ninja, on first use; cached.
+"""Build the CUTLASS kernels in csrc/ into shared libraries, with ninja, on first use; cached.
 
-What is built: one translation unit per instance (dtype × head dim × mask × bias, `INSTANCES`), generated
-here as two lines that instantiate `flash_cutlass::run_fwd` from csrc/fwd_kernel.cuh, plus
-`api.cu`, the C entry point that switches on the instance. Ninja compiles the units in parallel.
+Two families, one library each, built only on a GPU that runs them:
+
+* HOPPER (`libflash_cutlass.so`, sm_90a): the TMA + warp-specialised forward of example 88, one
+  translation unit per instance (dtype × head dim × mask × bias, `INSTANCES`) instantiating
+  `flash_cutlass::run_fwd` from csrc/fwd_kernel.cuh.
+* AMPERE (`libflash_cutlass_sm80.so`, sm_80 code, SASS for sm_80 and sm_90 plus compute_80 PTX):
+  example 41's memory-efficient forward and backward with bias, bias gradient, causal masks,
+  dropout and packed variable-length batches, one unit per (pass, dtype, head-dim bucket,
+  dropout) (`AMPERE_INSTANCES`) from csrc/sm80_fwd.cuh and csrc/sm80_bwd.cuh.
+
+Each library also gets an `api.cu`, the C entry point that switches on the instance. Ninja
+compiles the units in parallel.
 
 Why a plain shared library loaded with ctypes, not a torch C++ extension: the kernels need
 nothing from torch (pointers, strides, a stream), so the library is independent of torch's C++
@@ -30,6 +39,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import threading
 
 def _csrc_dir() -> pathlib.Path:
     """csrc/ of a source checkout (editable install), or the copy a wheel carries in the package."""
@@ -42,7 +52,12 @@ def _csrc_dir() -> pathlib.Path:
 
 CSRC = _csrc_dir()
 SOURCES = ("flash_cutlass.h", "fwd_kernel.cuh")
+AMPERE_SOURCES = ("flash_cutlass.h", "flash_cutlass_sm80.h", "sm80_common.cuh", "sm80_fwd.cuh", "sm80_bwd.cuh",
+                  "aten_shim/flash_cutlass_check.h", "aten_shim/ATen/cuda/CUDAGeneratorImpl.h",
+                  "aten_shim/ATen/cuda/CUDAGraphsUtils.cuh", "aten_shim/ATen/cuda/CUDAContext.h",
+                  "aten_shim/c10/cuda/CUDAGuard.h")
 LIB_NAME = "libflash_cutlass.so"
+AMPERE_LIB_NAME = "libflash_cutlass_sm80.so"
 # No -lcuda: CUTLASS reaches the driver (TMA descriptors) through cudaGetDriverEntryPoint, so the
 # library links only the CUDA runtime (statically, nvcc's default) and loads without a driver stub.
 LINK_FLAGS = ("-shared",)
@@ -75,6 +90,35 @@ class Instance:
 
 INSTANCES = tuple(Instance(d, h, m, b) for d, h, m, b in itertools.product(DTYPES, HEAD_DIMS, MASKS, (False, True)))
 
+# Head-dim buckets of the Ampere family: an input runs the smallest bucket >= its head dim
+# (64 and 128 keep the output in registers; 256 is the kernels' generic head-dim path).
+AMPERE_HEAD_DIMS = (64, 128, 256)
+
+
+@dataclasses.dataclass(frozen=True)
+class AmpereInstance:
+    kind: str  # "fwd" or "bwd"
+    dtype: str  # a key of DTYPES
+    head_dim: int  # a bucket of AMPERE_HEAD_DIMS
+    dropout: bool = False  # bwd only: the forward takes dropout at run time, the backward's is compiled in
+
+    @property
+    def stem(self) -> str:
+        return f"sm80_{self.kind}_{self.dtype}_d{self.head_dim}{'_dropout' if self.dropout else ''}"
+
+    @property
+    def template_args(self) -> str:
+        args = f"{DTYPES[self.dtype]}, {self.head_dim}"
+        return args + (f", {'true' if self.dropout else 'false'}" if self.kind == "bwd" else "")
+
+    def source(self) -> str:
+        return f'#include "sm80_{self.kind}.cuh"\nFLASH_CUTLASS_SM80_{self.kind.upper()}({self.template_args})\n'
+
+
+AMPERE_INSTANCES = tuple(
+    [AmpereInstance("fwd", d, h) for d, h in itertools.product(DTYPES, AMPERE_HEAD_DIMS)]
+    + [AmpereInstance("bwd", d, h, drop) for d, h, drop in itertools.product(DTYPES, AMPERE_HEAD_DIMS, (False, True))])
+
 
 class BuildError(RuntimeError):
     """The kernels could not be built or loaded; the message says why and what to do."""
@@ -105,11 +149,96 @@ extern "C" const char* flash_cutlass_instances(void) {{ return "{listing}"; }}
 """
 
 
+def ampere_api_source(instances=AMPERE_INSTANCES) -> str:
+    """The Ampere library's C entry points: each switches over its pass's built instances, by dtype
+    and the smallest head-dim bucket that holds the input's head dims."""
+    fwd = [i for i in instances if i.kind == "fwd"]
+    bwd = [i for i in instances if i.kind == "bwd"]
+    buckets = sorted({i.head_dim for i in instances})
+
+    listing = "\\n".join(f"{i.kind}/{i.dtype}/{i.head_dim}{'/dropout' if i.dropout else ''}" for i in instances)
+    bucket_chain = " : ".join(f"d <= {b} ? {b}" for b in buckets) + " : -1"
+    declarations = """namespace flash_cutlass_sm80 {
+template <int kDtype, int kMaxK> int run_fwd(FlashCutlassSm80FwdParams const&, char*, int);
+template <int kDtype, int kMaxK> int64_t fwd_accum_bytes(FlashCutlassSm80FwdParams const&);
+template <int kDtype, int kMaxK, bool kDropout> int run_bwd(FlashCutlassSm80BwdParams&, char*, int);
+template <int kDtype, int kMaxK, bool kDropout> int64_t bwd_workspace(FlashCutlassSm80BwdParams&, int32_t*);
+}"""
+    return f"""#include <cstdio>
+#include "flash_cutlass_sm80.h"
+#include "flash_cutlass.h"
+{declarations}
+static int bucket_of(int d) {{ return {bucket_chain}; }}
+extern "C" int flash_cutlass_sm80_fwd(int32_t dtype, const FlashCutlassSm80FwdParams* p, char* err, int32_t err_len) {{
+  int bucket = bucket_of(p->head_dim > p->head_dim_v ? p->head_dim : p->head_dim_v);
+{_calls(fwd, "run_fwd", "(*p, err, err_len)")}
+  snprintf(err, err_len, "no CUTLASS sm80 forward for dtype=%d head_dim=%d", dtype, p->head_dim);
+  return 1;
+}}
+extern "C" int64_t flash_cutlass_sm80_fwd_accum_bytes(int32_t dtype, const FlashCutlassSm80FwdParams* p) {{
+  int bucket = bucket_of(p->head_dim > p->head_dim_v ? p->head_dim : p->head_dim_v);
+{_calls(fwd, "fwd_accum_bytes", "(*p)")}
+  return -1;
+}}
+extern "C" int flash_cutlass_sm80_bwd(int32_t dtype, FlashCutlassSm80BwdParams* p, char* err, int32_t err_len) {{
+  int bucket = bucket_of(p->head_dim > p->head_dim_v ? p->head_dim : p->head_dim_v);
+  bool dropout = p->dropout_p > 0.f;
+{_calls(bwd, "run_bwd", "(*p, err, err_len)")}
+  snprintf(err, err_len, "no CUTLASS sm80 backward for dtype=%d head_dim=%d dropout=%d", dtype, p->head_dim,
+           int(dropout));
+  return 1;
+}}
+extern "C" int64_t flash_cutlass_sm80_bwd_workspace(int32_t dtype, FlashCutlassSm80BwdParams* p, int32_t* zero) {{
+  int bucket = bucket_of(p->head_dim > p->head_dim_v ? p->head_dim : p->head_dim_v);
+  bool dropout = p->dropout_p > 0.f;
+{_calls(bwd, "bwd_workspace", "(*p, zero)")}
+  return -1;
+}}
+extern "C" const char* flash_cutlass_sm80_instances(void) {{ return "{listing}"; }}
+"""
+
+
+def _calls(items, function: str, args: str) -> str:
+    """`if (<this instance>) return flash_cutlass_sm80::<function><args>;` for each instance."""
+    lines = []
+    for i in items:
+        cond = f"dtype == {DTYPES[i.dtype]} && bucket == {i.head_dim}"
+        if i.kind == "bwd":
+            cond += f" && dropout == {'true' if i.dropout else 'false'}"
+        lines.append(f"  if ({cond})\n    return flash_cutlass_sm80::{function}<{i.template_args}>{args};")
+    return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One library: what it is built from, for which GPUs, and its entry point's source."""
+
+    name: str
+    lib_name: str
+    sources: tuple[str, ...]  # csrc/ files its units include (hashed into the cache key)
+    example: str  # the CUTLASS example directory on the include path
+    gencode: tuple[str, ...]
+    instances: tuple
+    api: object  # instances -> the api.cu source
+    needs_curand: bool = False  # example 41's dropout draws with curand's (header-only) Philox
+
+
+HOPPER = Family("hopper", LIB_NAME, SOURCES, "examples/88_hopper_fmha",
+                # TMA and wgmma need the arch-specific target (sm_90a), not plain sm_90.
+                ("-gencode=arch=compute_90a,code=sm_90a",), INSTANCES, api_source)
+# sm_80 code: SASS for A100-class GPUs and for Hopper (compiled from the same compute_80 PTX),
+# and the PTX itself for any later GPU's driver to compile.
+AMPERE = Family("ampere", AMPERE_LIB_NAME, AMPERE_SOURCES, "examples/41_fused_multi_head_attention",
+                ("-gencode=arch=compute_80,code=[sm_80,sm_90,compute_80]",), AMPERE_INSTANCES, ampere_api_source,
+                needs_curand=True)
+FAMILIES = {f.name: f for f in (HOPPER, AMPERE)}
+
+
 # ---- the toolchain ------------------------------------------------------------------------------
 
 
-def cutlass_source_dir() -> pathlib.Path:
-    """The CUTLASS source root holding include/ and examples/88_hopper_fmha/."""
+def cutlass_source_dir(family: Family = HOPPER) -> pathlib.Path:
+    """The CUTLASS source root holding include/ and the family's example directory."""
     override = os.environ.get("FLASH_INDUCTOR_CUTLASS_DIR")
     if override:
         root = pathlib.Path(override)
@@ -119,7 +248,8 @@ def cutlass_source_dir() -> pathlib.Path:
             raise BuildError("the CUTLASS headers are missing: pip install nvidia-cutlass "
                              "(or set FLASH_INDUCTOR_CUTLASS_DIR to a CUTLASS checkout)")
         root = pathlib.Path(list(spec.submodule_search_locations)[0]) / "source"
-    for need in ("include/cute/tensor.hpp", "examples/88_hopper_fmha/collective/fmha_fusion.hpp"):
+    example_file = {"hopper": "collective/fmha_fusion.hpp", "ampere": "kernel_backward.h"}[family.name]
+    for need in ("include/cute/tensor.hpp", f"{family.example}/{example_file}"):
         if not (root / need).is_file():
             raise BuildError(f"{root} has no {need}: the CUTLASS sources there are incomplete "
                              "(nvidia-cutlass >= 4.2 ships them)")
@@ -177,13 +307,36 @@ def find_ninja() -> str:
     return ninja
 
 
-def nvcc_flags(root: pathlib.Path) -> list[str]:
-    includes = [CSRC, root / "include", root / "tools/util/include", root / "examples/88_hopper_fmha"]
+def curand_include_dir(nvcc: str) -> pathlib.Path:
+    """Where curand_kernel.h is: FLASH_INDUCTOR_CURAND_INCLUDE, the toolkit's include/, or the
+    nvidia-curand wheel that CUDA builds of torch install (nvidia/cu13/include, nvidia/curand/include)."""
+    override = os.environ.get("FLASH_INDUCTOR_CURAND_INCLUDE")
+    candidates = [pathlib.Path(override)] if override else []
+    candidates.append(pathlib.Path(nvcc).resolve().parent.parent / "include")
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if home:
+            candidates.append(pathlib.Path(home) / "include")
+    spec = importlib.util.find_spec("nvidia")
+    for base in (spec.submodule_search_locations or []) if spec else []:
+        candidates += sorted(pathlib.Path(base).glob("*/include"))
+    for c in candidates:
+        if (c / "curand_kernel.h").is_file():
+            return c
+    raise BuildError("curand_kernel.h (the CUDA toolkit's curand headers, which the sm_80 kernels' dropout "
+                     "uses) was not found: install the toolkit's curand component or pip install nvidia-curand")
+
+
+def nvcc_flags(root: pathlib.Path, family: Family = HOPPER, nvcc: str | None = None) -> list[str]:
+    includes = [CSRC, root / "include", root / "tools/util/include", root / family.example]
+    if family.needs_curand:
+        # Ours first: csrc/aten_shim stands in for the two ATen names the kernels' dropout uses.
+        includes = [CSRC / "aten_shim", *includes, curand_include_dir(nvcc or find_nvcc())]
     return [
         "-std=c++17", "-O3", "-DNDEBUG", "--use_fast_math", "--expt-relaxed-constexpr",
-        # TMA and wgmma need the arch-specific target (sm_90a), not plain sm_90.
-        "-gencode=arch=compute_90a,code=sm_90a",
+        *family.gencode,
         "-Xcompiler=-fPIC", "-Xcompiler=-Wno-psabi",
+        # Example 41 has a bool function that ends in a trap without a return (warning 940).
+        *(["-diag-suppress=940"] if family.needs_curand else []),
         *(f"-I{p}" for p in includes),
     ]
 
@@ -195,11 +348,12 @@ def cache_root() -> pathlib.Path:
     return pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "flash_inductor" / "cutlass"
 
 
-def cache_key(flags: list[str], nvcc_release: str, cutlass_ver: str, instances=INSTANCES) -> str:
-    h = hashlib.sha256()
-    for name in SOURCES:
+def cache_key(flags: list[str], nvcc_release: str, cutlass_ver: str, instances=None, family: Family = HOPPER) -> str:
+    instances = family.instances if instances is None else instances
+    h = hashlib.sha256(family.name.encode())
+    for name in family.sources:
         h.update(name.encode() + b"\0" + (CSRC / name).read_bytes() + b"\0")
-    h.update(api_source(instances).encode())
+    h.update(family.api(instances).encode())
     for inst in instances:
         h.update(inst.source().encode())
     # Include directories are machine paths: hash what they hold (the version), not where.
@@ -208,7 +362,7 @@ def cache_key(flags: list[str], nvcc_release: str, cutlass_ver: str, instances=I
     return h.hexdigest()[:16]
 
 
-def ninja_file(nvcc: str, flags: list[str], instances=INSTANCES) -> str:
+def ninja_file(nvcc: str, flags: list[str], instances=INSTANCES, lib_name: str = LIB_NAME) -> str:
     units = ["api"] + [i.stem for i in instances]
     lines = [
         "ninja_required_version = 1.3",
@@ -222,7 +376,7 @@ def ninja_file(nvcc: str, flags: list[str], instances=INSTANCES) -> str:
         "  description = link $out",
     ]
     lines += [f"build {u}.o: cu {u}.cu" for u in units]
-    lines += [f"build {LIB_NAME}: link {' '.join(u + '.o' for u in units)}", f"default {LIB_NAME}"]
+    lines += [f"build {lib_name}: link {' '.join(u + '.o' for u in units)}", f"default {lib_name}"]
     return "\n".join(lines) + "\n"
 
 
@@ -234,26 +388,28 @@ class Plan:
     ninja: str
     flags: list[str]
     directory: pathlib.Path
-    instances: tuple[Instance, ...] = INSTANCES
+    instances: tuple = INSTANCES
+    family: Family = HOPPER
 
     @property
     def library(self) -> pathlib.Path:
-        return self.directory / LIB_NAME
+        return self.directory / self.family.lib_name
 
 
-def plan(instances=INSTANCES) -> Plan:
-    root = cutlass_source_dir()
+def plan(instances=None, family: Family = HOPPER) -> Plan:
+    instances = family.instances if instances is None else instances
+    root = cutlass_source_dir(family)
     nvcc = find_nvcc()
-    flags = nvcc_flags(root)
-    key = cache_key(flags, nvcc_version(nvcc), cutlass_version(root), instances)
-    return Plan(nvcc, find_ninja(), flags, cache_root() / key, tuple(instances))
+    flags = nvcc_flags(root, family, nvcc)
+    key = cache_key(flags, nvcc_version(nvcc), cutlass_version(root), instances, family)
+    return Plan(nvcc, find_ninja(), flags, cache_root() / key, tuple(instances), family)
 
 
-def build(p: Plan | None = None, jobs: int | None = None, log=None) -> pathlib.Path:
+def build(p: Plan | None = None, jobs: int | None = None, log=None, family: Family = HOPPER) -> pathlib.Path:
     """Build (or reuse) the library; return its path. Raises BuildError with nvcc's message."""
     import fcntl
 
-    p = p or plan()
+    p = p or plan(family=family)
     if p.library.is_file():
         return p.library
     p.directory.mkdir(parents=True, exist_ok=True)
@@ -261,12 +417,12 @@ def build(p: Plan | None = None, jobs: int | None = None, log=None) -> pathlib.P
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same key
         if p.library.is_file():
             return p.library
-        (p.directory / "api.cu").write_text(api_source(p.instances))
+        (p.directory / "api.cu").write_text(p.family.api(p.instances))
         for inst in p.instances:
             (p.directory / f"{inst.stem}.cu").write_text(inst.source())
-        (p.directory / "build.ninja").write_text(ninja_file(p.nvcc, p.flags, p.instances))
+        (p.directory / "build.ninja").write_text(ninja_file(p.nvcc, p.flags, p.instances, p.family.lib_name))
         if log:
-            log(f"building the CUTLASS kernels ({len(p.instances)} instances) in {p.directory}; "
+            log(f"building the CUTLASS {p.family.name} kernels ({len(p.instances)} instances) in {p.directory}; "
                 "this takes minutes once, `flash-inductor build` does it ahead of time")
         cmd = [p.ninja, "-C", str(p.directory)] + (["-j", str(jobs)] if jobs else [])
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -278,16 +434,37 @@ def build(p: Plan | None = None, jobs: int | None = None, log=None) -> pathlib.P
     return p.library
 
 
-def status() -> str:
+_load_lock = threading.Lock()
+
+
+def load(family: Family, env_var: str, log):
+    """(the loaded library, None) or (None, why not) for a backend: built, or found in the cache.
+    A failure is one warning with the reason; `env_var`=0 turns the backend off untried."""
+    import ctypes
+
+    if os.environ.get(env_var, "1") == "0":
+        return None, f"turned off ({env_var}=0)"
+    with _load_lock:
+        try:
+            lib = ctypes.CDLL(str(build(family=family, log=log.warning)))
+        except (BuildError, OSError) as e:
+            log.warning("CUTLASS %s kernels unavailable, Triton runs instead: %s", family.name, e)
+            return None, f"not available ({str(e).splitlines()[0]})"
+    return lib, None
+
+
+def status(family: Family = HOPPER) -> str:
     """One line for `flash-inductor info`; builds nothing."""
     try:
-        p = plan()
+        p = plan(family=family)
     except BuildError as e:
         return f"not available: {e}"
     if p.library.is_file():
         return f"built ({p.library})"
-    return (f"not built yet: builds on first use on an sm_90 GPU (H100/H200), or ahead of time with "
-            f"`flash-inductor build` (into {p.directory})")
+    where = {"hopper": "on an sm_90 GPU (H100/H200)",
+             "ampere": "when an input is forced to it (FLASH_INDUCTOR_KERNEL=cutlass_sm80)"}[family.name]
+    return (f"not built yet: builds on first use {where}, or ahead of time with "
+            f"`flash-inductor build --family {family.name}` (into {p.directory})")
 
 
 def main(argv=None) -> int:
@@ -297,18 +474,23 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(prog="flash-inductor build", description=main.__doc__.split(":", 1)[1].strip())
     ap.add_argument("-j", "--jobs", type=int, help="parallel compile jobs (ninja's default: cores + 2)")
+    ap.add_argument("--family", choices=[*FAMILIES, "all"], default="hopper",
+                    help="hopper: the sm_90a forward (default); ampere: the sm_80 forward and backward "
+                         "(A100-class GPUs; runs on Hopper too); all: both")
     ap.add_argument("--print-plan", action="store_true", help="print the toolchain, flags and cache directory; build nothing")
     args = ap.parse_args(argv)
+    families = list(FAMILIES.values()) if args.family == "all" else [FAMILIES[args.family]]
     try:
-        p = plan()
-        if args.print_plan:
-            print(f"nvcc: {p.nvcc}\nninja: {p.ninja}\nflags: {' '.join(p.flags)}\ndirectory: {p.directory}\n"
-                  f"instances: {', '.join(i.stem for i in p.instances)}")
-            return 0
-        t0 = time.perf_counter()
-        cached = p.library.is_file()
-        lib = build(p, args.jobs, log=lambda m: print(m, file=sys.stderr))
-        print(f"{lib} ({'cached' if cached else f'built in {time.perf_counter() - t0:.0f} s'})")
+        for family in families:
+            p = plan(family=family)
+            if args.print_plan:
+                print(f"family: {family.name}\nnvcc: {p.nvcc}\nninja: {p.ninja}\nflags: {' '.join(p.flags)}\n"
+                      f"directory: {p.directory}\ninstances: {', '.join(i.stem for i in p.instances)}")
+                continue
+            t0 = time.perf_counter()
+            cached = p.library.is_file()
+            lib = build(p, args.jobs, log=lambda m: print(m, file=sys.stderr))
+            print(f"{lib} ({'cached' if cached else f'built in {time.perf_counter() - t0:.0f} s'})")
         return 0
     except BuildError as e:
         print(f"flash-inductor build: {e}", file=sys.stderr)

@@ -1,7 +1,9 @@
 """Kernel dispatch: the first backend that accepts the input runs it.
 
-Order: CUTLASS (when built for this GPU), Triton, PyTorch's fused CPU kernel (aten_cpu), the
-PyTorch reference. The environment variable FLASH_INDUCTOR_KERNEL=cutlass|triton|aten_cpu|reference,
+Order: CUTLASS's Hopper forward (when built for this GPU), Triton, the CUTLASS sm_80 kernels (after
+Triton: measured slower on an H100, not yet measured on an A100), PyTorch's fused CPU kernel
+(aten_cpu), the PyTorch reference. The environment variable
+FLASH_INDUCTOR_KERNEL=cutlass|triton|cutlass_sm80|aten_cpu|reference,
 or `flash_inductor.config.kernel`,
 forces one backend; a forced backend that refuses the input raises its reasons instead of
 falling back, so a benchmark never measures a different kernel than it names.
@@ -17,6 +19,7 @@ import torch
 from .backends.aten_cpu import AtenCpuBackend
 from .backends.base import KernelBackend
 from .backends.cutlass import CutlassBackend
+from .backends.cutlass_sm80 import CutlassSm80Backend
 from .backends.reference import ReferenceBackend
 from .backends.triton import TritonBackend
 from .inputs import AttentionInputs
@@ -36,9 +39,10 @@ class _Config(threading.local):
 
 config = _Config()
 
-BACKENDS: tuple[KernelBackend, ...] = (CutlassBackend(), TritonBackend(), AtenCpuBackend(), ReferenceBackend())
+BACKENDS: tuple[KernelBackend, ...] = (CutlassBackend(), TritonBackend(), CutlassSm80Backend(), AtenCpuBackend(),
+                                       ReferenceBackend())
 BY_NAME = {b.NAME: b for b in BACKENDS}
-KNOWN_NAMES = ("cutlass", "triton", "aten_cpu", "reference")
+KNOWN_NAMES = ("cutlass", "triton", "cutlass_sm80", "aten_cpu", "reference")
 
 
 class NoKernelError(RuntimeError):
@@ -96,9 +100,11 @@ def clear_choices() -> None:
     _CHOICES.clear()
 
 
-def select(inp: AttentionInputs, varlen: bool = False) -> KernelBackend:
-    """`varlen`: `inp` describes a packed variable-length batch (flash_inductor/varlen.py)."""
-    forced = forced_kernel()
+def select(inp: AttentionInputs, varlen: bool = False, kernel: str | None = None) -> KernelBackend:
+    """`varlen`: `inp` describes a packed variable-length batch (flash_inductor/varlen.py).
+    `kernel`: the kernel the forward was forced to, which its backward must run (the forward's
+    dropout mask is its kernel's own); None reads the setting now."""
+    forced = kernel or forced_kernel()
     if forced is not None:
         backend = BY_NAME.get(forced)
         reasons = backend.not_supported_reasons(inp, varlen)

@@ -52,7 +52,7 @@ def _is_static(t: torch.Tensor) -> bool:
     )
 
 
-def _triton_decision(inp: AttentionInputs, tensors, phase: str = "fwd") -> str | None:
+def _triton_decision(inp: AttentionInputs, tensors, phase: str = "fwd", kernel: str | None = None) -> str | None:
     """None if the op may decompose into the Triton kernels; else why not (for the log).
 
     `phase="bwd"` asks about the backward, which a backend may hand to another kernel
@@ -65,7 +65,7 @@ def _triton_decision(inp: AttentionInputs, tensors, phase: str = "fwd") -> str |
     if not all(_is_static(t) for t in tensors):
         return "symbolic shapes"
     try:
-        backend = dispatch.select(inp)
+        backend = dispatch.select(inp, kernel=kernel)
     except Exception as e:  # the opaque op will raise the same error at run time
         return f"dispatch refused: {e}"
     chosen = (backend.BACKWARD_KERNEL or backend.NAME) if phase == "bwd" else backend.NAME
@@ -102,7 +102,7 @@ def _fwd_in_graph(q, k, v, bias, seed, causal, scale, dropout_p, softcap=0.0):
 
 
 def _bwd_in_graph(
-    dout, dlse, q, k, v, bias, rng, out, lse, causal, scale, dropout_p, bias_requires_grad, softcap=0.0
+    dout, dlse, q, k, v, bias, rng, out, lse, causal, scale, dropout_p, bias_requires_grad, softcap=0.0, kernel=""
 ):
     from torch.library import wrap_triton
 
@@ -134,8 +134,8 @@ def _rule(op_name, in_graph, inputs_of, phase):
             return NotImplemented  # a tensor subclass: let it handle the op first
         if kwargs or _export_in_progress():
             return mode.__torch_dispatch__(func, types, args, kwargs or {})
-        inp, tensors = inputs_of(*args)
-        why_not = _triton_decision(inp, tensors, phase)
+        inp, tensors, kernel = inputs_of(*args)
+        why_not = _triton_decision(inp, tensors, phase, kernel)
         if why_not is not None:
             log.debug("%s stays one opaque op in the graph: %s", op_name, why_not)
             return mode.__torch_dispatch__(func, types, args, {})
@@ -155,12 +155,12 @@ def _rule(op_name, in_graph, inputs_of, phase):
 
 def _fwd_inputs(q, k, v, bias, seed, causal, scale, dropout_p, softcap=0.0):
     inp = AttentionInputs.from_op(q, k, v, bias, causal, scale, dropout_p, softcap)
-    return inp, [t for t in (q, k, v, bias, seed) if t is not None]
+    return inp, [t for t in (q, k, v, bias, seed) if t is not None], None
 
 
-def _bwd_inputs(dout, dlse, q, k, v, bias, rng, out, lse, causal, scale, dropout_p, _brg, softcap=0.0):
+def _bwd_inputs(dout, dlse, q, k, v, bias, rng, out, lse, causal, scale, dropout_p, _brg, softcap=0.0, kernel=""):
     inp = AttentionInputs.from_op(q, k, v, bias, causal, scale, dropout_p, softcap)
-    return inp, [t for t in (dout, dlse, q, k, v, bias, rng, out, lse) if t is not None]
+    return inp, [t for t in (dout, dlse, q, k, v, bias, rng, out, lse) if t is not None], kernel or None
 
 
 def register(fwd_op, bwd_op) -> bool:

@@ -86,14 +86,17 @@ def bwd(
     dropout_p: float,
     bias_requires_grad: bool,
     softcap: float = 0.0,
+    kernel: str = "",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients; dbias is an empty tensor unless bias_requires_grad (ops cannot return None).
 
-    Dispatch selects from the same inputs and settings as the forward did, so the backward
-    runs the kernel whose dropout mask it must regenerate.
+    Dispatch selects from the same inputs as the forward did, and `kernel` is the kernel the
+    forward was forced to ("" when it chose by itself), so the backward runs the kernel whose
+    dropout mask it must regenerate even where the setting is not visible (the autograd
+    engine's thread does not see a thread-local `flash_inductor.config.kernel`).
     """
     inp = AttentionInputs.from_op(q, k, v, bias, causal, scale, dropout_p, softcap)
-    dq, dk, dv, dbias = dispatch.select(inp).backward(
+    dq, dk, dv, dbias = dispatch.select(inp, kernel=kernel or None).backward(
         inp, rng if dropout_p > 0.0 else None, out, lse, dout, dlse, bias_requires_grad
     )
     if dbias is None:
@@ -102,7 +105,8 @@ def bwd(
 
 
 @bwd.register_fake
-def _bwd_fake(dout, dlse, q, k, v, bias, rng, out, lse, causal, scale, dropout_p, bias_requires_grad, softcap=0.0):
+def _bwd_fake(dout, dlse, q, k, v, bias, rng, out, lse, causal, scale, dropout_p, bias_requires_grad, softcap=0.0,
+              kernel=""):
     dbias = bias.new_empty(bias.shape) if bias_requires_grad else q.new_empty(0)
     return empty_in_layout(q), empty_in_layout(k), empty_in_layout(v), dbias
 
@@ -115,6 +119,7 @@ def _setup_context(ctx, inputs, output):
     # backward as None, not as a zeros tensor that costs a fill kernel per layer and a read.
     ctx.set_materialize_grads(False)
     ctx.causal, ctx.scale, ctx.dropout_p, ctx.softcap = causal, scale, dropout_p, softcap
+    ctx.kernel = dispatch.forced_kernel() or ""  # the backward must run the forward's kernel
 
 
 def _backward(ctx, dout, dlse, _drng):
@@ -124,7 +129,7 @@ def _backward(ctx, dout, dlse, _drng):
     bias_requires_grad = bias is not None and ctx.needs_input_grad[3] and bias.dtype != torch.bool
     dq, dk, dv, dbias = bwd(
         dout, dlse, q, k, v, bias, rng, out, lse,
-        ctx.causal, ctx.scale, ctx.dropout_p, bias_requires_grad, ctx.softcap,
+        ctx.causal, ctx.scale, ctx.dropout_p, bias_requires_grad, ctx.softcap, *((ctx.kernel,) if ctx.kernel else ()),
     )
     return dq, dk, dv, (dbias if bias_requires_grad else None), None, None, None, None, None
 

@@ -103,10 +103,10 @@ def _as_dense_inputs(q, k, v, causal, scale, dropout_p, softcap) -> AttentionInp
                                    scale, dropout_p, softcap)
 
 
-def _select(q, k, v, causal, scale, dropout_p, softcap):
+def _select(q, k, v, causal, scale, dropout_p, softcap, kernel=None):
     """The backend for varlen input: dispatch's own choice, among backends that declare varlen
-    support (a forced one that does not raises, as for dense input)."""
-    return dispatch.select(_as_dense_inputs(q, k, v, causal, scale, dropout_p, softcap), varlen=True)
+    support (a forced one that does not raises, as for dense input); `kernel` as in `flash::bwd`."""
+    return dispatch.select(_as_dense_inputs(q, k, v, causal, scale, dropout_p, softcap), varlen=True, kernel=kernel)
 
 
 @torch.library.custom_op("flash::varlen_fwd", mutates_args=())
@@ -150,9 +150,10 @@ def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 def varlen_bwd(
     dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
     cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, rng: Tensor, out: Tensor, lse: Tensor,
-    causal: int, scale: float, dropout_p: float, softcap: float = 0.0,
+    causal: int, scale: float, dropout_p: float, softcap: float = 0.0, kernel: str = "",
 ) -> tuple[Tensor, Tensor, Tensor]:
-    backend = _select(q, k, v, causal, scale, dropout_p, softcap)
+    """`kernel`: the kernel the forward was forced to ("" if none), as in `flash::bwd`."""
+    backend = _select(q, k, v, causal, scale, dropout_p, softcap, kernel or None)
     seed = rng if dropout_p > 0.0 else None
     if backend.NAME == "reference":
         return _reference_backward(dout, dlse, q, k, v, cu_seqlens_q, cu_seqlens_k, seed, out, lse, causal, scale,
@@ -164,7 +165,7 @@ def varlen_bwd(
 
 @varlen_bwd.register_fake
 def _varlen_bwd_fake(dout, dlse, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rng, out, lse,
-                     causal, scale, dropout_p, softcap=0.0):
+                     causal, scale, dropout_p, softcap=0.0, kernel=""):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -173,13 +174,14 @@ def _setup_context(ctx, inputs, output):
     out, lse, rng = output
     ctx.save_for_backward(q, k, v, cu_q, cu_k, out, lse, rng)
     ctx.args = (max_q, max_k, causal, scale, dropout_p, softcap)
+    ctx.kernel = dispatch.forced_kernel() or ""  # the backward must run the forward's kernel
 
 
 def _backward(ctx, dout, dlse, _drng):
     q, k, v, cu_q, cu_k, out, lse, rng = ctx.saved_tensors
     max_q, max_k, causal, scale, dropout_p, softcap = ctx.args
     dq, dk, dv = varlen_bwd(dout.contiguous(), dlse, q, k, v, cu_q, cu_k, max_q, max_k, rng, out, lse,
-                            causal, scale, dropout_p, softcap)
+                            causal, scale, dropout_p, softcap, *((ctx.kernel,) if ctx.kernel else ()))
     return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 

@@ -122,7 +122,7 @@ def test_a_build_runs_once_then_the_cache_serves(tmp_path):
 
 
 def test_unavailable_library_is_a_refusal_reason_and_warns_once(monkeypatch, caplog):
-    def fail(**kwargs):
+    def fail(*args, **kwargs):
         raise cb.BuildError("nvcc (the CUDA toolkit's compiler) was not found: install the CUDA toolkit")
 
     monkeypatch.setattr(cb, "build", fail)
@@ -226,3 +226,163 @@ def test_bias_reaches_the_kernel_as_it_reads_it(kind):
     assert b4.stride(-1) == 1 and b4.data_ptr() % 4 == 0 and all(s % 2 == 0 for s in strides)
     read = torch.as_strided(b4, (b, h, nq, nk), (*strides, 1))
     assert torch.equal(read, bias.expand(b, h, nq, nk))
+
+
+# ---- the Ampere-class (sm_80) family -------------------------------------------------------------
+
+
+def _have_curand() -> bool:
+    try:
+        cb.curand_include_dir(cb.find_nvcc())
+        return True
+    except cb.BuildError:
+        return False
+
+
+def test_ampere_instances_cover_each_pass_dtype_bucket_and_dropout_once():
+    fwd = {(i.dtype, i.head_dim) for i in cb.AMPERE_INSTANCES if i.kind == "fwd"}
+    bwd = {(i.dtype, i.head_dim, i.dropout) for i in cb.AMPERE_INSTANCES if i.kind == "bwd"}
+    assert fwd == set(__import__("itertools").product(cb.DTYPES, cb.AMPERE_HEAD_DIMS))
+    assert bwd == {(d, h, x) for d in cb.DTYPES for h in cb.AMPERE_HEAD_DIMS for x in (False, True)}
+    assert len({i.stem for i in cb.AMPERE_INSTANCES}) == len(cb.AMPERE_INSTANCES) == 18
+    inst = cb.AmpereInstance("bwd", "fp16", 128, dropout=True)
+    assert inst.stem == "sm80_bwd_fp16_d128_dropout"
+    assert inst.source().splitlines() == ['#include "sm80_bwd.cuh"',
+                                          "FLASH_CUTLASS_SM80_BWD(FLASH_CUTLASS_FP16, 128, true)"]
+
+
+def test_ampere_api_picks_the_smallest_bucket_and_the_dropout_instance():
+    some = (cb.AmpereInstance("fwd", "bf16", 64), cb.AmpereInstance("bwd", "bf16", 256, dropout=True))
+    src = cb.ampere_api_source(some)
+    assert "return d <= 64 ? 64 : d <= 256 ? 256 : -1;" in src
+    assert "return flash_cutlass_sm80::run_fwd<FLASH_CUTLASS_BF16, 64>(*p, err, err_len);" in src
+    assert ("if (dtype == FLASH_CUTLASS_BF16 && bucket == 256 && dropout == true)\n"
+            "    return flash_cutlass_sm80::run_bwd<FLASH_CUTLASS_BF16, 256, true>(*p, err, err_len);") in src
+    assert src.count("return flash_cutlass_sm80::bwd_workspace<") == 1
+    assert '"fwd/bf16/64\\nbwd/bf16/256/dropout"' in src
+
+
+def test_families_have_their_own_library_key_and_targets():
+    flags = ["-O3"]
+    assert cb.cache_key(flags, "r", "v") != cb.cache_key(flags, "r", "v", family=cb.AMPERE)
+    assert cb.AMPERE.lib_name != cb.HOPPER.lib_name
+    assert any("compute_80" in g and "sm_90" in g for g in cb.AMPERE.gencode)  # sm_80 code, also for Hopper
+    text = cb.ninja_file("/cuda/bin/nvcc", flags, cb.AMPERE_INSTANCES[:1], cb.AMPERE.lib_name)
+    assert f"build {cb.AMPERE_LIB_NAME}: link api.o {cb.AMPERE_INSTANCES[0].stem}.o" in text
+    for name in cb.AMPERE.sources:  # every file the units include is hashed
+        assert (cb.CSRC / name).is_file(), name
+
+
+def test_missing_curand_headers_say_what_to_install(monkeypatch, tmp_path):
+    nvcc = _fake_nvcc(tmp_path, "exit 0\n")
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(cb.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(cb.BuildError, match="curand_kernel.h .* pip install nvidia-curand"):
+        cb.curand_include_dir(nvcc)
+
+
+@pytest.mark.skipif(not HAVE_HEADERS or not _have_curand(), reason="needs nvcc, the nvidia-cutlass and curand headers")
+def test_the_ampere_entry_point_and_one_backward_compile(tmp_path):
+    """A real nvcc run (about 40 s on 2 cores): example 41 builds against our ATen stand-ins."""
+    p = cb.plan(cb.AMPERE_INSTANCES[:0], family=cb.AMPERE)
+    inst = cb.AmpereInstance("bwd", "bf16", 64, dropout=True)  # dropout: the code behind HAS_PYTORCH
+    (tmp_path / "api.cu").write_text(cb.ampere_api_source((inst,)))
+    (tmp_path / "unit.cu").write_text(inst.source())
+    flags = [f if "gencode" not in f else "-gencode=arch=compute_80,code=sm_80" for f in p.flags]
+    for unit in ("api", "unit"):
+        res = subprocess.run([p.nvcc, *flags, "-c", f"{unit}.cu", "-o", f"{unit}.o"], cwd=tmp_path,
+                             capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-3000:]
+    assert pathlib.Path(tmp_path / "unit.o").stat().st_size > 10_000
+
+
+def test_cutlass_sm80_refusals_are_sentences_a_user_can_act_on(monkeypatch):
+    from flash_inductor.backends import cutlass_sm80
+    from flash_inductor.inputs import validate
+
+    monkeypatch.setattr(cutlass_sm80.CutlassSm80Backend, "device_reasons", lambda self, device: [])
+    monkeypatch.setattr(cutlass_sm80.CutlassSm80Backend, "unavailable_reasons", lambda self, device: [])
+    monkeypatch.setattr(cutlass_sm80, "UNVALIDATED", set())
+    backend = cutlass_sm80.CutlassSm80Backend()
+
+    def reasons(hq=4, hkv=4, nq=100, nk=120, d=64, dtype=torch.bfloat16, **kw):
+        q = torch.randn(1, hq, nq, d, dtype=dtype)
+        k = torch.randn(1, hkv, nk, d, dtype=dtype)
+        return "; ".join(backend.not_supported_reasons(validate(q, k, k, **kw)))
+
+    bias = torch.randn(1, 4, 100, 120, dtype=torch.bfloat16)
+    for ok in (reasons(), reasons(d=96, causal=True, hkv=2), reasons(bias=bias, dropout_p=0.1),
+               reasons(bias=bias > 0), reasons(causal="bottom_right"), reasons(d=256, nq=7, nk=3)):
+        assert ok == ""
+    assert "head_dim=36 (supported: 8..256, a multiple of 8)" in reasons(d=36)
+    assert "bottom-right causal with len_q=130 > len_k=120" in reasons(causal="bottom_right", nq=130)
+    assert "a float32 bias with bfloat16 q" in reasons(bias=bias.float())
+    assert "softcap=30 (logit soft-capping is not in this kernel yet)" in reasons(softcap=30.0)
+    assert "dtype=float32" in reasons(dtype=torch.float32)
+    monkeypatch.setattr(cutlass_sm80, "UNVALIDATED", {"dropout"})
+    assert "dropout: built, awaiting its first GPU test run (Triton runs it)" in reasons(dropout_p=0.1)
+
+
+@pytest.mark.parametrize("kind", ["head", "t5", "keys", "bool", "finfo_min", "odd_keys"])
+def test_sm80_bias_reaches_the_kernel_as_it_reads_it(kind):
+    """`_kernel_bias` read back the way the kernel reads it: the user's bias broadcast, masked
+    entries (False, <= -1e30) as -inf, rows padded to 8 elements, 16-byte-aligned strides."""
+    from flash_inductor.backends import cutlass_sm80
+    from flash_inductor.inputs import validate
+
+    b, h, nq, nk = 2, 3, 16, 24 if kind != "odd_keys" else 27
+    q = torch.randn(b, h, nq, 64, dtype=torch.bfloat16)
+    k = torch.randn(b, h, nk, 64, dtype=torch.bfloat16)
+    bias = {
+        "head": lambda: torch.randn(1, h, nq, nk).bfloat16(),
+        "t5": lambda: torch.randn(nq, nk, h).permute(2, 0, 1)[None].bfloat16(),
+        "keys": lambda: torch.randn(b, h, 1, nk).bfloat16(),
+        "bool": lambda: torch.rand(b, 1, nq, nk) > 0.5,
+        "finfo_min": lambda: torch.where(torch.rand(b, 1, 1, nk) > 0.5, 0.0, torch.finfo(torch.bfloat16).min).bfloat16(),
+        "odd_keys": lambda: torch.randn(b, h, nq, nk).bfloat16(),
+    }[kind]()
+    buf, strides = cutlass_sm80._kernel_bias(validate(q, k, k, bias))
+    assert buf.stride(-1) == 1 and buf.shape[-1] % 8 == 0 and all(s % 8 == 0 for s in strides)
+    read = torch.as_strided(buf, (b, h, nq, nk), (*strides, 1))
+    want = bias.expand(b, h, nq, nk)
+    if bias.dtype == torch.bool:
+        want = torch.where(want, 0.0, float("-inf")).bfloat16()
+    else:
+        want = want.masked_fill(want <= -1e30, float("-inf"))
+    assert torch.equal(read, want)
+
+
+def test_sm80_packed_rows_map_to_their_sequence_and_position():
+    from flash_inductor.backends import cutlass_sm80
+
+    cu = torch.tensor([0, 3, 3, 7, 8], dtype=torch.int32)
+    seq, pos = cutlass_sm80._packed_positions(cu, 8)
+    assert seq.tolist() == [0, 0, 0, 2, 2, 2, 2, 3] and pos.tolist() == [0, 1, 2, 0, 1, 2, 3, 0]
+
+
+def test_sm80_is_built_for_who_asks_not_for_explain(monkeypatch):
+    """Dispatch reaches cutlass_sm80 only after Triton: `explain` and `info` list its reasons
+    without building it; forcing it builds it (or says why it cannot)."""
+    from flash_inductor import dispatch
+    from flash_inductor.backends import cutlass_sm80
+
+    built = []
+
+    def build(p=None, *a, **kw):
+        built.append(p)
+        raise cb.BuildError("nvcc (the CUDA toolkit's compiler) was not found: install the CUDA toolkit")
+
+    monkeypatch.setattr(cb, "build", build)
+    monkeypatch.setattr(cb, "plan", lambda *a, **kw: cb.Plan("nvcc", "ninja", [], pathlib.Path("/nonexistent"),
+                                                              cb.AMPERE_INSTANCES, cb.AMPERE))
+    cutlass_sm80._library.cache_clear()
+    try:
+        backend = cutlass_sm80.CutlassSm80Backend()
+        monkeypatch.setattr(dispatch.config, "kernel", None)
+        monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+        assert "not built yet" in backend.unavailable_reasons(torch.device("cuda"))[0] and not built
+        monkeypatch.setattr(dispatch.config, "kernel", "cutlass_sm80")
+        assert "not available (nvcc" in backend.unavailable_reasons(torch.device("cuda"))[0] and len(built) == 1
+    finally:
+        cutlass_sm80._library.cache_clear()

@@ -62,10 +62,10 @@ def test_a_cutlass_forward_keeps_its_triton_backward_in_the_graph(monkeypatch):
     inp = validate(q, k, v)
     on_cuda = [types.SimpleNamespace(device=torch.device("cuda"), shape=t.shape, stride=t.stride,
                                      storage_offset=t.storage_offset) for t in (q, k, v)]
-    monkeypatch.setattr(dispatch, "select", lambda inp, varlen=False: CutlassBackend())
+    monkeypatch.setattr(dispatch, "select", lambda inp, varlen=False, kernel=None: CutlassBackend())
     assert kig._triton_decision(inp, on_cuda, "fwd") == "dispatch picks cutlass"
     assert kig._triton_decision(inp, on_cuda, "bwd") is None
-    monkeypatch.setattr(dispatch, "select", lambda inp, varlen=False: dispatch.BY_NAME["reference"])
+    monkeypatch.setattr(dispatch, "select", lambda inp, varlen=False, kernel=None: dispatch.BY_NAME["reference"])
     assert kig._triton_decision(inp, on_cuda, "bwd") == "dispatch picks reference"
 
 

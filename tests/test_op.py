@@ -790,8 +790,30 @@ def test_force_cutlass_on_cpu_raises(how, monkeypatch):
 def test_force_unknown_kernel_raises(how, monkeypatch):
     q, k, v, _ = _inputs()
     _force(how, "bogus", monkeypatch)
-    with pytest.raises(ValueError, match=r"'bogus' is not a kernel \(accepted: cutlass, triton, aten_cpu, reference\)"):
+    with pytest.raises(ValueError, match=r"'bogus' is not a kernel \(accepted: cutlass, triton, cutlass_sm80, aten_cpu, reference\)"):
         attention(q, k, v)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_backward_runs_the_kernel_the_forward_was_forced_to(monkeypatch, compiled):
+    """A kernel forced only around the forward (the setting is thread-local; the autograd engine
+    may run the backward in another thread) still runs the backward: a dropout mask is its
+    kernel's own, so another kernel's backward would be silently wrong."""
+    from flash_inductor.backends.aten_cpu import AtenCpuBackend
+    from flash_inductor.backends.reference import ReferenceBackend
+
+    ran = []
+    for cls in (ReferenceBackend, AtenCpuBackend):
+        real = cls.backward
+        monkeypatch.setattr(cls, "backward", lambda self, *a, _real=real, **kw: ran.append(self.NAME) or _real(self, *a, **kw))
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 2, 5, 6, 8))
+    fn = torch.compile(attention, backend="aot_eager", fullgraph=True) if compiled else attention
+    monkeypatch.setattr(flash_inductor.config, "kernel", "reference")
+    out = fn(q, k, v)
+    flash_inductor.config.kernel = None
+    out.sum().backward()
+    assert ran == ["reference"]
+    assert dispatch.select(validate(q, k, v)).NAME == "aten_cpu"  # what it would choose by itself
 
 
 def test_config_overrides_env(monkeypatch):

@@ -30,8 +30,6 @@ import ctypes
 import functools
 import logging
 import math
-import os
-import threading
 
 import torch
 
@@ -69,23 +67,14 @@ class _Params(ctypes.Structure):
     ]
 
 
-_lock = threading.Lock()
-
-
 @functools.lru_cache(maxsize=None)
 def _library():
     """(the loaded library, None) or (None, why not): built, or found in the cache, once per process."""
-    if os.environ.get(ENV_VAR, "1") == "0":
-        return None, f"turned off ({ENV_VAR}=0)"
     from .. import cutlass_build
 
-    with _lock:
-        try:
-            path = cutlass_build.build(log=log.warning)
-            lib = ctypes.CDLL(str(path))
-        except (cutlass_build.BuildError, OSError) as e:
-            log.warning("CUTLASS kernels unavailable, Triton runs instead: %s", e)
-            return None, f"not available ({str(e).splitlines()[0]})"
+    lib, why = cutlass_build.load(cutlass_build.HOPPER, ENV_VAR, log)
+    if lib is None:
+        return None, why
     lib.flash_cutlass_fwd.restype = ctypes.c_int
     lib.flash_cutlass_fwd.argtypes = [ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(_Params), ctypes.c_char_p,
                                       ctypes.c_int32]

@@ -1,0 +1,3 @@
+// Not ATen: see CUDAGeneratorImpl.h beside this file.
+#pragma once
+#include "ATen/cuda/CUDAGeneratorImpl.h"
