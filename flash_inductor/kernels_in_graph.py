@@ -102,7 +102,7 @@ def _fwd_in_graph(q, k, v, bias, seed, causal, scale, dropout_p, softcap=0.0):
 
 
 def _bwd_in_graph(
-    dout, dlse, q, k, v, bias, rng, out, lse, causal, scale, dropout_p, bias_requires_grad, softcap=0.0, kernel=""
+    dout, dlse, q, k, v, bias, rng, out, lse, causal, scale, dropout_p, bias_requires_grad, softcap=0.0, fwd_kernel=""
 ):
     from torch.library import wrap_triton
 
@@ -158,9 +158,9 @@ def _fwd_inputs(q, k, v, bias, seed, causal, scale, dropout_p, softcap=0.0):
     return inp, [t for t in (q, k, v, bias, seed) if t is not None], None
 
 
-def _bwd_inputs(dout, dlse, q, k, v, bias, rng, out, lse, causal, scale, dropout_p, _brg, softcap=0.0, kernel=""):
+def _bwd_inputs(dout, dlse, q, k, v, bias, rng, out, lse, causal, scale, dropout_p, _brg, softcap=0.0, fwd_kernel=""):
     inp = AttentionInputs.from_op(q, k, v, bias, causal, scale, dropout_p, softcap)
-    return inp, [t for t in (dout, dlse, q, k, v, bias, rng, out, lse) if t is not None], kernel or None
+    return inp, [t for t in (dout, dlse, q, k, v, bias, rng, out, lse) if t is not None], fwd_kernel or None
 
 
 def register(fwd_op, bwd_op) -> bool:

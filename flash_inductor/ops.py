@@ -86,17 +86,17 @@ def bwd(
     dropout_p: float,
     bias_requires_grad: bool,
     softcap: float = 0.0,
-    kernel: str = "",
+    fwd_kernel: str = "",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients; dbias is an empty tensor unless bias_requires_grad (ops cannot return None).
 
-    Dispatch selects from the same inputs as the forward did, and `kernel` is the kernel the
+    Dispatch selects from the same inputs as the forward did, and `fwd_kernel` is the kernel the
     forward was forced to ("" when it chose by itself), so the backward runs the kernel whose
     dropout mask it must regenerate even where the setting is not visible (the autograd
     engine's thread does not see a thread-local `flash_inductor.config.kernel`).
     """
     inp = AttentionInputs.from_op(q, k, v, bias, causal, scale, dropout_p, softcap)
-    dq, dk, dv, dbias = dispatch.select(inp, kernel=kernel or None).backward(
+    dq, dk, dv, dbias = dispatch.select(inp, kernel=fwd_kernel or None).backward(
         inp, rng if dropout_p > 0.0 else None, out, lse, dout, dlse, bias_requires_grad
     )
     if dbias is None:
@@ -106,7 +106,7 @@ def bwd(
 
 @bwd.register_fake
 def _bwd_fake(dout, dlse, q, k, v, bias, rng, out, lse, causal, scale, dropout_p, bias_requires_grad, softcap=0.0,
-              kernel=""):
+              fwd_kernel=""):
     dbias = bias.new_empty(bias.shape) if bias_requires_grad else q.new_empty(0)
     return empty_in_layout(q), empty_in_layout(k), empty_in_layout(v), dbias
 

@@ -150,10 +150,10 @@ def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 def varlen_bwd(
     dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
     cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, rng: Tensor, out: Tensor, lse: Tensor,
-    causal: int, scale: float, dropout_p: float, softcap: float = 0.0, kernel: str = "",
+    causal: int, scale: float, dropout_p: float, softcap: float = 0.0, fwd_kernel: str = "",
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """`kernel`: the kernel the forward was forced to ("" if none), as in `flash::bwd`."""
-    backend = _select(q, k, v, causal, scale, dropout_p, softcap, kernel or None)
+    """`fwd_kernel`: the kernel the forward was forced to ("" if none), as in `flash::bwd`."""
+    backend = _select(q, k, v, causal, scale, dropout_p, softcap, fwd_kernel or None)
     seed = rng if dropout_p > 0.0 else None
     if backend.NAME == "reference":
         return _reference_backward(dout, dlse, q, k, v, cu_seqlens_q, cu_seqlens_k, seed, out, lse, causal, scale,
@@ -165,7 +165,7 @@ def varlen_bwd(
 
 @varlen_bwd.register_fake
 def _varlen_bwd_fake(dout, dlse, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rng, out, lse,
-                     causal, scale, dropout_p, softcap=0.0, kernel=""):
+                     causal, scale, dropout_p, softcap=0.0, fwd_kernel=""):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 

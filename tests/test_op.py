@@ -807,13 +807,28 @@ def test_backward_runs_the_kernel_the_forward_was_forced_to(monkeypatch, compile
         real = cls.backward
         monkeypatch.setattr(cls, "backward", lambda self, *a, _real=real, **kw: ran.append(self.NAME) or _real(self, *a, **kw))
     q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 2, 5, 6, 8))
-    fn = torch.compile(attention, backend="aot_eager", fullgraph=True) if compiled else attention
+    fn = torch.compile(attention, backend="inductor", fullgraph=True) if compiled else attention
     monkeypatch.setattr(flash_inductor.config, "kernel", "reference")
     out = fn(q, k, v)
     flash_inductor.config.kernel = None
     out.sum().backward()
     assert ran == ["reference"]
     assert dispatch.select(validate(q, k, v)).NAME == "aten_cpu"  # what it would choose by itself
+
+
+def test_op_arguments_never_collide_with_inductors_fallback_parameters():
+    """Inductor lowers an opaque op with `FallbackKernel.create(kernel, *args, **kwargs)`, passing
+    some op arguments by name: an argument called `kernel` failed CI's HF training tests (session 17)."""
+    import inspect
+
+    from torch._inductor.ir import FallbackKernel
+
+    import flash_inductor.varlen  # noqa: F401  (registers flash::varlen_*)
+
+    reserved = set(inspect.signature(FallbackKernel.create).parameters) - {"args", "kwargs"}
+    for op in (torch.ops.flash.fwd, torch.ops.flash.bwd, torch.ops.flash.varlen_fwd, torch.ops.flash.varlen_bwd):
+        names = {a.name for a in op.default._schema.arguments}
+        assert not names & reserved, (op, names & reserved)
 
 
 def test_config_overrides_env(monkeypatch):
