@@ -29,6 +29,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import dispatch, reference
 from .inputs import AttentionInputs, accumulation_dtype, validate
@@ -47,6 +48,26 @@ def _lengths(cu: Tensor, name: str, total: int) -> list[int]:
 def _check_max(lengths: list[int], max_len: int, name: str) -> None:
     if lengths and max(lengths) > max_len:
         raise ValueError(f"{name}={max_len} is smaller than the longest sequence ({max(lengths)})")
+
+
+# Offsets tensors already checked, with what they were checked against: the check reads them on
+# the host, a sync that stops the host from queueing ahead, and the layers of a model share one
+# batch's offsets. Keyed by the tensor itself (gone with it) and its version counter (an in-place
+# change is checked again).
+_CHECKED = WeakTensorKeyDictionary()
+
+
+def _check_offsets(cu: Tensor, name: str, total: int, max_len: int, max_name: str) -> None:
+    """`_lengths` and `_check_max`, once per offsets tensor and version."""
+    try:
+        facts = (cu._version, total, max_len)
+    except RuntimeError:  # an inference tensor has no version counter: check it every time
+        facts = None
+    if facts is not None and _CHECKED.get(cu) == facts:
+        return
+    _check_max(_lengths(cu, name, total), max_len, max_name)
+    if facts is not None:
+        _CHECKED[cu] = facts
 
 
 def _sequence_inputs(q, k, v, oq, ok, causal, scale, dropout_p, softcap) -> AttentionInputs:
@@ -126,8 +147,8 @@ def varlen_fwd(
         rng = seed.to(device=q.device, dtype=torch.int64).clone() if seed is not None else _draw_seed(q.device)
     else:
         rng = torch.empty(0, dtype=torch.int64, device=q.device)
-    _check_max(_lengths(cu_seqlens_q, "cu_seqlens_q", q.shape[0]), max_seqlen_q, "max_seqlen_q")
-    _check_max(_lengths(cu_seqlens_k, "cu_seqlens_k", k.shape[0]), max_seqlen_k, "max_seqlen_k")
+    _check_offsets(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, "max_seqlen_q")
+    _check_offsets(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, "max_seqlen_k")
     if backend.NAME == "reference":
         out, lse = _reference_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, dropout_p, softcap,
                                       rng if dropout_p > 0.0 else None)

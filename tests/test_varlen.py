@@ -253,3 +253,25 @@ def test_compiled_nested_matches_eager_and_checks_v_offsets(backend):
     bad_v = torch.nested.nested_tensor([torch.randn(n, 2, 8) for n in (4, 4, 2)], layout=torch.jagged).transpose(1, 2)
     with pytest.raises(Exception, match="k and v must have the same sequence lengths"):
         compiled(q, k, bad_v)
+
+
+def test_offsets_are_read_on_the_host_once_per_tensor_and_version(monkeypatch):
+    """The offsets check reads them on the host (a sync that stops the host queueing ahead): a
+    model's layers share one batch's offsets, so one read serves them all until they change."""
+    from flash_inductor import varlen
+
+    reads = []
+    real = varlen._lengths
+    monkeypatch.setattr(varlen, "_lengths", lambda *a: reads.append(a[1]) or real(*a))
+    q = torch.randn(10, 2, 8)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    for _ in range(3):
+        attention_varlen(q, q, q, cu, cu, 6, 6)
+    assert reads == ["cu_seqlens_q"]  # the same tensor, total and bound serve k too
+    cu.add_(0)  # any in-place change is checked again
+    attention_varlen(q, q, q, cu, cu, 6, 6)
+    assert len(reads) == 2
+    with pytest.raises(ValueError, match=r"max_seqlen_q=5 is smaller than the longest sequence \(6\)"):
+        attention_varlen(q, q, q, cu, cu, 5, 6)
+    with pytest.raises(ValueError, match=r"cu_seqlens_k=\[0, 4, 9\] must start at 0"):
+        attention_varlen(q, q, q, cu, torch.tensor([0, 4, 9], dtype=torch.int32), 6, 6)
