@@ -92,7 +92,8 @@ def _signature(inp: AttentionInputs, varlen: bool) -> tuple | None:
         return None
     facts = tuple((t.device, t.dtype, tuple(t.shape), t.stride(), t.data_ptr() % 16) for t in ts)
     grad = inp.bias is not None and inp.bias.requires_grad
-    return (varlen, inp.causal, inp.scale, inp.dropout_p, inp.softcap, grad, os.environ.get("TRITON_INTERPRET"), facts)
+    return (varlen, inp.causal, inp.scale, inp.dropout_p, inp.softcap, grad, os.environ.get("TRITON_INTERPRET"),
+            torch.are_deterministic_algorithms_enabled(), facts)
 
 
 def clear_choices() -> None:

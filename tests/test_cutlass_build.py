@@ -320,8 +320,11 @@ def test_cutlass_sm80_refusals_are_sentences_a_user_can_act_on(monkeypatch):
     assert "a float32 bias with bfloat16 q" in reasons(bias=bias.float())
     assert "softcap=30 (logit soft-capping is not in this kernel yet)" in reasons(softcap=30.0)
     assert "dtype=float32" in reasons(dtype=torch.float32)
-    monkeypatch.setattr(cutlass_sm80, "UNVALIDATED", {"dropout"})
+    monkeypatch.setattr(cutlass_sm80, "UNVALIDATED", {"dropout", "deterministic"})
     assert "dropout: built, awaiting its first GPU test run (Triton runs it)" in reasons(dropout_p=0.1)
+    assert reasons() == ""
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert "deterministic: built, awaiting its first GPU test run (Triton runs it)" in reasons()
 
 
 @pytest.mark.parametrize("kind", ["head", "t5", "keys", "bool", "finfo_min", "odd_keys"])
@@ -386,3 +389,27 @@ def test_sm80_is_built_for_who_asks_not_for_explain(monkeypatch):
         assert "not available (nvcc" in backend.unavailable_reasons(torch.device("cuda"))[0] and len(built) == 1
     finally:
         cutlass_sm80._library.cache_clear()
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 5, 7), (5, 7), (2, 1, 1, 7), (2, 3, 5, 7)])
+def test_sm80_bias_gradient_is_summed_back_to_the_bias_shape(shape):
+    """The kernels write dS for every (batch, head, query); broadcast dims are summed (in float32)."""
+    from flash_inductor.backends import cutlass_sm80
+    from flash_inductor.inputs import validate
+
+    q = torch.randn(2, 3, 5, 16, dtype=torch.bfloat16)
+    k = torch.randn(2, 3, 7, 16, dtype=torch.bfloat16)
+    bias = torch.randn(shape, dtype=torch.bfloat16)
+    dfull = torch.randn(2, 3, 5, 7, dtype=torch.bfloat16)
+    got = cutlass_sm80._reduce_to_bias(dfull, validate(q, k, k, bias))
+    want = dfull.float().sum_to_size(bias.reshape((1,) * (4 - bias.dim()) + tuple(shape)).shape).reshape(shape)
+    assert got.shape == bias.shape and got.dtype == bias.dtype
+    assert torch.equal(got, want.to(bias.dtype))
+
+
+def test_sm80_packed_backward_splits_only_uneven_batches():
+    from flash_inductor.backends import cutlass_sm80
+
+    assert cutlass_sm80._varlen_splits(1000, 16000, 16) == 0  # even lengths: the occupancy rule
+    assert cutlass_sm80._varlen_splits(6892, 57172, 16) == 4  # issue 6's batch: 2 x max/mean
+    assert cutlass_sm80._varlen_splits(100, 110, 10) == 2  # at most one split per 64 keys

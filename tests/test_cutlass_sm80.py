@@ -238,3 +238,29 @@ def test_forced_through_the_op_with_autograd_and_compile(sm80, monkeypatch):
     torch.autograd.backward(o64.square().sum(), inputs=leaves)
     for got_e, got_c, leaf in zip(eager, compiled, leaves):
         assert _rel(got_e, leaf.grad) < 2e-2 and _rel(got_c, leaf.grad) < 2e-2
+
+
+def test_deterministic_backward_repeats_bit_for_bit(sm80, poisoned):
+    """Under torch.use_deterministic_algorithms(True) the backward runs one split per (batch,
+    head): dQ is added in key order, so two runs agree to the bit, and they match float64."""
+    gen = _seeded("deterministic")
+    q, k, v = (_randn((1, 2, 300, 64), torch.bfloat16, gen).cuda() for _ in range(3))
+    bias = torch.randn(1, 2, 300, 300, generator=gen).to(torch.bfloat16).cuda()
+    inp = validate(q, k, v, bias)
+    out, lse = sm80.forward(inp, None)
+    dout = _randn(out.shape, torch.bfloat16, gen).cuda()
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not sm80.not_supported_reasons(inp), sm80.not_supported_reasons(inp)
+        first = poisoned(sm80.backward, inp, None, out, lse, dout, None, True)
+        second = poisoned(sm80.backward, inp, None, out, lse, dout, None, True)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
+    o64, _ = _dense64(*leaves, False, inp.scale)
+    o64.backward(dout.double())
+    for name, got, leaf in zip(("dq", "dk", "dv", "dbias"), first, leaves):
+        assert _rel(got, leaf.grad) < 2e-2, name

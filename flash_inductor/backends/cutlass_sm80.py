@@ -49,8 +49,9 @@ ENV_VAR = "FLASH_INDUCTOR_CUTLASS"
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
 # Built and compiled, not yet run on a GPU: refused until their GPU tests pass (tests/test_cutlass_sm80.py
 # empties this set to run them), so no user runs device code that no test has run.
-# Session 17 ran every one of them (tests/test_cutlass_sm80.py: 62 passed on an H200 and on an H100).
-UNVALIDATED: set[str] = set()
+# Session 17 ran forward, backward, dropout, bias and varlen (tests/test_cutlass_sm80.py: 62 passed on
+# an H200 and on an H100); the deterministic backward (one program per key range) came after.
+UNVALIDATED: set[str] = {"deterministic"}
 _INT32_MAX = 2**31 - 1
 _ALIGN = 8  # elements: the kernels read 16 bytes of fp16/bf16 at a time
 _LSE_BLOCK = 32  # the forward pads lse rows to a multiple of 32 (the backward reads whole blocks)
@@ -211,7 +212,9 @@ class CutlassSm80Backend(KernelBackend):
     SUPPORTS_DIFFERENT_V_DIM = True
     SUPPORTS_SOFTCAP = False
     SUPPORTS_VARLEN = True
-    # Split key blocks add their dQ into a float32 workspace in whatever order they finish.
+    # Split key blocks add their dQ into a float32 workspace in whatever order they finish; under
+    # torch.use_deterministic_algorithms(True) the backward runs one split (as PyTorch's own
+    # efficient backend does), which is deterministic and slower on small batch · heads.
     IS_DETERMINISTIC = False
 
     def unavailable_reasons(self, device):
@@ -232,7 +235,8 @@ class CutlassSm80Backend(KernelBackend):
             return ["symbolic sizes (dynamic shapes): the CUTLASS sm80 limits are checked per call, at run time"]
         reasons = []
         for feature, used in (("forward", True), ("backward", True), ("dropout", inp.dropout_p > 0),
-                              ("bias", inp.bias is not None)):
+                              ("bias", inp.bias is not None),
+                              ("deterministic", torch.are_deterministic_algorithms_enabled())):
             if used and feature in UNVALIDATED:
                 reasons.append(f"{feature}: built, awaiting its first GPU test run (Triton runs it)")
         if inp.causal == Causal.BOTTOM_RIGHT and inp.len_q > inp.len_k:
@@ -411,6 +415,8 @@ class CutlassSm80Backend(KernelBackend):
 
     @staticmethod
     def _run_backward(lib, params: _BwdParams, q: torch.Tensor) -> None:
+        if torch.are_deterministic_algorithms_enabled():
+            params.num_splits_key = 1  # one program per (batch, head) adds its dQ in key order
         dtype = _DTYPE_CODES[q.dtype]
         zero = ctypes.c_int32(0)
         size = lib.flash_cutlass_sm80_bwd_workspace(dtype, ctypes.byref(params), ctypes.byref(zero))
