@@ -86,6 +86,18 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def additive_mask(bias: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the bias as an additive mask in `dtype` with -inf where it masks, the bool of masked
+    entries): a bool bias masks where False, a float one at or below MASKED_BIAS. For kernels
+    that add the bias as a number (PyTorch's CPU kernel, CUTLASS example 41's), which would
+    average a row of finite fills instead of masking it."""
+    if bias.dtype == torch.bool:
+        masked = ~bias
+        return torch.zeros(bias.shape, dtype=dtype, device=bias.device).masked_fill(masked, float("-inf")), masked
+    masked = bias <= MASKED_BIAS
+    return bias.masked_fill(masked, float("-inf")).to(dtype), masked
+
+
 def unit_last_dim(t: torch.Tensor | None) -> torch.Tensor | None:
     """`t` with a unit-stride last dim, copied only when it has not: the kernels read the last
     dim as contiguous (vectorised loads; PyTorch's CPU kernel silently misreads it otherwise)."""

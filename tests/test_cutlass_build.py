@@ -380,6 +380,7 @@ def test_sm80_is_built_for_who_asks_not_for_explain(monkeypatch):
     monkeypatch.setattr(cb, "plan", lambda *a, **kw: cb.Plan("nvcc", "ninja", [], pathlib.Path("/nonexistent"),
                                                               cb.AMPERE_INSTANCES, cb.AMPERE))
     cutlass_sm80._library.cache_clear()
+    cutlass_sm80._built_or_why.cache_clear()
     try:
         backend = cutlass_sm80.CutlassSm80Backend()
         monkeypatch.setattr(dispatch.config, "kernel", None)
@@ -389,6 +390,7 @@ def test_sm80_is_built_for_who_asks_not_for_explain(monkeypatch):
         assert "not available (nvcc" in backend.unavailable_reasons(torch.device("cuda"))[0] and len(built) == 1
     finally:
         cutlass_sm80._library.cache_clear()
+        cutlass_sm80._built_or_why.cache_clear()
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 5, 7), (5, 7), (2, 1, 1, 7), (2, 3, 5, 7)])

@@ -26,9 +26,9 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..inputs import MASKED_BIAS, AttentionInputs, Causal, accumulation_dtype
+from ..inputs import AttentionInputs, Causal, accumulation_dtype, additive_mask
 from ..inputs import unit_last_dim as _unit_last  # the CPU kernel silently misreads a strided last dim
-from .base import KernelBackend
+from .base import KernelBackend, repeat_kv
 
 _FORWARD = "_scaled_dot_product_flash_attention_for_cpu"
 _BACKWARD = "_scaled_dot_product_flash_attention_for_cpu_backward"
@@ -47,17 +47,8 @@ def _mask(inp: AttentionInputs):
     b = inp.bias_4d()
     if b is None:
         return None, None
-    if b.dtype == torch.bool:
-        empty = (~b).all(-1, keepdim=True)
-        return torch.zeros(b.shape, dtype=inp.dtype, device=b.device).masked_fill(~b, float("-inf")), empty
-    # Entries at or below MASKED_BIAS mask their key (our contract); the kernel would average a
-    # row of finite fills instead of masking it.
-    masked = b <= MASKED_BIAS
-    return b.masked_fill(masked, float("-inf")).to(inp.dtype), masked.all(-1, keepdim=True)
-
-
-def _repeat_kv(t: torch.Tensor, groups: int) -> torch.Tensor:
-    return t if groups == 1 else t.repeat_interleave(groups, dim=1)
+    mask, masked = additive_mask(b, inp.dtype)
+    return mask, masked.all(-1, keepdim=True)
 
 
 
@@ -91,7 +82,7 @@ class AtenCpuBackend(KernelBackend):
             return reference.forward(inp, seed)  # empty shapes: the reference's zeros and -inf
         groups = Hq // inp.heads_kv
         mask, empty = _mask(inp)
-        q, k, v = (_unit_last(t) for t in (inp.q, _repeat_kv(inp.k, groups), _repeat_kv(inp.v, groups)))
+        q, k, v = (_unit_last(t) for t in (inp.q, repeat_kv(inp.k, groups), repeat_kv(inp.v, groups)))
         out, lse = getattr(torch.ops.aten, _FORWARD)(
             q, k, v, 0.0, _is_causal(inp), attn_mask=_unit_last(mask), scale=inp.scale,
         )
@@ -108,7 +99,7 @@ class AtenCpuBackend(KernelBackend):
         mask, _ = _mask(inp)
         # Fully masked rows carry lse = -inf here; the kernel expects its own 0 there (p = 0 either way).
         lse_k = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
-        q, k, v = (_unit_last(t) for t in (inp.q, _repeat_kv(inp.k, groups), _repeat_kv(inp.v, groups)))
+        q, k, v = (_unit_last(t) for t in (inp.q, repeat_kv(inp.k, groups), repeat_kv(inp.v, groups)))
         dq, dk, dv = getattr(torch.ops.aten, _BACKWARD)(
             dout.contiguous(), q, k, v, _unit_last(out), lse_k,
             0.0, _is_causal(inp), attn_mask=_unit_last(mask), scale=inp.scale,

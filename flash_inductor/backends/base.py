@@ -17,6 +17,12 @@ def _dtype_name(d: torch.dtype) -> str:
     return str(d).replace("torch.", "")
 
 
+def repeat_kv(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """Grouped KV heads (dim 1: dense [B, H, N, D] or packed [total, H, D]) repeated to the query
+    heads, for kernels without grouped heads (a copy; their dK/dV are summed back)."""
+    return t if groups == 1 else t.repeat_interleave(groups, dim=1)
+
+
 class KernelBackend:
     NAME: str = "?"
     DEVICE_TYPES: tuple[str, ...] = ()

@@ -40,8 +40,8 @@ import os
 
 import torch
 
-from ..inputs import MASKED_BIAS, AttentionInputs, Causal
-from .base import KernelBackend
+from ..inputs import AttentionInputs, Causal, additive_mask
+from .base import KernelBackend, repeat_kv
 
 log = logging.getLogger(__name__)
 ENV_VAR = "FLASH_INDUCTOR_CUTLASS"
@@ -116,8 +116,11 @@ def _library():
     return lib, None
 
 
+@functools.lru_cache(maxsize=None)
 def _built_or_why() -> str | None:
-    """None if the library is in the cache (so loading it builds nothing), else why not."""
+    """None if the library is in the cache (so loading it builds nothing), else why not. Once
+    per process: `explain` asks at every rewritten site, and the plan runs nvcc and hashes
+    csrc/. A library built later in the process is loaded through `_library`, not this."""
     from .. import cutlass_build
 
     try:
@@ -154,12 +157,9 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 
 def _operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """(groups, q, k, v) as the kernels read them: aligned, and grouped KV heads (dim 1, dense
-    [B, H, N, D] or packed [total, H, D]) repeated to the query heads, a copy (dK/dV are summed
-    back)."""
+    """(groups, q, k, v) as the kernels read them: aligned, grouped KV heads repeated."""
     groups = q.shape[1] // k.shape[1]
-    k, v = (t if groups == 1 else t.repeat_interleave(groups, dim=1) for t in (k, v))
-    return groups, _aligned(q), _aligned(k), _aligned(v)
+    return groups, _aligned(q), _aligned(repeat_kv(k, groups)), _aligned(repeat_kv(v, groups))
 
 
 def _bhm(t: torch.Tensor) -> _I64x3:
@@ -188,10 +188,7 @@ def _kernel_bias(inp: AttentionInputs) -> tuple[torch.Tensor, _I64x3]:
     row = -(-inp.len_k // _ALIGN) * _ALIGN
     buf = torch.empty(*shape, row, dtype=inp.dtype, device=inp.q.device)
     dst = buf[..., : inp.len_k]
-    if src.dtype == torch.bool:
-        dst.copy_(torch.where(src, 0.0, float("-inf")))
-    else:
-        dst.copy_(src.masked_fill(src <= MASKED_BIAS, float("-inf")))
+    dst.copy_(additive_mask(src, inp.dtype)[0])
     strides = [0 if shape[i] == 1 else buf.stride(i) for i in range(3)]
     return buf, _I64x3(*strides)
 
@@ -350,8 +347,7 @@ class CutlassSm80Backend(KernelBackend):
             del accum
         seq, pos = _packed_positions(cq, total_q)
         lse_packed = lse.transpose(1, 2)[seq, pos]  # [total_q, H]
-        # Sequences with no keys come out as NaN rows with lse = -inf.
-        out.masked_fill_(torch.isneginf(lse_packed).unsqueeze(-1), 0.0)
+        _zero_empty_rows(out, lse_packed)  # sequences with no keys
         return out, lse_packed
 
     def backward_varlen(self, dout, dlse, q, k, v, cu_q, cu_k, max_q, max_k, seed, out, lse, causal, scale,
