@@ -32,15 +32,22 @@ def inductor_config(mode: str | None = None, options: dict | None = None) -> dic
     Inductor's code (kernels_in_graph.py), which Inductor otherwise launches through Triton's own
     Python launcher instead of its static one; host time decides the small shapes on the lent
     GPU hosts (benchmarks/NOTES.md, session 7). A kernel the static launcher cannot take falls
-    back to Triton's launcher by itself."""
+    back to Triton's launcher by itself.
+
+    `post_grad_custom_post_pass`: a pass that changes nothing and keys Inductor's caches on our
+    sources (compile_cache.py), after the user's own post-grad pass if they set one."""
     from torch._inductor import config as inductor_cfg
     from torch._inductor import list_mode_options
+
+    from .compile_cache import fingerprinted_post_grad_pass
 
     patches = {}
     if hasattr(inductor_cfg, "static_launch_user_defined_triton_kernels") and inductor_cfg.use_static_cuda_launcher:
         patches["static_launch_user_defined_triton_kernels"] = True
     patches.update(list_mode_options(mode) if mode and mode != "default" else {})
     patches.update(options or {})
+    patches["post_grad_custom_post_pass"] = fingerprinted_post_grad_pass(
+        patches.get("post_grad_custom_post_pass", inductor_cfg.post_grad_custom_post_pass))
     return patches
 
 

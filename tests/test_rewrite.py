@@ -1818,6 +1818,50 @@ class TestBackendOptions(RewriteCase):
             out = torch.compile(f, backend="flash", **kwargs)(q, k, v)
             torch.testing.assert_close(out, f(q, k, v))
 
+    def test_compiled_graphs_are_cached_on_our_sources(self):
+        """Our kernels are lowered inside AOTAutograd's trace, out of sight of Inductor's cache
+        keys: a no-op post-grad pass keys them on a hash of our sources (compile_cache.py). The
+        same sources hit the cache; changed ones miss it; a user's own pass still runs."""
+        from unittest import mock
+
+        from torch._dynamo.utils import counters
+        from torch._inductor import config as inductor_cfg
+        from torch._inductor.custom_graph_pass import CustomGraphPass
+        from torch._inductor.utils import fresh_cache
+
+        from flash_inductor import compile_cache
+
+        def f(q, k, v):
+            return torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * 0.125, dim=-1) @ v
+
+        q, k, v = qkv()
+
+        def compile_once(**kwargs):
+            torch._dynamo.reset()
+            counters.clear()
+            torch.testing.assert_close(torch.compile(f, backend="flash", **kwargs)(q, k, v), f(q, k, v))
+            return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+
+        with fresh_cache(), inductor_cfg.patch(fx_graph_cache=True, fx_graph_remote_cache=False):
+            self.assertEqual(compile_once(), (0, 1))
+            self.assertEqual(compile_once(), (1, 0))
+            with mock.patch.object(compile_cache, "source_fingerprint", lambda: "edited sources"):
+                self.assertEqual(compile_once(), (0, 1))
+            self.assertEqual(compile_once(), (1, 0))
+
+            class Counting(CustomGraphPass):
+                calls = 0
+
+                def __call__(self, graph):
+                    Counting.calls += 1
+
+                def uuid(self):
+                    return "counting"
+
+            compile_once(options={"post_grad_custom_post_pass": Counting()})
+            self.assertEqual(Counting.calls, 1)
+        self.assertEqual(len(compile_cache.source_fingerprint()), 64)
+
 
 class TestNearMisses(RewriteCase):
     def test_softmax_over_another_dim(self):
