@@ -651,6 +651,24 @@ def test_mask_like_bias(interp, poisoned, monkeypatch, case):
     _check_against_ref(interp, poisoned, q, k, v, bias, causal, gen)
 
 
+@interpreted
+def test_mask_tiles_listed_apart(interp, poisoned, monkeypatch):
+    """Tiles that are not consecutive (a masked hole between kept keys, kept rows below a
+    skipped one) are looped over from their lists; consecutive ones as a range
+    (`_listed_range`). Both against float64, with the map checked to hold such lists."""
+    monkeypatch.setattr(interp.mask_tiles, "MIN_FLOPS", 0)
+    gen = torch.Generator().manual_seed(zlib.crc32(b"listed_apart"))
+    q, k, v = (_randn((2, 2, 100, 16), torch.float32, gen) for _ in range(3))
+    keep = torch.ones(2, 1, 100, 100, dtype=torch.bool)
+    keep[:, :, :, 32:64] = False  # key tile 1 of every row: full lists [0, 2]
+    keep[1, :, 32:64, :] = False  # query tile 1 of sequence 1 sees nothing: dK/dV lists [0, 2]
+    keep[1, :, 70:, 5] = False  # partial tiles beside full ones
+    st = _states(interp, q, k, v, keep, False)
+    S, P, F = 0, 1, 2
+    assert st[0, 0, 0].tolist() == [F, S, F, P] and st[1, 0, :, 0].tolist() == [F, S, P, P]
+    _check_against_ref(interp, poisoned, q, k, v, keep, False, gen)
+
+
 def _states(interp, q, k, v, bias, causal):
     """The tile kinds mask_tiles finds: [Bb, Hb, query tiles, key tiles] of 0/1/2 (skip/partial/full)."""
     mt = interp.mask_tiles
@@ -855,6 +873,12 @@ def test_mask_tiles_are_classified(interp):
     bias = _hf_mask((75, 40), 75, 75, causal_in_mask=False, left=False, kind="float")
     st = _states(interp, q, k, v, bias, "top_left")
     assert st[1, 0].tolist() == [[P, S, S], [F, P, S], [F, P, S]]
+    # Key padding [B, 1, 1, Nk] without a causal flag: one row read per key tile
+    # (`_classify_shared_rows`), the same kinds for every query tile.
+    for kind in ("float", "bool"):
+        bias = _hf_mask((75, 40), 75, 75, causal_in_mask=False, left=False, kind=kind)
+        st = _states(interp, q, k, v, bias, False)
+        assert st[0, 0].tolist() == [[F, F, P]] * 3 and st[1, 0].tolist() == [[F, P, S]] * 3, kind
     # fp16's fill (-65504) is an ordinary bias value: nothing is skipped; all-zero tiles are full.
     bias = _hf_mask((75, 40), 75, 75, causal_in_mask=True, left=False, kind="float", dtype=torch.float16)
     st = _states(interp, q.half(), k.half(), v.half(), bias, False)
@@ -1102,6 +1126,22 @@ def test_gpu_mask_like_bias(compiled, poisoned, monkeypatch, case):
     q, k, v, bias = _to_cuda(q, k, v, bias)
     assert compiled.mask_tiles.worth_it(validate(q, k, v, bias, causal=causal))
     _check_against_ref(compiled, poisoned, q, k, v, bias, causal, gen)
+
+
+@pytest.mark.gpu
+def test_gpu_mask_tiles_listed_apart(compiled, poisoned, monkeypatch):
+    """Tiles that are not consecutive go through the lists, consecutive ones as a range
+    (`_listed_range`), in the compiled kernels' pipelined loops; bf16 at TILE = 128."""
+    monkeypatch.setenv(compiled.AUTOTUNE_ENV, "0")
+    monkeypatch.setattr(compiled.mask_tiles, "MIN_FLOPS", 0)
+    gen = torch.Generator().manual_seed(zlib.crc32(b"gpu_listed_apart"))
+    q, k, v = (_randn((2, 4, 700, 128), torch.bfloat16, gen) for _ in range(3))
+    keep = torch.ones(2, 1, 700, 700, dtype=torch.bool)
+    keep[:, :, :, 128:256] = False
+    keep[1, :, 128:256, :] = False
+    keep[1, :, 300:, 5] = False
+    q, k, v, keep = _to_cuda(q, k, v, keep)
+    _check_against_ref(compiled, poisoned, q, k, v, keep, False, gen)
 
 
 GPU_VARLEN_CASES = {

@@ -308,6 +308,20 @@ def _listed_block(it, tiles, TILE: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _listed_range(lo, hi, tiles, TILE: tl.constexpr):
+    """(listed tiles to loop over, dense range [lo, hi)) for an inner loop. Without a list the
+    range is the caller's. With one (`hi` tiles at `tiles`) whose tiles are consecutive (a
+    padding mask's real keys, the full tiles left of a causal row's diagonal: the usual case),
+    the dense range covers them and nothing is listed: a listed block's address hangs on a
+    load, which the pipeliner does not hide (the forward of a padded batch ran at 75% of the
+    dense kernel's rate per score, H100, benchmarks/padding_profile.py); otherwise every tile
+    is listed and the range is empty. Same blocks in the same order either way."""
+    first = tl.load(tiles)
+    run = (hi > 0) & (tl.load(tiles + tl.maximum(hi - 1, 0)) - first == hi - 1)
+    return tl.where(run, 0, hi), tl.where(run, first * TILE, 0), tl.where(run, (first + hi) * TILE, 0)
+
+
+@triton.jit
 def _tile_lists(Counts, Tiles, b, h, row, stride_tb, stride_th, list_stride, row_len):
     """(partial count, partial tiles, full count, full tiles) of one map row."""
     r = b * stride_tb + h * stride_th + row
@@ -334,9 +348,11 @@ def _attn_fwd_inner(
     SCORES: tl.constexpr, SPARSE: tl.constexpr, TILE: tl.constexpr, SELECT_MASKED: tl.constexpr,
 ):
     """Key blocks [lo, hi); with SPARSE, the blocks of the `hi` key tiles listed at `tiles`
-    (flash_inductor/kernels/mask_tiles.py). Both loops run the same step."""
+    (flash_inductor/kernels/mask_tiles.py), as a range when they are consecutive
+    (`_listed_range`). Both loops run the same step."""
     if SPARSE:
-        for it in range(0, hi * (TILE // BLOCK_N)):
+        n_listed, lo, hi = _listed_range(lo, hi, tiles, TILE)
+        for it in range(0, n_listed * (TILE // BLOCK_N)):
             start_n = _listed_block(it, tiles, TILE, BLOCK_N)
             acc, l_i, m_i = _attn_fwd_step(
                 acc, l_i, m_i, q, start_n, K_head, V_head, bias_rows, philox_seed, philox_offset, bh,
@@ -344,14 +360,13 @@ def _attn_fwd_inner(
                 cap_scale, drop_threshold, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
                 MASK_KEYS, MASK_CAUSAL, DOT_PRECISION, SCORES, SELECT_MASKED,
             )
-    else:
-        for start_n in range(lo, hi, BLOCK_N):
-            acc, l_i, m_i = _attn_fwd_step(
-                acc, l_i, m_i, q, start_n, K_head, V_head, bias_rows, philox_seed, philox_offset, bh,
-                offs_m, offs_d, offs_dv, stride_kn, stride_vn, stride_bn, Nq, Nk, shift, qk_scale,
-                cap_scale, drop_threshold, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
-                MASK_KEYS, MASK_CAUSAL, DOT_PRECISION, SCORES, SELECT_MASKED,
-            )
+    for start_n in range(lo, hi, BLOCK_N):
+        acc, l_i, m_i = _attn_fwd_step(
+            acc, l_i, m_i, q, start_n, K_head, V_head, bias_rows, philox_seed, philox_offset, bh,
+            offs_m, offs_d, offs_dv, stride_kn, stride_vn, stride_bn, Nq, Nk, shift, qk_scale,
+            cap_scale, drop_threshold, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
+            MASK_KEYS, MASK_CAUSAL, DOT_PRECISION, SCORES, SELECT_MASKED,
+        )
     return acc, l_i, m_i
 
 
@@ -828,10 +843,12 @@ def _attn_bwd_dkdv_inner(
     SPARSE: tl.constexpr, TILE: tl.constexpr, FUSED_DQ: tl.constexpr,
 ):
     """Accumulate this key block's dK, dV over query rows [lo, hi) of one query head (on sᵀ);
-    with SPARSE, over the blocks of the `hi` query tiles listed at `tiles`. With FUSED_DQ, also
-    add each row block's dQ share into the float32 accumulator at DQ_head (atomics)."""
+    with SPARSE, over the blocks of the `hi` query tiles listed at `tiles` (a range when they
+    are consecutive, `_listed_range`). With FUSED_DQ, also add each row block's dQ share into
+    the float32 accumulator at DQ_head (atomics)."""
     if SPARSE:
-        for it in range(0, hi * (TILE // BLOCK_M)):
+        n_listed, lo, hi = _listed_range(lo, hi, tiles, TILE)
+        for it in range(0, n_listed * (TILE // BLOCK_M)):
             start_m = _listed_block(it, tiles, TILE, BLOCK_M)
             dk, dv = _attn_bwd_dkdv_step(
                 dk, dv, k, v, start_m, Q_head, DO_head, Lse_head, Delta_head, DQ_head, bias_cols, philox_seed,
@@ -839,14 +856,13 @@ def _attn_bwd_dkdv_inner(
                 Nq, Nk, shift, qk_scale, cap_scale, drop_threshold, drop_scale, D, DV, BLOCK_M, BLOCK_N,
                 HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, MASK_CAUSAL, DOT_PRECISION, SCORES, FUSED_DQ,
             )
-    else:
-        for start_m in range(lo, hi, BLOCK_M):
-            dk, dv = _attn_bwd_dkdv_step(
-                dk, dv, k, v, start_m, Q_head, DO_head, Lse_head, Delta_head, DQ_head, bias_cols, philox_seed,
-                philox_offset, bh, start_n, offs_n, offs_d, offs_dv, stride_qm, stride_dom, stride_bm, stride_lm,
-                Nq, Nk, shift, qk_scale, cap_scale, drop_threshold, drop_scale, D, DV, BLOCK_M, BLOCK_N,
-                HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, MASK_CAUSAL, DOT_PRECISION, SCORES, FUSED_DQ,
-            )
+    for start_m in range(lo, hi, BLOCK_M):
+        dk, dv = _attn_bwd_dkdv_step(
+            dk, dv, k, v, start_m, Q_head, DO_head, Lse_head, Delta_head, DQ_head, bias_cols, philox_seed,
+            philox_offset, bh, start_n, offs_n, offs_d, offs_dv, stride_qm, stride_dom, stride_bm, stride_lm,
+            Nq, Nk, shift, qk_scale, cap_scale, drop_threshold, drop_scale, D, DV, BLOCK_M, BLOCK_N,
+            HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, MASK_CAUSAL, DOT_PRECISION, SCORES, FUSED_DQ,
+        )
     return dk, dv
 
 
@@ -1081,9 +1097,11 @@ def _attn_bwd_dq_inner(
     STORE_DS: tl.constexpr, MASK_KEYS: tl.constexpr, MASK_CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr, SCORES: tl.constexpr, SPARSE: tl.constexpr, TILE: tl.constexpr,
 ):
-    """Key blocks [lo, hi), or with SPARSE the blocks of the `hi` key tiles listed at `tiles`."""
+    """Key blocks [lo, hi), or with SPARSE the blocks of the `hi` key tiles listed at `tiles`
+    (a range when they are consecutive, `_listed_range`)."""
     if SPARSE:
-        for it in range(0, hi * (TILE // BLOCK_N)):
+        n_listed, lo, hi = _listed_range(lo, hi, tiles, TILE)
+        for it in range(0, n_listed * (TILE // BLOCK_N)):
             start_n = _listed_block(it, tiles, TILE, BLOCK_N)
             dq = _attn_bwd_dq_step(
                 dq, q, do, lse2, delta, start_n, K_head, V_head, bias_rows, DS_rows, philox_seed,
@@ -1091,14 +1109,13 @@ def _attn_bwd_dq_inner(
                 shift, qk_scale, cap_scale, drop_threshold, drop_scale, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS,
                 BIAS_IS_BOOL, HAS_DROPOUT, STORE_DS, MASK_KEYS, MASK_CAUSAL, DOT_PRECISION, SCORES,
             )
-    else:
-        for start_n in range(lo, hi, BLOCK_N):
-            dq = _attn_bwd_dq_step(
-                dq, q, do, lse2, delta, start_n, K_head, V_head, bias_rows, DS_rows, philox_seed,
-                philox_offset, bh, offs_m, offs_d, offs_dv, stride_kn, stride_vn, stride_bn, Nq, Nk,
-                shift, qk_scale, cap_scale, drop_threshold, drop_scale, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS,
-                BIAS_IS_BOOL, HAS_DROPOUT, STORE_DS, MASK_KEYS, MASK_CAUSAL, DOT_PRECISION, SCORES,
-            )
+    for start_n in range(lo, hi, BLOCK_N):
+        dq = _attn_bwd_dq_step(
+            dq, q, do, lse2, delta, start_n, K_head, V_head, bias_rows, DS_rows, philox_seed,
+            philox_offset, bh, offs_m, offs_d, offs_dv, stride_kn, stride_vn, stride_bn, Nq, Nk,
+            shift, qk_scale, cap_scale, drop_threshold, drop_scale, D, DV, BLOCK_M, BLOCK_N, HAS_BIAS,
+            BIAS_IS_BOOL, HAS_DROPOUT, STORE_DS, MASK_KEYS, MASK_CAUSAL, DOT_PRECISION, SCORES,
+        )
     return dq
 
 
