@@ -69,6 +69,14 @@ for phase in "$@"; do
       bench 200 bench_cutlass_2k_4k --lengths 2048 4096 --cases none causal --peers cutlass triton sdpa_cudnn
       bench 100 bench_cutlass_d64 --lengths 8192 --head-dim 64 --cases none causal --peers cutlass triton sdpa_cudnn
       bench 100 bench_cutlass_d256 --lengths 8192 --head-dim 256 --cases none causal --peers cutlass triton sdpa_cudnn ;;
+    varlen_host)  # issue 6's packed forward: kernel time against the op's, beside dense (VARLEN_HOST_ROUNDS processes)
+      for r in $(seq ${VARLEN_HOST_ROUNDS:-2}); do
+        timeout 150 python3 benchmarks/varlen_host.py --json "$OUT/varlen_host_r$r.json" 2>&1 | grep -v Warning | tee -a "$OUT/varlen_host.log"
+      done ;;
+    padding1)  # issue 6's table only (part 1 of padding.py)
+      timeout 240 python3 benchmarks/padding.py --parts 1 --json "$OUT/padding1.json" 2>&1 | grep -v Warning | tee "$OUT/padding1.log" | tail -40 ;;
+    padding_profile)  # (c)'s kernels beside (a)'s and dense's (env PROFILE_ROWS: padding_profile.py's rows)
+      timeout 300 python3 benchmarks/padding_profile.py --json "$OUT/padding_profile.json" ${PROFILE_ROWS:+--rows ${PROFILE_ROWS//,/ }} 2>&1 | grep -v Warning | tee "$OUT/padding_profile.log" | tail -80 ;;
     padding)
       timeout 240 python3 benchmarks/padding.py --json "$OUT/padding.json" 2>&1 | grep -v Warning | tee "$OUT/padding.log" | tail -30 ;;
     bench_bias_check)

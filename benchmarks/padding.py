@@ -8,7 +8,9 @@ H=12, D=128, bf16, bidirectional (BERT-style key padding):
   (b) padded to the longest, with an additive padding mask [B, 1, 1, N], through SDPA's best
       backend that takes a mask (efficient, cuDNN);
   (c) the same padded attention written as eager PyTorch (softmax(q·kᵀ·s + mask)·v, the mask
-      built as HF does: where(keep, 0, finfo.min)) compiled with backend="flash";
+      built as HF does: where(keep, 0, finfo.min)) compiled with backend="flash", the mask a
+      graph input; and (c') with the mask built inside the compiled graph from a [B, N]
+      attention_mask, as a HF model does;
   dense: our kernel on a dense batch of about the same real tokens (B=16, N=mean length), the
       TFLOP/s that (a) and (c) are compared with.
 TFLOP/s count real tokens only: 4·H·D·Σ Lq·Lk forward (2.5× that backward). Padded query rows
@@ -98,6 +100,18 @@ def part1(h=12, d=128, batch=16, lo=128, hi=8192, seed=0):
     compiled = torch.compile(eager_attention, backend="flash")
     f, fb = fwd_bwd(lambda: compiled(qp, kp, vp, mask), [qp, kp, vp])
     rows["c_flash_compiled"] = dict(fwd_us=f, fwd_bwd_us=fb, fwd_tflops=tflops(fwd_flop, f), fwd_bwd_tflops=tflops(both_flop, fb))
+
+    # (c') as a HF model runs it: the mask built inside the compiled graph from attention_mask,
+    # so the rewrite sees its constants (a fully masked row is eager's uniform average of V, not
+    # the general bias patch, docs/design.md §3)
+    def hf_attention(q, k, v, attention_mask):
+        mask = torch.where(attention_mask[:, None, None, :].bool(), 0.0, torch.finfo(dt).min).to(dt)
+        return eager_attention(q, k, v, mask)
+
+    compiled_hf = torch.compile(hf_attention, backend="flash")
+    f, fb = fwd_bwd(lambda: compiled_hf(qp, kp, vp, keep.long()), [qp, kp, vp])
+    rows["c_flash_compiled_mask_in_graph"] = dict(fwd_us=f, fwd_bwd_us=fb, fwd_tflops=tflops(fwd_flop, f),
+                                                  fwd_bwd_tflops=tflops(both_flop, fb))
 
     # dense batch of (about) the same real tokens
     nd = round(total / batch)
