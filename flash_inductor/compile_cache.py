@@ -9,15 +9,22 @@ kernels. Session 18 found it on the GPU: a patched kernel ran in eager calls whi
 graph of the same process still launched the old one from /tmp/torchinductor_*. A kernel fix
 would have been silently absent from every compiled model until the user cleared the cache.
 
+The same holds for our settings that the lowering reads while a graph is traced: the
+FLASH_INDUCTOR_* environment (mask tiles, autotuning, the fused and joint backwards, a forced
+kernel) and `flash_inductor.config` (`kernel`, `kernels_in_graph`). A graph compiled under one
+setting was served under another.
+
 Inductor's hook for code outside torch that shapes a compiled graph is a custom pass with a
 `uuid()`; `fingerprinted_post_grad_pass` adds one that changes nothing in the graph and whose
-uuid is a hash of this package's sources, beside any post-grad pass the user configured.
+uuid is a hash of this package's sources plus those settings, beside any post-grad pass the
+user configured.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import os
 from pathlib import Path
 
 from torch._inductor import custom_graph_pass
@@ -50,8 +57,19 @@ def source_fingerprint() -> str:
     return h.hexdigest()
 
 
+def lowering_settings() -> tuple:
+    """What our lowering reads besides its sources, as the cache key holds it: every
+    FLASH_INDUCTOR_* variable (a superset: the cache and toolkit paths only cost a miss) and the
+    compiling thread's `flash_inductor.config`."""
+    from .dispatch import config
+
+    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("FLASH_INDUCTOR_")))
+    return env + (("config.kernel", config.kernel), ("config.kernels_in_graph", config.kernels_in_graph))
+
+
 class SourceKeyedPass(custom_graph_pass.CustomGraphPass):
-    """A post-grad pass that leaves the graph alone; its uuid puts our sources in the cache key.
+    """A post-grad pass that leaves the graph alone; its uuid puts our sources and settings in
+    the cache key.
     `inner`: the user's own post-grad passes, run first (on a torch whose config takes one pass
     only; where it takes a list, ours is appended instead)."""
 
@@ -69,7 +87,7 @@ class SourceKeyedPass(custom_graph_pass.CustomGraphPass):
             if u is None:
                 return None  # a pass Inductor cannot key: no caching, as with that pass alone
             inner.append(u)
-        return (source_fingerprint(), *inner)
+        return (source_fingerprint(), lowering_settings(), *inner)
 
 
 def fingerprinted_post_grad_pass(user_pass):

@@ -4,6 +4,7 @@ gradients against eager, and the near-misses it must leave alone."""
 from __future__ import annotations
 
 import math
+import os
 import re
 
 import expecttest
@@ -1820,8 +1821,9 @@ class TestBackendOptions(RewriteCase):
 
     def test_compiled_graphs_are_cached_on_our_sources(self):
         """Our kernels are lowered inside AOTAutograd's trace, out of sight of Inductor's cache
-        keys: a no-op post-grad pass keys them on a hash of our sources (compile_cache.py). The
-        same sources hit the cache; changed ones miss it; a user's own pass still runs."""
+        keys: a no-op post-grad pass keys them on a hash of our sources and on the settings the
+        lowering reads (compile_cache.py). The same sources and settings hit the cache; changed
+        ones miss it; a user's own pass still runs."""
         from unittest import mock
 
         from torch._dynamo.utils import counters
@@ -1829,7 +1831,7 @@ class TestBackendOptions(RewriteCase):
         from torch._inductor.custom_graph_pass import CustomGraphPass
         from torch._inductor.utils import fresh_cache
 
-        from flash_inductor import compile_cache
+        from flash_inductor import compile_cache, dispatch
 
         def f(q, k, v):
             return torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * 0.125, dim=-1) @ v
@@ -1846,6 +1848,12 @@ class TestBackendOptions(RewriteCase):
             self.assertEqual(compile_once(), (0, 1))
             self.assertEqual(compile_once(), (1, 0))
             with mock.patch.object(compile_cache, "source_fingerprint", lambda: "edited sources"):
+                self.assertEqual(compile_once(), (0, 1))
+            self.assertEqual(compile_once(), (1, 0))
+            # The settings the lowering reads while tracing are part of the key too.
+            with mock.patch.dict(os.environ, {"FLASH_INDUCTOR_MASK_TILES": "0"}):
+                self.assertEqual(compile_once(), (0, 1))
+            with mock.patch.object(dispatch.config, "kernels_in_graph", False):
                 self.assertEqual(compile_once(), (0, 1))
             self.assertEqual(compile_once(), (1, 0))
 
