@@ -1,14 +1,14 @@
-"""Build the CUTLASS bias instances with compile-time variants side by side and time their forwards.
+"""Build the CUTLASS bias instances as variants side by side and time their forwards.
 
-    python benchmarks/cutlass_variants.py [--json out.json]
+    python benchmarks/cutlass_variants.py [--json out.json] [--variants tma softmax ...]
 
-Each variant is a set of -D flags on csrc/fwd_kernel.cuh; today FLASH_CUTLASS_BIAS_PREFETCH (the
-bias softmax loads the next key tile a step ahead; measured 350 vs 337 TFLOP/s at D=128, 485 vs
-444 at D=256, bias forward, H200). Other variants were tried the same way and are listed, with
-their figures, beside the code they changed (csrc/fwd_kernel.cuh, the bias softmax). Each builds only the bias instances it
-times, into its own cache directory, in parallel; the forward is then timed through the backend
-(the library swapped in) on the issue's shape, B=1 H=12 N=8192 bf16, per-head bias [1, H, N, N],
-and checked against the Triton forward.
+A variant is a set of instances and -D flags on csrc/: today how head dim 128 reads its bias,
+"tma" (csrc/fwd_bias_tma.cuh: a bias tile per key block loaded by TMA into the K/V ring) and its
+knobs (`VARIANTS`), against "softmax" (fwd_kernel.cuh's softmax-read bias, the only way before
+session 19). Older variants of the softmax-read bias (FLASH_CUTLASS_BIAS_PREFETCH, and those
+listed beside its code) were measured the same way. Each builds only the instances it times, into its own cache directory, in
+parallel; the forward is then timed through the backend (the library swapped in) on the issue's
+shape, B=1 H=12 N=8192 bf16, per-head bias [1, H, N, N], and checked against the Triton forward.
 """
 
 from __future__ import annotations
@@ -27,33 +27,62 @@ from flash_inductor.backends import cutlass as cutlass_backend
 from flash_inductor.backends.triton import TritonBackend
 from flash_inductor.inputs import validate
 
-VARIANTS = {"prefetch": ["-DFLASH_CUTLASS_BIAS_PREFETCH=1"], "no_prefetch": ["-DFLASH_CUTLASS_BIAS_PREFETCH=0"]}
-INSTANCES = tuple(cb.Instance("bf16", d, m, True) for d in (128, 256) for m in ("none", "causal"))
+def _bias_instances(tma: bool):
+    return tuple(cb.Instance("bf16", 128, m, True, tma) for m in ("none", "causal"))
 
 
-def build_variant(name, extra):
-    base = cb.plan(INSTANCES)
+# name -> (instances, extra nvcc flags)
+_OLD_READ = ["-DFLASH_CUTLASS_TMA_BIAS_LDSM=0", "-DFLASH_CUTLASS_TMA_BIAS_EARLY_LOADS=0"]
+# Every variant tried (session 19, H100; RESULTS.md): the default is "tma" (ldmatrix reads issued
+# before the QK GEMM's wait, 6 ring slots, no L2 prefetch, warpgroups not locked).
+VARIANTS = {
+    "tma": (_bias_instances(True), []),
+    "softmax": (_bias_instances(False), []),
+    "lds": (_bias_instances(True), _OLD_READ),  # 32 swizzled 32-bit loads per tile, after the wait
+    "lds_5": (_bias_instances(True), _OLD_READ + ["-DFLASH_CUTLASS_TMA_BIAS_STAGES=5"]),
+    "lds_l2_2": (_bias_instances(True), _OLD_READ + ["-DFLASH_CUTLASS_TMA_BIAS_L2_AHEAD=2"]),
+    "lds_l2_4": (_bias_instances(True), _OLD_READ + ["-DFLASH_CUTLASS_TMA_BIAS_L2_AHEAD=4"]),
+    "lds_early": (_bias_instances(True), ["-DFLASH_CUTLASS_TMA_BIAS_LDSM=0"]),
+    "lds_locked": (_bias_instances(True), _OLD_READ + ["-DFLASH_CUTLASS_TMA_BIAS_LOCKED=1"]),
+    "ldsm_late": (_bias_instances(True), ["-DFLASH_CUTLASS_TMA_BIAS_EARLY_LOADS=0"]),
+    "l2_2": (_bias_instances(True), ["-DFLASH_CUTLASS_TMA_BIAS_L2_AHEAD=2"]),
+    "l2_4": (_bias_instances(True), ["-DFLASH_CUTLASS_TMA_BIAS_L2_AHEAD=4"]),
+    "ldsm_late_locked": (_bias_instances(True), ["-DFLASH_CUTLASS_TMA_BIAS_EARLY_LOADS=0",
+                                                 "-DFLASH_CUTLASS_TMA_BIAS_LOCKED=1"]),
+    # Diagnostic, wrong results: the bias loaded but not added (what the add itself costs).
+    "no_add": (_bias_instances(True), ["-DFLASH_CUTLASS_TMA_BIAS_DIAG_NO_ADD=1"]),
+}
+
+
+def build_variant(name, instances, extra):
+    base = cb.plan(instances)
     flags = base.flags + extra
-    key = cb.cache_key(flags, cb.nvcc_version(base.nvcc), cb.cutlass_version(cb.cutlass_source_dir()), INSTANCES)
+    key = cb.cache_key(flags, cb.nvcc_version(base.nvcc), cb.cutlass_version(cb.cutlass_source_dir()), instances)
     p = dataclasses.replace(base, flags=flags, directory=cb.cache_root() / f"variant-{name}-{key}")
     lib = ctypes.CDLL(str(cb.build(p)))
     lib.flash_cutlass_fwd.restype = ctypes.c_int
     lib.flash_cutlass_fwd.argtypes = [ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(cutlass_backend._Params),
                                       ctypes.c_char_p, ctypes.c_int32]
+    lib.flash_cutlass_bias_read.restype = ctypes.c_int
+    lib.flash_cutlass_bias_read.argtypes = [ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(cutlass_backend._Params)]
     return lib
 
 
-def time_ms(fn, reps=20):
+def time_ms(fn, reps=20, rounds=5):
+    """Median over rounds of `reps` back-to-back calls between two events: the op's host work
+    (100-300 µs a call on the lent hosts) overlaps the queued kernels instead of being timed."""
     for _ in range(3):
         fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
-    for _ in range(reps):
+    for _ in range(rounds):
+        torch.cuda.synchronize()
         start.record()
-        fn()
+        for _ in range(reps):
+            fn()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / reps)
     return sorted(times)[len(times) // 2]
 
 
@@ -61,16 +90,17 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json")
     ap.add_argument("--n", type=int, default=8192)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = ap.parse_args(argv)
     libs, errors = {}, {}
 
-    def worker(name, extra):
+    def worker(name, instances, extra):
         try:
-            libs[name] = build_variant(name, extra)
+            libs[name] = build_variant(name, instances, extra)
         except cb.BuildError as e:
             errors[name] = str(e)
 
-    threads = [threading.Thread(target=worker, args=item) for item in VARIANTS.items()]
+    threads = [threading.Thread(target=worker, args=(name, *VARIANTS[name])) for name in args.variants]
     for t in threads:
         t.start()
     for t in threads:
@@ -80,7 +110,7 @@ def main(argv=None):
     cutlass_backend.UNVALIDATED.clear()
     n, h, rows = args.n, 12, []
     gen = torch.Generator(device="cuda").manual_seed(0)
-    for d in (128, 256):
+    for d in (128,):
         q, k, v = (torch.randn(1, h, n, d, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
         bias = torch.randn(1, h, n, n, device="cuda", dtype=torch.bfloat16, generator=gen)
         for causal in (False, True):
@@ -89,12 +119,13 @@ def main(argv=None):
             flops = 4 * h * n * n * d / (2 if causal else 1)
             for name, lib in libs.items():
                 cutlass_backend._library = lambda lib=lib: (lib, None)
+                read = cutlass_backend.CutlassBackend().bias_read(inp)
                 out, _ = cutlass_backend.CutlassBackend().forward(inp, None)
                 err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
                 ms = time_ms(lambda: cutlass_backend.CutlassBackend().forward(inp, None))
-                row = dict(variant=name, head_dim=d, causal=causal, ms=ms, tflops=flops / ms / 1e9, rel_err_vs_triton=err)
+                row = dict(variant=name, bias_read=read, head_dim=d, causal=causal, ms=ms, tflops=flops / ms / 1e9, rel_err_vs_triton=err)
                 rows.append(row)
-                print(f"D={d} {'bias+causal' if causal else 'bias':12s} {name:12s} {ms * 1e3:8.0f} µs "
+                print(f"D={d} {'bias+causal' if causal else 'bias':12s} {name:8s} ({read}) {ms * 1e3:8.0f} µs "
                       f"{row['tflops']:6.1f} TFLOP/s  rel err vs Triton {err:.2e}", flush=True)
     if args.json:
         with open(args.json, "w") as f:

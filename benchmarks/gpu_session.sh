@@ -54,14 +54,40 @@ for phase in "$@"; do
       sm80_bench 150 bench_sm80_d64 --lengths 8192 --head-dim 64 --cases none dropout --peers cutlass_sm80 triton sdpa_efficient ;;
     sm80_padding)  # issue 6's table with the sm_80 varlen kernels forced (dense row: the same kernel)
       FLASH_INDUCTOR_KERNEL=cutlass_sm80 timeout 240 python3 -c "import runpy, sys; from flash_inductor.backends import cutlass_sm80; cutlass_sm80.UNVALIDATED.clear(); sys.argv = ['padding.py', '--parts', '1', '--json', '$OUT/sm80_padding.json']; runpy.run_path('benchmarks/padding.py', run_name='__main__')" 2>&1 | grep -v Warning | tee "$OUT/sm80_padding.log" | tail -20 ;;
+    cutlass_smoke)  # one forward per bias read (TMA, softmax) against float64, under a short limit: a pipeline
+      # that deadlocks shows here in seconds instead of eating the test phase's limit
+      timeout 120 python3 -c "
+import torch
+from flash_inductor.backends import cutlass
+from flash_inductor.inputs import validate
+cutlass.UNVALIDATED.clear()
+be = cutlass.CutlassBackend()
+g = torch.Generator(device='cuda').manual_seed(0)
+for d, nk, causal in ((128, 256, False), (256, 200, False), (128, 392, True)):
+    q = torch.randn(2, 3, 256, d, device='cuda', dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(2, 3, nk, d, device='cuda', dtype=torch.bfloat16, generator=g) for _ in range(2))
+    bias = torch.randn(1, 3, 256, nk, device='cuda', dtype=torch.bfloat16, generator=g)
+    inp = validate(q, k, v, bias, causal=causal)
+    out, lse = be.forward(inp, None)
+    torch.cuda.synchronize()
+    s = (q.double() @ k.double().transpose(-1, -2)) / d ** 0.5 + bias.double()
+    if causal:
+        s = s.masked_fill(torch.ones(256, nk, device='cuda', dtype=torch.bool).triu(1), float('-inf'))
+    ref = torch.softmax(s, -1) @ v.double()
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    print(f'd={d} nk={nk} causal={causal} read={be.bias_read(inp)} rel err {err:.2e}', flush=True)
+" 2>&1 | grep -v Warning | tee "$OUT/cutlass_smoke.log" ;;
     cutlass_tests)
       FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout 300 python3 -m pytest -q -m gpu tests/test_cutlass.py 2>&1 | tee "$OUT/cutlass_tests.log" | tail -8 ;;
     cutlass_bias)  # the bias rows (after cutlass_tests); features still in UNVALIDATED are let through for the bench only
       unvalidated_bench() { timeout "$1" python3 -c "import sys; from flash_inductor.backends import cutlass; cutlass.UNVALIDATED.clear(); from flash_inductor.cli import main; sys.exit(main(sys.argv[1:]))" bench "${@:3}" --json "$OUT/$2.json" 2>&1 | grep -v Warning | tee "$OUT/$2.log"; }
       unvalidated_bench 200 bench_cutlass_bias_8k --lengths 8192 --cases bias bias+causal --peers cutlass triton flex sdpa_cudnn
       unvalidated_bench 150 bench_cutlass_bias_d256 --lengths 8192 --head-dim 256 --cases bias bias+causal --peers cutlass flex ;;
-    cutlass_variants)  # compile-time variants of the bias softmax, built side by side and timed
-      timeout 300 python3 benchmarks/cutlass_variants.py --json "$OUT/cutlass_variants.json" 2>&1 | grep -v Warning | tee "$OUT/cutlass_variants.log" | tail -12 ;;
+    cutlass_bias_sweep)  # issue 4's other lengths for the bias rows, and the no-bias rows the bias kernel is measured against
+      bench 170 bench_cutlass_bias_2k_4k --lengths 2048 4096 --cases bias bias+causal --peers cutlass triton flex sdpa_cudnn
+      bench 120 bench_cutlass_none_8k --lengths 8192 --cases none causal --peers cutlass sdpa_cudnn ;;
+    cutlass_variants)  # compile-time variants of the bias instances, built side by side and timed (CUTLASS_VARIANTS="a b": some)
+      timeout ${CUTLASS_VARIANTS_TIMEOUT:-300} python3 benchmarks/cutlass_variants.py ${CUTLASS_VARIANTS:+--variants $CUTLASS_VARIANTS} --json "$OUT/cutlass_variants.json" 2>&1 | grep -v Warning | tee "$OUT/cutlass_variants.log" | tail -12 ;;
     cutlass_compiled)  # both kernels as backend="flash" runs them, where the eager op is host-bound
       ( export FLASH_INDUCTOR_TRITON_AUTOTUNE=0; bench 170 bench_cutlass_compiled --lengths 2048 4096 --cases none causal --peers flash_compiled cutlass_compiled triton_compiled ) ;;
     cutlass_bench)

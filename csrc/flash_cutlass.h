@@ -43,11 +43,25 @@ typedef struct {
   int32_t rows_per_head;
 } FlashCutlassFwdParams;
 
+// Whether an instance that loads the bias by TMA can read this one ("/bias_tma" in the listing;
+// the entry point falls back to the softmax-read bias otherwise): rows not broadcast (TMA cannot
+// step a row stride of 0), a 16-byte-aligned base and 16-byte strides (2-byte elements), and with
+// grouped KV heads a 128-row block of folded rows inside one query head.
+static inline int flash_cutlass_bias_tma_ok(const FlashCutlassFwdParams* p) {
+  const int64_t* s = p->bias_stride;
+  return p->bias != 0 && s[2] != 0 && (uintptr_t)p->bias % 16 == 0 && s[0] % 8 == 0 && s[1] % 8 == 0 &&
+         s[2] % 8 == 0 && p->groups >= 1 && p->rows_per_head >= 1 && (p->groups == 1 || p->rows_per_head % 128 == 0);
+}
+
 // 0 on success; otherwise a message in `err` (NUL-terminated, at most err_len bytes). A bias
-// selects the instances built with one (params->bias != NULL).
+// selects the instances built with one (params->bias != NULL), by TMA where flash_cutlass_bias_tma_ok.
 int flash_cutlass_fwd(int32_t dtype, int32_t mask, const FlashCutlassFwdParams* params, char* err, int32_t err_len);
 
-// The instances this library was built with, one "dtype/head_dim/mask[/bias]" per line.
+// How flash_cutlass_fwd would read this call's bias: 0 no bias, 1 in the softmax, 2 by TMA; -1 if
+// no instance takes the call.
+int flash_cutlass_bias_read(int32_t dtype, int32_t mask, const FlashCutlassFwdParams* params);
+
+// The instances this library was built with, one "dtype/head_dim/mask[/bias[_tma]]" per line.
 const char* flash_cutlass_instances(void);
 
 #ifdef __cplusplus

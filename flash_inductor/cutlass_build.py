@@ -3,8 +3,8 @@
 Two families, one library each, built only on a GPU that runs them:
 
 * HOPPER (`libflash_cutlass.so`, sm_90a): the TMA + warp-specialised forward of example 88, one
-  translation unit per instance (dtype × head dim × mask × bias, `INSTANCES`) instantiating
-  `flash_cutlass::run_fwd` from csrc/fwd_kernel.cuh.
+  translation unit per instance (dtype × head dim × mask × how the bias is read, `INSTANCES`)
+  instantiating `flash_cutlass::run_fwd` from csrc/fwd_kernel.cuh.
 * AMPERE (`libflash_cutlass_sm80.so`, sm_80 code, SASS for sm_80 and sm_90 plus compute_80 PTX):
   example 41's memory-efficient forward and backward with bias, bias gradient, causal masks,
   dropout and packed variable-length batches, one unit per (pass, dtype, head-dim bucket,
@@ -51,7 +51,7 @@ def _csrc_dir() -> pathlib.Path:
 
 
 CSRC = _csrc_dir()
-SOURCES = ("flash_cutlass.h", "fwd_kernel.cuh")
+SOURCES = ("flash_cutlass.h", "fwd_kernel.cuh", "fwd_bias_tma.cuh")
 AMPERE_SOURCES = ("flash_cutlass.h", "flash_cutlass_sm80.h", "sm80_common.cuh", "sm80_fwd.cuh", "sm80_bwd.cuh",
                   "aten_shim/flash_cutlass_check.h", "aten_shim/ATen/cuda/CUDAGeneratorImpl.h",
                   "aten_shim/ATen/cuda/CUDAGraphsUtils.cuh", "aten_shim/ATen/cuda/CUDAContext.h",
@@ -69,26 +69,53 @@ MASKS = {"none": "FLASH_CUTLASS_NO_MASK", "causal": "FLASH_CUTLASS_CAUSAL_TOP_LE
 HEAD_DIMS = (128, 256)
 
 
+# How a bias instance reads its bias (csrc/fwd_kernel.cuh's BiasRead): none, from global memory
+# in the softmax, or a tile per key block loaded by TMA into the K/V ring (csrc/fwd_bias_tma.cuh).
+BIAS_READS = {"none": 0, "softmax": 1, "tma": 2}
+# The TMA bias needs a bias tile the size of a K/V stage: head dim 128 (128 x 128 keys).
+TMA_BIAS_HEAD_DIMS = (128,)
+
+
 @dataclasses.dataclass(frozen=True)
 class Instance:
     dtype: str  # a key of DTYPES
     head_dim: int
     mask: str  # a key of MASKS
-    bias: bool = False  # an additive bias in q's dtype, read in the softmax
+    bias: bool = False  # an additive bias in q's dtype
+    tma_bias: bool = False  # the bias loaded by TMA (else read in the softmax); only with bias
+
+    def __post_init__(self):
+        if self.tma_bias and not self.bias:
+            raise ValueError("tma_bias needs bias=True")
+
+    @property
+    def bias_read(self) -> int:
+        return BIAS_READS["tma" if self.tma_bias else "softmax" if self.bias else "none"]
 
     @property
     def stem(self) -> str:
-        return f"fwd_{self.dtype}_d{self.head_dim}_{self.mask}{'_bias' if self.bias else ''}"
+        return f"fwd_{self.dtype}_d{self.head_dim}_{self.mask}{'_bias' if self.bias else ''}{'_tma' if self.tma_bias else ''}"
+
+    @property
+    def label(self) -> str:
+        """How flash_cutlass_instances() lists it."""
+        return f"{self.dtype}/{self.head_dim}/{self.mask}{'/bias' if self.bias else ''}{'_tma' if self.tma_bias else ''}"
 
     @property
     def template_args(self) -> str:
-        return f"{DTYPES[self.dtype]}, {self.head_dim}, {MASKS[self.mask]}, {'true' if self.bias else 'false'}"
+        return f"{DTYPES[self.dtype]}, {self.head_dim}, {MASKS[self.mask]}, {self.bias_read}"
 
     def source(self) -> str:
         return f'#include "fwd_kernel.cuh"\nFLASH_CUTLASS_INSTANCE({self.template_args})\n'
 
 
-INSTANCES = tuple(Instance(d, h, m, b) for d, h, m, b in itertools.product(DTYPES, HEAD_DIMS, MASKS, (False, True)))
+# Per head dim one bias read: by TMA where it fits (head dim 128), else in the softmax. Head dim
+# 128's softmax-read instances are not built (benchmarks/cutlass_variants.py builds them): the
+# Triton kernel is as fast there (H200: 344 vs 339 TFLOP/s, bias forward at N=8192), and the 8
+# units would put the default build past 3 minutes on 16 cores (202 s measured with them).
+INSTANCES = tuple(
+    Instance(d, h, m, b, b and h in TMA_BIAS_HEAD_DIMS)
+    for d, h, m, b in itertools.product(DTYPES, HEAD_DIMS, MASKS, (False, True)))
 
 # Head-dim buckets of the Ampere family: an input runs the smallest bucket >= its head dim
 # (64 and 128 keep the output in registers; 256 is the kernels' generic head-dim path).
@@ -125,17 +152,22 @@ class BuildError(RuntimeError):
 
 
 def api_source(instances=INSTANCES) -> str:
-    """The C entry point: a switch over the built instances (declared, defined in their units)."""
+    """The C entry point: a switch over the built instances (declared, defined in their units).
+    A TMA-bias instance is tried before the softmax-bias one of its kind, when the bias fits it."""
+    def condition(i):
+        bias = "bias && flash_cutlass_bias_tma_ok(p)" if i.tma_bias else f"bias == {'true' if i.bias else 'false'}"
+        return f"dtype == {DTYPES[i.dtype]} && p->head_dim == {i.head_dim} && mask == {MASKS[i.mask]} && {bias}"
+
+    ordered = sorted(instances, key=lambda i: not i.tma_bias)  # stable: the listing keeps its order
     cases = "\n".join(
-        f"  if (dtype == {DTYPES[i.dtype]} && p->head_dim == {i.head_dim} && mask == {MASKS[i.mask]} && "
-        f"bias == {'true' if i.bias else 'false'})\n"
-        f"    return flash_cutlass::run_fwd<{i.template_args}>(*p, err, err_len);"
-        for i in instances)
-    listing = "\\n".join(f"{i.dtype}/{i.head_dim}/{i.mask}{'/bias' if i.bias else ''}" for i in instances)
+        f"  if ({condition(i)})\n    return flash_cutlass::run_fwd<{i.template_args}>(*p, err, err_len);"
+        for i in ordered)
+    reads = "\n".join(f"  if ({condition(i)}) return {i.bias_read};" for i in ordered)
+    listing = "\\n".join(i.label for i in instances)
     return f"""#include <cstdio>
 #include "flash_cutlass.h"
 namespace flash_cutlass {{
-template <int kDtype, int kHeadDim, int kMask, bool kBias>
+template <int kDtype, int kHeadDim, int kMask, int kBias>
 int run_fwd(FlashCutlassFwdParams const& p, char* err, int err_len);
 }}
 extern "C" int flash_cutlass_fwd(int32_t dtype, int32_t mask, const FlashCutlassFwdParams* p, char* err, int32_t err_len) {{
@@ -146,6 +178,13 @@ extern "C" int flash_cutlass_fwd(int32_t dtype, int32_t mask, const FlashCutlass
   return 1;
 }}
 extern "C" const char* flash_cutlass_instances(void) {{ return "{listing}"; }}
+// How flash_cutlass_fwd would read this call's bias (BiasRead: 0 none, 1 in the softmax, 2 by TMA),
+// -1 if no instance takes it; for `explain` and the tests.
+extern "C" int flash_cutlass_bias_read(int32_t dtype, int32_t mask, const FlashCutlassFwdParams* p) {{
+  bool bias = p->bias != nullptr;
+{reads}
+  return -1;
+}}
 """
 
 

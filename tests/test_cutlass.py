@@ -4,7 +4,8 @@ Every instance (fp16/bf16 × head dims 128/256 × no mask/top-left causal) on sh
 lengths that are not multiples of the tiles, Nq ≠ Nk both ways, and the [B, N, H, D] layout HF
 models pass; bottom-right causal and grouped KV heads (folded into rows) on a few of each; and
 the bias instances on every bias layout the glue handles (per head, full, strided keys, odd
-rows, broadcast, fully masked rows). The backward is the Triton backward fed the CUTLASS
+rows, broadcast, fully masked rows), each read the way the kernel picks for it (by TMA or in
+the softmax). The backward is the Triton backward fed the CUTLASS
 forward's out and lse, so the gradients check that the lse contract holds. Outputs are poisoned
 (NaN) before each run.
 """
@@ -41,23 +42,26 @@ CASES += [
 ]
 
 
-# Additive biases in q's dtype, fused into the softmax: (dtype, head dim, causal, shape, bias kind).
-# Kinds: "head" [1, H, Nq, Nk]; "full" [B, H, Nq, Nk] (an odd Nk is copied to even rows); "t5"
+# Additive biases in q's dtype: (dtype, head dim, causal, shape, bias kind, how the kernel reads it).
+# Kinds: "head" [1, H, Nq, Nk]; "full" [B, H, Nq, Nk] (an odd Nk is copied to rows of 8); "t5"
 # an embedding permuted to [1, H, Nq, Nk] (keys H apart: copied); "rows" per-head with some
 # rows all -inf (lse -inf, zeros); "expanded" one [Nq, Nk] expanded over B and H (stride 0);
-# "keys" [B, H, 1, Nk] (broadcast over queries).
+# "keys" [B, H, 1, Nk] (broadcast over queries). Head dim 128 loads the bias by TMA ("tma"; the
+# shapes TMA cannot take are refused there, tests/test_cutlass_build.py), 256 reads it in the
+# softmax ("softmax").
 BIAS_CASES = [
-    (torch.bfloat16, 128, False, (2, 3, 3, 256, 256, "bhnd"), "head"),
-    (torch.float16, 128, "top_left", (1, 2, 2, 136, 200, "bnhd"), "full"),
-    (torch.bfloat16, 256, "top_left", (1, 2, 2, 264, 136, "bhnd"), "head"),
-    (torch.float16, 256, False, (2, 2, 2, 136, 201, "bhnd"), "full"),
-    (torch.bfloat16, 128, "top_left", (1, 4, 4, 256, 256, "bnhd"), "t5"),
-    (torch.bfloat16, 128, False, (1, 2, 2, 128, 300, "bhnd"), "rows"),
-    (torch.float16, 128, False, (2, 3, 3, 200, 256, "bhnd"), "expanded"),
-    (torch.bfloat16, 256, False, (2, 2, 2, 136, 256, "bhnd"), "keys"),
-    (torch.bfloat16, 128, False, (2, 8, 2, 200, 136, "bhnd"), "head"),  # grouped KV heads
-    (torch.bfloat16, 128, "top_left", (1, 4, 2, 256, 256, "bhnd"), "full"),  # grouped + causal
-    (torch.bfloat16, 128, "bottom_right", (1, 2, 2, 136, 392, "bhnd"), "head"),
+    (torch.bfloat16, 128, False, (2, 3, 3, 256, 256, "bhnd"), "head", "tma"),
+    (torch.float16, 128, "top_left", (1, 2, 2, 136, 200, "bnhd"), "full", "tma"),
+    (torch.bfloat16, 128, "top_left", (2, 3, 3, 200, 136, "bnhd"), "full", "tma"),  # batch stride
+    (torch.bfloat16, 256, "top_left", (1, 2, 2, 264, 136, "bhnd"), "head", "softmax"),
+    (torch.float16, 256, False, (2, 2, 2, 136, 201, "bhnd"), "full", "softmax"),
+    (torch.bfloat16, 128, "top_left", (1, 4, 4, 256, 256, "bnhd"), "t5", "tma"),
+    (torch.bfloat16, 128, False, (1, 2, 2, 128, 304, "bhnd"), "rows", "tma"),
+    (torch.float16, 128, False, (2, 3, 3, 200, 256, "bhnd"), "expanded", "tma"),
+    (torch.bfloat16, 256, False, (2, 2, 2, 136, 256, "bhnd"), "keys", "softmax"),
+    (torch.bfloat16, 128, False, (2, 8, 2, 256, 136, "bhnd"), "head", "tma"),  # grouped, 256-row heads
+    (torch.bfloat16, 128, "top_left", (1, 4, 2, 256, 256, "bhnd"), "full", "tma"),  # grouped + causal
+    (torch.bfloat16, 128, "bottom_right", (1, 2, 2, 136, 392, "bhnd"), "head", "tma"),
 ]
 
 
@@ -102,10 +106,10 @@ def test_forward_and_triton_backward(cutlass, poisoned, dtype, d, causal, shape)
     _check_against_ref(cutlass, poisoned, q, k, v, None, causal, gen)
 
 
-@pytest.mark.parametrize("dtype,d,causal,shape,kind", BIAS_CASES, ids=lambda x: str(x).replace("torch.", ""))
-def test_bias_forward_and_triton_backward(cutlass, poisoned, dtype, d, causal, shape, kind):
-    """The bias in the softmax, against float64; the Triton backward (its gradient included)
-    from the CUTLASS out and lse."""
+@pytest.mark.parametrize("dtype,d,causal,shape,kind,read", BIAS_CASES, ids=lambda x: str(x).replace("torch.", ""))
+def test_bias_forward_and_triton_backward(cutlass, poisoned, dtype, d, causal, shape, kind, read):
+    """The bias (loaded by TMA, or read in the softmax), against float64; the Triton backward
+    (its gradient included) from the CUTLASS out and lse."""
     b, hq, hkv, nq, nk, layout = shape
     gen = torch.Generator().manual_seed(zlib.crc32(repr((dtype, d, causal, shape, kind)).encode()))
     q = _randn((b, hq, nq, d), dtype, gen, layout).cuda()
@@ -113,6 +117,7 @@ def test_bias_forward_and_triton_backward(cutlass, poisoned, dtype, d, causal, s
     bias = _make_bias(kind, b, hq, nq, nk, dtype, gen).cuda()
     inp = validate(q, k, v, bias, causal=causal)
     assert not cutlass.not_supported_reasons(inp), cutlass.not_supported_reasons(inp)
+    assert cutlass.bias_read(inp) == read
     _check_against_ref(cutlass, poisoned, q, k, v, bias, causal, gen)
 
 

@@ -23,23 +23,41 @@ except cb.BuildError:
     HAVE_HEADERS = False
 
 
-def test_instances_cover_every_dtype_head_dim_mask_and_bias_once():
-    keys = {(i.dtype, i.head_dim, i.mask, i.bias) for i in cb.INSTANCES}
-    assert keys == {(d, h, m, b) for d in cb.DTYPES for h in cb.HEAD_DIMS for m in cb.MASKS for b in (False, True)}
+def test_instances_cover_every_dtype_head_dim_mask_and_bias_read_once():
+    keys = {(i.dtype, i.head_dim, i.mask, i.bias, i.tma_bias) for i in cb.INSTANCES}
+    # One bias read per head dim: by TMA where it fits (128), in the softmax elsewhere.
+    assert keys == {(d, h, m, b, b and h in cb.TMA_BIAS_HEAD_DIMS)
+                    for d in cb.DTYPES for h in cb.HEAD_DIMS for m in cb.MASKS for b in (False, True)}
+    assert len(keys) == len(cb.INSTANCES) == 32  # the default build: at most 3 minutes on 16 cores
     assert len({i.stem for i in cb.INSTANCES}) == len(cb.INSTANCES)
     inst = cb.Instance("bf16", 128, "causal", bias=True)
     assert inst.stem == "fwd_bf16_d128_causal_bias"
     assert inst.source().splitlines() == ['#include "fwd_kernel.cuh"',
-                                          "FLASH_CUTLASS_INSTANCE(FLASH_CUTLASS_BF16, 128, FLASH_CUTLASS_CAUSAL_TOP_LEFT, true)"]
+                                          "FLASH_CUTLASS_INSTANCE(FLASH_CUTLASS_BF16, 128, FLASH_CUTLASS_CAUSAL_TOP_LEFT, 1)"]
+    tma_inst = cb.Instance("fp16", 128, "none", bias=True, tma_bias=True)
+    assert tma_inst.stem == "fwd_fp16_d128_none_bias_tma" and tma_inst.template_args.endswith(", 2")
+    with pytest.raises(ValueError, match="tma_bias needs bias=True"):
+        cb.Instance("fp16", 128, "none", tma_bias=True)
 
 
 def test_api_switches_over_exactly_the_built_instances():
     some = (cb.Instance("fp16", 64, "none"), cb.Instance("bf16", 256, "causal", bias=True))
     src = cb.api_source(some)
     assert src.count("return flash_cutlass::run_fwd<") == 2
-    assert "run_fwd<FLASH_CUTLASS_FP16, 64, FLASH_CUTLASS_NO_MASK, false>" in src
-    assert "mask == FLASH_CUTLASS_CAUSAL_TOP_LEFT && bias == true)\n    return flash_cutlass::run_fwd<FLASH_CUTLASS_BF16, 256, FLASH_CUTLASS_CAUSAL_TOP_LEFT, true>" in src
+    assert "run_fwd<FLASH_CUTLASS_FP16, 64, FLASH_CUTLASS_NO_MASK, 0>" in src
+    assert "mask == FLASH_CUTLASS_CAUSAL_TOP_LEFT && bias == true)\n    return flash_cutlass::run_fwd<FLASH_CUTLASS_BF16, 256, FLASH_CUTLASS_CAUSAL_TOP_LEFT, 1>" in src
     assert '"fp16/64/none\\nbf16/256/causal/bias"' in src
+
+
+def test_api_tries_the_tma_bias_first_where_the_bias_fits_it():
+    softmax = cb.Instance("bf16", 128, "none", bias=True)
+    tma = cb.Instance("bf16", 128, "none", bias=True, tma_bias=True)
+    src = cb.api_source((softmax, tma))
+    fwd, read = src.split("flash_cutlass_bias_read")[0], src.split("flash_cutlass_bias_read")[1]
+    tma_case = "bias && flash_cutlass_bias_tma_ok(p))\n    return flash_cutlass::run_fwd<FLASH_CUTLASS_BF16, 128, FLASH_CUTLASS_NO_MASK, 2>"
+    assert fwd.index(tma_case) < fwd.index("bias == true)\n    return flash_cutlass::run_fwd<FLASH_CUTLASS_BF16, 128, FLASH_CUTLASS_NO_MASK, 1>")
+    assert read.index("flash_cutlass_bias_tma_ok(p)) return 2;") < read.index("bias == true) return 1;")
+    assert '"bf16/128/none/bias\\nbf16/128/none/bias_tma"' in src  # the listing keeps the build order
 
 
 def test_ninja_file_compiles_each_unit_and_links_one_library():
@@ -156,7 +174,7 @@ def test_the_entry_point_and_one_instance_compile_for_sm90a(tmp_path):
     """A real nvcc run (about a minute on 2 cores): the generated units and csrc/ are valid CUDA
     C++ against the installed CUTLASS, before any GPU sees them."""
     p = cb.plan(cb.INSTANCES[:0])
-    inst = cb.Instance("bf16", 128, "causal", bias=True)  # the mask fusion and the bias softmax
+    inst = cb.Instance("bf16", 128, "causal", bias=True, tma_bias=True)  # the mask fusion, the TMA bias mainloop
     (tmp_path / "api.cu").write_text(cb.api_source((inst,)))
     (tmp_path / "unit.cu").write_text(inst.source())
     for unit in ("api", "unit"):
@@ -194,6 +212,16 @@ def test_cutlass_refusals_are_sentences_a_user_can_act_on(monkeypatch):
     assert "a bool mask: Triton's kernels skip its fully masked tiles" in reasons(bias=per_head > 0)
     assert "a float32 bias with bfloat16 q" in reasons(bias=per_head.float())
     assert "a mask-like bias (one for every head)" in reasons(bias=per_head[:, :1])
+    # Head dim 128 loads the bias by TMA: shapes it cannot take go to Triton, in words.
+    keys_only = torch.randn(1, 4, 1, 256, dtype=torch.bfloat16)
+    assert "a bias broadcast over query rows at head_dim=128" in reasons(bias=keys_only)
+    assert reasons(bias=keys_only.float().to(torch.bfloat16), d=256) == ""
+    odd_keys = torch.randn(1, 4, 256, 300, dtype=torch.bfloat16)
+    assert "a bias with len_k=300 at head_dim=128 (TMA loads bias rows of 16-byte multiples" in reasons(
+        bias=odd_keys, nk=300)
+    assert reasons(bias=torch.randn(1, 4, 200, 256, dtype=torch.bfloat16), nq=200) == ""
+    assert "a bias with grouped KV heads and len_q=200 at head_dim=128" in reasons(
+        bias=torch.randn(1, 4, 200, 256, dtype=torch.bfloat16), nq=200, hkv=2)
     assert "scale=-1 (the CUTLASS softmax needs a finite scale > 0)" in reasons(scale=-1.0)
     assert "bottom-right causal with len_q=256 > len_k=128" in reasons(causal="bottom_right", nk=128)
     assert "causal with grouped KV heads needs len_q = len_k, a multiple of 128" in reasons(hkv=2, nq=200, nk=200,
@@ -224,6 +252,8 @@ def test_bias_reaches_the_kernel_as_it_reads_it(kind):
     inp = validate(q, k, k, bias)
     b4, strides = cutlass_backend._bias_ready(inp)
     assert b4.stride(-1) == 1 and b4.data_ptr() % 4 == 0 and all(s % 2 == 0 for s in strides)
+    if kind in ("t5", "odd_keys", "offset"):  # copied: then ready for the TMA bias too (16-byte rows)
+        assert b4.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in strides)
     read = torch.as_strided(b4, (b, h, nq, nk), (*strides, 1))
     assert torch.equal(read, bias.expand(b, h, nq, nk))
 

@@ -2,7 +2,9 @@
 
 It runs the forward of fp16/bf16 attention with head dims 128 and 256 on sm_90 (H100/H200):
 no mask, top-left causal, bottom-right causal with Nq <= Nk, grouped KV heads (GQA/MQA), and an
-additive bias in q's dtype of any broadcast shape, fused into the softmax. Grouped KV heads are
+additive bias in q's dtype of any broadcast shape: at head dim 128 loaded by TMA beside K and V
+(csrc/fwd_bias_tma.cuh; shapes TMA cannot take are refused in words, `_tma_bias_reasons`), at
+256 read in the softmax. Grouped KV heads are
 run by folding each KV head's G query heads into its rows ([B, Hkv, G·Nq, D], a free view of
 contiguous q): exact without a mask; with causal, when Nq = Nk is a multiple of 128 (a 128-row
 block then never straddles two heads, and the mask reads row mod Nk); the bias is read per
@@ -33,6 +35,7 @@ import math
 
 import torch
 
+from ..cutlass_build import TMA_BIAS_HEAD_DIMS
 from ..inputs import AttentionInputs, Causal
 from .base import KernelBackend
 from .triton import TritonBackend
@@ -78,6 +81,8 @@ def _library():
     lib.flash_cutlass_fwd.restype = ctypes.c_int
     lib.flash_cutlass_fwd.argtypes = [ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(_Params), ctypes.c_char_p,
                                       ctypes.c_int32]
+    lib.flash_cutlass_bias_read.restype = ctypes.c_int
+    lib.flash_cutlass_bias_read.argtypes = [ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(_Params)]
     return lib, None
 
 
@@ -96,15 +101,21 @@ def _bias_ready(inp: AttentionInputs) -> tuple[torch.Tensor, tuple[int, int, int
     """The bias as the kernels read it: [B|1, H|1, Nq|1, Nk] with unit key stride, the address
     and every stride even (two keys per 32-bit load), and the batch, head and row strides (0 on
     broadcast dims). Anything else (keys strided apart as in T5's permuted position bias, a
-    bias broadcast over keys, an odd row length) is copied once, rows padded to an even length;
-    the kernel never reads the padding."""
+    bias broadcast over keys, an odd row length) is copied once, rows padded to a multiple of 8
+    (16 bytes: what the head-dim-128 kernels need to load bias tiles by TMA); the kernel never
+    reads the padding. At head dim 128 the bias is also copied when its address or strides are
+    not 16-byte multiples (TMA's alignment; `_tma_bias_reasons` has already refused the shapes a
+    copy cannot fix)."""
     b4 = inp.bias_4d()
     strides = [0 if b4.shape[i] == 1 else b4.stride(i) for i in range(3)]
-    if b4.shape[3] != inp.len_k or (inp.len_k > 1 and b4.stride(3) != 1) or b4.data_ptr() % 4 or any(s % 2 for s in strides):
+    # Head dim 128 loads bias tiles by TMA: 16-byte-aligned base and strides, or a copy.
+    align, stride_align = (16, 8) if inp.head_dim in TMA_BIAS_HEAD_DIMS else (4, 2)
+    if (b4.shape[3] != inp.len_k or (inp.len_k > 1 and b4.stride(3) != 1) or b4.data_ptr() % align
+            or any(s % stride_align for s in strides)):
         # Only the dims the bias really varies along are copied; broadcast ones stay size 1.
         shape = [b4.shape[i] if b4.shape[i] != 1 and b4.stride(i) != 0 else 1 for i in range(3)]
         src = b4[tuple(slice(0, n) for n in shape)].expand(*shape, inp.len_k)
-        padded = torch.empty(*shape, inp.len_k + inp.len_k % 2, dtype=b4.dtype, device=b4.device)
+        padded = torch.empty(*shape, -(-inp.len_k // 8) * 8, dtype=b4.dtype, device=b4.device)
         b4 = padded[..., : inp.len_k]
         b4.copy_(src)
         strides = [0 if shape[i] == 1 else b4.stride(i) for i in range(3)]
@@ -119,6 +130,26 @@ def _tma_ready(t: torch.Tensor) -> torch.Tensor:
         return t
     # Not .contiguous(): a contiguous view at a misaligned offset would come back unchanged.
     return t.clone(memory_format=torch.contiguous_format)
+
+
+def _tma_bias_reasons(inp: AttentionInputs) -> list[str]:
+    """What keeps a bias from the head-dim-128 instances, which load it by TMA (the mirror of
+    csrc/flash_cutlass.h's flash_cutlass_bias_tma_ok, on shapes, so it holds for traced values;
+    alignment is fixed by `_bias_ready`'s copy). Triton runs these: CUTLASS's other bias read is
+    no faster than Triton's there, so it is not built at this head dim."""
+    b4 = inp.bias_4d()
+    reasons = []
+    if inp.len_q > 1 and (b4.shape[2] == 1 or b4.stride(2) == 0):
+        reasons.append("a bias broadcast over query rows at head_dim=128 (the CUTLASS kernel loads bias tiles by "
+                       "TMA, which cannot step a row stride of 0; Triton runs it as fast as CUTLASS's other bias "
+                       "read would)")
+    if inp.len_k % 8:
+        reasons.append(f"a bias with len_k={inp.len_k} at head_dim=128 (TMA loads bias rows of 16-byte multiples: "
+                       "len_k a multiple of 8; a padded copy would cost more than Triton's kernel)")
+    if inp.heads_q != inp.heads_kv and inp.len_q % TILE_M:
+        reasons.append(f"a bias with grouped KV heads and len_q={inp.len_q} at head_dim=128 (a {TILE_M}-row block of "
+                       f"folded rows must stay in one query head: len_q a multiple of {TILE_M})")
+    return reasons
 
 
 def _bias_reasons(inp: AttentionInputs) -> list[str]:
@@ -189,6 +220,8 @@ class CutlassBackend(KernelBackend):
             reasons.append(f"scale={inp.scale:g} (the CUTLASS softmax needs a finite scale > 0)")
         if inp.bias is not None:
             reasons += _bias_reasons(inp)
+            if inp.head_dim in TMA_BIAS_HEAD_DIMS and not reasons:
+                reasons += _tma_bias_reasons(inp)
         if inp.len_q % 8:
             reasons.append(f"len_q={inp.len_q} (the CUTLASS kernels need a multiple of 8)")
         if inp.len_k == 0:
@@ -198,10 +231,9 @@ class CutlassBackend(KernelBackend):
             reasons.append("a tensor has more than 2^31 elements (the kernels index with 32 bits)")
         return reasons
 
-    def forward(self, inp: AttentionInputs, seed):
-        lib, why = _library()
-        if lib is None:
-            raise RuntimeError(f"the CUTLASS library is {why}")
+    @staticmethod
+    def _call(inp: AttentionInputs):
+        """(dtype code, mask code, the C params, out, lse, tensors the params point into)."""
         b, hq, nq, d = inp.q.shape
         hkv, nk = inp.k.shape[1], inp.k.shape[2]
         groups = hq // hkv
@@ -216,17 +248,37 @@ class CutlassBackend(KernelBackend):
         out = torch.empty(b, hkv, rows, d, dtype=q.dtype, device=q.device)
         lse = torch.empty(b, hkv, rows, dtype=torch.float32, device=q.device)
         bias, bias_strides = _bias_ready(inp) if inp.bias is not None else (None, (0, 0, 0))
-        with torch.cuda.device(q.device):
-            params = _Params(
-                q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-                b, hkv, rows, nk, d, _strides(q), _strides(k), _strides(v), _strides(out),
-                float(inp.scale), torch.cuda.get_device_properties(q.device).multi_processor_count,
-                torch.cuda.current_stream(q.device).cuda_stream,
-                bias.data_ptr() if bias is not None else None, (ctypes.c_int64 * 3)(*bias_strides),
-                groups, nq,
-            )
+        params = _Params(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+            b, hkv, rows, nk, d, _strides(q), _strides(k), _strides(v), _strides(out),
+            float(inp.scale), torch.cuda.get_device_properties(q.device).multi_processor_count,
+            torch.cuda.current_stream(q.device).cuda_stream,
+            bias.data_ptr() if bias is not None else None, (ctypes.c_int64 * 3)(*bias_strides),
+            groups, nq,
+        )
+        return _DTYPE_CODES[q.dtype], mask, params, out, lse, (q, k, v, bias)
+
+    def bias_read(self, inp: AttentionInputs) -> str | None:
+        """How the kernel will read this input's bias: "tma" (a tile per key block loaded into
+        shared memory beside K and V), "softmax" (from global memory between the GEMMs: rows
+        broadcast, or strides not 16-byte multiples), or None (no bias, or no instance)."""
+        lib, why = _library()
+        if lib is None:
+            raise RuntimeError(f"the CUTLASS library is {why}")
+        with torch.cuda.device(inp.q.device):
+            dtype, mask, params, *_ = self._call(inp)
+            code = lib.flash_cutlass_bias_read(dtype, mask, ctypes.byref(params))
+        return {1: "softmax", 2: "tma"}.get(code)
+
+    def forward(self, inp: AttentionInputs, seed):
+        lib, why = _library()
+        if lib is None:
+            raise RuntimeError(f"the CUTLASS library is {why}")
+        b, hq, nq, d = inp.q.shape
+        with torch.cuda.device(inp.q.device):
+            dtype, mask, params, out, lse, _keep = self._call(inp)
             err = ctypes.create_string_buffer(512)
-            code = lib.flash_cutlass_fwd(_DTYPE_CODES[q.dtype], mask, ctypes.byref(params), err, len(err))
+            code = lib.flash_cutlass_fwd(dtype, mask, ctypes.byref(params), err, len(err))
         if code:
             raise RuntimeError(f"CUTLASS forward failed: {err.value.decode(errors='replace')}")
         return out.view(b, hq, nq, d), lse.view(b, hq, nq)
