@@ -6,9 +6,11 @@ A variant is a set of instances and -D flags on csrc/: today how head dim 128 re
 "tma" (csrc/fwd_bias_tma.cuh: a bias tile per key block loaded by TMA into the K/V ring) and its
 knobs (`VARIANTS`), against "softmax" (fwd_kernel.cuh's softmax-read bias, the only way before
 session 19). Older variants of the softmax-read bias (FLASH_CUTLASS_BIAS_PREFETCH, and those
-listed beside its code) were measured the same way. Each builds only the instances it times, into its own cache directory, in
-parallel; the forward is then timed through the backend (the library swapped in) on the issue's
-shape, B=1 H=12 N=8192 bf16, per-head bias [1, H, N, N], and checked against the Triton forward.
+listed beside its code) were measured the same way. Each builds only the instances it times,
+into its own cache directory, in parallel; the forwards are then timed through the backend (the
+library swapped in), interleaved (`time_interleaved`), on the issue's shape, B=1 H=12 N=8192
+bf16, per-head bias [1, H, N, N], and checked against the Triton forward. "no_bias" times the
+same kernel without the bias, the ceiling the bias variants are read against.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ def _bias_instances(tma: bool):
 # name -> (instances, extra nvcc flags)
 _OLD_READ = ["-DFLASH_CUTLASS_TMA_BIAS_LDSM=0", "-DFLASH_CUTLASS_TMA_BIAS_EARLY_LOADS=0"]
 # Every variant tried (session 19, H100; RESULTS.md): the default is "tma" (ldmatrix reads issued
-# before the QK GEMM's wait, 6 ring slots, no L2 prefetch, warpgroups not locked).
+# before the QK GEMM's wait, 6 ring slots, no L2 prefetch, warpgroups not locked). The bias
+# written into the accumulator before the GEMM was tried as a patch
+# (benchmarks/patches/tma_bias_init_acc.patch, its header has the figures).
 VARIANTS = {
     "tma": (_bias_instances(True), []),
     "softmax": (_bias_instances(False), []),
@@ -51,6 +55,10 @@ VARIANTS = {
                                                  "-DFLASH_CUTLASS_TMA_BIAS_LOCKED=1"]),
     # Diagnostic, wrong results: the bias loaded but not added (what the add itself costs).
     "no_add": (_bias_instances(True), ["-DFLASH_CUTLASS_TMA_BIAS_DIAG_NO_ADD=1"]),
+    # The same kernel without a bias (timed on the same q, k, v without it): the ceiling.
+    "no_bias": (tuple(cb.Instance("bf16", 128, m) for m in ("none", "causal")), []),
+    # Diagnostic, wrong results: every step loads the block's first bias tile (L2, not HBM).
+    "same_tile": (_bias_instances(True), ["-DFLASH_CUTLASS_TMA_BIAS_DIAG_SAME_TILE=1"]),
 }
 
 
@@ -68,22 +76,26 @@ def build_variant(name, instances, extra):
     return lib
 
 
-def time_ms(fn, reps=20, rounds=5):
-    """Median over rounds of `reps` back-to-back calls between two events: the op's host work
-    (100-300 µs a call on the lent hosts) overlaps the queued kernels instead of being timed."""
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(rounds):
-        torch.cuda.synchronize()
-        start.record()
-        for _ in range(reps):
+def time_interleaved(fns: dict, reps=20, rounds=7) -> dict:
+    """Median ms a call per name, over rounds that each time every fn once (`reps` calls queued
+    between two events, so the op's host work overlaps the kernels), in an order rotated every
+    round: a GPU whose clocks drift over a run (seen in session 19, same kernel 437-517 TFLOP/s)
+    then drifts under every variant alike."""
+    for fn in fns.values():
+        for _ in range(3):
             fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / reps)
-    return sorted(times)[len(times) // 2]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    names, times = list(fns), {name: [] for name in fns}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            torch.cuda.synchronize()
+            start.record()
+            for _ in range(reps):
+                fns[name]()
+            end.record()
+            torch.cuda.synchronize()
+            times[name].append(start.elapsed_time(end) / reps)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
 def main(argv=None):
@@ -116,14 +128,25 @@ def main(argv=None):
         for causal in (False, True):
             inp = validate(q, k, v, bias, causal=causal)
             ref, _ = TritonBackend().forward(inp, None)
+            plain = validate(q, k, v, causal=causal)
             flops = 4 * h * n * n * d / (2 if causal else 1)
+
+            def call(lib, run):
+                cutlass_backend._library = lambda: (lib, None)
+                return cutlass_backend.CutlassBackend().forward(run, None)
+
+            runs = {name: plain if name == "no_bias" else inp for name in libs}
+            fns = {name: (lambda lib=lib, run=runs[name]: call(lib, run)) for name, lib in libs.items()}
+            checks = {}
             for name, lib in libs.items():
                 cutlass_backend._library = lambda lib=lib: (lib, None)
-                read = cutlass_backend.CutlassBackend().bias_read(inp)
-                out, _ = cutlass_backend.CutlassBackend().forward(inp, None)
-                err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-                ms = time_ms(lambda: cutlass_backend.CutlassBackend().forward(inp, None))
-                row = dict(variant=name, bias_read=read, head_dim=d, causal=causal, ms=ms, tflops=flops / ms / 1e9, rel_err_vs_triton=err)
+                read = cutlass_backend.CutlassBackend().bias_read(runs[name])
+                out, _ = fns[name]()
+                checks[name] = (read, ((out.float() - ref.float()).norm() / ref.float().norm()).item())
+            for name, ms in time_interleaved(fns).items():
+                read, err = checks[name]
+                row = dict(variant=name, bias_read=read, head_dim=d, causal=causal, ms=ms, tflops=flops / ms / 1e9,
+                           rel_err_vs_triton=err)
                 rows.append(row)
                 print(f"D={d} {'bias+causal' if causal else 'bias':12s} {name:8s} ({read}) {ms * 1e3:8.0f} µs "
                       f"{row['tflops']:6.1f} TFLOP/s  rel err vs Triton {err:.2e}", flush=True)

@@ -44,9 +44,14 @@
 #ifndef FLASH_CUTLASS_TMA_BIAS_LOCKED
 #define FLASH_CUTLASS_TMA_BIAS_LOCKED 0
 #endif
-// Diagnostic only (wrong results): load the bias but do not add it, to time the loads alone.
+// Diagnostics only (wrong results): load the bias but do not add it, to time the loads alone;
+// load the block's first bias tile at every step (from L2 after the first), to tell HBM traffic
+// from the ring's depth.
 #ifndef FLASH_CUTLASS_TMA_BIAS_DIAG_NO_ADD
 #define FLASH_CUTLASS_TMA_BIAS_DIAG_NO_ADD 0
+#endif
+#ifndef FLASH_CUTLASS_TMA_BIAS_DIAG_SAME_TILE
+#define FLASH_CUTLASS_TMA_BIAS_DIAG_SAME_TILE 0
 #endif
 
 namespace flash_cutlass {
@@ -189,7 +194,7 @@ struct TmaBiasMainloop : Base {
     for (int t = 0; t < tiles; ++t) {
       if (lane_predicate == 1) {
         put(params.tma_load_k, get<0>(state_k)(_, _, _, t), get<1>(state_k));
-        put(params.tma_bias, tBg(_, _, _, t), tBs);
+        put(params.tma_bias, tBg(_, _, _, FLASH_CUTLASS_TMA_BIAS_DIAG_SAME_TILE ? 0 : t), tBs);
         if (kAhead > 0 && t + kAhead < tiles) prefetch(params.tma_bias, tBg(_, _, _, t + kAhead));
       }
       while (q_count > 0) load_q.step(q_iter, state_q, smem_pipe_write_q, lane_predicate, q_count);
