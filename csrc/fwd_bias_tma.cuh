@@ -44,6 +44,14 @@
 #ifndef FLASH_CUTLASS_TMA_BIAS_LOCKED
 #define FLASH_CUTLASS_TMA_BIAS_LOCKED 0
 #endif
+// Whether a consumer overlaps one key tile's softmax with the GEMMs around it (FA3's
+// intra-warpgroup pipelining: tile t's QK GEMM and tile t-1's PV GEMM are issued, then tile t's
+// bias, max and exponentials run while the PV GEMM is still on the tensor cores; the output is
+// rescaled once that GEMM is done). Written in session 19 after its device time was spent: not
+// yet run on a GPU, so off by default (benchmarks/cutlass_variants.py's "overlap").
+#ifndef FLASH_CUTLASS_TMA_BIAS_OVERLAP
+#define FLASH_CUTLASS_TMA_BIAS_OVERLAP 0
+#endif
 // Diagnostics only (wrong results): load the bias but do not add it, to time the loads alone;
 // load the block's first bias tile at every step (from L2 after the first), to tell HBM traffic
 // from the ring's depth.
@@ -68,7 +76,10 @@ struct TmaBiasArgs {
   float inv_scale = 1.f;
 };
 
-template <class Base, class Fusion>
+// kBias = false: the same mainloop without a bias (only with the overlapped consumer: the ring
+// carries K and V alone), so the no-bias instances can run FLASH_CUTLASS_TMA_BIAS_OVERLAP's loop
+// (FLASH_CUTLASS_OVERLAP_NO_BIAS in fwd_kernel.cuh).
+template <class Base, class Fusion, bool kBias = true>
 struct TmaBiasMainloop : Base {
   using Element = typename Base::Element;
   using TileShape = typename Base::TileShape;
@@ -91,9 +102,10 @@ struct TmaBiasMainloop : Base {
                                                 make_shape(Int<kTileM>{}, Int<kTileN>{}, Int<kStages>{})));
   // A bias tile takes one slot of the K/V ring: same bytes (the pipeline expects one transaction
   // size per slot) and the same stage stride (the slots are a union).
-  static_assert(size(SmemLayoutBiasTile{}) * sizeof(Element) == Base::kInnerLoadBytes,
+  static_assert(!kBias || size(SmemLayoutBiasTile{}) * sizeof(Element) == Base::kInnerLoadBytes,
                 "the TMA bias needs a bias tile the size of a K tile (head dim = keys per tile)");
-  static_assert(cosize_v<SmemLayoutBias> == cosize_v<typename Base::SmemLayoutK>);
+  static_assert(!kBias || cosize_v<SmemLayoutBias> == cosize_v<typename Base::SmemLayoutK>);
+  static_assert(kBias || FLASH_CUTLASS_TMA_BIAS_OVERLAP, "the no-bias mode is the overlapped consumer's");
 
   struct SharedStorage {
     cute::array_aligned<Element, cute::cosize_v<typename Base::SmemLayoutQ>> smem_q;
@@ -130,12 +142,16 @@ struct TmaBiasMainloop : Base {
     base.scale_softmax_log2 = args.scale * static_cast<float>(M_LOG2E);
     TmaBiasArgs bias = args.bias;
     bias.inv_scale = 1.f / args.scale;
-    return Params{base, make_bias_tma(bias), bias};
+    if constexpr (kBias) {
+      return Params{base, make_bias_tma(bias), bias};
+    } else {
+      return Params{base, {}, bias};
+    }
   }
 
   CUTLASS_DEVICE static void prefetch_tma_descriptors(Params const& params) {
     Base::prefetch_tma_descriptors(params);
-    cute::prefetch_tma_descriptor(params.tma_bias.get_tma_descriptor());
+    if constexpr (kBias) cute::prefetch_tma_descriptor(params.tma_bias.get_tma_descriptor());
   }
 
   // The producer warp: Q for each consumer warpgroup, then per key tile K_t, bias_t, V_t into
@@ -184,7 +200,7 @@ struct TmaBiasMainloop : Base {
 
     constexpr int kAhead = FLASH_CUTLASS_TMA_BIAS_L2_AHEAD;
     load_q.step(q_iter, state_q, smem_pipe_write_q, lane_predicate, q_count);
-    if (lane_predicate == 1) {
+    if (kBias && lane_predicate == 1) {
       CUTLASS_PRAGMA_UNROLL
       for (int t = 1; t < kAhead; ++t) {
         if (t < tiles) prefetch(params.tma_bias, tBg(_, _, _, t));
@@ -194,8 +210,10 @@ struct TmaBiasMainloop : Base {
     for (int t = 0; t < tiles; ++t) {
       if (lane_predicate == 1) {
         put(params.tma_load_k, get<0>(state_k)(_, _, _, t), get<1>(state_k));
-        put(params.tma_bias, tBg(_, _, _, FLASH_CUTLASS_TMA_BIAS_DIAG_SAME_TILE ? 0 : t), tBs);
-        if (kAhead > 0 && t + kAhead < tiles) prefetch(params.tma_bias, tBg(_, _, _, t + kAhead));
+        if constexpr (kBias) {
+          put(params.tma_bias, tBg(_, _, _, FLASH_CUTLASS_TMA_BIAS_DIAG_SAME_TILE ? 0 : t), tBs);
+          if (kAhead > 0 && t + kAhead < tiles) prefetch(params.tma_bias, tBg(_, _, _, t + kAhead));
+        }
       }
       while (q_count > 0) load_q.step(q_iter, state_q, smem_pipe_write_q, lane_predicate, q_count);
       if (lane_predicate == 1) put(params.tma_load_v, get<0>(state_v)(_, _, _, t), get<1>(state_v));
@@ -232,6 +250,175 @@ struct TmaBiasMainloop : Base {
         acc_qk(2 * p + 1) = fmaf(v.y, inv_scale, acc_qk(2 * p + 1));
       }
     }
+  }
+
+  // After the last PV GEMM is issued: the output normalised and the lse. A row whose every key is
+  // masked (a -inf bias) gets lse -inf and zeros, the op's contract (example 88 reports +inf).
+  template <class Softmax, class SoftmaxState, class AccPV, class TiledMmaPV>
+  CUTLASS_DEVICE static auto finish(Softmax& softmax, SoftmaxState& softmax_state, AccPV& acc_pv,
+                                    TiledMmaPV const& tiled_mma_pv) {
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc_pv);
+    Tensor lse = softmax.tail(softmax_state, acc_pv, tiled_mma_pv);
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(lse); i++) {
+      if (lse(i) == INFINITY) lse(i) = -INFINITY;
+    }
+    return make_tuple(acc_pv, lse);
+  }
+
+  // FLASH_CUTLASS_TMA_BIAS_OVERLAP's consumer loop (see its comment). Per steady tile t: wait K_t
+  // and bias_t, issue S_t = Q K_t^T, issue O += P_{t-1} V_{t-1}, wait for S_t only, add the bias,
+  // mask, new row max and exponentials (P_t), wait for the PV GEMM, rescale O and the row sums,
+  // release V_{t-1}, K_t, bias_t in ring order. O starts at zero and every PV GEMM accumulates,
+  // so no wgmma sits behind a branch.
+  template <class BlkCoord, class ProblemShape, class TiledMmaQK, class TiledMmaPV, class FragQ, class FragK,
+            class FragV, class ReadBias, class CountQK, class AccPV, class Softmax, class SoftmaxState,
+            class OrderBarrier>
+  CUTLASS_DEVICE auto compute_overlapped(BlkCoord const& blk_coord, Params const& params,
+                                         ProblemShape const& problem_size, MainloopPipeline& pipeline,
+                                         PipelineState& smem_pipe_read, PipelineState& smem_pipe_release,
+                                         TiledMmaQK& tiled_mma_qk, TiledMmaPV& tiled_mma_pv, FragQ const& tSrQ,
+                                         FragK const& tSrK, FragV const& tOrV, ReadBias& read_bias, CountQK& tPcP,
+                                         AccPV& acc_pv, Softmax& softmax, SoftmaxState& softmax_state, int unmasked,
+                                         int tiles, OrderBarrier& math_wg_order_barrier) {
+    using cutlass::fmha::collective::layout_acc_mn;
+    using cutlass::fmha::collective::reduction_target_n;
+    float const scale_log2 = params.scale_softmax_log2;
+    float const inv_scale = params.bias.inv_scale;
+    auto& s_max = get<0>(softmax_state);
+    auto& a_sum = get<1>(softmax_state);
+    Tensor m_prev = make_fragment_like(s_max);
+    Tensor row_sum = make_fragment_like(a_sum);
+
+    // Row max over this tile's scores, across the threads that share a row.
+    auto take_max = [&](auto& acc_qk) {
+      Tensor mn = make_tensor(acc_qk.data(), layout_acc_mn(tiled_mma_qk, acc_qk.layout()));
+      auto red = reduction_target_n(tiled_mma_qk);
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size<0>(mn); i++) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int j = 0; j < size<1>(mn); j++) s_max(i) = ::fmaxf(s_max(i), mn(i, j));
+      }
+      for_each(make_seq<decltype(rank(red))::value>{}, [&](auto r) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int j = 1; j < shape<r>(red); j *= 2) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int i = 0; i < size<0>(mn); i++) {
+            s_max(i) = ::fmaxf(s_max(i), __shfl_xor_sync(uint32_t(-1), s_max(i), stride<r>(red) * j));
+          }
+        }
+      });
+    };
+    // P = exp2(scale_log2 * (s - max)); this thread's part of each row's sum (the tail adds the parts).
+    auto exponentiate = [&](auto& acc_qk) {
+      Tensor mn = make_tensor(acc_qk.data(), layout_acc_mn(tiled_mma_qk, acc_qk.layout()));
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size<0>(mn); i++) {
+        float scaled_max = scale_log2 * (s_max(i) == -INFINITY ? 0.f : s_max(i));
+        row_sum(i) = 0.f;
+        CUTLASS_PRAGMA_UNROLL
+        for (int j = 0; j < size<1>(mn); j++) {
+          mn(i, j) = ::exp2f(scale_log2 * mn(i, j) - scaled_max);
+          row_sum(i) += mn(i, j);
+        }
+      }
+    };
+    auto wait_qk_and_bias = [&](auto& acc_qk, auto first) {
+      int k_stage = smem_pipe_read.index();
+      pipeline.consumer_wait(smem_pipe_read);
+      ++smem_pipe_read;
+      int bias_stage = smem_pipe_read.index();
+      if constexpr (kBias) {
+        pipeline.consumer_wait(smem_pipe_read);
+        ++smem_pipe_read;
+      }
+      if constexpr (decltype(first)::value) math_wg_order_barrier.wait();
+      warpgroup_fence_operand(acc_qk);
+      warpgroup_arrive();
+      cutlass::fmha::collective::gemm_zero_acc(tiled_mma_qk, tSrQ, tSrK(_, _, _, k_stage), acc_qk);
+      warpgroup_commit_batch();
+      if constexpr (decltype(first)::value) math_wg_order_barrier.arrive();
+      return bias_stage;
+    };
+    auto issue_pv = [&](auto& p, PipelineState const& v_state) {
+      pipeline.consumer_wait(v_state);
+      warpgroup_fence_operand(acc_pv);
+      warpgroup_fence_operand(p);
+      warpgroup_arrive();
+      cute::gemm(tiled_mma_pv, p, tOrV(_, _, _, v_state.index()), acc_pv);
+      warpgroup_commit_batch();
+    };
+    auto release = [&](int slots) {
+      for (int i = 0; i < slots; ++i) {
+        pipeline.consumer_release(smem_pipe_release);
+        ++smem_pipe_release;
+      }
+    };
+
+    clear(acc_pv);
+    tiled_mma_pv.accumulate_ = GMMA::ScaleOut::One;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(s_max); i++) s_max(i) = -INFINITY;
+
+    // The first tile: nothing to overlap with yet.
+    Tensor acc_qk0 = partition_fragment_C(tiled_mma_qk, take<0, 2>(TileShapeQK{}));
+    uint32_t bits[decltype(size(acc_qk0))::value / 2];
+    int bias_stage = wait_qk_and_bias(acc_qk0, true_type{});
+    if constexpr (kBias) read_bias(bits, bias_stage);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc_qk0);
+    if constexpr (kBias) add_bias(acc_qk0, bits, inv_scale);
+    release(kBias ? 2 : 1);  // K_0 (and bias_0)
+    Fusion{}.before_softmax(acc_qk0, tPcP, problem_size);
+    take_max(acc_qk0);
+    exponentiate(acc_qk0);
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(a_sum); i++) a_sum(i) = row_sum(i);
+    auto p = cutlass::fmha::collective::make_acc_into_op<Element>(acc_qk0, typename TiledMmaPV::LayoutA_TV{});
+    PipelineState v_state = smem_pipe_read;  // V_0
+    ++smem_pipe_read;
+    tPcP.data() = tPcP.data() + E<1>{} * kTileN;
+
+    auto steady = [&](auto masked) {
+      Tensor acc_qk = partition_fragment_C(tiled_mma_qk, take<0, 2>(TileShapeQK{}));
+      int bias_stage = wait_qk_and_bias(acc_qk, false_type{});
+      issue_pv(p, v_state);
+      if constexpr (kBias) read_bias(bits, bias_stage);
+      warpgroup_wait<1>();  // the QK GEMM; the PV GEMM may still run
+      warpgroup_fence_operand(acc_qk);
+      if constexpr (kBias) add_bias(acc_qk, bits, inv_scale);
+      if constexpr (decltype(masked)::value) Fusion{}.before_softmax(acc_qk, tPcP, problem_size);
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(s_max); i++) m_prev(i) = s_max(i);
+      take_max(acc_qk);
+      exponentiate(acc_qk);
+      warpgroup_wait<0>();  // the PV GEMM
+      warpgroup_fence_operand(acc_pv);
+      Tensor o = make_tensor(acc_pv.data(), layout_acc_mn(tiled_mma_pv, acc_pv.layout()));
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size<0>(o); i++) {
+        float cur = s_max(i) == -INFINITY ? 0.f : s_max(i);
+        float r = ::exp2f((m_prev(i) - cur) * scale_log2);
+        a_sum(i) = a_sum(i) * r + row_sum(i);
+        CUTLASS_PRAGMA_UNROLL
+        for (int j = 0; j < size<1>(o); j++) o(i, j) *= r;
+      }
+      release(kBias ? 3 : 2);  // V_{t-1}, K_t (and bias_t)
+      Tensor p_next = cutlass::fmha::collective::make_acc_into_op<Element>(acc_qk, typename TiledMmaPV::LayoutA_TV{});
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(p); i++) p(i) = p_next(i);
+      v_state = smem_pipe_read;  // V_t
+      ++smem_pipe_read;
+      tPcP.data() = tPcP.data() + E<1>{} * kTileN;
+    };
+    CUTLASS_PRAGMA_NO_UNROLL
+    for (int t = 1; t < unmasked; ++t) steady(false_type{});
+    CUTLASS_PRAGMA_NO_UNROLL
+    for (int t = std::max(unmasked, 1); t < tiles; ++t) steady(true_type{});
+
+    issue_pv(p, v_state);
+    return finish(softmax, softmax_state, acc_pv, tiled_mma_pv);
   }
 
   // A consumer warpgroup: its 64 query rows against every visited key tile. The example's loop,
@@ -309,6 +496,13 @@ struct TmaBiasMainloop : Base {
     pipeline_q.consumer_wait(smem_pipe_read_q);
     int q_stage = smem_pipe_read_q.index();
 
+    // Without a bias only the overlapped loop exists; the loop below is then never reached.
+    if constexpr (FLASH_CUTLASS_TMA_BIAS_OVERLAP || !kBias) {
+      return compute_overlapped(blk_coord, params, problem_size, pipeline, smem_pipe_read, smem_pipe_release,
+                                tiled_mma_qk, tiled_mma_pv, tSrQ(_, _, _, q_stage), tSrK, tOrV, read_bias, tPcP,
+                                acc_pv, softmax, softmax_state, unmasked, tiles, math_wg_order_barrier);
+    }
+
     // One key tile. Peeled as the example peels it (first tile, unmasked tiles, masked tiles),
     // so every wgmma sits in straight-line code: a branch around one makes ptxas serialise it.
     auto tile = [&](auto first, auto masked) {
@@ -374,16 +568,7 @@ struct TmaBiasMainloop : Base {
     CUTLASS_PRAGMA_NO_UNROLL
     for (int t = std::max(unmasked, 1); t < tiles; ++t) tile(false_type{}, true_type{});
 
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(acc_pv);
-    Tensor lse = softmax.tail(softmax_state, acc_pv, tiled_mma_pv);
-    // A row whose every key is masked (a -inf bias): lse -inf and zeros, the op's contract
-    // (example 88 reports +inf).
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < size(lse); i++) {
-      if (lse(i) == INFINITY) lse(i) = -INFINITY;
-    }
-    return make_tuple(acc_pv, lse);
+    return finish(softmax, softmax_state, acc_pv, tiled_mma_pv);
   }
 };
 

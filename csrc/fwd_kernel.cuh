@@ -326,6 +326,13 @@ enum BiasRead { kNoBias = 0, kBiasInSoftmax = 1, kBiasByTma = 2 };
 #define FLASH_CUTLASS_TMA_BIAS_STAGES 6  // K/V/bias ring slots: 6 x 32 KB + Q's 32 KB fit in 227 KB
 #endif
 
+// Whether the no-bias instances run the TMA-bias mainloop's overlapped consumer without a bias
+// (benchmarks/cutlass_variants.py's "overlap_no_bias"; needs FLASH_CUTLASS_TMA_BIAS_OVERLAP=1).
+// Written in session 19, not yet run on a GPU: example 88's own consumer by default.
+#ifndef FLASH_CUTLASS_OVERLAP_NO_BIAS
+#define FLASH_CUTLASS_OVERLAP_NO_BIAS 0
+#endif
+
 template <class Element, class Tile, class Mask, int kBias>
 struct MainloopFor {
   using Fusion = std::conditional_t<kBias == kBiasInSoftmax, BiasFusion<Mask, Element, tuple_element_t<1, Tile>::value>,
@@ -333,6 +340,14 @@ struct MainloopFor {
   using type = ScaledMainloop<cutlass::fmha::collective::FmhaMainloopTmaWarpSpecialized<
       Element, float, float, Tile, StrideQKV, StrideQKV, StrideQKV, Fusion>>;
 };
+
+#if FLASH_CUTLASS_OVERLAP_NO_BIAS
+template <class Element, class Tile, class Mask>
+struct MainloopFor<Element, Tile, Mask, kNoBias> {
+  using type = TmaBiasMainloop<cutlass::fmha::collective::FmhaMainloopTmaWarpSpecialized<
+      Element, float, float, Tile, StrideQKV, StrideQKV, StrideQKV, Mask>, Mask, false>;
+};
+#endif
 
 template <class Element, class Tile, class Mask>
 struct MainloopFor<Element, Tile, Mask, kBiasByTma> {

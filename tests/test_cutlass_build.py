@@ -170,15 +170,23 @@ def test_build_command_reports_a_missing_toolchain(monkeypatch, tmp_path, capsys
 
 @pytest.mark.skipif(not HAVE_HEADERS or shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"),
                     reason="needs nvcc and the nvidia-cutlass headers")
-def test_the_entry_point_and_one_instance_compile_for_sm90a(tmp_path):
-    """A real nvcc run (about a minute on 2 cores): the generated units and csrc/ are valid CUDA
-    C++ against the installed CUTLASS, before any GPU sees them."""
+@pytest.mark.parametrize("variant,bias", [
+    ([], True),
+    (["-DFLASH_CUTLASS_TMA_BIAS_OVERLAP=1"], True),
+    (["-DFLASH_CUTLASS_TMA_BIAS_OVERLAP=1", "-DFLASH_CUTLASS_OVERLAP_NO_BIAS=1"], False),
+], ids=["default", "overlap", "overlap_no_bias"])
+def test_the_entry_point_and_one_instance_compile_for_sm90a(tmp_path, variant, bias):
+    """A real nvcc run (about a minute on 2 cores each): the generated units and csrc/ are valid
+    CUDA C++ against the installed CUTLASS, before any GPU sees them. The "overlap" ones are the
+    TMA bias mainloop's consumer that no default build compiles (benchmarks/cutlass_variants.py
+    times them), with a bias and in its no-bias mode."""
     p = cb.plan(cb.INSTANCES[:0])
-    inst = cb.Instance("bf16", 128, "causal", bias=True, tma_bias=True)  # the mask fusion, the TMA bias mainloop
+    # the mask fusion and the TMA bias mainloop (or the no-bias instance the variant reroutes)
+    inst = cb.Instance("bf16", 128, "causal", bias=bias, tma_bias=bias)
     (tmp_path / "api.cu").write_text(cb.api_source((inst,)))
     (tmp_path / "unit.cu").write_text(inst.source())
-    for unit in ("api", "unit"):
-        res = subprocess.run([p.nvcc, *p.flags, "-c", f"{unit}.cu", "-o", f"{unit}.o"], cwd=tmp_path,
+    for unit in ("api", "unit") if not variant else ("unit",):
+        res = subprocess.run([p.nvcc, *p.flags, *variant, "-c", f"{unit}.cu", "-o", f"{unit}.o"], cwd=tmp_path,
                              capture_output=True, text=True)
         assert res.returncode == 0, res.stderr[-3000:]
     assert pathlib.Path(tmp_path / "unit.o").stat().st_size > 10_000
