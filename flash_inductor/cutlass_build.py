@@ -179,7 +179,7 @@ extern "C" int flash_cutlass_fwd(int32_t dtype, int32_t mask, const FlashCutlass
 }}
 extern "C" const char* flash_cutlass_instances(void) {{ return "{listing}"; }}
 // How flash_cutlass_fwd would read this call's bias (BiasRead: 0 none, 1 in the softmax, 2 by TMA),
-// -1 if no instance takes it; for `explain` and the tests.
+// -1 if no instance takes it; for tools and the tests.
 extern "C" int flash_cutlass_bias_read(int32_t dtype, int32_t mask, const FlashCutlassFwdParams* p) {{
   bool bias = p->bias != nullptr;
 {reads}

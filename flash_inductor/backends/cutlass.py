@@ -259,9 +259,9 @@ class CutlassBackend(KernelBackend):
         return _DTYPE_CODES[q.dtype], mask, params, out, lse, (q, k, v, bias)
 
     def bias_read(self, inp: AttentionInputs) -> str | None:
-        """How the kernel will read this input's bias: "tma" (a tile per key block loaded into
-        shared memory beside K and V), "softmax" (from global memory between the GEMMs: rows
-        broadcast, or strides not 16-byte multiples), or None (no bias, or no instance)."""
+        """How the kernel will read this input's bias: "tma" (head dim 128: a tile per key block
+        loaded into shared memory beside K and V), "softmax" (head dim 256: from global memory
+        between the GEMMs), or None (no bias, or no instance takes the input)."""
         lib, why = _library()
         if lib is None:
             raise RuntimeError(f"the CUTLASS library is {why}")
