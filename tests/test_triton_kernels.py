@@ -584,6 +584,51 @@ def test_dropout_statistics_and_seeding(interp):
     assert not torch.equal(keep, _dropout_mask(interp, q, k, torch.tensor([42, 1]), p))
 
 
+_DRAW_MASK_CC = r"""
+#include <cstdio>
+#include <cstdlib>
+#include "dropout_philox.h"
+// argv: seed offset batch heads rows keys threshold; prints the keep mask, one '0'/'1' per score
+int main(int argc, char** argv) {
+  long long seed = std::strtoll(argv[1], nullptr, 0), offset = std::strtoll(argv[2], nullptr, 0);
+  int b = std::atoi(argv[3]), h = std::atoi(argv[4]), n = std::atoi(argv[5]), m = std::atoi(argv[6]);
+  unsigned t = unsigned(std::atoi(argv[7]));
+  for (int bh = 0; bh < b * h; ++bh)
+    for (int i = 0; i < n; ++i)
+      for (int j = 0; j < m; ++j)
+        std::putchar(flash_dropout::keep(uint64_t(seed), flash_dropout::fold_offset(offset), bh, i, j, t) ? '1' : '0');
+  return 0;
+}
+"""
+
+
+@interpreted
+def test_dropout_philox_header_draws_the_triton_mask(interp, tmp_path):
+    """csrc/dropout_philox.h, compiled as host C++, draws the Triton forward's keep mask bit for
+    bit: what a CUDA forward with dropout must do for the Triton backward to regenerate its mask
+    (key groups of the accumulator layout, the seed's two words, a negative offset's fold)."""
+    import shutil
+
+    from flash_inductor.cutlass_build import CSRC
+
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("needs a C++ compiler")
+    B, Hq, Hkv, Nq, Nk, D, p = 2, 2, 1, 19, 72, 16, 0.3
+    gen = torch.Generator().manual_seed(5)
+    q, k = _randn((B, Hq, Nq, D), torch.float32, gen), _randn((B, Hkv, Nk, D), torch.float32, gen)
+    seed = torch.tensor([0x123456789ABCDEF, -77])
+    keep = _dropout_mask(interp, q, k, seed, p)
+    (tmp_path / "draw.cc").write_text(_DRAW_MASK_CC)
+    subprocess.run([cxx, "-O1", "-std=c++17", f"-I{CSRC}", "draw.cc", "-o", "draw"], cwd=tmp_path, check=True)
+    threshold = round(p * (1 << interp.DROPOUT_BITS.value))
+    drawn = subprocess.run([str(tmp_path / "draw"), *map(str, (*seed.tolist(), B, Hq, Nq, Nk, threshold))],
+                           capture_output=True, text=True, check=True).stdout
+    assert len(drawn) == keep.numel()
+    from_header = torch.tensor([c == "1" for c in drawn]).view(B, Hq, Nq, Nk)
+    assert torch.equal(from_header, keep), f"{(from_header != keep).sum().item()} of {keep.numel()} bits differ"
+
+
 @pytest.mark.parametrize(
     "shape", [(2, 2, 1, 5, 0, 8), (2, 2, 1, 0, 5, 8), (0, 2, 1, 5, 5, 8)], ids=["nk0", "nq0", "b0"]
 )
