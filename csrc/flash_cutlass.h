@@ -44,9 +44,10 @@ typedef struct {
 } FlashCutlassFwdParams;
 
 // Whether an instance that loads the bias by TMA can read this one ("/bias_tma" in the listing;
-// the entry point falls back to the softmax-read bias otherwise): rows not broadcast (TMA cannot
-// step a row stride of 0), a 16-byte-aligned base and 16-byte strides (2-byte elements), and with
-// grouped KV heads a 128-row block of folded rows inside one query head.
+// otherwise the entry point takes the softmax-read instance of the head dim, where one is built:
+// head dim 128 builds none, and the Python glue refuses or copies what this rejects): rows not
+// broadcast (TMA cannot step a row stride of 0), a 16-byte-aligned base and 16-byte strides
+// (2-byte elements), and with grouped KV heads a 128-row block of folded rows inside one query head.
 static inline int flash_cutlass_bias_tma_ok(const FlashCutlassFwdParams* p) {
   const int64_t* s = p->bias_stride;
   return p->bias != 0 && s[2] != 0 && (uintptr_t)p->bias % 16 == 0 && s[0] % 8 == 0 && s[1] % 8 == 0 &&
