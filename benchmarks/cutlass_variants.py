@@ -73,13 +73,7 @@ def build_variant(name, instances, extra):
     flags = base.flags + extra
     key = cb.cache_key(flags, cb.nvcc_version(base.nvcc), cb.cutlass_version(cb.cutlass_source_dir()), instances)
     p = dataclasses.replace(base, flags=flags, directory=cb.cache_root() / f"variant-{name}-{key}")
-    lib = ctypes.CDLL(str(cb.build(p)))
-    lib.flash_cutlass_fwd.restype = ctypes.c_int
-    lib.flash_cutlass_fwd.argtypes = [ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(cutlass_backend._Params),
-                                      ctypes.c_char_p, ctypes.c_int32]
-    lib.flash_cutlass_bias_read.restype = ctypes.c_int
-    lib.flash_cutlass_bias_read.argtypes = [ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(cutlass_backend._Params)]
-    return lib
+    return cutlass_backend.declare(ctypes.CDLL(str(cb.build(p))))
 
 
 def time_interleaved(fns: dict, reps=20, rounds=7) -> dict:

@@ -78,12 +78,18 @@ def _library():
     lib, why = cutlass_build.load(cutlass_build.HOPPER, ENV_VAR, log)
     if lib is None:
         return None, why
+    return declare(lib), None
+
+
+def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """The C entry points' signatures (csrc/flash_cutlass.h) on a loaded Hopper library; also
+    for libraries built elsewhere (benchmarks/cutlass_variants.py)."""
     lib.flash_cutlass_fwd.restype = ctypes.c_int
     lib.flash_cutlass_fwd.argtypes = [ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(_Params), ctypes.c_char_p,
                                       ctypes.c_int32]
     lib.flash_cutlass_bias_read.restype = ctypes.c_int
     lib.flash_cutlass_bias_read.argtypes = [ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(_Params)]
-    return lib, None
+    return lib
 
 
 def _effective_causal(inp: AttentionInputs) -> Causal:
