@@ -5,6 +5,10 @@ Two families, one library each, built only on a GPU that runs them:
 * HOPPER (`libflash_cutlass.so`, sm_90a): the TMA + warp-specialised forward of example 88, one
   translation unit per instance (dtype × head dim × mask × how the bias is read, `INSTANCES`)
   instantiating `flash_cutlass::run_fwd` from csrc/fwd_kernel.cuh.
+* HOPPER_BWD (`libflash_cutlass_bwd.so`, sm_90a): the backward, example 88's warp-specialised
+  backward collective with our consumer (csrc/bwd_kernel.cuh), one unit per dtype × head dim ×
+  mask (`BWD_INSTANCES`). A library of its own, built on the first backward, so inference never
+  waits for it and each library's build stays within its own few minutes.
 * AMPERE (`libflash_cutlass_sm80.so`, sm_80 code, SASS for sm_80 and sm_90 plus compute_80 PTX):
   example 41's memory-efficient forward and backward with bias, bias gradient, causal masks,
   dropout and packed variable-length batches, one unit per (pass, dtype, head-dim bucket,
@@ -51,12 +55,14 @@ def _csrc_dir() -> pathlib.Path:
 
 
 CSRC = _csrc_dir()
-SOURCES = ("flash_cutlass.h", "fwd_kernel.cuh", "fwd_bias_tma.cuh")
+SOURCES = ("flash_cutlass.h", "launch.cuh", "fwd_kernel.cuh", "fwd_bias_tma.cuh")
 AMPERE_SOURCES = ("flash_cutlass.h", "flash_cutlass_sm80.h", "sm80_common.cuh", "sm80_fwd.cuh", "sm80_bwd.cuh",
                   "aten_shim/flash_cutlass_check.h", "aten_shim/ATen/cuda/CUDAGeneratorImpl.h",
                   "aten_shim/ATen/cuda/CUDAGraphsUtils.cuh", "aten_shim/ATen/cuda/CUDAContext.h",
                   "aten_shim/c10/cuda/CUDAGuard.h")
+BWD_SOURCES = ("flash_cutlass.h", "launch.cuh", "bwd_kernel.cuh")
 LIB_NAME = "libflash_cutlass.so"
+BWD_LIB_NAME = "libflash_cutlass_bwd.so"
 AMPERE_LIB_NAME = "libflash_cutlass_sm80.so"
 # No -lcuda: CUTLASS reaches the driver (TMA descriptors) through cudaGetDriverEntryPoint, so the
 # library links only the CUDA runtime (statically, nvcc's default) and loads without a driver stub.
@@ -116,6 +122,35 @@ class Instance:
 INSTANCES = tuple(
     Instance(d, h, m, b, b and h in TMA_BIAS_HEAD_DIMS)
     for d, h, m, b in itertools.product(DTYPES, HEAD_DIMS, MASKS, (False, True)))
+
+# The backward's head dims: those the forward takes (backends/cutlass.py) that example 88's
+# backward tiles (64 queries x 128 keys) hold in shared memory; 256 would not fit (Triton runs it).
+BWD_HEAD_DIMS = (128,)
+
+
+@dataclasses.dataclass(frozen=True)
+class BwdInstance:
+    dtype: str  # a key of DTYPES
+    head_dim: int
+    mask: str  # a key of MASKS
+
+    @property
+    def stem(self) -> str:
+        return f"bwd_{self.dtype}_d{self.head_dim}_{self.mask}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.dtype}/{self.head_dim}/{self.mask}"
+
+    @property
+    def template_args(self) -> str:
+        return f"{DTYPES[self.dtype]}, {self.head_dim}, {MASKS[self.mask]}"
+
+    def source(self) -> str:
+        return f'#include "bwd_kernel.cuh"\nFLASH_CUTLASS_BWD_INSTANCE({self.template_args})\n'
+
+
+BWD_INSTANCES = tuple(BwdInstance(d, h, m) for d, h, m in itertools.product(DTYPES, BWD_HEAD_DIMS, MASKS))
 
 # Head-dim buckets of the Ampere family: an input runs the smallest bucket >= its head dim
 # (64 and 128 keep the output in registers; 256 is the kernels' generic head-dim path).
@@ -185,6 +220,28 @@ extern "C" int flash_cutlass_bias_read(int32_t dtype, int32_t mask, const FlashC
 {reads}
   return -1;
 }}
+"""
+
+
+def bwd_api_source(instances=BWD_INSTANCES) -> str:
+    """The backward library's C entry point: a switch over its instances."""
+    cases = "\n".join(
+        f"  if (dtype == {DTYPES[i.dtype]} && p->head_dim == {i.head_dim} && mask == {MASKS[i.mask]})\n"
+        f"    return flash_cutlass::run_bwd<{i.template_args}>(*p, err, err_len);"
+        for i in instances)
+    listing = "\\n".join(i.label for i in instances)
+    return f"""#include <cstdio>
+#include "flash_cutlass.h"
+namespace flash_cutlass {{
+template <int kDtype, int kHeadDim, int kMask>
+int run_bwd(FlashCutlassBwdParams const& p, char* err, int err_len);
+}}
+extern "C" int flash_cutlass_bwd(int32_t dtype, int32_t mask, const FlashCutlassBwdParams* p, char* err, int32_t err_len) {{
+{cases}
+  snprintf(err, err_len, "no CUTLASS backward for dtype=%d head_dim=%d mask=%d", dtype, p->head_dim, mask);
+  return 1;
+}}
+extern "C" const char* flash_cutlass_bwd_instances(void) {{ return "{listing}"; }}
 """
 
 
@@ -265,12 +322,14 @@ class Family:
 HOPPER = Family("hopper", LIB_NAME, SOURCES, "examples/88_hopper_fmha",
                 # TMA and wgmma need the arch-specific target (sm_90a), not plain sm_90.
                 ("-gencode=arch=compute_90a,code=sm_90a",), INSTANCES, api_source)
+HOPPER_BWD = Family("hopper_bwd", BWD_LIB_NAME, BWD_SOURCES, "examples/88_hopper_fmha",
+                    ("-gencode=arch=compute_90a,code=sm_90a",), BWD_INSTANCES, bwd_api_source)
 # sm_80 code: SASS for A100-class GPUs and for Hopper (compiled from the same compute_80 PTX),
 # and the PTX itself for any later GPU's driver to compile.
 AMPERE = Family("ampere", AMPERE_LIB_NAME, AMPERE_SOURCES, "examples/41_fused_multi_head_attention",
                 ("-gencode=arch=compute_80,code=[sm_80,sm_90,compute_80]",), AMPERE_INSTANCES, ampere_api_source,
                 needs_curand=True)
-FAMILIES = {f.name: f for f in (HOPPER, AMPERE)}
+FAMILIES = {f.name: f for f in (HOPPER, HOPPER_BWD, AMPERE)}
 
 
 # ---- the toolchain ------------------------------------------------------------------------------
@@ -287,7 +346,9 @@ def cutlass_source_dir(family: Family = HOPPER) -> pathlib.Path:
             raise BuildError("the CUTLASS headers are missing: pip install nvidia-cutlass "
                              "(or set FLASH_INDUCTOR_CUTLASS_DIR to a CUTLASS checkout)")
         root = pathlib.Path(list(spec.submodule_search_locations)[0]) / "source"
-    example_file = {"hopper": "collective/fmha_fusion.hpp", "ampere": "kernel_backward.h"}[family.name]
+    example_file = {"hopper": "collective/fmha_fusion.hpp",
+                    "hopper_bwd": "collective/fmha_collective_bwd_tma_warpspecialized.hpp",
+                    "ampere": "kernel_backward.h"}[family.name]
     for need in ("include/cute/tensor.hpp", f"{family.example}/{example_file}"):
         if not (root / need).is_file():
             raise BuildError(f"{root} has no {need}: the CUTLASS sources there are incomplete "
@@ -501,6 +562,7 @@ def status(family: Family = HOPPER) -> str:
     if p.library.is_file():
         return f"built ({p.library})"
     where = {"hopper": "on an sm_90 GPU (H100/H200)",
+             "hopper_bwd": "by the first backward on an sm_90 GPU",
              "ampere": "when an input is forced to it (FLASH_INDUCTOR_KERNEL=cutlass_sm80)"}[family.name]
     return (f"not built yet: builds on first use {where}, or ahead of time with "
             f"`flash-inductor build --family {family.name}` (into {p.directory})")
@@ -513,12 +575,14 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(prog="flash-inductor build", description=main.__doc__.split(":", 1)[1].strip())
     ap.add_argument("-j", "--jobs", type=int, help="parallel compile jobs (ninja's default: cores + 2)")
-    ap.add_argument("--family", choices=[*FAMILIES, "all"], default="hopper",
-                    help="hopper: the sm_90a forward (default); ampere: the sm_80 forward and backward "
-                         "(A100-class GPUs; runs on Hopper too); all: both")
+    ap.add_argument("--family", choices=[*FAMILIES, "all"], action="append",
+                    help="hopper: the sm_90a forward; hopper_bwd: the sm_90a backward (by default both); "
+                         "ampere: the sm_80 forward and backward (A100-class GPUs; runs on Hopper too); "
+                         "all: every family. May be repeated.")
     ap.add_argument("--print-plan", action="store_true", help="print the toolchain, flags and cache directory; build nothing")
     args = ap.parse_args(argv)
-    families = list(FAMILIES.values()) if args.family == "all" else [FAMILIES[args.family]]
+    names = args.family or ["hopper", "hopper_bwd"]
+    families = list(FAMILIES.values()) if "all" in names else [FAMILIES[n] for n in dict.fromkeys(names)]
     try:
         for family in families:
             p = plan(family=family)

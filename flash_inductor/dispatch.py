@@ -130,6 +130,17 @@ def select(inp: AttentionInputs, varlen: bool = False, kernel: str | None = None
     raise NoKernelError("no attention kernel accepts this input:\n" + _format(reasons_by_backend(inp, varlen)))
 
 
+def backward_note(inp: AttentionInputs, chosen: str) -> str:
+    """For the rewrite's report: which kernels run the backward of `chosen`'s forward when they
+    are not its own, and why ("" when they are). Builds nothing."""
+    backend = next((b for b in BACKENDS if b.NAME == chosen), None)
+    reasons = getattr(backend, "backward_reasons", None)
+    if reasons is None:
+        return ""
+    why = reasons(inp, check_library=False)
+    return f"backward by {backend.BACKWARD_KERNEL} ({'; '.join(why)})" if why else ""
+
+
 def explain_choice(inp: AttentionInputs) -> tuple[str, str]:
     """(the kernel that runs, why each kernel ahead of it in the order refused)."""
     reasons = reasons_by_backend(inp)

@@ -56,7 +56,7 @@ def _triton_decision(inp: AttentionInputs, tensors, phase: str = "fwd", kernel: 
     """None if the op may decompose into the Triton kernels; else why not (for the log).
 
     `phase="bwd"` asks about the backward, which a backend may hand to another kernel
-    (`KernelBackend.BACKWARD_KERNEL`: a CUTLASS forward is followed by the Triton backward, and
+    (`KernelBackend.backward_kernel`: a CUTLASS forward may be followed by the Triton backward, and
     that backward then runs in the graph like any other)."""
     if not enabled():
         return "switched off"
@@ -68,7 +68,7 @@ def _triton_decision(inp: AttentionInputs, tensors, phase: str = "fwd", kernel: 
         backend = dispatch.select(inp, kernel=kernel)
     except Exception as e:  # the opaque op will raise the same error at run time
         return f"dispatch refused: {e}"
-    chosen = (backend.BACKWARD_KERNEL or backend.NAME) if phase == "bwd" else backend.NAME
+    chosen = backend.backward_kernel(inp) if phase == "bwd" else backend.NAME
     if chosen != "triton":
         return f"dispatch picks {chosen}"
     return None

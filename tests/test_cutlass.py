@@ -5,9 +5,10 @@ lengths that are not multiples of the tiles, Nq ≠ Nk both ways, and the [B, N,
 models pass; bottom-right causal and grouped KV heads (folded into rows) on a few of each; and
 the bias instances on every bias layout the glue handles (per head, full, strided keys, odd
 rows, broadcast, fully masked rows), each read the way the kernel picks for it (by TMA or in
-the softmax). The backward is the Triton backward fed the CUTLASS
-forward's out and lse, so the gradients check that the lse contract holds. Outputs are poisoned
-(NaN) before each run.
+the softmax). The backward is the CUTLASS backward (csrc/bwd_kernel.cuh) where it takes the
+input (head dim 128 without a bias), else the Triton backward fed the CUTLASS forward's out and
+lse; each case asserts which one ran, and the gradients check both against float64. Outputs are
+poisoned (NaN) before each run.
 """
 
 from __future__ import annotations
@@ -96,14 +97,40 @@ def cutlass():
 
 
 @pytest.mark.parametrize("dtype,d,causal,shape", CASES, ids=lambda x: str(x).replace("torch.", ""))
-def test_forward_and_triton_backward(cutlass, poisoned, dtype, d, causal, shape):
+def test_forward_and_backward(cutlass, poisoned, dtype, d, causal, shape):
     b, hq, hkv, nq, nk, layout = shape
     gen = torch.Generator().manual_seed(zlib.crc32(repr((dtype, d, causal, shape)).encode()))
     q = _randn((b, hq, nq, d), dtype, gen, layout).cuda()
     k, v = (_randn((b, hkv, nk, d), dtype, gen, layout).cuda() for _ in range(2))
     inp = validate(q, k, v, causal=causal)
     assert not cutlass.not_supported_reasons(inp), cutlass.not_supported_reasons(inp)
+    assert cutlass.backward_kernel(inp) == ("cutlass" if d == 128 else "triton"), cutlass.backward_reasons(inp)
     _check_against_ref(cutlass, poisoned, q, k, v, None, causal, gen)
+
+
+@pytest.mark.parametrize("causal", [False, "top_left"])
+def test_cutlass_backward_takes_the_lse_gradient_and_any_scale(cutlass, poisoned, causal):
+    """dlse enters through delta (the preprocess kernel); the scale through dS. float32 inputs
+    are not in the kernels, so the bound is the bf16 one on a float64 reference."""
+    gen = torch.Generator().manual_seed(5 + bool(causal))
+    q, k, v = (_randn((2, 3, 200, 128), torch.bfloat16, gen).cuda() for _ in range(3))
+    inp = validate(q, k, v, causal=causal, scale=0.07)
+    assert cutlass.backward_kernel(inp) == "cutlass"
+    out, lse = cutlass.forward(inp, None)
+    dout = _randn(out.shape, torch.bfloat16, gen).cuda()
+    dlse = torch.randn(lse.shape, generator=gen).cuda()
+    dq, dk, dv, dbias = poisoned(cutlass.backward, inp, None, out, lse, dout, dlse, False)
+    assert dbias is None
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    s = leaves[0] @ leaves[1].transpose(-1, -2) * 0.07
+    if causal:
+        s = s.masked_fill(torch.ones(200, 200, dtype=torch.bool, device="cuda").triu(1), float("-inf"))
+    lse64 = torch.logsumexp(s, -1)
+    out64 = torch.softmax(s, -1) @ leaves[2]
+    torch.autograd.backward((out64, lse64), (dout.double(), dlse.double()))
+    for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), (t.grad for t in leaves)):
+        err = ((got.double() - want).norm() / want.norm()).item()
+        assert err < 2e-2, f"{name}: {err:.3g}"
 
 
 @pytest.mark.parametrize("dtype,d,causal,shape,kind,read", BIAS_CASES, ids=lambda x: str(x).replace("torch.", ""))
@@ -150,20 +177,25 @@ def test_dispatch_prefers_cutlass_and_explains_refusals(cutlass):
     assert chosen == "triton" and "head_dim=64: the Triton kernel is faster there" in why
 
 
-def test_compiled_training_keeps_the_triton_backward_in_the_graph(cutlass):
-    """Under torch.compile the CUTLASS forward is one opaque op and its backward, Triton's, is
-    decomposed into the graph's own kernels; the gradients still match float64 attention."""
+@pytest.mark.parametrize("d", [128, 256])
+def test_compiled_training_runs_the_backward_dispatch_picks(cutlass, d):
+    """Under torch.compile the CUTLASS forward is one opaque op; so is the CUTLASS backward (head
+    dim 128), while Triton's (head dim 256) is decomposed into the graph's own kernels; the
+    gradients match float64 attention either way."""
     import flash_inductor
     from test_kernels_in_graph import _aot_graphs
 
     gen = torch.Generator().manual_seed(11)
-    q, k, v, dout = (_randn((1, 4, 384, 128), torch.bfloat16, gen).cuda() for _ in range(4))
+    q, k, v, dout = (_randn((1, 4, 384, d), torch.bfloat16, gen).cuda() for _ in range(4))
     leaves = [t.requires_grad_() for t in (q, k, v)]
     out, graphs = _aot_graphs(lambda q, k, v: flash_inductor.attention(q, k, v, causal=True), *leaves)
     out.backward(dout)
     fw, bw = (g.code for g in graphs)
     assert "torch.ops.flash.fwd.default" in fw and "triton_kernel_wrapper" not in fw
-    assert "triton_kernel_wrapper" in bw and "torch.ops.flash.bwd" not in bw
+    if d == 128:
+        assert "torch.ops.flash.bwd" in bw and "triton_kernel_wrapper" not in bw
+    else:
+        assert "triton_kernel_wrapper" in bw and "torch.ops.flash.bwd" not in bw
     ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = flash_inductor.attention_ref(*ref_leaves, causal=True)
     ref.backward(dout.double())

@@ -266,6 +266,98 @@ def test_bias_reaches_the_kernel_as_it_reads_it(kind):
     assert torch.equal(read, bias.expand(b, h, nq, nk))
 
 
+# ---- the Hopper backward family -----------------------------------------------------------------
+
+
+def test_backward_instances_cover_every_dtype_head_dim_and_mask_once():
+    keys = {(i.dtype, i.head_dim, i.mask) for i in cb.BWD_INSTANCES}
+    assert keys == {(d, h, m) for d in cb.DTYPES for h in cb.BWD_HEAD_DIMS for m in cb.MASKS}
+    assert len(keys) == len(cb.BWD_INSTANCES) == 8
+    # Only head dims the forward takes (a Triton forward is followed by the Triton backward).
+    assert set(cb.BWD_HEAD_DIMS) <= set(cb.HEAD_DIMS)
+    inst = cb.BwdInstance("bf16", 128, "causal_folded")
+    assert inst.stem == "bwd_bf16_d128_causal_folded"
+    assert inst.source().splitlines() == ['#include "bwd_kernel.cuh"',
+                                          "FLASH_CUTLASS_BWD_INSTANCE(FLASH_CUTLASS_BF16, 128, FLASH_CUTLASS_CAUSAL_FOLDED)"]
+    src = cb.bwd_api_source((inst, cb.BwdInstance("fp16", 128, "none")))
+    assert src.count("return flash_cutlass::run_bwd<") == 2
+    assert ("if (dtype == FLASH_CUTLASS_BF16 && p->head_dim == 128 && mask == FLASH_CUTLASS_CAUSAL_FOLDED)\n"
+            "    return flash_cutlass::run_bwd<FLASH_CUTLASS_BF16, 128, FLASH_CUTLASS_CAUSAL_FOLDED>(*p, err, err_len);") in src
+    assert '"bf16/128/causal_folded\\nfp16/128/none"' in src
+
+
+def test_the_backward_is_a_library_of_its_own():
+    flags = ["-O3"]
+    assert len({cb.cache_key(flags, "r", "v", family=f) for f in (cb.HOPPER, cb.HOPPER_BWD)}) == 2
+    assert cb.HOPPER_BWD.lib_name == cb.BWD_LIB_NAME != cb.HOPPER.lib_name
+    assert cb.HOPPER_BWD.gencode == cb.HOPPER.gencode
+    for name in cb.HOPPER_BWD.sources:
+        assert (cb.CSRC / name).is_file(), name
+
+
+@pytest.mark.skipif(not HAVE_HEADERS, reason="needs the nvidia-cutlass headers")
+def test_build_command_builds_forward_and_backward_by_default(capsys):
+    from flash_inductor.cli import main
+
+    try:
+        cb.find_nvcc()
+    except cb.BuildError:
+        pytest.skip("needs nvcc")
+    assert main(["build", "--print-plan"]) == 0
+    families = [line for line in capsys.readouterr().out.splitlines() if line.startswith("family: ")]
+    assert families == ["family: hopper", "family: hopper_bwd"]
+
+
+@pytest.mark.skipif(not HAVE_HEADERS or shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"),
+                    reason="needs nvcc and the nvidia-cutlass headers")
+def test_the_backward_entry_point_and_one_instance_compile_for_sm90a(tmp_path):
+    """A real nvcc run (about a minute on 2 cores): example 88's backward collective with our
+    consumer and a diagonal mask (bottom-right), in bf16, which the example's own consumer
+    cannot compile."""
+    p = cb.plan(cb.BWD_INSTANCES[:0], family=cb.HOPPER_BWD)
+    inst = cb.BwdInstance("bf16", 128, "causal_br")
+    (tmp_path / "api.cu").write_text(cb.bwd_api_source((inst,)))
+    (tmp_path / "unit.cu").write_text(inst.source())
+    for unit in ("api", "unit"):
+        res = subprocess.run([p.nvcc, *p.flags, "-Xptxas=-warn-spills", "-c", f"{unit}.cu", "-o", f"{unit}.o"],
+                             cwd=tmp_path, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "spill" not in res.stderr and "C7519" not in res.stderr, res.stderr[-3000:]
+    assert pathlib.Path(tmp_path / "unit.o").stat().st_size > 10_000
+
+
+def test_the_cutlass_backward_says_when_triton_runs_it(monkeypatch):
+    from flash_inductor.backends.cutlass import CutlassBackend
+    from flash_inductor.inputs import validate
+
+    monkeypatch.setattr(cutlass_backend, "_bwd_library", lambda: (object(), None))
+    monkeypatch.setattr(cutlass_backend, "UNVALIDATED", set())
+    backend = CutlassBackend()
+
+    def inp(d=128, hq=4, hkv=4, nq=256, **kw):
+        q = torch.randn(1, hq, nq, d, dtype=torch.bfloat16)
+        k = torch.randn(1, hkv, 256, d, dtype=torch.bfloat16)
+        return validate(q, k, k, **kw)
+
+    for ok in (inp(), inp(causal=True), inp(hkv=2, causal=True), inp(causal="bottom_right", nq=136)):
+        assert backend.backward_reasons(ok) == [] and backend.backward_kernel(ok) == "cutlass"
+    assert backend.backward_reasons(inp(d=256)) == [
+        "head_dim=256: the CUTLASS backward is built for 128 (example 88's backward tiles)"]
+    bias = torch.randn(1, 4, 256, 256, dtype=torch.bfloat16)
+    assert backend.backward_reasons(inp(bias=bias)) == ["bias: not in the CUTLASS backward yet"]
+    assert backend.backward_kernel(inp(bias=bias)) == "triton"
+    # The rewrite's report names the backward's kernels where they are not the forward's.
+    from flash_inductor import dispatch
+
+    assert dispatch.backward_note(inp(bias=bias), "cutlass") == "backward by triton (bias: not in the CUTLASS backward yet)"
+    assert dispatch.backward_note(inp(), "cutlass") == dispatch.backward_note(inp(), "triton") == ""
+    monkeypatch.setattr(cutlass_backend, "_bwd_library", lambda: (None, "not built: nvcc is missing"))
+    assert backend.backward_reasons(inp()) == ["the CUTLASS backward library is not built: nvcc is missing"]
+    assert backend.backward_reasons(inp(), check_library=False) == []  # the report builds nothing
+    monkeypatch.setattr(cutlass_backend, "UNVALIDATED", {"backward"})
+    assert backend.backward_reasons(inp(d=256))[0] == "the CUTLASS backward: built, awaiting its first GPU test run"
+
+
 # ---- the Ampere-class (sm_80) family -------------------------------------------------------------
 
 

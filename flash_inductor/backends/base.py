@@ -104,6 +104,11 @@ class KernelBackend:
         """Backend-specific limits beyond the declared table."""
         return []
 
+    def backward_kernel(self, inp: AttentionInputs) -> str:
+        """The name of the kernels that run this input's backward (`BACKWARD_KERNEL`, or this
+        backend's own); kernels_in_graph puts a Triton backward into Inductor's graph."""
+        return self.BACKWARD_KERNEL or self.NAME
+
     # ---- the work ------------------------------------------------------------------------
     def forward(self, inp: AttentionInputs, seed: torch.Tensor | None):
         """Return (out [B,Hq,Nq,Dv] in q.dtype, lse [B,Hq,Nq] float32)."""

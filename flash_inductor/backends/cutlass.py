@@ -1,4 +1,5 @@
-"""The CUTLASS kernels (csrc/) as a backend: Hopper forward, with the Triton backward behind it.
+"""The CUTLASS kernels (csrc/) as a backend: Hopper forward and backward, Triton's backward where
+the CUTLASS one does not reach.
 
 It runs the forward of fp16/bf16 attention with head dims 128 and 256 on sm_90 (H100/H200):
 no mask, top-left causal, bottom-right causal with Nq <= Nk, grouped KV heads (GQA/MQA), and an
@@ -13,9 +14,11 @@ forward: Triton 422 / 331 TFLOP/s against this kernel's 344 / 288, no mask / cau
 benchmarks/RESULTS.md, session 5). So do mask-like biases (bool, or one float mask for every
 head): Triton's mask tiles skip their fully masked tiles, which this kernel would compute.
 
-Its backward is the Triton backward, which needs only the forward's output and lse (natural log,
-the same contract), so a training step runs CUTLASS forward + Triton backward (bias gradient
-included). Everything else it refuses with the reason, and dispatch moves on to Triton. A
+Its backward (csrc/bwd_kernel.cuh, a library of its own built on the first backward) takes head
+dim 128 without a bias: every mask, grouped KV heads folded as in the forward, the lse gradient.
+Elsewhere the Triton backward runs (bias gradient included): both need only the forward's
+output and lse (natural log, the same contract), and `backward_reasons` says why Triton runs
+one. Everything else it refuses with the reason, and dispatch moves on to Triton. A
 feature built but not yet run by the GPU tests is listed in `UNVALIDATED` and refused until
 they pass.
 
@@ -35,8 +38,9 @@ import math
 
 import torch
 
-from ..cutlass_build import TMA_BIAS_HEAD_DIMS
+from ..cutlass_build import BWD_HEAD_DIMS, TMA_BIAS_HEAD_DIMS
 from ..inputs import AttentionInputs, Causal
+from ..inputs import unit_last_dim as _unit_last
 from .base import KernelBackend
 from .triton import TritonBackend
 
@@ -68,6 +72,41 @@ class _Params(ctypes.Structure):
         ("bias", ctypes.c_void_p), ("bias_stride", ctypes.c_int64 * 3),
         ("groups", ctypes.c_int32), ("rows_per_head", ctypes.c_int32),
     ]
+
+
+class _BwdParams(ctypes.Structure):
+    """Mirror of FlashCutlassBwdParams in csrc/flash_cutlass.h (field for field)."""
+
+    _fields_ = [
+        ("q", ctypes.c_void_p), ("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("dout", ctypes.c_void_p),
+        ("lse", ctypes.c_void_p), ("delta", ctypes.c_void_p), ("dq_acc", ctypes.c_void_p),
+        ("dk", ctypes.c_void_p), ("dv", ctypes.c_void_p),
+        ("batch", ctypes.c_int32), ("heads", ctypes.c_int32), ("len_q", ctypes.c_int32),
+        ("len_k", ctypes.c_int32), ("head_dim", ctypes.c_int32),
+        ("q_stride", ctypes.c_int64 * 3), ("k_stride", ctypes.c_int64 * 3), ("v_stride", ctypes.c_int64 * 3),
+        ("dout_stride", ctypes.c_int64 * 3), ("dk_stride", ctypes.c_int64 * 3), ("dv_stride", ctypes.c_int64 * 3),
+        ("scale", ctypes.c_float), ("sm_count", ctypes.c_int32), ("stream", ctypes.c_void_p),
+    ]
+
+
+@functools.lru_cache(maxsize=None)
+def _bwd_library():
+    """The backward's library (its own family, built on the first backward that can use it)."""
+    from .. import cutlass_build
+
+    lib, why = cutlass_build.load(cutlass_build.HOPPER_BWD, ENV_VAR, log)
+    if lib is None:
+        return None, why
+    return declare_bwd(lib), None
+
+
+def declare_bwd(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """The backward entry point's signature on a loaded backward library (also for the variants
+    benchmarks/cutlass_bwd_time.py builds)."""
+    lib.flash_cutlass_bwd.restype = ctypes.c_int
+    lib.flash_cutlass_bwd.argtypes = [ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(_BwdParams), ctypes.c_char_p,
+                                      ctypes.c_int32]
+    return lib
 
 
 @functools.lru_cache(maxsize=None)
@@ -184,7 +223,7 @@ class CutlassBackend(KernelBackend):
     SUPPORTS_DIFFERENT_V_DIM = False
     SUPPORTS_SOFTCAP = False
     HEAD_DIMS = (128, 256)
-    BACKWARD_KERNEL = "triton"
+    BACKWARD_KERNEL = "triton"  # where the CUTLASS backward does not take the input (backward_kernel)
 
     def device_reasons(self, device):
         reasons = super().device_reasons(device)
@@ -289,6 +328,70 @@ class CutlassBackend(KernelBackend):
             raise RuntimeError(f"CUTLASS forward failed: {err.value.decode(errors='replace')}")
         return out.view(b, hq, nq, d), lse.view(b, hq, nq)
 
+    def backward_reasons(self, inp: AttentionInputs, check_library: bool = True) -> list[str]:
+        """Why the CUTLASS backward does not take an input this backend's forward took (then the
+        Triton backward runs, from the same out and lse); [] when it does. `check_library=False`
+        leaves out whether its library builds (the rewrite's report: inference never builds it)."""
+        reasons = []
+        if "backward" in UNVALIDATED:
+            reasons.append("the CUTLASS backward: built, awaiting its first GPU test run")
+        if inp.head_dim not in BWD_HEAD_DIMS:
+            reasons.append(f"head_dim={inp.head_dim}: the CUTLASS backward is built for "
+                           f"{', '.join(map(str, BWD_HEAD_DIMS))} (example 88's backward tiles)")
+        if inp.bias is not None:
+            reasons.append("bias: not in the CUTLASS backward yet")
+        if inp.len_q % 8:
+            reasons.append(f"len_q={inp.len_q} (the CUTLASS backward needs a multiple of 8)")
+        if inp.batch * inp.heads_q * inp.len_q * inp.len_k == 0:
+            reasons.append("an empty input (Triton's backward returns its zeros)")
+        if not reasons and check_library:
+            _, why = _bwd_library()
+            if why:
+                reasons.append(f"the CUTLASS backward library is {why}")
+        return reasons
+
+    def backward_kernel(self, inp: AttentionInputs) -> str:
+        return "triton" if self.backward_reasons(inp) else self.NAME
+
     def backward(self, inp, seed, out, lse, dout, dlse, bias_requires_grad):
-        # The CUTLASS backward is not written yet; Triton's reads the same (out, lse).
-        return TritonBackend().backward(inp, seed, out, lse, dout, dlse, bias_requires_grad)
+        if self.backward_reasons(inp):
+            # Triton's backward reads the same (out, lse): the forward's contract.
+            return TritonBackend().backward(inp, seed, out, lse, dout, dlse, bias_requires_grad)
+        from ..kernels import triton_attention
+
+        lib, _ = _bwd_library()
+        b, hq, nq, d = inp.q.shape
+        hkv, nk = inp.k.shape[1], inp.k.shape[2]
+        groups = hq // hkv
+        rows = groups * nq
+        # Grouped KV heads folded into rows as in the forward: each KV head's dK/dV then sums
+        # over its query heads inside the kernel.
+        fold = (lambda t: t.reshape(b, hkv, rows, d)) if groups > 1 else (lambda t: t)
+        q, k, v, do = (_tma_ready(t) for t in (fold(inp.q), inp.k, inp.v, fold(dout)))
+        with torch.cuda.device(q.device):
+            delta = torch.empty(b, hq, nq, dtype=torch.float32, device=q.device)
+            dq_acc = torch.empty(b, hq, nq, d, dtype=torch.float32, device=q.device)
+            triton_attention.preprocess(_unit_last(out), _unit_last(dout), dlse, delta, dq_acc, d)
+            lse = lse.contiguous()
+            causal = _effective_causal(inp)
+            mask = {Causal.NONE: NO_MASK, Causal.TOP_LEFT: FOLDED if groups > 1 else TOP_LEFT,
+                    Causal.BOTTOM_RIGHT: BOTTOM_RIGHT}[causal]
+            # Top-left causal with more keys than rows: no row sees a key past len_q, so their
+            # dK/dV are zeros and the kernel runs on the first len_q keys (a key block that no
+            # query block reaches would stall its pipelines; the kernel refuses one).
+            kernel_nk = min(nk, nq) if mask == TOP_LEFT else nk
+            alloc = torch.zeros if kernel_nk < nk else torch.empty
+            dk = alloc(b, hkv, nk, d, dtype=q.dtype, device=q.device)
+            dv = alloc(b, hkv, nk, d, dtype=q.dtype, device=q.device)
+            params = _BwdParams(
+                q.data_ptr(), k.data_ptr(), v.data_ptr(), do.data_ptr(), lse.data_ptr(), delta.data_ptr(),
+                dq_acc.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+                b, hkv, rows, kernel_nk, d, _strides(q), _strides(k), _strides(v), _strides(do), _strides(dk),
+                _strides(dv), float(inp.scale), torch.cuda.get_device_properties(q.device).multi_processor_count,
+                torch.cuda.current_stream(q.device).cuda_stream,
+            )
+            err = ctypes.create_string_buffer(512)
+            code = lib.flash_cutlass_bwd(_DTYPE_CODES[q.dtype], mask, ctypes.byref(params), err, len(err))
+        if code:
+            raise RuntimeError(f"CUTLASS backward failed: {err.value.decode(errors='replace')}")
+        return dq_acc.to(q.dtype), dk, dv, None

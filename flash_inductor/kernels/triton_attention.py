@@ -1545,6 +1545,21 @@ def _joint_configs(meta: dict, sc: dict, Nk: int, kv_heads: int, device: torch.d
     return (kv.kwargs["BLOCK_M"], kv.kwargs["BLOCK_N"], qd.kwargs["BLOCK_M"], qd.kwargs["BLOCK_N"]), kv.num_warps, kv.num_stages
 
 
+def preprocess(out, dout, dlse, delta, dq_acc, head_dim: int, launch=_direct):
+    """delta = rowsum(dout ∘ out) - dlse into `delta` ([B, H, Nq] float32, contiguous); zeroes
+    `dq_acc` ([B, H, Nq, head_dim] float32, contiguous) unless it is empty. out and dout have a
+    unit last stride. Also the CUTLASS backward's first step (backends/cutlass.py)."""
+    B, H, Nq, DV = out.shape
+    launch(_attn_bwd_preprocess)[(triton.cdiv(Nq, _PREPROCESS_BLOCK_M), B * H)](
+        out, dout, dlse.contiguous() if dlse is not None else delta, delta, dq_acc,
+        out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        H, Nq,
+        D=head_dim, BLOCK_D=_block(head_dim), DV=DV, BLOCK_DV=_block(DV),
+        HAS_DLSE=dlse is not None, ZERO_DQ=dq_acc.numel() > 0, BLOCK_M=_PREPROCESS_BLOCK_M,
+    )
+
+
 def backward(
     inp: AttentionInputs,
     seed: torch.Tensor | None,
@@ -1594,14 +1609,7 @@ def backward(
         # timing a config (`restore_value`), which would bump q's autograd version.
         dq_acc = torch.empty((B, Hq, Nq, inp.head_dim) if fused else (0,), dtype=torch.float32, device=dev)
         delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=dev)
-        launch(_attn_bwd_preprocess)[(triton.cdiv(Nq, _PREPROCESS_BLOCK_M), B * Hq)](
-            out, dout, dlse.contiguous() if dlse is not None else delta, delta, dq_acc,
-            out.stride(0), out.stride(1), out.stride(2),
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            Hq, Nq,
-            D=inp.head_dim, BLOCK_D=_block(inp.head_dim), DV=inp.head_dim_v, BLOCK_DV=_block(inp.head_dim_v),
-            HAS_DLSE=dlse is not None, ZERO_DQ=fused, BLOCK_M=_PREPROCESS_BLOCK_M,
-        )
+        preprocess(out, dout, dlse, delta, dq_acc, inp.head_dim, launch)
         common = (
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),

@@ -574,6 +574,9 @@ def _kernel_line(q, k, v, bias, causal, scale, dropout_p, softcap=0.0) -> tuple[
         # The rewrite must not make a model slower: on a GPU it replaces eager attention only
         # with a fused kernel, never with the PyTorch reference.
         raise Refusal("fused_kernel", f"no fused kernel accepts this site on CUDA ({why})")
+    note = dispatch.backward_note(inp, chosen)
+    if note:
+        chosen = f"{chosen}, {note}"
     return chosen, why
 
 

@@ -1,0 +1,117 @@
+"""Time the CUTLASS backward beside Triton's and cuDNN's on issue 4's shape.
+
+    python benchmarks/cutlass_bwd_time.py [--json out.json] [--lengths 8192] [--head-dim 128]
+                                          [--variant NAME=-DFLAG=1[,-DFLAG2=0]] ...
+
+B=1 H=12 bf16, no mask and causal. Every backward starts from the same out and lse (the Triton
+forward's: the op's contract, so this needs no forward library) and is timed interleaved
+(`time_interleaved`: rounds in rotated order, so a clock drift hits all alike). cuDNN's backward
+is `torch.autograd.grad` through its SDPA forward, graph retained. TFLOP/s count the backward as
+2.5 forwards (benchmarks/RESULTS.md). The CUTLASS gradients are checked against Triton's first.
+A variant is the backward's bf16 instances of the head dim built with extra -D flags into a
+library of its own (as benchmarks/cutlass_variants.py does for the forward), timed beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import ctypes
+import dataclasses
+
+from cutlass_variants import time_interleaved
+from flash_inductor import cutlass_build as cb
+from flash_inductor.backends import cutlass as cutlass_backend
+from flash_inductor.backends.triton import TritonBackend
+from flash_inductor.bench import flops
+from flash_inductor.inputs import validate
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def build_variant(name, head_dim, flags):
+    family = cb.HOPPER_BWD
+    instances = tuple(cb.BwdInstance("bf16", head_dim, m) for m in ("none", "causal"))
+    base = cb.plan(instances, family=family)
+    all_flags = base.flags + flags
+    key = cb.cache_key(all_flags, cb.nvcc_version(base.nvcc), cb.cutlass_version(cb.cutlass_source_dir(family)),
+                       instances, family)
+    p = dataclasses.replace(base, flags=all_flags, directory=cb.cache_root() / f"bwd-variant-{name}-{key}")
+    return cutlass_backend.declare_bwd(ctypes.CDLL(str(cb.build(p))))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[8192])
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--variant", action="append", default=[], help="NAME=-DFLAG=VALUE[,...]")
+    args = ap.parse_args(argv)
+    cutlass_backend.UNVALIDATED.discard("backward")  # a timing, not a dispatch: before its tests pass too
+    cutlass, triton = cutlass_backend.CutlassBackend(), TritonBackend()
+    variants = {}
+    for spec in args.variant:
+        name, flags = spec.split("=", 1)
+        variants[name] = build_variant(name, args.head_dim, flags.split(","))
+
+    def with_library(lib, fn):
+        def run():
+            saved = cutlass_backend._bwd_library
+            cutlass_backend._bwd_library = lambda: (lib, None)
+            try:
+                return fn()
+            finally:
+                cutlass_backend._bwd_library = saved
+        return run
+
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for n in args.lengths:
+        for causal in (False, True):
+            q, k, v = (torch.randn(1, 12, n, args.head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+                       for _ in range(3))
+            inp = validate(q, k, v, causal=causal)
+            assert cutlass.backward_kernel(inp) == "cutlass", cutlass.backward_reasons(inp)
+            out, lse = triton.forward(inp, None)
+            dout = torch.randn(out.shape, device="cuda", dtype=out.dtype, generator=gen)
+            want = triton.backward(inp, None, out, lse, dout, None, False)[:3]
+            run_cutlass = lambda: cutlass.backward(inp, None, out, lse, dout, None, False)  # noqa: E731
+            errs = {"cutlass": {name: _rel(g, w) for name, g, w in zip(("dq", "dk", "dv"), run_cutlass()[:3], want)}}
+            for name, lib in variants.items():
+                got = with_library(lib, run_cutlass)()[:3]
+                errs[name] = {g_name: _rel(g, w) for g_name, g, w in zip(("dq", "dk", "dv"), got, want)}
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                o_cudnn = torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=causal)
+            fns = {
+                "cutlass": run_cutlass,
+                **{name: with_library(lib, run_cutlass) for name, lib in variants.items()},
+                "triton": lambda: triton.backward(inp, None, out, lse, dout, None, False),
+                "sdpa_cudnn": lambda: torch.autograd.grad(o_cudnn, leaves, dout, retain_graph=True),
+            }
+            ms = time_interleaved(fns, reps=10, rounds=7)
+            work = flops(1, 12, n, n, args.head_dim, causal, "bwd")
+            for name, t in ms.items():
+                row = {"n": n, "head_dim": args.head_dim, "causal": causal, "kernel": name, "ms": t,
+                       "tflops": work / t / 1e9, "rel_err_vs_triton": errs.get(name)}
+                rows.append(row)
+                err = row["rel_err_vs_triton"]
+                print(f"N={n} D={args.head_dim} causal={causal!s:5} {name:12} {t * 1e3:7.0f} µs "
+                      f"{row['tflops']:6.1f} TFLOP/s"
+                      + (" rel err vs Triton " + " ".join(f"{k} {e:.1e}" for k, e in err.items()) if err else ""),
+                      flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,457 @@
+// Hopper (sm_90a) backward: example 88's TMA + warp-specialised backward collective (from the
+// nvidia-cutlass wheel, used as a library: its loads, pipelines, tiled MMAs, dQ reducer warp and
+// dK/dV epilogue) with our own consumer (`compute` below), the softmax scale from the caller and
+// our masks. One CTA owns a block of 128 keys and walks the query blocks of 64 rows; its two
+// consumer warpgroups take 64 keys each. Per query block a warpgroup computes Sᵀ = K Qᵀ and
+// dPᵀ = V dOᵀ, P from the forward's lse, dS = P (dP - delta) scale, then dV += P dO and
+// dK += dS Q; dQ = dS K for the whole 128-key block goes through shared memory to the reducer
+// warp, which adds it into a float32 accumulator by TMA reduce-add. delta (rowsum(dO O) - dlse)
+// and the zeroed accumulator come from the Triton preprocess kernel; the caller converts dQ.
+//
+// What the example's own consumer lacks, and this one adds: bf16 (its dS conversion is implicit,
+// which cutlass::bfloat16_t refuses), any scale, masks in the backward's orientation that are
+// applied only to the tiles crossing the diagonal, and bottom-right / folded (grouped KV heads)
+// causal. One instantiation per translation unit (flash_inductor/cutlass_build.py).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <utility>
+
+#include "cutlass/cutlass.h"
+#include "cute/tensor.hpp"
+#include "cutlass/kernel_hardware_info.h"
+#include "collective/fmha_fusion.hpp"
+#include "collective/fmha_collective_bwd_tma_warpspecialized.hpp"
+#include "collective/fmha_epilogue_bwd.hpp"
+#include "kernel/fmha_kernel_tma_warpspecialized.hpp"
+#include "kernel/fmha_tile_scheduler.hpp"
+#include "device/device_universal.hpp"
+
+#include "flash_cutlass.h"
+#include "launch.cuh"
+
+namespace flash_cutlass {
+
+using namespace cute;
+using cutlass::fmha::collective::gemm_zero_acc;
+using cutlass::fmha::collective::make_acc_into_op;
+
+// Masks seen from a key block. Coordinates: a block is (query block, key block) of the CTA tile
+// (64 queries, 128 keys); a score's position is (key, query). Row r sees key k iff
+// k <= Derived::visible(r, problem size).
+template <class Derived>
+struct BwdDiagonal {
+  template <class BlkCoord, class TileShape, class PS>
+  CUTLASS_DEVICE int get_trip_count(BlkCoord const&, TileShape const& tile, PS const& ps) {
+    return ceil_div(get<2>(ps), get<0>(tile));
+  }
+
+  // Whether any row of the query block sees any key of the key block. Rows of a block are
+  // consecutive positions (the folded mask's caller keeps a block inside one query head).
+  template <class BlkCoord, class TileShape, class PS>
+  CUTLASS_DEVICE bool is_contributing(BlkCoord const& blk, TileShape const& tile, PS const& ps) {
+    int last_row = get<0>(blk) * get<0>(tile) + get<0>(tile) - 1;
+    return Derived::visible(last_row, ps) >= get<1>(blk) * get<1>(tile);
+  }
+
+  // Whether a tile of `rows` queries from `first_row` and `keys` keys from `first_key` has a
+  // score the mask hides (else it skips the masking instructions).
+  template <class PS>
+  CUTLASS_DEVICE static bool crosses(int first_row, int first_key, int keys, PS const& ps) {
+    return first_key + keys - 1 > Derived::visible(first_row, ps);
+  }
+
+  template <class Acc, class Index, class PS>
+  CUTLASS_DEVICE void before_softmax(Acc& acc, Index const& index, PS const& ps) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(acc); i++) {
+      auto pos = index(i);
+      if (get<0>(pos) > Derived::visible(get<1>(pos), ps)) acc(i) = -INFINITY;
+    }
+  }
+};
+
+struct BwdTopLeft : BwdDiagonal<BwdTopLeft> {
+  template <class PS> CUTLASS_DEVICE static int visible(int row, PS const&) { return row; }
+};
+
+// len_q <= len_k (the caller checks): row r sees k <= r + len_k - len_q.
+struct BwdBottomRight : BwdDiagonal<BwdBottomRight> {
+  template <class PS> CUTLASS_DEVICE static int visible(int row, PS const& ps) {
+    return row + get<3>(ps) - get<2>(ps);
+  }
+};
+
+// Grouped KV heads folded into rows (row = g * len_k + position; len_q = G * len_k, len_k a
+// multiple of 128, so a 64-row block stays in one query head): top-left on the position.
+struct BwdFolded : BwdDiagonal<BwdFolded> {
+  template <class PS> CUTLASS_DEVICE static int visible(int row, PS const& ps) { return row % get<3>(ps); }
+};
+
+// No mask: every query block, nothing hidden. Keys past len_k and rows past len_q need no mask
+// either: their K, V, Q, dO, lse and delta load as zeros (TMA fills), so they add nothing to dQ,
+// dK or dV of a real key or row, and their own dK/dV/dQ are clipped by the stores.
+struct BwdNoMask {
+  template <class BlkCoord, class TileShape, class PS>
+  CUTLASS_DEVICE int get_trip_count(BlkCoord const&, TileShape const& tile, PS const& ps) {
+    return ceil_div(get<2>(ps), get<0>(tile));
+  }
+  template <class BlkCoord, class TileShape, class PS>
+  CUTLASS_DEVICE bool is_contributing(BlkCoord const&, TileShape const&, PS const&) { return true; }
+  template <class PS>
+  CUTLASS_DEVICE static bool crosses(int, int, int, PS const&) { return false; }
+  template <class Acc, class Index, class PS>
+  CUTLASS_DEVICE void before_softmax(Acc&, Index const&, PS const&) {}
+};
+
+template <int kMask>
+using BwdMaskFor = std::conditional_t<
+    kMask == FLASH_CUTLASS_CAUSAL_TOP_LEFT, BwdTopLeft,
+    std::conditional_t<kMask == FLASH_CUTLASS_CAUSAL_BOTTOM_RIGHT, BwdBottomRight,
+                       std::conditional_t<kMask == FLASH_CUTLASS_CAUSAL_FOLDED, BwdFolded, BwdNoMask>>>;
+
+template <class Element, class Tile, class Mask>
+struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialized<Element, float, Tile, Mask> {
+  using Base = cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialized<Element, float, Tile, Mask>;
+  using typename Base::ElementAccumulator;
+  using typename Base::TileShape;
+  using typename Base::TileShapeNM;
+  using typename Base::TileShapeND;
+  using typename Base::TileShapeMD;
+  using typename Base::TiledMmaNM;
+  using typename Base::TiledMmaND;
+  using typename Base::TiledMmaND_SS;
+  using typename Base::TiledMmaMD;
+  using typename Base::MainloopPipeline;
+  using typename Base::MainloopPipelineQ;
+  using typename Base::PipelineState;
+  using typename Base::PipelineStateQ;
+  using typename Base::SharedStorage;
+  using typename Base::Params;
+  using Base::NumMmaWarpGroups;
+  using Base::StageCount;
+
+  struct Arguments : Base::Arguments {
+    float scale;
+  };
+
+  template <class ProblemShape>
+  static Params to_underlying_arguments(ProblemShape const& problem_size, Arguments const& args, void* workspace) {
+    Params params = Base::to_underlying_arguments(problem_size, args, workspace);
+    params.scale_softmax = args.scale;
+    params.scale_softmax_log2 = args.scale * static_cast<float>(M_LOG2E);
+    return params;
+  }
+
+  template <class BlkCoord, class ProblemShape, class MainloopPipelineReducer, class PipelineStateReducer,
+            class MathWgOrderBarrier>
+  CUTLASS_DEVICE auto compute(BlkCoord const& blk_coord, BlkCoord const& wg_coord, Params const& params,
+                              ProblemShape const& problem_size, MainloopPipeline& pipeline_inner,
+                              PipelineState& smem_pipe_read_inner, MainloopPipelineQ& pipeline_outer,
+                              PipelineStateQ& smem_pipe_read_outer, MainloopPipelineReducer& pipeline_reducer,
+                              PipelineStateReducer& smem_pipe_write_reducer, SharedStorage& storage,
+                              MathWgOrderBarrier& math_wg_order_barrier) {
+    TiledMmaND tiled_mma_nd;
+    Tensor acc_DV = partition_fragment_C(tiled_mma_nd, take<0, 2>(TileShapeND{}));
+    Tensor acc_DK = partition_fragment_C(tiled_mma_nd, take<0, 2>(TileShapeND{}));
+    clear(acc_DV);
+    clear(acc_DK);
+
+    int thread_idx = int(threadIdx.x) % cutlass::NumThreadsPerWarpGroup;
+    PipelineState smem_pipe_release_inner = smem_pipe_read_inner;
+
+    // This warpgroup's K and V (64 keys each), resident for the whole walk.
+    pipeline_outer.consumer_wait(smem_pipe_read_outer);
+    PipelineStateQ smem_pipe_read_k = smem_pipe_read_outer;
+    ++smem_pipe_read_outer;
+    pipeline_outer.consumer_wait(smem_pipe_read_outer);
+    PipelineStateQ smem_pipe_read_v = smem_pipe_read_outer;
+
+    int inner_tile_count = this->get_inner_tile_count(wg_coord, problem_size);
+
+    TiledMmaNM tiled_mma_nm;
+    auto thr_mma_nm = tiled_mma_nm.get_thread_slice(thread_idx);
+    Tensor sK = make_tensor(make_smem_ptr(storage.smem_k.data()), typename Base::SmemLayoutK{});
+    Tensor sQ = make_tensor(make_smem_ptr(storage.smem_q.data()), typename Base::SmemLayoutQ{});
+    Tensor tSrK = thr_mma_nm.make_fragment_A(thr_mma_nm.partition_A(sK));
+    Tensor tSrQ = thr_mma_nm.make_fragment_B(thr_mma_nm.partition_B(sQ));
+    Tensor sV = make_tensor(make_smem_ptr(storage.smem_v.data()), typename Base::SmemLayoutV{});
+    Tensor sDO = make_tensor(make_smem_ptr(storage.smem_do.data()), typename Base::SmemLayoutDO{});
+    Tensor tDPrV = thr_mma_nm.make_fragment_A(thr_mma_nm.partition_A(sV));
+    Tensor tDPrDO = thr_mma_nm.make_fragment_B(thr_mma_nm.partition_B(sDO));
+
+    auto thr_mma_nd = tiled_mma_nd.get_thread_slice(thread_idx);
+    Tensor sDOp = make_tensor(make_smem_ptr(storage.smem_dop.data()), typename Base::SmemLayoutDOp{});
+    Tensor tDVrDO = thr_mma_nd.make_fragment_B(thr_mma_nd.partition_B(sDOp));
+    Tensor sQp = make_tensor(make_smem_ptr(storage.smem_qp.data()), typename Base::SmemLayoutQp{});
+    Tensor tDKrQ = thr_mma_nd.make_fragment_B(thr_mma_nd.partition_B(sQp));
+
+    int wg_idx = __shfl_sync(0xffffffff, get<1>(wg_coord) % NumMmaWarpGroups, 0);
+
+    TiledMmaMD tiled_mma_md;
+    auto thr_mma_md = tiled_mma_md.get_thread_slice(thread_idx);
+    Tensor sDS = make_tensor(make_smem_ptr(storage.smem_ds.data()), typename Base::SmemLayoutDS{});
+    Tensor tDQrDS = thr_mma_md.make_fragment_A(thr_mma_md.partition_A(sDS));
+    Tensor sKp = make_tensor(make_smem_ptr(storage.smem_kp.data()), typename Base::SmemLayoutKp{});
+    Tensor tDQrK = thr_mma_md.make_fragment_B(thr_mma_md.partition_B(sKp));
+
+    // lse and delta of the block's rows, broadcast over the keys (stride 0).
+    Tensor sLSE = make_tensor(make_smem_ptr(storage.smem_lse.data()),
+                              make_shape(get<0>(TileShapeNM{}), get<1>(TileShapeNM{}), Int<StageCount>{}),
+                              make_stride(_0{}, _1{}, get<1>(TileShapeNM{})));
+    Tensor tSsLSE = thr_mma_nm.partition_C(sLSE);
+    Tensor sODO = make_tensor(make_smem_ptr(storage.smem_sumOdO.data()),
+                              make_shape(get<0>(TileShapeNM{}), get<1>(TileShapeNM{}), Int<StageCount>{}),
+                              make_stride(_0{}, _1{}, get<1>(TileShapeNM{})));
+    Tensor tDPsODO = thr_mma_nm.partition_C(sODO);
+
+    // (key, query) of every score this thread holds, moved along the query blocks.
+    Tensor cS = make_identity_tensor(take<0, 2>(TileShapeNM{}));
+    Tensor tScS = thr_mma_nm.partition_C(cS);
+    int n_block = get<1>(wg_coord);
+    int first_key = n_block * get<0>(TileShapeNM{});
+    tScS.data() = tScS.data() + E<0>{} * first_key;
+
+    // dS transposed for dK += dSᵀ... (the (key, query) view of the (query, key) buffer).
+    Tensor sDSp = sDS.compose(make_layout(make_shape(size<1>(sDS), size<0>(sDS), size<2>(sDS)),
+                                          make_stride(size<0>(sDS), _1{}, size<1>(sDS) * size<0>(sDS))));
+    Tensor tDPsDS = thr_mma_nm.partition_C(sDSp);
+    auto thr_mma_nd_ss = TiledMmaND_SS{}.get_thread_slice(thread_idx);
+    Tensor tDKrDSp = thr_mma_nd_ss.make_fragment_A(thr_mma_nd_ss.partition_A(sDSp));
+
+    Tensor sDQ = make_tensor(make_smem_ptr(storage.smem_dq.data()), typename Base::SmemLayoutDQ{});
+    auto tDQsDQ_full = thr_mma_md.partition_C(sDQ);
+
+    auto smem_pipe_read_k_other = smem_pipe_read_k;
+    smem_pipe_read_k_other.advance(2);
+
+    float const log2e = static_cast<float>(M_LOG2E);
+    int q_block = 0;
+    while (inner_tile_count > 0) {
+      while (inner_tile_count > 0) {
+        if (Mask{}.is_contributing(make_coord(q_block, get<1>(blk_coord)), TileShape{}, problem_size)) break;
+        inner_tile_count -= 1;
+        tScS.data() = tScS.data() + E<1>{} * get<1>(TileShapeNM{});
+        q_block += 1;
+      }
+      if (inner_tile_count == 0) break;
+
+      pipeline_inner.consumer_wait(smem_pipe_read_inner);
+      PipelineState smem_pipe_read_q = smem_pipe_read_inner;
+      ++smem_pipe_read_inner;
+      PipelineState smem_pipe_read_do = smem_pipe_read_inner;
+      ++smem_pipe_read_inner;
+
+      // Sᵀ = K Qᵀ
+      Tensor acc_S = partition_fragment_C(tiled_mma_nm, take<0, 2>(TileShapeNM{}));
+      warpgroup_fence_operand(acc_S);
+      warpgroup_arrive();
+      gemm_zero_acc(tiled_mma_nm, tSrK(_, _, _, smem_pipe_read_k.index()), tSrQ(_, _, _, smem_pipe_read_q.index()),
+                    acc_S);
+      warpgroup_commit_batch();
+
+      pipeline_inner.consumer_wait(smem_pipe_read_do);
+
+      // dPᵀ = V dOᵀ
+      Tensor acc_DP = partition_fragment_C(tiled_mma_nm, take<0, 2>(TileShapeNM{}));
+      warpgroup_fence_operand(acc_DP);
+      warpgroup_arrive();
+      gemm_zero_acc(tiled_mma_nm, tDPrV(_, _, _, smem_pipe_read_v.index()),
+                    tDPrDO(_, _, _, smem_pipe_read_do.index()), acc_DP);
+      warpgroup_commit_batch();
+
+      Tensor reg_LSE = make_fragment_like<ElementAccumulator>(acc_S);
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(reg_LSE); i++) reg_LSE(i) = log2e * tSsLSE(_, _, _, smem_pipe_read_q.index())(i);
+      Tensor reg_ODO = make_fragment_like<ElementAccumulator>(acc_S);
+
+      warpgroup_wait<1>();
+      warpgroup_fence_operand(acc_S);
+
+      // The warpgroups take turns here (and at the dS hand-off below). Not only scheduling: the
+      // turn is what keeps warpgroup 0 from writing the next block's dS while warpgroup 1's dQ
+      // GEMM still reads this one (without it dQ came out wrong, session 20 call 3).
+      math_wg_order_barrier.wait();
+      if (Mask::crosses(q_block * get<1>(TileShapeNM{}), first_key, get<0>(TileShapeNM{}), problem_size)) {
+        Mask{}.before_softmax(acc_S, tScS, problem_size);
+      }
+      auto acc_P = make_fragment_like<ElementAccumulator>(acc_S);
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(acc_P); i++) acc_P(i) = ::exp2f(params.scale_softmax_log2 * acc_S(i) - reg_LSE(i));
+      math_wg_order_barrier.arrive();
+
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(reg_ODO); i++) reg_ODO(i) = tDPsODO(_, _, _, smem_pipe_read_do.index())(i);
+
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc_DP);
+
+      // dS = P (dP - delta) scale, in the input dtype (explicitly: bf16 has no implicit conversion).
+      auto acc_DS = make_fragment_like<Element>(acc_DP);
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(acc_DS); i++) {
+        acc_DS(i) = Element(acc_P(i) * params.scale_softmax * (acc_DP(i) - reg_ODO(i)));
+      }
+
+      // dV += P dO (P from registers)
+      auto op_P = make_acc_into_op<Element>(acc_P, typename TiledMmaND::LayoutA_TV{});
+      warpgroup_fence_operand(acc_DV);
+      warpgroup_fence_operand(op_P);
+      warpgroup_arrive();
+      cute::gemm(tiled_mma_nd, op_P, tDVrDO(_, _, _, smem_pipe_read_do.index()), acc_DV);
+      warpgroup_commit_batch();
+
+      // dS into shared memory: the dK GEMM reads it (this warpgroup's keys), the dQ GEMM both.
+      if (wg_idx == 0) math_wg_order_barrier.wait();
+      auto recast_pairs = [](auto t) { return recast<uint_bit_t<sizeof_bits_v<Element> * 2>>(t); };
+      auto tDPsDS_v = recast_pairs(tDPsDS);
+      auto acc_DS_v = recast_pairs(acc_DS);
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(acc_DS_v); i++) tDPsDS_v(_, _, _, wg_idx)(i) = acc_DS_v(i);
+      cutlass::arch::fence_view_async_shared();
+      if (wg_idx == 0) math_wg_order_barrier.arrive();
+
+      if (wg_idx == 1) {
+        math_wg_order_barrier.wait();
+        // dQ = dS K over both warpgroups' keys, then to the reducer warp through shared memory.
+        Tensor acc_DQ = partition_fragment_C(tiled_mma_md, take<0, 2>(TileShapeMD{}));
+        warpgroup_fence_operand(acc_DQ);
+        warpgroup_arrive();
+        gemm_zero_acc(tiled_mma_md, tDQrDS(_, _, _, 0), tDQrK(_, _, _, smem_pipe_read_k_other.index()), acc_DQ);
+        cute::gemm(tiled_mma_md, tDQrDS(_, _, _, 1), tDQrK(_, _, _, smem_pipe_read_k.index()), acc_DQ);
+        warpgroup_commit_batch();
+
+        warpgroup_fence_operand(acc_DK);
+        warpgroup_arrive();
+        cute::gemm(TiledMmaND_SS{}, tDKrDSp(_, _, _, wg_idx), tDKrQ(_, _, _, smem_pipe_read_q.index()), acc_DK);
+        warpgroup_commit_batch();
+
+        warpgroup_wait<1>();  // the dQ GEMM (issued first) is done
+        warpgroup_fence_operand(acc_DQ);
+        math_wg_order_barrier.arrive();
+
+        pipeline_reducer.producer_acquire(smem_pipe_write_reducer);
+        auto tDQsDQ = tDQsDQ_full(_, _, _, smem_pipe_write_reducer.index());
+        using Vec = uint_bit_t<sizeof_bits_v<ElementAccumulator> * 2>;
+        auto tDQsDQ_v = recast<Vec>(tDQsDQ);
+        auto acc_DQ_v = recast<Vec>(acc_DQ);
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < size(acc_DQ_v); i++) tDQsDQ_v(i) = acc_DQ_v(i);
+        cutlass::arch::fence_view_async_shared();
+        pipeline_reducer.producer_commit(smem_pipe_write_reducer);
+        ++smem_pipe_write_reducer;
+      } else {
+        warpgroup_fence_operand(acc_DK);
+        warpgroup_arrive();
+        cute::gemm(TiledMmaND_SS{}, tDKrDSp(_, _, _, wg_idx), tDKrQ(_, _, _, smem_pipe_read_q.index()), acc_DK);
+        warpgroup_commit_batch();
+        warpgroup_wait<1>();
+        warpgroup_fence_operand(acc_DK);
+        // The reducer waits on both warpgroups' arrivals per stage.
+        pipeline_reducer.producer_acquire(smem_pipe_write_reducer);
+        pipeline_reducer.producer_commit(smem_pipe_write_reducer);
+        ++smem_pipe_write_reducer;
+      }
+
+      --inner_tile_count;
+      pipeline_inner.consumer_release(smem_pipe_release_inner);
+      ++smem_pipe_release_inner;
+      pipeline_inner.consumer_release(smem_pipe_release_inner);
+      ++smem_pipe_release_inner;
+
+      tScS.data() = tScS.data() + E<1>{} * get<1>(TileShapeNM{});
+      q_block += 1;
+    }
+
+    pipeline_outer.consumer_release(smem_pipe_read_k);
+    pipeline_outer.consumer_release(smem_pipe_read_outer);
+    pipeline_reducer.producer_tail(smem_pipe_write_reducer);
+    ++smem_pipe_read_outer;
+
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc_DK);
+    warpgroup_fence_operand(acc_DV);
+    return make_tuple(acc_DK, acc_DV);
+  }
+};
+
+// Tile (queries, keys, head dim): the example's backward choices.
+template <int kHeadDim>
+using BwdTileFor = Shape<_64, _128, Int<kHeadDim>>;
+
+template <int kDtype, int kHeadDim, int kMask>
+int run_bwd(FlashCutlassBwdParams const& p, char* err, int err_len) {
+  using Element = std::conditional_t<kDtype == FLASH_CUTLASS_BF16, cutlass::bfloat16_t, cutlass::half_t>;
+  using Mainloop = BwdMainloop<Element, BwdTileFor<kHeadDim>, BwdMaskFor<kMask>>;
+  using Epilogue = cutlass::fmha::collective::FmhaBwdEpilogueKV<Element, float, typename Mainloop::TileShapePV>;
+  using Kernel = cutlass::fmha::kernel::FmhaKernelTmaWarpSpecialized<
+      Mainloop, Epilogue, cutlass::fmha::kernel::TileSchedulerBwdAdapter<cutlass::fmha::kernel::IndividualTileScheduler>>;
+  using Operation = cutlass::device::Universal<Kernel>;
+  using Stride4 = cute::tuple<int, int, int, _1>;  // batch, head, row, head_dim
+
+  auto stride = [](int64_t const* s) { return Stride4{int(s[0]), int(s[1]), int(s[2]), _1{}}; };
+  int rows = p.len_q;
+  typename Mainloop::Arguments mainloop{};
+  mainloop.ptr_Q = static_cast<Element const*>(p.q);
+  mainloop.dQ = stride(p.q_stride);
+  mainloop.ptr_K = static_cast<Element const*>(p.k);
+  mainloop.dK = stride(p.k_stride);
+  mainloop.ptr_V = static_cast<Element const*>(p.v);
+  mainloop.dV = stride(p.v_stride);
+  mainloop.ptr_dO = static_cast<Element const*>(p.dout);
+  mainloop.dDO = stride(p.dout_stride);
+  mainloop.ptr_LSE = p.lse;
+  mainloop.dLSE = cute::tuple<int, int, _1>{p.heads * rows, rows, _1{}};
+  mainloop.ptr_sum_OdO = p.delta;
+  mainloop.dSumOdO = cute::tuple<int, int, _1>{p.heads * rows, rows, _1{}};
+  mainloop.ptr_dQ = p.dq_acc;
+  mainloop.dDQ = Stride4{p.heads * rows * p.head_dim, rows * p.head_dim, p.head_dim, _1{}};
+  mainloop.scale = p.scale;
+
+  cutlass::KernelHardwareInfo hw_info;
+  hw_info.sm_count = p.sm_count;
+  typename Operation::Arguments args{
+      cute::make_tuple(p.batch, p.heads, p.len_q, p.len_k, p.head_dim),
+      mainloop,
+      {static_cast<Element*>(p.dk), stride(p.dk_stride), static_cast<Element*>(p.dv), stride(p.dv_stride)},
+      hw_info};
+
+  // Every key block must be reached by some query block: one that none reaches would leave its
+  // loader and reducer waiting on each other (the Python side trims top-left causal's unseen keys).
+  bool reached = p.batch > 0 && p.heads > 0 && p.len_q > 0 && p.len_k > 0 &&
+                 !(kMask == FLASH_CUTLASS_CAUSAL_TOP_LEFT && p.len_k > p.len_q) &&
+                 !(kMask == FLASH_CUTLASS_CAUSAL_BOTTOM_RIGHT && p.len_q > p.len_k) &&
+                 !(kMask == FLASH_CUTLASS_CAUSAL_FOLDED && (p.len_k % 128 || p.len_q % p.len_k));
+  if (!reached) {
+    snprintf(err, err_len, "backward needs non-empty sizes and every key visible to some row (top-left causal: "
+             "len_k <= len_q; bottom-right: len_q <= len_k; folded: len_k a multiple of 128 dividing len_q); got "
+             "len_q=%d len_k=%d mask=%d", p.len_q, p.len_k, kMask);
+    return 2;
+  }
+  // lse, delta and the dQ accumulator are [batch, heads, len_q(, head_dim)] float32, contiguous.
+  constexpr int kElems = 16 / int(sizeof(Element));
+  for (auto [ptr, s] : {std::pair{p.q, p.q_stride}, std::pair{p.k, p.k_stride}, std::pair{p.v, p.v_stride},
+                        std::pair{p.dout, p.dout_stride}, std::pair{static_cast<void const*>(p.dk), p.dk_stride},
+                        std::pair{static_cast<void const*>(p.dv), p.dv_stride}}) {
+    if (!tma_aligned(ptr, s, kElems)) {
+      snprintf(err, err_len, "a tensor is not 16-byte aligned (address or batch/head/row stride)");
+      return 2;
+    }
+  }
+  for (void const* ptr : {static_cast<void const*>(p.lse), static_cast<void const*>(p.delta),
+                          static_cast<void const*>(p.dq_acc)}) {
+    if (reinterpret_cast<uintptr_t>(ptr) % 16 || rows % 4) {
+      snprintf(err, err_len, "lse, delta and the dQ accumulator need 16-byte-aligned rows (len_q a multiple of 4)");
+      return 2;
+    }
+  }
+  Operation op;
+  return launch(op, args, p.stream, p.head_dim, p.len_q, kElems, err, err_len);
+}
+
+}  // namespace flash_cutlass
+
+#define FLASH_CUTLASS_BWD_INSTANCE(DTYPE, HEAD_DIM, MASK) \
+  template int flash_cutlass::run_bwd<DTYPE, HEAD_DIM, MASK>(FlashCutlassBwdParams const&, char*, int);
