@@ -15,6 +15,7 @@ library of its own (as benchmarks/cutlass_variants.py does for the forward), tim
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import sys
 
@@ -56,10 +57,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     cutlass_backend.UNVALIDATED.discard("backward")  # a timing, not a dispatch: before its tests pass too
     cutlass, triton = cutlass_backend.CutlassBackend(), TritonBackend()
-    variants = {}
-    for spec in args.variant:
-        name, flags = spec.split("=", 1)
-        variants[name] = build_variant(name, args.head_dim, flags.split(","))
+    # Built side by side (each a few units; ninja per variant), as cutlass_variants.py does.
+    specs = [spec.split("=", 1) for spec in args.variant]
+    with concurrent.futures.ThreadPoolExecutor(max(1, len(specs))) as pool:
+        built = [pool.submit(build_variant, name, args.head_dim, flags.split(",")) for name, flags in specs]
+        variants = {name: f.result() for (name, _), f in zip(specs, built)}
 
     def with_library(lib, fn):
         def run():

@@ -108,7 +108,8 @@ for hq, hkv, nq, nk, causal in ((3, 3, 256, 256, False), (3, 3, 200, 392, 'top_l
 " 2>&1 | grep -v Warning | tee "$OUT/cutlass_bwd_smoke.log"
         [ "$(grep -c "rel err" "$OUT/cutlass_bwd_smoke.log")" = 4 ] || exit 1 ;;
     cutlass_bwd_bench)  # the backward alone, CUTLASS beside Triton and cuDNN, from the same out and lse (no forward library)
-      timeout 200 python3 benchmarks/cutlass_bwd_time.py --lengths ${BWD_LENGTHS:-8192} --json "$OUT/cutlass_bwd_time.json" 2>&1 | grep -v Warning | tee "$OUT/cutlass_bwd_time.log" ;;
+      # BWD_VARIANT_ARGS: e.g. "--variant dq_split=-DFLASH_CUTLASS_BWD_DQ_SPLIT=1" (built side by side, timed beside)
+      timeout ${BWD_BENCH_TIMEOUT:-300} python3 benchmarks/cutlass_bwd_time.py --lengths ${BWD_LENGTHS:-8192} ${BWD_VARIANT_ARGS:-} --json "$OUT/cutlass_bwd_time.json" 2>&1 | grep -v Warning | tee "$OUT/cutlass_bwd_time.log" ;;
     cutlass_tests)
       FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout 300 python3 -m pytest -q -m gpu tests/test_cutlass.py 2>&1 | tee "$OUT/cutlass_tests.log" | tail -8 ;;
     cutlass_bias)  # the bias rows (after cutlass_tests); features still in UNVALIDATED are let through for the bench only

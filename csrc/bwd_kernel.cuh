@@ -112,6 +112,23 @@ using BwdMaskFor = std::conditional_t<
     std::conditional_t<kMask == FLASH_CUTLASS_CAUSAL_BOTTOM_RIGHT, BwdBottomRight,
                        std::conditional_t<kMask == FLASH_CUTLASS_CAUSAL_FOLDED, BwdFolded, BwdNoMask>>>;
 
+// Whether each warpgroup hands its dS over before it issues its dV GEMM, and warpgroup 1 issues
+// the dQ GEMM ahead of its dV GEMM: the dQ GEMM is on the chain the turns below wait on, dV is
+// not (off: example 88's order; benchmarks/cutlass_bwd_time.py --variant times it).
+#ifndef FLASH_CUTLASS_BWD_DQ_FIRST
+#define FLASH_CUTLASS_BWD_DQ_FIRST 0
+#endif
+
+// Whether the dQ GEMM is split over both warpgroups by head-dim halves (each dS·K over the
+// block's 128 keys for 64 of the head dims) instead of warpgroup 1 computing all of it: the
+// warpgroups then exchange dS through a named barrier and double-buffer it (by block parity,
+// 16 KB more shared memory), so a warpgroup never waits for the other's dQ GEMM to write its
+// next dS. FA3's split. Off: example 88's schedule; benchmarks/cutlass_bwd_time.py --variant
+// times it. Written in session 20 after its device time was spent: not yet run on a GPU.
+#ifndef FLASH_CUTLASS_BWD_DQ_SPLIT
+#define FLASH_CUTLASS_BWD_DQ_SPLIT 0
+#endif
+
 template <class Element, class Tile, class Mask>
 struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialized<Element, float, Tile, Mask> {
   using Base = cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialized<Element, float, Tile, Mask>;
@@ -128,10 +145,35 @@ struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialize
   using typename Base::MainloopPipelineQ;
   using typename Base::PipelineState;
   using typename Base::PipelineStateQ;
-  using typename Base::SharedStorage;
   using typename Base::Params;
   using Base::NumMmaWarpGroups;
   using Base::StageCount;
+  static constexpr bool kDqFirst = FLASH_CUTLASS_BWD_DQ_FIRST;
+  static constexpr bool kDqSplit = FLASH_CUTLASS_BWD_DQ_SPLIT;
+  static_assert(!(kDqFirst && kDqSplit), "one dQ schedule at a time");
+
+  // The split dQ GEMM: (64 queries, head_dim / 2, 64 keys) per call, A = dS (as the example's),
+  // B = this warpgroup's head-dim half of a K stage: in the K buffer (64 keys x head_dim, K-major,
+  // 128-byte swizzle atoms of 64 dims, tiled over the keys first) a half is one contiguous block
+  // of 64 x head_dim / 2 elements, the layout of a one-stage MN-major B operand of that shape.
+  using TileShapeMDh = Shape<tuple_element_t<0, TileShapeMD>, decltype(tuple_element_t<1, TileShapeMD>{} / _2{}),
+                             tuple_element_t<2, TileShapeMD>>;
+  using CollectiveMmaMDh = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, cute::tuple<_1, int, cute::tuple<int, int>>,
+      Base::Alignment, Element, cute::tuple<_1, int, cute::tuple<int, int>>, Base::Alignment, ElementAccumulator,
+      TileShapeMDh, typename Base::ClusterShape, typename Base::Stages,
+      cutlass::gemm::KernelTmaWarpSpecialized>::CollectiveOp;
+  using TiledMmaMDh = typename CollectiveMmaMDh::TiledMma;
+  using SmemLayoutKph = typename CollectiveMmaMDh::SmemLayoutB;
+  static constexpr int kKStageElems = cute::cosize_v<typename Base::SmemLayoutK> / StageCount;
+  static constexpr int kKHalfElems = size<1>(TileShapeMDh{}) * size<2>(TileShapeMDh{});
+  static_assert(kKStageElems == 2 * kKHalfElems);
+
+  struct SplitSharedStorage : Base::SharedStorage {
+    // The second dS buffer of the split schedule (blocks of odd parity).
+    alignas(512) cute::array_aligned<Element, cute::cosize_v<typename Base::SmemLayoutDS>> smem_ds2;
+  };
+  using SharedStorage = std::conditional_t<kDqSplit, SplitSharedStorage, typename Base::SharedStorage>;
 
   struct Arguments : Base::Arguments {
     float scale;
@@ -227,6 +269,33 @@ struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialize
     auto smem_pipe_read_k_other = smem_pipe_read_k;
     smem_pipe_read_k_other.advance(2);
 
+    // The split schedule's views: per dS buffer, the (key, query) store view, the dK GEMM's A
+    // and the half dQ GEMM's A; per K stage (this warpgroup's keys, the other's), this
+    // warpgroup's head-dim half as the half dQ GEMM's B.
+    TiledMmaMDh tiled_mma_mdh;
+    auto thr_mma_mdh = tiled_mma_mdh.get_thread_slice(thread_idx);
+    auto ds_views = [&](Element* ptr) {
+      Tensor sDS_b = make_tensor(make_smem_ptr(ptr), typename Base::SmemLayoutDS{});
+      Tensor sDSp_b = sDS_b.compose(make_layout(make_shape(size<1>(sDS_b), size<0>(sDS_b), size<2>(sDS_b)),
+                                                make_stride(size<0>(sDS_b), _1{}, size<1>(sDS_b) * size<0>(sDS_b))));
+      return make_tuple(thr_mma_nm.partition_C(sDSp_b), thr_mma_nd_ss.make_fragment_A(thr_mma_nd_ss.partition_A(sDSp_b)),
+                        thr_mma_mdh.make_fragment_A(thr_mma_mdh.partition_A(sDS_b)));
+    };
+    auto k_half = [&](PipelineStateQ const& stage) {
+      Tensor sKh = make_tensor(make_smem_ptr(storage.smem_k.data() + stage.index() * kKStageElems + wg_idx * kKHalfElems),
+                               SmemLayoutKph{});
+      return thr_mma_mdh.make_fragment_B(thr_mma_mdh.partition_B(sKh));
+    };
+    auto ds_buffer0 = ds_views(storage.smem_ds.data());
+    auto ds_buffer1 = ds_views([&] {
+      if constexpr (kDqSplit) return storage.smem_ds2.data();
+      else return storage.smem_ds.data();  // unused
+    }());
+    // B of the half dQ GEMM against dS half j: warpgroup j's K stage.
+    auto tDQrKh_0 = k_half(wg_idx == 0 ? smem_pipe_read_k : smem_pipe_read_k_other);
+    auto tDQrKh_1 = k_half(wg_idx == 1 ? smem_pipe_read_k : smem_pipe_read_k_other);
+    int parity = 0;
+
     float const log2e = static_cast<float>(M_LOG2E);
     int q_block = 0;
     while (inner_tile_count > 0) {
@@ -271,8 +340,10 @@ struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialize
       warpgroup_fence_operand(acc_S);
 
       // The warpgroups take turns here (and at the dS hand-off below). Not only scheduling: the
-      // turn is what keeps warpgroup 0 from writing the next block's dS while warpgroup 1's dQ
-      // GEMM still reads this one (without it dQ came out wrong, session 20 call 3).
+      // order barrier lets a warpgroup run two turns ahead of the other (its depth is 2), so with
+      // two turns per block warpgroup 0 writes block t+1's dS only after warpgroup 1's dQ GEMM of
+      // block t is done; with this turn removed it ran a block ahead and dQ came out wrong
+      // (session 20, call 3).
       math_wg_order_barrier.wait();
       if (Mask::crosses(q_block * get<1>(TileShapeNM{}), first_key, get<0>(TileShapeNM{}), problem_size)) {
         Mask{}.before_softmax(acc_S, tScS, problem_size);
@@ -297,15 +368,63 @@ struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialize
 
       // dV += P dO (P from registers)
       auto op_P = make_acc_into_op<Element>(acc_P, typename TiledMmaND::LayoutA_TV{});
-      warpgroup_fence_operand(acc_DV);
-      warpgroup_fence_operand(op_P);
-      warpgroup_arrive();
-      cute::gemm(tiled_mma_nd, op_P, tDVrDO(_, _, _, smem_pipe_read_do.index()), acc_DV);
-      warpgroup_commit_batch();
+      auto issue_dv = [&] {
+        warpgroup_fence_operand(acc_DV);
+        warpgroup_fence_operand(op_P);
+        warpgroup_arrive();
+        cute::gemm(tiled_mma_nd, op_P, tDVrDO(_, _, _, smem_pipe_read_do.index()), acc_DV);
+        warpgroup_commit_batch();
+      };
+      if constexpr (!kDqFirst) issue_dv();
 
+      auto recast_pairs = [](auto t) { return recast<uint_bit_t<sizeof_bits_v<Element> * 2>>(t); };
+      if constexpr (kDqSplit) {
+        // One body per buffer (a runtime choice between the two sets of views would put them
+        // in local memory).
+        auto split_step = [&](auto& buffer) {
+          auto tDPsDS_v = recast_pairs(get<0>(buffer));
+          auto acc_DS_v = recast_pairs(acc_DS);
+          CUTLASS_PRAGMA_UNROLL
+          for (int i = 0; i < size(acc_DS_v); i++) tDPsDS_v(_, _, _, wg_idx)(i) = acc_DS_v(i);
+          cutlass::arch::fence_view_async_shared();
+          // Both halves of this block's dS are written; and both warpgroups are past their dQ GEMM
+          // of the block before, which read the other buffer this one will be reused after.
+          cutlass::arch::NamedBarrier::sync(NumMmaWarpGroups * cutlass::NumThreadsPerWarpGroup, 0);
+
+          Tensor acc_DQh = partition_fragment_C(tiled_mma_mdh, take<0, 2>(TileShapeMDh{}));
+          warpgroup_fence_operand(acc_DQh);
+          warpgroup_arrive();
+          gemm_zero_acc(tiled_mma_mdh, get<2>(buffer)(_, _, _, 0), tDQrKh_0(_, _, _, 0), acc_DQh);
+          cute::gemm(tiled_mma_mdh, get<2>(buffer)(_, _, _, 1), tDQrKh_1(_, _, _, 0), acc_DQh);
+          warpgroup_commit_batch();
+
+          warpgroup_fence_operand(acc_DK);
+          warpgroup_arrive();
+          cute::gemm(TiledMmaND_SS{}, get<1>(buffer)(_, _, _, wg_idx), tDKrQ(_, _, _, smem_pipe_read_q.index()), acc_DK);
+          warpgroup_commit_batch();
+
+          warpgroup_wait<1>();  // dV and this warpgroup's dQ half are done
+          warpgroup_fence_operand(acc_DQh);
+
+          pipeline_reducer.producer_acquire(smem_pipe_write_reducer);
+          Tensor sDQh = local_tile(sDQ(_, _, smem_pipe_write_reducer.index()), take<0, 2>(TileShapeMDh{}),
+                                   make_coord(_0{}, wg_idx));
+          Tensor tDQsDQh = thr_mma_mdh.partition_C(sDQh);
+          CUTLASS_PRAGMA_UNROLL
+          for (int i = 0; i < size(acc_DQh); i++) tDQsDQh(i) = acc_DQh(i);
+          cutlass::arch::fence_view_async_shared();
+          pipeline_reducer.producer_commit(smem_pipe_write_reducer);
+          ++smem_pipe_write_reducer;
+        };
+        if (parity) {
+          split_step(ds_buffer1);
+        } else {
+          split_step(ds_buffer0);
+        }
+        parity ^= 1;
+      } else {
       // dS into shared memory: the dK GEMM reads it (this warpgroup's keys), the dQ GEMM both.
       if (wg_idx == 0) math_wg_order_barrier.wait();
-      auto recast_pairs = [](auto t) { return recast<uint_bit_t<sizeof_bits_v<Element> * 2>>(t); };
       auto tDPsDS_v = recast_pairs(tDPsDS);
       auto acc_DS_v = recast_pairs(acc_DS);
       CUTLASS_PRAGMA_UNROLL
@@ -322,13 +441,15 @@ struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialize
         gemm_zero_acc(tiled_mma_md, tDQrDS(_, _, _, 0), tDQrK(_, _, _, smem_pipe_read_k_other.index()), acc_DQ);
         cute::gemm(tiled_mma_md, tDQrDS(_, _, _, 1), tDQrK(_, _, _, smem_pipe_read_k.index()), acc_DQ);
         warpgroup_commit_batch();
+        if constexpr (kDqFirst) issue_dv();
 
         warpgroup_fence_operand(acc_DK);
         warpgroup_arrive();
         cute::gemm(TiledMmaND_SS{}, tDKrDSp(_, _, _, wg_idx), tDKrQ(_, _, _, smem_pipe_read_q.index()), acc_DK);
         warpgroup_commit_batch();
 
-        warpgroup_wait<1>();  // the dQ GEMM (issued first) is done
+        // The dQ GEMM is done (behind it: dK, and with kDqFirst dV).
+        warpgroup_wait<kDqFirst ? 2 : 1>();
         warpgroup_fence_operand(acc_DQ);
         math_wg_order_barrier.arrive();
 
@@ -343,6 +464,7 @@ struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialize
         pipeline_reducer.producer_commit(smem_pipe_write_reducer);
         ++smem_pipe_write_reducer;
       } else {
+        if constexpr (kDqFirst) issue_dv();
         warpgroup_fence_operand(acc_DK);
         warpgroup_arrive();
         cute::gemm(TiledMmaND_SS{}, tDKrDSp(_, _, _, wg_idx), tDKrQ(_, _, _, smem_pipe_read_q.index()), acc_DK);
@@ -354,6 +476,7 @@ struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialize
         pipeline_reducer.producer_commit(smem_pipe_write_reducer);
         ++smem_pipe_write_reducer;
       }
+      }  // the example's schedule
 
       --inner_tile_count;
       pipeline_inner.consumer_release(smem_pipe_release_inner);
@@ -390,6 +513,7 @@ int run_bwd(FlashCutlassBwdParams const& p, char* err, int err_len) {
       Mainloop, Epilogue, cutlass::fmha::kernel::TileSchedulerBwdAdapter<cutlass::fmha::kernel::IndividualTileScheduler>>;
   using Operation = cutlass::device::Universal<Kernel>;
   using Stride4 = cute::tuple<int, int, int, _1>;  // batch, head, row, head_dim
+  static_assert(Kernel::SharedStorageSize <= 227 * 1024, "more shared memory than an sm_90 block has");
 
   auto stride = [](int64_t const* s) { return Stride4{int(s[0]), int(s[1]), int(s[2]), _1{}}; };
   int rows = p.len_q;

@@ -310,16 +310,19 @@ def test_build_command_builds_forward_and_backward_by_default(capsys):
 
 @pytest.mark.skipif(not HAVE_HEADERS or shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"),
                     reason="needs nvcc and the nvidia-cutlass headers")
-def test_the_backward_entry_point_and_one_instance_compile_for_sm90a(tmp_path):
-    """A real nvcc run (about a minute on 2 cores): example 88's backward collective with our
-    consumer and a diagonal mask (bottom-right), in bf16, which the example's own consumer
-    cannot compile."""
+@pytest.mark.parametrize("variant", [[], ["-DFLASH_CUTLASS_BWD_DQ_FIRST=1"], ["-DFLASH_CUTLASS_BWD_DQ_SPLIT=1"]],
+                         ids=["default", "dq_first", "dq_split"])
+def test_the_backward_entry_point_and_one_instance_compile_for_sm90a(tmp_path, variant):
+    """A real nvcc run (about a minute on 2 cores each): example 88's backward collective with
+    our consumer and a diagonal mask (bottom-right), in bf16, which the example's own consumer
+    cannot compile; and the two dQ schedules no default build compiles (benchmarks/
+    cutlass_bwd_time.py --variant times them), which must fit shared memory (a static_assert)."""
     p = cb.plan(cb.BWD_INSTANCES[:0], family=cb.HOPPER_BWD)
     inst = cb.BwdInstance("bf16", 128, "causal_br")
     (tmp_path / "api.cu").write_text(cb.bwd_api_source((inst,)))
     (tmp_path / "unit.cu").write_text(inst.source())
-    for unit in ("api", "unit"):
-        res = subprocess.run([p.nvcc, *p.flags, "-Xptxas=-warn-spills", "-c", f"{unit}.cu", "-o", f"{unit}.o"],
+    for unit in ("api", "unit") if not variant else ("unit",):
+        res = subprocess.run([p.nvcc, *p.flags, *variant, "-Xptxas=-warn-spills", "-c", f"{unit}.cu", "-o", f"{unit}.o"],
                              cwd=tmp_path, capture_output=True, text=True)
         assert res.returncode == 0, res.stderr[-3000:]
         assert "spill" not in res.stderr and "C7519" not in res.stderr, res.stderr[-3000:]
