@@ -3,7 +3,7 @@
     python benchmarks/cutlass_bwd_time.py [--json out.json] [--lengths 8192] [--head-dim 128]
                                           [--variant NAME=-DFLAG=1[,-DFLAG2=0]] ...
 
-B=1 H=12 bf16, no mask and causal. Every backward starts from the same out and lse (the Triton
+B=1 H=12 bf16, no mask and causal (with --bias: a per-head bias that needs no gradient). Every backward starts from the same out and lse (the Triton
 forward's: the op's contract, so this needs no forward library) and is timed interleaved
 (`time_interleaved`: rounds in rotated order, so a clock drift hits all alike). cuDNN's backward
 is `torch.autograd.grad` through its SDPA forward, graph retained. TFLOP/s count the backward as
@@ -54,6 +54,7 @@ def main(argv=None):
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192])
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--variant", action="append", default=[], help="NAME=-DFLAG=VALUE[,...]")
+    ap.add_argument("--bias", action="store_true", help="a per-head bias [1, H, N, N] without gradient (the bench's)")
     args = ap.parse_args(argv)
     cutlass_backend.UNVALIDATED.discard("backward")  # a timing, not a dispatch: before its tests pass too
     cutlass, triton = cutlass_backend.CutlassBackend(), TritonBackend()
@@ -79,7 +80,9 @@ def main(argv=None):
         for causal in (False, True):
             q, k, v = (torch.randn(1, 12, n, args.head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
                        for _ in range(3))
-            inp = validate(q, k, v, causal=causal)
+            bias = (torch.randn(1, 12, n, n, device="cuda", dtype=torch.bfloat16, generator=gen)
+                    if args.bias else None)
+            inp = validate(q, k, v, bias, causal=causal)
             assert cutlass.backward_kernel(inp) == "cutlass", cutlass.backward_reasons(inp)
             out, lse = triton.forward(inp, None)
             dout = torch.randn(out.shape, device="cuda", dtype=out.dtype, generator=gen)
@@ -90,8 +93,12 @@ def main(argv=None):
                 got = with_library(lib, run_cutlass)()[:3]
                 errs[name] = {g_name: _rel(g, w) for g_name, g, w in zip(("dq", "dk", "dv"), got, want)}
             leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            mask = bias
+            if bias is not None and causal:
+                mask = bias.masked_fill(torch.ones(n, n, dtype=torch.bool, device="cuda").triu(1), float("-inf"))
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                o_cudnn = torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=causal)
+                o_cudnn = torch.nn.functional.scaled_dot_product_attention(*leaves, attn_mask=mask,
+                                                                           is_causal=causal and bias is None)
             fns = {
                 "cutlass": run_cutlass,
                 **{name: with_library(lib, run_cutlass) for name, lib in variants.items()},
@@ -103,6 +110,7 @@ def main(argv=None):
             for name, t in ms.items():
                 row = {"n": n, "head_dim": args.head_dim, "causal": causal, "kernel": name, "ms": t,
                        "tflops": work / t / 1e9, "rel_err_vs_triton": errs.get(name)}
+                row["bias"] = args.bias
                 rows.append(row)
                 err = row["rel_err_vs_triton"]
                 print(f"N={n} D={args.head_dim} causal={causal!s:5} {name:12} {t * 1e3:7.0f} µs "

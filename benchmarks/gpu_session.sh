@@ -88,25 +88,26 @@ from flash_inductor.inputs import validate
 cutlass.UNVALIDATED.clear()
 be = cutlass.CutlassBackend()
 g = torch.Generator(device='cuda').manual_seed(0)
-for hq, hkv, nq, nk, causal in ((3, 3, 256, 256, False), (3, 3, 200, 392, 'top_left'), (3, 3, 136, 392, 'bottom_right'), (4, 2, 256, 256, 'top_left')):
+for hq, hkv, nq, nk, causal, with_bias in ((3, 3, 256, 256, False, False), (3, 3, 200, 392, 'top_left', False), (3, 3, 136, 392, 'bottom_right', False), (4, 2, 256, 256, 'top_left', False), (3, 3, 200, 264, 'top_left', True)):
     q = torch.randn(2, hq, nq, 128, device='cuda', dtype=torch.bfloat16, generator=g)
     k, v = (torch.randn(2, hkv, nk, 128, device='cuda', dtype=torch.bfloat16, generator=g) for _ in range(2))
-    inp = validate(q, k, v, causal=causal)
+    bias = torch.randn(1, hq, nq, nk, device='cuda', dtype=torch.bfloat16, generator=g) if with_bias else None
+    inp = validate(q, k, v, bias, causal=causal)
     assert be.backward_kernel(inp) == 'cutlass', be.backward_reasons(inp)
     out, lse = TritonBackend().forward(inp, None)  # the same contract; no forward library needed
     dout = torch.randn_like(out)
     dq, dk, dv, _ = be.backward(inp, None, out, lse, dout, None, False)
     torch.cuda.synchronize()
     leaves = [t.double().requires_grad_() for t in (q, k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1))]
-    s = (leaves[0] @ leaves[1].transpose(-1, -2)) / 128 ** 0.5
+    s = (leaves[0] @ leaves[1].transpose(-1, -2)) / 128 ** 0.5 + (bias.double() if with_bias else 0)
     if causal:
         s = s.masked_fill(torch.ones(nq, nk, device='cuda', dtype=torch.bool).triu(1 + (nk - nq if causal == 'bottom_right' else 0)), float('-inf'))
     (torch.softmax(s, -1) @ leaves[2]).backward(dout.double())
     want = [leaves[0].grad] + [t.grad.unflatten(1, (hkv, hq // hkv)).sum(2) for t in leaves[1:]]
     errs = ' '.join(f'{n} {((a.double() - w).norm() / w.norm()).item():.2e}' for n, a, w in zip(('dq', 'dk', 'dv'), (dq, dk, dv), want))
-    print(f'hq={hq} hkv={hkv} nq={nq} nk={nk} causal={causal}: rel err {errs}', flush=True)
+    print(f'hq={hq} hkv={hkv} nq={nq} nk={nk} causal={causal} bias={with_bias}: rel err {errs}', flush=True)
 " 2>&1 | grep -v Warning | tee "$OUT/cutlass_bwd_smoke.log"
-        [ "$(grep -c "rel err" "$OUT/cutlass_bwd_smoke.log")" = 4 ] || exit 1 ;;
+        [ "$(grep -c "rel err" "$OUT/cutlass_bwd_smoke.log")" = 5 ] || exit 1 ;;
     cutlass_bwd_bench)  # the backward alone, CUTLASS beside Triton and cuDNN, from the same out and lse (no forward library)
       # BWD_VARIANT_ARGS: e.g. "--variant dq_split=-DFLASH_CUTLASS_BWD_DQ_SPLIT=1" (built side by side, timed beside)
       timeout ${BWD_BENCH_TIMEOUT:-300} python3 benchmarks/cutlass_bwd_time.py --lengths ${BWD_LENGTHS:-8192} ${BWD_VARIANT_ARGS:-} --json "$OUT/cutlass_bwd_time.json" 2>&1 | grep -v Warning | tee "$OUT/cutlass_bwd_time.log" ;;

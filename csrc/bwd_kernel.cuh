@@ -10,8 +10,8 @@
 //
 // What the example's own consumer lacks, and this one adds: bf16 (its dS conversion is implicit,
 // which cutlass::bfloat16_t refuses), any scale, masks in the backward's orientation that are
-// applied only to the tiles crossing the diagonal, and bottom-right / folded (grouped KV heads)
-// causal. One instantiation per translation unit (flash_inductor/cutlass_build.py).
+// applied only to the tiles crossing the diagonal, bottom-right / folded (grouped KV heads)
+// causal, and the forward's additive bias (kBias; no bias gradient). One instantiation per translation unit (flash_inductor/cutlass_build.py).
 #pragma once
 
 #include <cmath>
@@ -29,6 +29,7 @@
 #include "kernel/fmha_tile_scheduler.hpp"
 #include "device/device_universal.hpp"
 
+#include "element_bits.cuh"
 #include "flash_cutlass.h"
 #include "launch.cuh"
 
@@ -129,7 +130,15 @@ using BwdMaskFor = std::conditional_t<
 #define FLASH_CUTLASS_BWD_DQ_SPLIT 0
 #endif
 
-template <class Element, class Tile, class Mask>
+// The forward's bias in the backward (no gradient; FlashCutlassBwdParams.bias).
+struct BwdBiasArgs {
+  void const* ptr = nullptr;
+  int64_t stride_b = 0, stride_h = 0, stride_q = 0;  // elements; the key stride is 1
+  int groups = 1, rows_per_head = 0;                 // grouped KV heads folded into rows
+  float inv_scale = 1.f;
+};
+
+template <class Element, class Tile, class Mask, bool kBias = false>
 struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialized<Element, float, Tile, Mask> {
   using Base = cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialized<Element, float, Tile, Mask>;
   using typename Base::ElementAccumulator;
@@ -145,7 +154,6 @@ struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialize
   using typename Base::MainloopPipelineQ;
   using typename Base::PipelineState;
   using typename Base::PipelineStateQ;
-  using typename Base::Params;
   using Base::NumMmaWarpGroups;
   using Base::StageCount;
   static constexpr bool kDqFirst = FLASH_CUTLASS_BWD_DQ_FIRST;
@@ -177,14 +185,64 @@ struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialize
 
   struct Arguments : Base::Arguments {
     float scale;
+    BwdBiasArgs bias;
+  };
+
+  struct Params : Base::Params {
+    BwdBiasArgs bias;
   };
 
   template <class ProblemShape>
   static Params to_underlying_arguments(ProblemShape const& problem_size, Arguments const& args, void* workspace) {
-    Params params = Base::to_underlying_arguments(problem_size, args, workspace);
+    Params params{Base::to_underlying_arguments(problem_size, args, workspace), args.bias};
     params.scale_softmax = args.scale;
     params.scale_softmax_log2 = args.scale * static_cast<float>(M_LOG2E);
+    params.bias.inv_scale = 1.f / args.scale;
     return params;
+  }
+
+  // The bias of the scores this thread holds in a tile, as bits in q's dtype, two scores to a
+  // register (the accumulator's pairs: one key, two adjacent query rows); 0 past the last row
+  // or key (those scores are never used). Loaded right after the tile's GEMMs are issued, so
+  // the loads run under them, and packed so the 32 values live in 16 registers across the wait
+  // (as floats they pushed the consumer past its registers: spills). The bias is [row][key]
+  // and a thread's pair is two rows: one 2-byte load per score.
+  static constexpr int kBiasPairs = size(decltype(partition_fragment_C(TiledMmaNM{}, take<0, 2>(TileShapeNM{}))){}) / 2;
+
+  template <class Coords, class ProblemShape>
+  CUTLASS_DEVICE static void load_bias(uint32_t (&out)[kBiasPairs], Coords const& tScS, BwdBiasArgs const& bias,
+                                       int batch, int kv_head, ProblemShape const& problem_size) {
+    int len_q = get<2>(problem_size), len_k = get<3>(problem_size);
+    uint16_t const* base = static_cast<uint16_t const*>(bias.ptr) + batch * bias.stride_b;
+    // The row stride through an opaque move: otherwise the compiler keeps the 16 rows' offsets
+    // live across the whole walk (they are affine in the block), which spilled the consumer.
+    int stride_q = static_cast<int>(bias.stride_q);
+    asm volatile("mov.b32 %0, %0;" : "+r"(stride_q));
+    // One query head per CTA, or (grouped KV heads folded into rows) the head of each row; within
+    // a head, row * stride_q + key fits 32 bits (the caller checks).
+    auto fill = [&](auto grouped) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int p = 0; p < kBiasPairs; p++) {
+        uint32_t half[2];
+        CUTLASS_PRAGMA_UNROLL
+        for (int e = 0; e < 2; e++) {
+          auto pos = tScS(2 * p + e);
+          int key = get<0>(pos), row = get<1>(pos);
+          uint16_t const* head_base = base + kv_head * bias.stride_h;
+          if constexpr (decltype(grouped)::value) {
+            head_base = base + (kv_head * bias.groups + row / bias.rows_per_head) * bias.stride_h;
+            row = row % bias.rows_per_head;
+          }
+          half[e] = get<1>(pos) < len_q && key < len_k ? uint32_t(__ldg(head_base + (row * stride_q + key))) : 0u;
+        }
+        out[p] = half[0] | (half[1] << 16);
+      }
+    };
+    if (bias.groups == 1) {
+      fill(cute::false_type{});
+    } else {
+      fill(cute::true_type{});
+    }
   }
 
   template <class BlkCoord, class ProblemShape, class MainloopPipelineReducer, class PipelineStateReducer,
@@ -333,11 +391,21 @@ struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialize
 
       Tensor reg_LSE = make_fragment_like<ElementAccumulator>(acc_S);
       CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < size(reg_LSE); i++) reg_LSE(i) = log2e * tSsLSE(_, _, _, smem_pipe_read_q.index())(i);
+      for (int i = 0; i < size(reg_LSE); i++) {
+        float lse = tSsLSE(_, _, _, smem_pipe_read_q.index())(i);
+        // A row the bias hides entirely has lse = -inf and P = 0 (the op's contract); +inf
+        // here makes every exponent -inf instead of NaN.
+        reg_LSE(i) = kBias && lse == -INFINITY ? INFINITY : log2e * lse;
+      }
       Tensor reg_ODO = make_fragment_like<ElementAccumulator>(acc_S);
 
       warpgroup_wait<1>();
       warpgroup_fence_operand(acc_S);
+
+      uint32_t reg_bias[kBias ? kBiasPairs : 1];
+      if constexpr (kBias) {
+        load_bias(reg_bias, tScS, params.bias, get<2, 0>(blk_coord), get<2, 1>(blk_coord), problem_size);
+      }
 
       // The warpgroups take turns here (and at the dS hand-off below). Not only scheduling: the
       // order barrier lets a warpgroup run two turns ahead of the other (its depth is 2), so with
@@ -345,6 +413,14 @@ struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialize
       // block t is done; with this turn removed it ran a block ahead and dQ came out wrong
       // (session 20, call 3).
       math_wg_order_barrier.wait();
+      if constexpr (kBias) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int p = 0; p < kBiasPairs; p++) {
+          float2 b = unpack_pair<Element>(reg_bias[p]);
+          acc_S(2 * p) = fmaf(b.x, params.bias.inv_scale, acc_S(2 * p));
+          acc_S(2 * p + 1) = fmaf(b.y, params.bias.inv_scale, acc_S(2 * p + 1));
+        }
+      }
       if (Mask::crosses(q_block * get<1>(TileShapeNM{}), first_key, get<0>(TileShapeNM{}), problem_size)) {
         Mask{}.before_softmax(acc_S, tScS, problem_size);
       }
@@ -504,10 +580,10 @@ struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialize
 template <int kHeadDim>
 using BwdTileFor = Shape<_64, _128, Int<kHeadDim>>;
 
-template <int kDtype, int kHeadDim, int kMask>
+template <int kDtype, int kHeadDim, int kMask, bool kBias>
 int run_bwd(FlashCutlassBwdParams const& p, char* err, int err_len) {
   using Element = std::conditional_t<kDtype == FLASH_CUTLASS_BF16, cutlass::bfloat16_t, cutlass::half_t>;
-  using Mainloop = BwdMainloop<Element, BwdTileFor<kHeadDim>, BwdMaskFor<kMask>>;
+  using Mainloop = BwdMainloop<Element, BwdTileFor<kHeadDim>, BwdMaskFor<kMask>, kBias>;
   using Epilogue = cutlass::fmha::collective::FmhaBwdEpilogueKV<Element, float, typename Mainloop::TileShapePV>;
   using Kernel = cutlass::fmha::kernel::FmhaKernelTmaWarpSpecialized<
       Mainloop, Epilogue, cutlass::fmha::kernel::TileSchedulerBwdAdapter<cutlass::fmha::kernel::IndividualTileScheduler>>;
@@ -533,6 +609,15 @@ int run_bwd(FlashCutlassBwdParams const& p, char* err, int err_len) {
   mainloop.ptr_dQ = p.dq_acc;
   mainloop.dDQ = Stride4{p.heads * rows * p.head_dim, rows * p.head_dim, p.head_dim, _1{}};
   mainloop.scale = p.scale;
+  if constexpr (kBias) {
+    if (p.bias == nullptr || reinterpret_cast<uintptr_t>(p.bias) % 2 || p.groups < 1 || p.rows_per_head < 1 ||
+        !(p.scale > 0.f)) {
+      snprintf(err, err_len, "bias: needs a 2-byte-aligned address, groups >= 1, rows_per_head >= 1 and scale > 0");
+      return 2;
+    }
+    mainloop.bias = BwdBiasArgs{p.bias, p.bias_stride[0], p.bias_stride[1], p.bias_stride[2], p.groups,
+                                p.rows_per_head};
+  }
 
   cutlass::KernelHardwareInfo hw_info;
   hw_info.sm_count = p.sm_count;
@@ -577,5 +662,5 @@ int run_bwd(FlashCutlassBwdParams const& p, char* err, int err_len) {
 
 }  // namespace flash_cutlass
 
-#define FLASH_CUTLASS_BWD_INSTANCE(DTYPE, HEAD_DIM, MASK) \
-  template int flash_cutlass::run_bwd<DTYPE, HEAD_DIM, MASK>(FlashCutlassBwdParams const&, char*, int);
+#define FLASH_CUTLASS_BWD_INSTANCE(DTYPE, HEAD_DIM, MASK, BIAS) \
+  template int flash_cutlass::run_bwd<DTYPE, HEAD_DIM, MASK, BIAS>(FlashCutlassBwdParams const&, char*, int);

@@ -81,6 +81,14 @@ typedef struct {
   float scale;
   int32_t sm_count;
   void* stream;  // cudaStream_t
+  // The forward's additive bias (no gradient), as FlashCutlassFwdParams reads it: NULL for none,
+  // else [batch, query heads, rows_per_head, len_k] in q's dtype through element strides of
+  // batch, query head and query row (0 on broadcast dims), key stride 1; grouped KV heads
+  // folded as there (row r of KV head h: query head h * groups + r / rows_per_head).
+  const void* bias;
+  int64_t bias_stride[3];
+  int32_t groups;
+  int32_t rows_per_head;
 } FlashCutlassBwdParams;
 
 // 0 on success; otherwise a message in `err`, as flash_cutlass_fwd.

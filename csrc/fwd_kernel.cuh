@@ -17,6 +17,7 @@
 #include "device/device_universal.hpp"
 #include "kernel/fmha_kernel_builder.hpp"
 
+#include "element_bits.cuh"
 #include "flash_cutlass.h"
 #include "launch.cuh"
 
@@ -139,16 +140,6 @@ struct BiasFusion : Mask {};
 #ifndef FLASH_CUTLASS_BIAS_PREFETCH
 #define FLASH_CUTLASS_BIAS_PREFETCH 1
 #endif
-
-template <class Element>
-CUTLASS_DEVICE float2 unpack_pair(uint32_t bits) {
-  if constexpr (std::is_same_v<Element, cutlass::bfloat16_t>) {
-    return make_float2(__uint_as_float(bits << 16), __uint_as_float(bits & 0xffff0000u));
-  } else {
-    return make_float2(__half2float(__ushort_as_half(static_cast<unsigned short>(bits & 0xffffu))),
-                       __half2float(__ushort_as_half(static_cast<unsigned short>(bits >> 16))));
-  }
-}
 
 }  // namespace flash_cutlass
 
@@ -297,7 +288,7 @@ struct CollectiveSoftmax<float, flash_cutlass::BiasFusion<Mask, Element, kTileN>
 
 }  // namespace cutlass::fmha::collective
 
-#include "fwd_bias_tma.cuh"  // needs unpack_pair above
+#include "fwd_bias_tma.cuh"
 
 namespace flash_cutlass {
 

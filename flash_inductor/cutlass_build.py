@@ -7,7 +7,7 @@ Two families, one library each, built only on a GPU that runs them:
   instantiating `flash_cutlass::run_fwd` from csrc/fwd_kernel.cuh.
 * HOPPER_BWD (`libflash_cutlass_bwd.so`, sm_90a): the backward, example 88's warp-specialised
   backward collective with our consumer (csrc/bwd_kernel.cuh), one unit per dtype × head dim ×
-  mask (`BWD_INSTANCES`). A library of its own, built on the first backward, so inference never
+  mask × bias (`BWD_INSTANCES`). A library of its own, built on the first backward, so inference never
   waits for it and each library's build stays within its own few minutes.
 * AMPERE (`libflash_cutlass_sm80.so`, sm_80 code, SASS for sm_80 and sm_90 plus compute_80 PTX):
   example 41's memory-efficient forward and backward with bias, bias gradient, causal masks,
@@ -55,12 +55,12 @@ def _csrc_dir() -> pathlib.Path:
 
 
 CSRC = _csrc_dir()
-SOURCES = ("flash_cutlass.h", "launch.cuh", "fwd_kernel.cuh", "fwd_bias_tma.cuh")
+SOURCES = ("flash_cutlass.h", "launch.cuh", "element_bits.cuh", "fwd_kernel.cuh", "fwd_bias_tma.cuh")
 AMPERE_SOURCES = ("flash_cutlass.h", "flash_cutlass_sm80.h", "sm80_common.cuh", "sm80_fwd.cuh", "sm80_bwd.cuh",
                   "aten_shim/flash_cutlass_check.h", "aten_shim/ATen/cuda/CUDAGeneratorImpl.h",
                   "aten_shim/ATen/cuda/CUDAGraphsUtils.cuh", "aten_shim/ATen/cuda/CUDAContext.h",
                   "aten_shim/c10/cuda/CUDAGuard.h")
-BWD_SOURCES = ("flash_cutlass.h", "launch.cuh", "bwd_kernel.cuh")
+BWD_SOURCES = ("flash_cutlass.h", "launch.cuh", "element_bits.cuh", "bwd_kernel.cuh")
 LIB_NAME = "libflash_cutlass.so"
 BWD_LIB_NAME = "libflash_cutlass_bwd.so"
 AMPERE_LIB_NAME = "libflash_cutlass_sm80.so"
@@ -133,24 +133,26 @@ class BwdInstance:
     dtype: str  # a key of DTYPES
     head_dim: int
     mask: str  # a key of MASKS
+    bias: bool = False  # the forward's additive bias (no gradient), read per score
 
     @property
     def stem(self) -> str:
-        return f"bwd_{self.dtype}_d{self.head_dim}_{self.mask}"
+        return f"bwd_{self.dtype}_d{self.head_dim}_{self.mask}{'_bias' if self.bias else ''}"
 
     @property
     def label(self) -> str:
-        return f"{self.dtype}/{self.head_dim}/{self.mask}"
+        return f"{self.dtype}/{self.head_dim}/{self.mask}{'/bias' if self.bias else ''}"
 
     @property
     def template_args(self) -> str:
-        return f"{DTYPES[self.dtype]}, {self.head_dim}, {MASKS[self.mask]}"
+        return f"{DTYPES[self.dtype]}, {self.head_dim}, {MASKS[self.mask]}, {'true' if self.bias else 'false'}"
 
     def source(self) -> str:
         return f'#include "bwd_kernel.cuh"\nFLASH_CUTLASS_BWD_INSTANCE({self.template_args})\n'
 
 
-BWD_INSTANCES = tuple(BwdInstance(d, h, m) for d, h, m in itertools.product(DTYPES, BWD_HEAD_DIMS, MASKS))
+BWD_INSTANCES = tuple(BwdInstance(d, h, m, b)
+                      for d, h, m, b in itertools.product(DTYPES, BWD_HEAD_DIMS, MASKS, (False, True)))
 
 # Head-dim buckets of the Ampere family: an input runs the smallest bucket >= its head dim
 # (64 and 128 keep the output in registers; 256 is the kernels' generic head-dim path).
@@ -226,19 +228,22 @@ extern "C" int flash_cutlass_bias_read(int32_t dtype, int32_t mask, const FlashC
 def bwd_api_source(instances=BWD_INSTANCES) -> str:
     """The backward library's C entry point: a switch over its instances."""
     cases = "\n".join(
-        f"  if (dtype == {DTYPES[i.dtype]} && p->head_dim == {i.head_dim} && mask == {MASKS[i.mask]})\n"
+        f"  if (dtype == {DTYPES[i.dtype]} && p->head_dim == {i.head_dim} && mask == {MASKS[i.mask]} && "
+        f"bias == {'true' if i.bias else 'false'})\n"
         f"    return flash_cutlass::run_bwd<{i.template_args}>(*p, err, err_len);"
         for i in instances)
     listing = "\\n".join(i.label for i in instances)
     return f"""#include <cstdio>
 #include "flash_cutlass.h"
 namespace flash_cutlass {{
-template <int kDtype, int kHeadDim, int kMask>
+template <int kDtype, int kHeadDim, int kMask, bool kBias>
 int run_bwd(FlashCutlassBwdParams const& p, char* err, int err_len);
 }}
 extern "C" int flash_cutlass_bwd(int32_t dtype, int32_t mask, const FlashCutlassBwdParams* p, char* err, int32_t err_len) {{
+  bool bias = p->bias != nullptr;
 {cases}
-  snprintf(err, err_len, "no CUTLASS backward for dtype=%d head_dim=%d mask=%d", dtype, p->head_dim, mask);
+  snprintf(err, err_len, "no CUTLASS backward for dtype=%d head_dim=%d mask=%d bias=%d", dtype, p->head_dim, mask,
+           int(bias));
   return 1;
 }}
 extern "C" const char* flash_cutlass_bwd_instances(void) {{ return "{listing}"; }}

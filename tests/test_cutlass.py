@@ -6,7 +6,7 @@ models pass; bottom-right causal and grouped KV heads (folded into rows) on a fe
 the bias instances on every bias layout the glue handles (per head, full, strided keys, odd
 rows, broadcast, fully masked rows), each read the way the kernel picks for it (by TMA or in
 the softmax). The backward is the CUTLASS backward (csrc/bwd_kernel.cuh) where it takes the
-input (head dim 128 without a bias), else the Triton backward fed the CUTLASS forward's out and
+input (head dim 128, a bias only without its gradient), else the Triton backward fed the CUTLASS forward's out and
 lse; each case asserts which one ran, and the gradients check both against float64. Outputs are
 poisoned (NaN) before each run.
 """
@@ -146,6 +146,51 @@ def test_bias_forward_and_triton_backward(cutlass, poisoned, dtype, d, causal, s
     assert not cutlass.not_supported_reasons(inp), cutlass.not_supported_reasons(inp)
     assert cutlass.bias_read(inp) == read
     _check_against_ref(cutlass, poisoned, q, k, v, bias, causal, gen)
+
+
+# The forward's bias in the CUTLASS backward (no bias gradient): (dtype, causal, shape, bias kind)
+BWD_BIAS_CASES = [
+    (torch.bfloat16, False, (2, 3, 3, 256, 256, "bhnd"), "head"),
+    (torch.float16, "top_left", (1, 2, 2, 136, 200, "bnhd"), "full"),
+    (torch.bfloat16, "top_left", (1, 4, 4, 256, 256, "bnhd"), "t5"),
+    (torch.bfloat16, False, (1, 2, 2, 128, 304, "bhnd"), "rows"),
+    (torch.float16, False, (2, 3, 3, 200, 256, "bhnd"), "expanded"),
+    (torch.bfloat16, False, (2, 8, 2, 256, 136, "bhnd"), "head"),  # grouped, folded rows
+    (torch.bfloat16, "top_left", (1, 4, 2, 256, 256, "bhnd"), "full"),  # grouped + causal
+    (torch.bfloat16, "bottom_right", (1, 2, 2, 136, 392, "bhnd"), "head"),
+]
+
+
+@pytest.mark.parametrize("dtype,causal,shape,kind", BWD_BIAS_CASES, ids=lambda x: str(x).replace("torch.", ""))
+def test_cutlass_backward_with_the_forwards_bias(cutlass, poisoned, dtype, causal, shape, kind):
+    """A bias that needs no gradient (a position bias, ALiBi) goes through the CUTLASS backward;
+    dQ, dK, dV against float64, rows the bias hides entirely included (their gradients are 0)."""
+    b, hq, hkv, nq, nk, layout = shape
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(("bwd bias", dtype, causal, shape, kind)).encode()))
+    q = _randn((b, hq, nq, 128), dtype, gen, layout).cuda()
+    k, v = (_randn((b, hkv, nk, 128), dtype, gen, layout).cuda() for _ in range(2))
+    bias = _make_bias(kind, b, hq, nq, nk, dtype, gen).cuda()
+    inp = validate(q, k, v, bias, causal=causal)
+    assert cutlass.backward_kernel(inp) == "cutlass", cutlass.backward_reasons(inp)
+    out, lse = cutlass.forward(inp, None)
+    dout = _randn(out.shape, dtype, gen).cuda()
+    dq, dk, dv, dbias = poisoned(cutlass.backward, inp, None, out, lse, dout, None, False)
+    assert dbias is None
+
+    groups = hq // hkv
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    kk, vv = (t.repeat_interleave(groups, 1) for t in leaves[1:])
+    s = leaves[0] @ kk.transpose(-1, -2) * inp.scale + bias.double()
+    if causal:
+        shift = nk - nq if causal == "bottom_right" else 0
+        s = s.masked_fill(torch.ones(nq, nk, dtype=torch.bool, device="cuda").triu(1 + shift), float("-inf"))
+    hidden = torch.isneginf(s).all(-1, keepdim=True)
+    p = torch.where(hidden, 0.0, torch.softmax(s.masked_fill(hidden, 0.0), -1))
+    (p @ vv).backward(dout.double())
+    for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), (t.grad for t in leaves)):
+        assert torch.isfinite(got).all(), name
+        err = ((got.double() - want).norm() / want.norm()).item()
+        assert err < 2e-2, f"{name}: {err:.3g}"
 
 
 def test_misaligned_and_scaled_input_is_copied_not_refused(cutlass, poisoned):

@@ -15,7 +15,8 @@ benchmarks/RESULTS.md, session 5). So do mask-like biases (bool, or one float ma
 head): Triton's mask tiles skip their fully masked tiles, which this kernel would compute.
 
 Its backward (csrc/bwd_kernel.cuh, a library of its own built on the first backward) takes head
-dim 128 without a bias: every mask, grouped KV heads folded as in the forward, the lse gradient.
+dim 128: every mask, grouped KV heads folded as in the forward, the lse gradient, and (written,
+awaiting its GPU tests: `UNVALIDATED`) the forward's bias when it needs no gradient.
 Elsewhere the Triton backward runs (bias gradient included): both need only the forward's
 output and lse (natural log, the same contract), and `backward_reasons` says why Triton runs
 one. Everything else it refuses with the reason, and dispatch moves on to Triton. A
@@ -50,7 +51,7 @@ ENV_VAR = "FLASH_INDUCTOR_CUTLASS"
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
 # Built and compiled, not yet run on a GPU: refused until their GPU tests pass (tests/test_cutlass.py
 # empties this set to run them), so no user runs device code that no test has run.
-UNVALIDATED: set[str] = set()
+UNVALIDATED: set[str] = {"bias backward"}
 
 # csrc/flash_cutlass.h's FlashCutlassMask
 NO_MASK, TOP_LEFT, BOTTOM_RIGHT, FOLDED = 0, 1, 2, 3
@@ -86,6 +87,8 @@ class _BwdParams(ctypes.Structure):
         ("q_stride", ctypes.c_int64 * 3), ("k_stride", ctypes.c_int64 * 3), ("v_stride", ctypes.c_int64 * 3),
         ("dout_stride", ctypes.c_int64 * 3), ("dk_stride", ctypes.c_int64 * 3), ("dv_stride", ctypes.c_int64 * 3),
         ("scale", ctypes.c_float), ("sm_count", ctypes.c_int32), ("stream", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p), ("bias_stride", ctypes.c_int64 * 3),
+        ("groups", ctypes.c_int32), ("rows_per_head", ctypes.c_int32),
     ]
 
 
@@ -339,7 +342,14 @@ class CutlassBackend(KernelBackend):
             reasons.append(f"head_dim={inp.head_dim}: the CUTLASS backward is built for "
                            f"{', '.join(map(str, BWD_HEAD_DIMS))} (example 88's backward tiles)")
         if inp.bias is not None:
-            reasons.append("bias: not in the CUTLASS backward yet")
+            if "bias backward" in UNVALIDATED:
+                reasons.append("bias: built into the CUTLASS backward, awaiting its first GPU test run")
+            if inp.bias.requires_grad:
+                reasons.append("a bias that requires grad: the bias gradient is not in the CUTLASS backward yet")
+            b4 = inp.bias_4d()
+            row_stride = max(b4.stride(2) if b4.shape[2] > 1 else 0, -(-inp.len_k // 8) * 8)
+            if (inp.len_q - 1) * row_stride + inp.len_k >= _INT32_MAX:
+                reasons.append("a bias head of 2^31 elements or more (the backward indexes a head's bias with 32 bits)")
         if inp.len_q % 8:
             reasons.append(f"len_q={inp.len_q} (the CUTLASS backward needs a multiple of 8)")
         if inp.batch * inp.heads_q * inp.len_q * inp.len_k == 0:
@@ -354,7 +364,7 @@ class CutlassBackend(KernelBackend):
         return "triton" if self.backward_reasons(inp) else self.NAME
 
     def backward(self, inp, seed, out, lse, dout, dlse, bias_requires_grad):
-        if self.backward_reasons(inp):
+        if self.backward_reasons(inp) or bias_requires_grad:
             # Triton's backward reads the same (out, lse): the forward's contract.
             return TritonBackend().backward(inp, seed, out, lse, dout, dlse, bias_requires_grad)
         from ..kernels import triton_attention
@@ -383,12 +393,14 @@ class CutlassBackend(KernelBackend):
             alloc = torch.zeros if kernel_nk < nk else torch.empty
             dk = alloc(b, hkv, nk, d, dtype=q.dtype, device=q.device)
             dv = alloc(b, hkv, nk, d, dtype=q.dtype, device=q.device)
+            bias, bias_strides = _bias_ready(inp) if inp.bias is not None else (None, (0, 0, 0))
             params = _BwdParams(
                 q.data_ptr(), k.data_ptr(), v.data_ptr(), do.data_ptr(), lse.data_ptr(), delta.data_ptr(),
                 dq_acc.data_ptr(), dk.data_ptr(), dv.data_ptr(),
                 b, hkv, rows, kernel_nk, d, _strides(q), _strides(k), _strides(v), _strides(do), _strides(dk),
                 _strides(dv), float(inp.scale), torch.cuda.get_device_properties(q.device).multi_processor_count,
                 torch.cuda.current_stream(q.device).cuda_stream,
+                bias.data_ptr() if bias is not None else None, (ctypes.c_int64 * 3)(*bias_strides), groups, nq,
             )
             err = ctypes.create_string_buffer(512)
             code = lib.flash_cutlass_bwd(_DTYPE_CODES[q.dtype], mask, ctypes.byref(params), err, len(err))

@@ -1,0 +1,24 @@
+// Two 16-bit floats packed in a 32-bit register, as the kernels load bias pairs.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "cutlass/bfloat16.h"
+#include "cutlass/half.h"
+
+namespace flash_cutlass {
+
+// (low half, high half) of `bits` as floats: the low half is the element at the lower address
+// (a 32-bit load of two keys) or the first of a pair packed by hand.
+template <class Element>
+CUTLASS_DEVICE float2 unpack_pair(uint32_t bits) {
+  if constexpr (std::is_same_v<Element, cutlass::bfloat16_t>) {
+    return make_float2(__uint_as_float(bits << 16), __uint_as_float(bits & 0xffff0000u));
+  } else {
+    return make_float2(__half2float(__ushort_as_half(static_cast<unsigned short>(bits & 0xffffu))),
+                       __half2float(__ushort_as_half(static_cast<unsigned short>(bits >> 16))));
+  }
+}
+
+}  // namespace flash_cutlass
