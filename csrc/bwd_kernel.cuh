@@ -582,7 +582,7 @@ using BwdTileFor = Shape<_64, _128, Int<kHeadDim>>;
 
 template <int kDtype, int kHeadDim, int kMask, bool kBias>
 int run_bwd(FlashCutlassBwdParams const& p, char* err, int err_len) {
-  using Element = std::conditional_t<kDtype == FLASH_CUTLASS_BF16, cutlass::bfloat16_t, cutlass::half_t>;
+  using Element = ElementFor<kDtype>;
   using Mainloop = BwdMainloop<Element, BwdTileFor<kHeadDim>, BwdMaskFor<kMask>, kBias>;
   using Epilogue = cutlass::fmha::collective::FmhaBwdEpilogueKV<Element, float, typename Mainloop::TileShapePV>;
   using Kernel = cutlass::fmha::kernel::FmhaKernelTmaWarpSpecialized<

@@ -1,4 +1,5 @@
-// Two 16-bit floats packed in a 32-bit register, as the kernels load bias pairs.
+// The kernels' 16-bit elements: which CUTLASS type a dtype code means, and two of them packed
+// in a 32-bit register, as the kernels load bias pairs.
 #pragma once
 
 #include <cstdint>
@@ -6,8 +7,13 @@
 
 #include "cutlass/bfloat16.h"
 #include "cutlass/half.h"
+#include "flash_cutlass.h"
 
 namespace flash_cutlass {
+
+// The CUTLASS element of a FlashCutlassDtype (csrc/flash_cutlass.h).
+template <int kDtype>
+using ElementFor = std::conditional_t<kDtype == FLASH_CUTLASS_BF16, cutlass::bfloat16_t, cutlass::half_t>;
 
 // (low half, high half) of `bits` as floats: the low half is the element at the lower address
 // (a 32-bit load of two keys) or the first of a pair packed by hand.

@@ -299,9 +299,6 @@ using MaskFusionFor = std::conditional_t<
                        std::conditional_t<kMask == FLASH_CUTLASS_CAUSAL_FOLDED, FoldedCausalFusion,
                                           cutlass::fmha::collective::ResidualFusion>>>;
 
-template <int kDtype>
-using ElementFor = std::conditional_t<kDtype == FLASH_CUTLASS_BF16, cutlass::bfloat16_t, cutlass::half_t>;
-
 // Tile (queries, keys, head dim) per head dim: the example's cooperative choices.
 template <int kHeadDim>
 using TileFor = std::conditional_t<kHeadDim == 128, Shape<_128, _128, _128>,
