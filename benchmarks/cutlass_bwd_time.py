@@ -3,7 +3,8 @@
     python benchmarks/cutlass_bwd_time.py [--json out.json] [--lengths 8192] [--head-dim 128]
                                           [--variant NAME=-DFLAG=1[,-DFLAG2=0]] ...
 
-B=1 H=12 bf16, no mask and causal (with --bias: a per-head bias that needs no gradient). Every backward starts from the same out and lse (the Triton
+B=1 H=12 bf16, no mask and causal (with --bias: a per-head bias that needs no gradient; with
+--bias-grad: one that does, its gradient in every kernel's backward). Every backward starts from the same out and lse (the Triton
 forward's: the op's contract, so this needs no forward library) and is timed interleaved
 (`time_interleaved`: rounds in rotated order, so a clock drift hits all alike). cuDNN's backward
 is `torch.autograd.grad` through its SDPA forward, graph retained. TFLOP/s count the backward as
@@ -55,8 +56,11 @@ def main(argv=None):
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--variant", action="append", default=[], help="NAME=-DFLAG=VALUE[,...]")
     ap.add_argument("--bias", action="store_true", help="a per-head bias [1, H, N, N] without gradient (the bench's)")
+    ap.add_argument("--bias-grad", action="store_true", help="the same bias, requiring its gradient")
     args = ap.parse_args(argv)
-    cutlass_backend.UNVALIDATED.discard("backward")  # a timing, not a dispatch: before its tests pass too
+    args.bias = args.bias or args.bias_grad
+    cutlass_backend.UNVALIDATED.clear()  # a timing, not a dispatch: before its tests pass too
+    cutlass_backend.SLOWER_THAN_TRITON.clear()  # and where dispatch prefers Triton
     cutlass, triton = cutlass_backend.CutlassBackend(), TritonBackend()
     # Built side by side (each a few units; ninja per variant), as cutlass_variants.py does.
     specs = [spec.split("=", 1) for spec in args.variant]
@@ -86,31 +90,40 @@ def main(argv=None):
             assert cutlass.backward_kernel(inp) == "cutlass", cutlass.backward_reasons(inp)
             out, lse = triton.forward(inp, None)
             dout = torch.randn(out.shape, device="cuda", dtype=out.dtype, generator=gen)
-            want = triton.backward(inp, None, out, lse, dout, None, False)[:3]
-            run_cutlass = lambda: cutlass.backward(inp, None, out, lse, dout, None, False)  # noqa: E731
-            errs = {"cutlass": {name: _rel(g, w) for name, g, w in zip(("dq", "dk", "dv"), run_cutlass()[:3], want)}}
+            grad = args.bias_grad
+            names = ("dq", "dk", "dv", "dbias") if grad else ("dq", "dk", "dv")
+            want = triton.backward(inp, None, out, lse, dout, None, grad)[:len(names)]
+            run_cutlass = lambda: cutlass.backward(inp, None, out, lse, dout, None, grad)  # noqa: E731
+            errs = {"cutlass": {name: _rel(g, w) for name, g, w in zip(names, run_cutlass(), want)}}
             for name, lib in variants.items():
-                got = with_library(lib, run_cutlass)()[:3]
-                errs[name] = {g_name: _rel(g, w) for g_name, g, w in zip(("dq", "dk", "dv"), got, want)}
+                got = with_library(lib, run_cutlass)()
+                errs[name] = {g_name: _rel(g, w) for g_name, g, w in zip(names, got, want)}
             leaves = [t.detach().requires_grad_() for t in (q, k, v)]
             mask = bias
             if bias is not None and causal:
                 mask = bias.masked_fill(torch.ones(n, n, dtype=torch.bool, device="cuda").triu(1), float("-inf"))
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                o_cudnn = torch.nn.functional.scaled_dot_product_attention(*leaves, attn_mask=mask,
-                                                                           is_causal=causal and bias is None)
+            if grad:
+                mask = mask.detach().requires_grad_()
+                leaves.append(mask)
             fns = {
                 "cutlass": run_cutlass,
                 **{name: with_library(lib, run_cutlass) for name, lib in variants.items()},
-                "triton": lambda: triton.backward(inp, None, out, lse, dout, None, False),
-                "sdpa_cudnn": lambda: torch.autograd.grad(o_cudnn, leaves, dout, retain_graph=True),
+                "triton": lambda: triton.backward(inp, None, out, lse, dout, None, grad),
             }
+            try:
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    o_cudnn = torch.nn.functional.scaled_dot_product_attention(
+                        *leaves[:3], attn_mask=mask, is_causal=causal and bias is None)
+                torch.autograd.grad(o_cudnn, leaves, dout, retain_graph=True)
+                fns["sdpa_cudnn"] = lambda: torch.autograd.grad(o_cudnn, leaves, dout, retain_graph=True)
+            except RuntimeError as e:  # cuDNN refuses some bias gradients: then it is not in the row
+                print(f"sdpa_cudnn: {str(e).splitlines()[0][:160]}", flush=True)
             ms = time_interleaved(fns, reps=10, rounds=7)
             work = flops(1, 12, n, n, args.head_dim, causal, "bwd")
             for name, t in ms.items():
                 row = {"n": n, "head_dim": args.head_dim, "causal": causal, "kernel": name, "ms": t,
                        "tflops": work / t / 1e9, "rel_err_vs_triton": errs.get(name)}
-                row["bias"] = args.bias
+                row["bias"] = "grad" if args.bias_grad else args.bias
                 rows.append(row)
                 err = row["rel_err_vs_triton"]
                 print(f"N={n} D={args.head_dim} causal={causal!s:5} {name:12} {t * 1e3:7.0f} µs "

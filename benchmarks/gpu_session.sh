@@ -20,6 +20,7 @@ if [ -z "${LANE_CHILD:-}" ]; then  # a lane of gpu_lanes.sh finds everything ins
   # curand's headers (the sm_80 kernels' dropout), where the machine has neither the toolkit's nor the wheel's
   [ -d .whl/curand_include ] && export FLASH_INDUCTOR_CURAND_INCLUDE=${FLASH_INDUCTOR_CURAND_INCLUDE:-$PWD/.whl/curand_include}
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
+  nvcc --version | grep release
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 fi
 bench() { timeout "$1" python3 -m flash_inductor.cli bench "${@:3}" --json "$OUT/$2.json" 2>&1 | grep -v Warning | tee "$OUT/$2.log"; }
@@ -60,7 +61,7 @@ for phase in "$@"; do
 import torch
 from flash_inductor.backends import cutlass
 from flash_inductor.inputs import validate
-cutlass.UNVALIDATED.clear()
+cutlass.UNVALIDATED.clear(); cutlass.SLOWER_THAN_TRITON.clear()
 be = cutlass.CutlassBackend()
 g = torch.Generator(device='cuda').manual_seed(0)
 for d, nk, causal in ((128, 256, False), (256, 200, False), (128, 392, True)):
@@ -85,7 +86,7 @@ import torch
 from flash_inductor.backends import cutlass
 from flash_inductor.backends.triton import TritonBackend
 from flash_inductor.inputs import validate
-cutlass.UNVALIDATED.clear()
+cutlass.UNVALIDATED.clear(); cutlass.SLOWER_THAN_TRITON.clear()
 be = cutlass.CutlassBackend()
 g = torch.Generator(device='cuda').manual_seed(0)
 for hq, hkv, nq, nk, causal, with_bias in ((3, 3, 256, 256, False, False), (3, 3, 200, 392, 'top_left', False), (3, 3, 136, 392, 'bottom_right', False), (4, 2, 256, 256, 'top_left', False), (3, 3, 200, 264, 'top_left', True)):

@@ -89,6 +89,12 @@ typedef struct {
   int64_t bias_stride[3];
   int32_t groups;
   int32_t rows_per_head;
+  // The bias gradient: NULL for none, else [batch, query heads, rows_per_head, len_k] in q's dtype
+  // through element strides of batch, query head and query row (key stride 1), written with dS
+  // (unscaled) for every score of every tile the kernel runs; the caller zeroes the tiles a
+  // causal mask skips and reduces broadcast dims. Needs `bias`.
+  void* dbias;
+  int64_t dbias_stride[3];
 } FlashCutlassBwdParams;
 
 // 0 on success; otherwise a message in `err`, as flash_cutlass_fwd.

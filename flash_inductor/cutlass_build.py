@@ -133,26 +133,37 @@ class BwdInstance:
     dtype: str  # a key of DTYPES
     head_dim: int
     mask: str  # a key of MASKS
-    bias: bool = False  # the forward's additive bias (no gradient), read per score
+    bias: bool = False  # the forward's additive bias, read per score
+    bias_grad: bool = False  # and its gradient (dS) written per score
+
+    @property
+    def bias_code(self) -> int:
+        """bwd_kernel.cuh's kBias: 0 none, 1 the bias read, 2 read and its gradient written."""
+        return 2 if self.bias_grad else int(self.bias)
+
+    @property
+    def _suffix(self) -> str:
+        return ("", "bias", "bias_grad")[self.bias_code]
 
     @property
     def stem(self) -> str:
-        return f"bwd_{self.dtype}_d{self.head_dim}_{self.mask}{'_bias' if self.bias else ''}"
+        return f"bwd_{self.dtype}_d{self.head_dim}_{self.mask}" + (f"_{self._suffix}" if self.bias else "")
 
     @property
     def label(self) -> str:
-        return f"{self.dtype}/{self.head_dim}/{self.mask}{'/bias' if self.bias else ''}"
+        return f"{self.dtype}/{self.head_dim}/{self.mask}" + (f"/{self._suffix}" if self.bias else "")
 
     @property
     def template_args(self) -> str:
-        return f"{DTYPES[self.dtype]}, {self.head_dim}, {MASKS[self.mask]}, {'true' if self.bias else 'false'}"
+        return f"{DTYPES[self.dtype]}, {self.head_dim}, {MASKS[self.mask]}, {self.bias_code}"
 
     def source(self) -> str:
         return f'#include "bwd_kernel.cuh"\nFLASH_CUTLASS_BWD_INSTANCE({self.template_args})\n'
 
 
-BWD_INSTANCES = tuple(BwdInstance(d, h, m, b)
-                      for d, h, m, b in itertools.product(DTYPES, BWD_HEAD_DIMS, MASKS, (False, True)))
+BWD_INSTANCES = tuple(BwdInstance(d, h, m, b, g)
+                      for d, h, m, (b, g) in itertools.product(DTYPES, BWD_HEAD_DIMS, MASKS,
+                                                               ((False, False), (True, False), (True, True))))
 
 # Head-dim buckets of the Ampere family: an input runs the smallest bucket >= its head dim
 # (64 and 128 keep the output in registers; 256 is the kernels' generic head-dim path).
@@ -229,21 +240,21 @@ def bwd_api_source(instances=BWD_INSTANCES) -> str:
     """The backward library's C entry point: a switch over its instances."""
     cases = "\n".join(
         f"  if (dtype == {DTYPES[i.dtype]} && p->head_dim == {i.head_dim} && mask == {MASKS[i.mask]} && "
-        f"bias == {'true' if i.bias else 'false'})\n"
+        f"bias == {i.bias_code})\n"
         f"    return flash_cutlass::run_bwd<{i.template_args}>(*p, err, err_len);"
         for i in instances)
     listing = "\\n".join(i.label for i in instances)
     return f"""#include <cstdio>
 #include "flash_cutlass.h"
 namespace flash_cutlass {{
-template <int kDtype, int kHeadDim, int kMask, bool kBias>
+template <int kDtype, int kHeadDim, int kMask, int kBias>
 int run_bwd(FlashCutlassBwdParams const& p, char* err, int err_len);
 }}
 extern "C" int flash_cutlass_bwd(int32_t dtype, int32_t mask, const FlashCutlassBwdParams* p, char* err, int32_t err_len) {{
-  bool bias = p->bias != nullptr;
+  int bias = p->bias == nullptr ? 0 : p->dbias == nullptr ? 1 : 2;
 {cases}
-  snprintf(err, err_len, "no CUTLASS backward for dtype=%d head_dim=%d mask=%d bias=%d", dtype, p->head_dim, mask,
-           int(bias));
+  snprintf(err, err_len, "no CUTLASS backward for dtype=%d head_dim=%d mask=%d bias=%d (1 read, 2 with its gradient)",
+           dtype, p->head_dim, mask, bias);
   return 1;
 }}
 extern "C" const char* flash_cutlass_bwd_instances(void) {{ return "{listing}"; }}

@@ -208,6 +208,15 @@ class AttentionInputs:
         full = (self.batch, self.heads_q, self.len_q, self.len_k)
         return tuple(i for i in range(4) if b.shape[i] == 1 and full[i] != 1)
 
+    def bias_grad_from_scores(self, ds: torch.Tensor) -> torch.Tensor:
+        """The bias's gradient from dS written per score ([B, Hq, Nq, Nk] in the bias's dtype, as
+        the kernels write it): the buffer itself for an unbroadcast bias, else summed over the
+        broadcast dims in float32."""
+        dims = self.bias_broadcast_dims()
+        if dims:
+            ds = ds.sum(dim=dims, keepdim=True, dtype=torch.float32)
+        return ds.reshape(self.bias.shape).to(self.bias.dtype)
+
 
 def validate(
     q: torch.Tensor,

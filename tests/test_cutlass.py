@@ -6,7 +6,7 @@ models pass; bottom-right causal and grouped KV heads (folded into rows) on a fe
 the bias instances on every bias layout the glue handles (per head, full, strided keys, odd
 rows, broadcast, fully masked rows), each read the way the kernel picks for it (by TMA or in
 the softmax). The backward is the CUTLASS backward (csrc/bwd_kernel.cuh) where it takes the
-input (head dim 128, a bias only without its gradient), else the Triton backward fed the CUTLASS forward's out and
+input (head dim 128, a bias with or without its gradient), else the Triton backward fed the CUTLASS forward's out and
 lse; each case asserts which one ran, and the gradients check both against float64. Outputs are
 poisoned (NaN) before each run.
 """
@@ -21,7 +21,8 @@ import torch
 
 from flash_inductor import dispatch
 from flash_inductor.backends.cutlass import CutlassBackend
-from flash_inductor.inputs import validate
+from flash_inductor.backends.triton import TritonBackend
+from flash_inductor.inputs import empty_in_layout, validate
 from test_triton_kernels import _check_against_ref, _randn, poisoned  # noqa: F401  (poisoned: a fixture)
 
 SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
@@ -89,11 +90,15 @@ def _make_bias(kind, b, hq, nq, nk, dtype, gen):
 def cutlass():
     from flash_inductor.backends import cutlass as module
 
+    saved = set(module.UNVALIDATED), dict(module.SLOWER_THAN_TRITON)
     module.UNVALIDATED.clear()  # these tests are the validation
+    module.SLOWER_THAN_TRITON.clear()  # and they run what dispatch leaves to Triton for speed
     backend = CutlassBackend()
     why = backend.unavailable_reasons(torch.device("cuda"))
     assert not why, why  # on an H100/H200 with the toolkit and headers, the build must succeed
-    return backend
+    yield backend
+    module.UNVALIDATED.update(saved[0])
+    module.SLOWER_THAN_TRITON.update(saved[1])
 
 
 @pytest.mark.parametrize("dtype,d,causal,shape", CASES, ids=lambda x: str(x).replace("torch.", ""))
@@ -135,8 +140,8 @@ def test_cutlass_backward_takes_the_lse_gradient_and_any_scale(cutlass, poisoned
 
 @pytest.mark.parametrize("dtype,d,causal,shape,kind,read", BIAS_CASES, ids=lambda x: str(x).replace("torch.", ""))
 def test_bias_forward_and_triton_backward(cutlass, poisoned, dtype, d, causal, shape, kind, read):
-    """The bias (loaded by TMA, or read in the softmax), against float64; the Triton backward
-    (its gradient included) from the CUTLASS out and lse."""
+    """The bias (loaded by TMA, or read in the softmax), against float64, and the backward with
+    the bias gradient: the CUTLASS one at head dim 128, else Triton's from the CUTLASS out and lse."""
     b, hq, hkv, nq, nk, layout = shape
     gen = torch.Generator().manual_seed(zlib.crc32(repr((dtype, d, causal, shape, kind)).encode()))
     q = _randn((b, hq, nq, d), dtype, gen, layout).cuda()
@@ -148,23 +153,27 @@ def test_bias_forward_and_triton_backward(cutlass, poisoned, dtype, d, causal, s
     _check_against_ref(cutlass, poisoned, q, k, v, bias, causal, gen)
 
 
-# The forward's bias in the CUTLASS backward (no bias gradient): (dtype, causal, shape, bias kind)
+# The forward's bias in the CUTLASS backward: (dtype, causal, shape, bias kind)
 BWD_BIAS_CASES = [
     (torch.bfloat16, False, (2, 3, 3, 256, 256, "bhnd"), "head"),
-    (torch.float16, "top_left", (1, 2, 2, 136, 200, "bnhd"), "full"),
+    (torch.float16, "top_left", (1, 2, 2, 136, 200, "bnhd"), "full"),  # keys past len_q trimmed
     (torch.bfloat16, "top_left", (1, 4, 4, 256, 256, "bnhd"), "t5"),
     (torch.bfloat16, False, (1, 2, 2, 128, 304, "bhnd"), "rows"),
     (torch.float16, False, (2, 3, 3, 200, 256, "bhnd"), "expanded"),
     (torch.bfloat16, False, (2, 8, 2, 256, 136, "bhnd"), "head"),  # grouped, folded rows
     (torch.bfloat16, "top_left", (1, 4, 2, 256, 256, "bhnd"), "full"),  # grouped + causal
     (torch.bfloat16, "bottom_right", (1, 2, 2, 136, 392, "bhnd"), "head"),
+    (torch.float16, False, (1, 4, 2, 200, 256, "bnhd"), "full"),  # grouped, heads of 200 rows: tiles span two
 ]
 
 
+@pytest.mark.parametrize("bias_grad", [False, True], ids=["no_grad", "grad"])
 @pytest.mark.parametrize("dtype,causal,shape,kind", BWD_BIAS_CASES, ids=lambda x: str(x).replace("torch.", ""))
-def test_cutlass_backward_with_the_forwards_bias(cutlass, poisoned, dtype, causal, shape, kind):
-    """A bias that needs no gradient (a position bias, ALiBi) goes through the CUTLASS backward;
-    dQ, dK, dV against float64, rows the bias hides entirely included (their gradients are 0)."""
+def test_cutlass_backward_with_the_forwards_bias(cutlass, poisoned, dtype, causal, shape, kind, bias_grad):
+    """The forward's bias through the CUTLASS backward, without its gradient (a position bias,
+    ALiBi, HF's additive padding mask) and with it (T5's learned bias): dQ, dK, dV and dbias
+    against float64, rows the bias hides entirely included (their gradients are 0); the
+    gradients come back in q's, k's and v's layouts."""
     b, hq, hkv, nq, nk, layout = shape
     gen = torch.Generator().manual_seed(zlib.crc32(repr(("bwd bias", dtype, causal, shape, kind)).encode()))
     q = _randn((b, hq, nq, 128), dtype, gen, layout).cuda()
@@ -172,22 +181,31 @@ def test_cutlass_backward_with_the_forwards_bias(cutlass, poisoned, dtype, causa
     bias = _make_bias(kind, b, hq, nq, nk, dtype, gen).cuda()
     inp = validate(q, k, v, bias, causal=causal)
     assert cutlass.backward_kernel(inp) == "cutlass", cutlass.backward_reasons(inp)
-    out, lse = cutlass.forward(inp, None)
+    # Heads of 200 rows with grouped KV heads: the CUTLASS forward refuses them (its bias tiles
+    # go by TMA), Triton's forward gives the same out and lse contract.
+    forward = TritonBackend().forward if cutlass.not_supported_reasons(inp) else cutlass.forward
+    out, lse = forward(inp, None)
     dout = _randn(out.shape, dtype, gen).cuda()
-    dq, dk, dv, dbias = poisoned(cutlass.backward, inp, None, out, lse, dout, None, False)
-    assert dbias is None
+    dq, dk, dv, dbias = poisoned(cutlass.backward, inp, None, out, lse, dout, None, bias_grad)
+    for name, got, like in zip(("dq", "dk", "dv"), (dq, dk, dv), (q, k, v)):
+        assert got.stride() == empty_in_layout(like).stride(), name
 
     groups = hq // hkv
-    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    kk, vv = (t.repeat_interleave(groups, 1) for t in leaves[1:])
-    s = leaves[0] @ kk.transpose(-1, -2) * inp.scale + bias.double()
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
+    kk, vv = (t.repeat_interleave(groups, 1) for t in leaves[1:3])
+    s = leaves[0] @ kk.transpose(-1, -2) * inp.scale + leaves[3]
     if causal:
         shift = nk - nq if causal == "bottom_right" else 0
         s = s.masked_fill(torch.ones(nq, nk, dtype=torch.bool, device="cuda").triu(1 + shift), float("-inf"))
     hidden = torch.isneginf(s).all(-1, keepdim=True)
     p = torch.where(hidden, 0.0, torch.softmax(s.masked_fill(hidden, 0.0), -1))
     (p @ vv).backward(dout.double())
-    for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), (t.grad for t in leaves)):
+    grads = (dq, dk, dv) + ((dbias,) if bias_grad else ())
+    if not bias_grad:
+        assert dbias is None
+    else:
+        assert dbias.shape == bias.shape and dbias.dtype == bias.dtype
+    for name, got, want in zip(("dq", "dk", "dv", "dbias"), grads, (t.grad for t in leaves)):
         assert torch.isfinite(got).all(), name
         err = ((got.double() - want).norm() / want.norm()).item()
         assert err < 2e-2, f"{name}: {err:.3g}"

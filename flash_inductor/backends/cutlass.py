@@ -15,9 +15,12 @@ benchmarks/RESULTS.md, session 5). So do mask-like biases (bool, or one float ma
 head): Triton's mask tiles skip their fully masked tiles, which this kernel would compute.
 
 Its backward (csrc/bwd_kernel.cuh, a library of its own built on the first backward) takes head
-dim 128: every mask, grouped KV heads folded as in the forward, the lse gradient, and (written,
-awaiting its GPU tests: `UNVALIDATED`) the forward's bias when it needs no gradient.
-Elsewhere the Triton backward runs (bias gradient included): both need only the forward's
+dim 128: every mask, grouped KV heads folded as in the forward, the lse gradient, the
+forward's bias and its gradient (dS written per score, summed over the bias's broadcast dims in
+torch as Triton's is); its dK/dV come out in k's and v's layout, dQ in q's. The bias paths pass
+their GPU tests but measured slower than Triton's backward, so dispatch leaves them to Triton
+(`SLOWER_THAN_TRITON`, with the figures).
+Elsewhere the Triton backward runs: both need only the forward's
 output and lse (natural log, the same contract), and `backward_reasons` says why Triton runs
 one. Everything else it refuses with the reason, and dispatch moves on to Triton. A
 feature built but not yet run by the GPU tests is listed in `UNVALIDATED` and refused until
@@ -40,7 +43,7 @@ import math
 import torch
 
 from ..cutlass_build import BWD_HEAD_DIMS, TMA_BIAS_HEAD_DIMS
-from ..inputs import AttentionInputs, Causal
+from ..inputs import AttentionInputs, Causal, empty_in_layout
 from ..inputs import unit_last_dim as _unit_last
 from .base import KernelBackend
 from .triton import TritonBackend
@@ -51,7 +54,15 @@ ENV_VAR = "FLASH_INDUCTOR_CUTLASS"
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
 # Built and compiled, not yet run on a GPU: refused until their GPU tests pass (tests/test_cutlass.py
 # empties this set to run them), so no user runs device code that no test has run.
-UNVALIDATED: set[str] = {"bias backward"}
+UNVALIDATED: set[str] = set()
+# Built and passing their GPU tests, but measured slower than the Triton kernel for the same
+# input: refused by dispatch with the figures (benchmarks/RESULTS.md), run where a test or a
+# benchmark empties this (dispatch prefers CUTLASS only where it is faster).
+SLOWER_THAN_TRITON: dict[str, str] = {
+    "bias backward": (
+        "the Triton backward is faster with a bias (H100, bf16, N=8192, D=128: 335 vs 262 TFLOP/s, causal "
+        "272 vs 219; with the bias gradient 292 vs 222, causal 219 vs 160; benchmarks/RESULTS.md, session 21)"),
+}
 
 # csrc/flash_cutlass.h's FlashCutlassMask
 NO_MASK, TOP_LEFT, BOTTOM_RIGHT, FOLDED = 0, 1, 2, 3
@@ -72,6 +83,7 @@ class _Params(ctypes.Structure):
         ("scale", ctypes.c_float), ("sm_count", ctypes.c_int32), ("stream", ctypes.c_void_p),
         ("bias", ctypes.c_void_p), ("bias_stride", ctypes.c_int64 * 3),
         ("groups", ctypes.c_int32), ("rows_per_head", ctypes.c_int32),
+        ("dbias", ctypes.c_void_p), ("dbias_stride", ctypes.c_int64 * 3),
     ]
 
 
@@ -89,6 +101,7 @@ class _BwdParams(ctypes.Structure):
         ("scale", ctypes.c_float), ("sm_count", ctypes.c_int32), ("stream", ctypes.c_void_p),
         ("bias", ctypes.c_void_p), ("bias_stride", ctypes.c_int64 * 3),
         ("groups", ctypes.c_int32), ("rows_per_head", ctypes.c_int32),
+        ("dbias", ctypes.c_void_p), ("dbias_stride", ctypes.c_int64 * 3),
     ]
 
 
@@ -344,11 +357,12 @@ class CutlassBackend(KernelBackend):
         if inp.bias is not None:
             if "bias backward" in UNVALIDATED:
                 reasons.append("bias: built into the CUTLASS backward, awaiting its first GPU test run")
-            if inp.bias.requires_grad:
-                reasons.append("a bias that requires grad: the bias gradient is not in the CUTLASS backward yet")
+            if "bias backward" in SLOWER_THAN_TRITON:
+                reasons.append(SLOWER_THAN_TRITON["bias backward"])
             b4 = inp.bias_4d()
             row_stride = max(b4.stride(2) if b4.shape[2] > 1 else 0, -(-inp.len_k // 8) * 8)
-            if (inp.len_q - 1) * row_stride + inp.len_k >= _INT32_MAX:
+            # The bias gradient's [B, Hq, Nq, Nk] buffer is indexed the same way (row stride Nk).
+            if (inp.len_q - 1) * max(row_stride, inp.len_k) + inp.len_k >= _INT32_MAX:
                 reasons.append("a bias head of 2^31 elements or more (the backward indexes a head's bias with 32 bits)")
         if inp.len_q % 8:
             reasons.append(f"len_q={inp.len_q} (the CUTLASS backward needs a multiple of 8)")
@@ -364,7 +378,7 @@ class CutlassBackend(KernelBackend):
         return "triton" if self.backward_reasons(inp) else self.NAME
 
     def backward(self, inp, seed, out, lse, dout, dlse, bias_requires_grad):
-        if self.backward_reasons(inp) or bias_requires_grad:
+        if self.backward_reasons(inp):
             # Triton's backward reads the same (out, lse): the forward's contract.
             return TritonBackend().backward(inp, seed, out, lse, dout, dlse, bias_requires_grad)
         from ..kernels import triton_attention
@@ -390,10 +404,19 @@ class CutlassBackend(KernelBackend):
             # dK/dV are zeros and the kernel runs on the first len_q keys (a key block that no
             # query block reaches would stall its pipelines; the kernel refuses one).
             kernel_nk = min(nk, nq) if mask == TOP_LEFT else nk
-            alloc = torch.zeros if kernel_nk < nk else torch.empty
-            dk = alloc(b, hkv, nk, d, dtype=q.dtype, device=q.device)
-            dv = alloc(b, hkv, nk, d, dtype=q.dtype, device=q.device)
+            # dK and dV in k's and v's layout (the epilogue's TMA store takes any 16-byte
+            # strides), so HF's [B, N, H, D] inputs get theirs without the op's copy.
+            dk, dv = empty_in_layout(inp.k), empty_in_layout(inp.v)
+            if kernel_nk < nk:
+                dk.zero_()
+                dv.zero_()
             bias, bias_strides = _bias_ready(inp) if inp.bias is not None else (None, (0, 0, 0))
+            ds = None
+            if bias_requires_grad:
+                # dS per score, as Triton's backward writes it (inputs.bias_grad_from_scores reduces
+                # it); the kernel skips the tiles a mask hides and the keys trimmed above.
+                alloc = torch.empty if mask == NO_MASK else torch.zeros
+                ds = alloc(b, hq, nq, nk, dtype=inp.bias.dtype, device=q.device)
             params = _BwdParams(
                 q.data_ptr(), k.data_ptr(), v.data_ptr(), do.data_ptr(), lse.data_ptr(), delta.data_ptr(),
                 dq_acc.data_ptr(), dk.data_ptr(), dv.data_ptr(),
@@ -401,9 +424,12 @@ class CutlassBackend(KernelBackend):
                 _strides(dv), float(inp.scale), torch.cuda.get_device_properties(q.device).multi_processor_count,
                 torch.cuda.current_stream(q.device).cuda_stream,
                 bias.data_ptr() if bias is not None else None, (ctypes.c_int64 * 3)(*bias_strides), groups, nq,
+                ds.data_ptr() if ds is not None else None, _strides(ds) if ds is not None else (ctypes.c_int64 * 3)(),
             )
             err = ctypes.create_string_buffer(512)
             code = lib.flash_cutlass_bwd(_DTYPE_CODES[q.dtype], mask, ctypes.byref(params), err, len(err))
         if code:
             raise RuntimeError(f"CUTLASS backward failed: {err.value.decode(errors='replace')}")
-        return dq_acc.to(q.dtype), dk, dv, None
+        # The cast from the float32 accumulator writes dQ in q's layout in the same pass.
+        dbias = inp.bias_grad_from_scores(ds) if ds is not None else None
+        return empty_in_layout(inp.q).copy_(dq_acc), dk, dv, dbias

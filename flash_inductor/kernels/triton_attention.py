@@ -1663,13 +1663,7 @@ def backward(
                     *scalars, STORE_DS=ds is not None, VARLEN=False, **meta,
                 )
 
-    dbias = None
-    if bias_requires_grad:
-        dims = inp.bias_broadcast_dims()
-        if dims:
-            ds = ds.sum(dim=dims, keepdim=True, dtype=torch.float32)
-        dbias = ds.reshape(inp.bias.shape).to(inp.bias.dtype)
-    return dq, dk, dv, dbias
+    return dq, dk, dv, inp.bias_grad_from_scores(ds) if bias_requires_grad else None
 
 
 # =============================================================================================
