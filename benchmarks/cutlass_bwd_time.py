@@ -9,8 +9,8 @@ forward's: the op's contract, so this needs no forward library) and is timed int
 (`time_interleaved`: rounds in rotated order, so a clock drift hits all alike). cuDNN's backward
 is `torch.autograd.grad` through its SDPA forward, graph retained. TFLOP/s count the backward as
 2.5 forwards (benchmarks/RESULTS.md). The CUTLASS gradients are checked against Triton's first.
-A variant is the backward's bf16 instances of the head dim built with extra -D flags into a
-library of its own (as benchmarks/cutlass_variants.py does for the forward), timed beside them.
+A variant is the backward's bf16 instances of the head dim (with --bias / --bias-grad, those
+instances) built with extra -D flags into a library of its own (as benchmarks/cutlass_variants.py does for the forward), timed beside them.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def build_variant(name, head_dim, flags):
+def build_variant(name, head_dim, flags, bias=False, bias_grad=False):
     family = cb.HOPPER_BWD
-    instances = tuple(cb.BwdInstance("bf16", head_dim, m) for m in ("none", "causal"))
+    instances = tuple(cb.BwdInstance("bf16", head_dim, m, bias, bias_grad) for m in ("none", "causal"))
     base = cb.plan(instances, family=family)
     all_flags = base.flags + flags
     key = cb.cache_key(all_flags, cb.nvcc_version(base.nvcc), cb.cutlass_version(cb.cutlass_source_dir(family)),
@@ -65,7 +65,8 @@ def main(argv=None):
     # Built side by side (each a few units; ninja per variant), as cutlass_variants.py does.
     specs = [spec.split("=", 1) for spec in args.variant]
     with concurrent.futures.ThreadPoolExecutor(max(1, len(specs))) as pool:
-        built = [pool.submit(build_variant, name, args.head_dim, flags.split(",")) for name, flags in specs]
+        built = [pool.submit(build_variant, name, args.head_dim, flags.split(","), args.bias, args.bias_grad)
+                 for name, flags in specs]
         variants = {name: f.result() for (name, _), f in zip(specs, built)}
 
     def with_library(lib, fn):

@@ -131,6 +131,17 @@ using BwdMaskFor = std::conditional_t<
 #define FLASH_CUTLASS_BWD_DQ_SPLIT 0
 #endif
 
+// Whether the bias instances read each tile's bias from shared memory, copied there by cp.async
+// one query block ahead (each warpgroup its 64 rows x 64 keys, 8 KB, in the 17 920 bytes the
+// collective leaves), instead of loading it from global memory into registers after the QK
+// GEMM: those loads are consumed a DRAM round trip later, inside the warpgroups' turns (session
+// 21: the bias backward at 262 / 219 TFLOP/s against 516 / 415 without one). Off: written in
+// session 21 after its device time was spent, not yet run on a GPU; benchmarks/cutlass_bwd_time.py
+// --bias --variant times it.
+#ifndef FLASH_CUTLASS_BWD_BIAS_SMEM
+#define FLASH_CUTLASS_BWD_BIAS_SMEM 0
+#endif
+
 // The forward's bias in the backward (FlashCutlassBwdParams.bias), and its gradient (.dbias).
 struct BwdBiasArgs {
   void const* ptr = nullptr;
@@ -161,6 +172,7 @@ struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialize
   using Base::NumMmaWarpGroups;
   using Base::StageCount;
   static constexpr bool kBiasGrad = kBias == 2;
+  static constexpr bool kBiasSmem = kBias && FLASH_CUTLASS_BWD_BIAS_SMEM;
   static constexpr bool kDqFirst = FLASH_CUTLASS_BWD_DQ_FIRST;
   static constexpr bool kDqSplit = FLASH_CUTLASS_BWD_DQ_SPLIT;
   static_assert(!(kDqFirst && kDqSplit), "one dQ schedule at a time");
@@ -186,7 +198,16 @@ struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialize
     // The second dS buffer of the split schedule (blocks of odd parity).
     alignas(512) cute::array_aligned<Element, cute::cosize_v<typename Base::SmemLayoutDS>> smem_ds2;
   };
-  using SharedStorage = std::conditional_t<kDqSplit, SplitSharedStorage, typename Base::SharedStorage>;
+  // kBiasSmem: per warpgroup one tile of the bias, [64 rows][64 keys] in q's dtype, 16-byte chunks
+  // swizzled (chunk ^ row % 8) so that the accumulator-layout reads (rows 2c + e) are free of
+  // bank conflicts.
+  static constexpr int kBiasTileRows = get<1>(TileShapeNM{}), kBiasTileKeys = get<0>(TileShapeNM{});
+  struct BiasSharedStorage : Base::SharedStorage {
+    alignas(128) cute::array_aligned<uint16_t, NumMmaWarpGroups * kBiasTileRows * kBiasTileKeys> smem_bias;
+  };
+  static_assert(!(kDqSplit && kBiasSmem), "the split dQ's second dS buffer and the bias tiles do not both fit");
+  using SharedStorage = std::conditional_t<
+      kDqSplit, SplitSharedStorage, std::conditional_t<kBiasSmem, BiasSharedStorage, typename Base::SharedStorage>>;
 
   struct Arguments : Base::Arguments {
     float scale;
@@ -329,6 +350,63 @@ struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialize
     }
   }
 
+  // kBiasSmem: this thread's share of the copy of query block `q_block`'s bias (this warpgroup's
+  // keys) into its buffer, by cp.async: one 16-byte chunk (8 keys) in each of 4 rows 16 apart
+  // (consecutive threads take consecutive chunks of a row: 128-byte coalesced rows); chunks past
+  // the last row or key are zero-filled (those scores are never used). The caller checked the
+  // 16-byte alignment of the bias's address and strides.
+  template <class ProblemShape>
+  CUTLASS_DEVICE static void copy_bias_tile(uint16_t* buffer, BwdBiasArgs const& bias, int batch, int kv_head,
+                                            int q_block, int tile_key, int thread_idx,
+                                            ProblemShape const& problem_size) {
+    constexpr int kChunksPerRow = kBiasTileKeys / 8;
+    constexpr int kRowStep = cutlass::NumThreadsPerWarpGroup / kChunksPerRow;
+    static_assert(kBiasTileRows % kRowStep == 0);
+    int len_q = get<2>(problem_size), len_k = get<3>(problem_size);
+    uint16_t const* base = static_cast<uint16_t const*>(bias.ptr) + batch * bias.stride_b;
+    // Opaque, as in load_bias: else the rows' loop-invariant offsets are kept live across the walk.
+    int64_t stride_q = bias.stride_q;
+    asm volatile("mov.b64 %0, %0;" : "+l"(stride_q));
+    int r0 = thread_idx / kChunksPerRow, chunk = thread_idx % kChunksPerRow;
+    int key = tile_key + chunk * 8;
+    int key_bytes = max(0, min(8, len_k - key)) * 2;
+    // Rows r0 + kRowStep j share r0 % 8 (kRowStep is a multiple of 8), so the swizzled chunk too.
+    static_assert(kRowStep % 8 == 0);
+    uint32_t dst = cute::cast_smem_ptr_to_uint(buffer + r0 * kBiasTileKeys + ((chunk ^ (r0 % 8)) * 8));
+    CUTLASS_PRAGMA_UNROLL
+    for (int j = 0; j < kBiasTileRows / kRowStep; j++) {
+      int row = q_block * kBiasTileRows + r0 + j * kRowStep;
+      int64_t head = kv_head, head_row = row;
+      if (bias.groups != 1) {
+        head = int64_t(kv_head) * bias.groups + row / bias.rows_per_head;
+        head_row = row % bias.rows_per_head;
+      }
+      int bytes = row < len_q ? key_bytes : 0;
+      uint16_t const* src = bytes ? base + head * bias.stride_h + head_row * stride_q + key : base;
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                   ::"r"(dst + uint32_t(j * kRowStep * kBiasTileKeys * 2)), "l"(src), "r"(bytes));
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+  }
+
+  // kBiasSmem: score i's place in a warpgroup's buffer is row * 64 + ((key / 8) ^ (row % 8)) * 8 +
+  // key % 8 (tile-local row and key). In the 64 x 64 wgmma accumulator a thread's first score
+  // sits at an even key chunk (2 x its warp) and an even row (2 x lane % 4), and its others
+  // differ from it by 0 or 8 keys and by rows whose (row % 8) is 0 or 1: neither carries, so the
+  // XOR splits and every score is the first's offset plus a constant (`bias_smem_delta`). The
+  // addresses then cost one register, not 32 loop-invariant ones (which spilled).
+  template <class Coords>
+  CUTLASS_DEVICE static int bias_smem_first(Coords const& tScS, int tile_row, int tile_key) {
+    int k0 = get<0>(tScS(0)) - tile_key, r0 = get<1>(tScS(0)) - tile_row;
+    return r0 * kBiasTileKeys + (((k0 / 8) ^ (r0 % 8)) * 8) + k0 % 8;
+  }
+
+  template <class Coords>
+  CUTLASS_DEVICE static int bias_smem_delta(Coords const& tScS, int i) {
+    int dk = get<0>(tScS(i)) - get<0>(tScS(0)), dr = get<1>(tScS(i)) - get<1>(tScS(0));
+    return dr * kBiasTileKeys + (((dk / 8) ^ (dr % 8)) * 8);
+  }
+
   template <class BlkCoord, class ProblemShape, class MainloopPipelineReducer, class PipelineStateReducer,
             class MathWgOrderBarrier>
   CUTLASS_DEVICE auto compute(BlkCoord const& blk_coord, BlkCoord const& wg_coord, Params const& params,
@@ -440,6 +518,23 @@ struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialize
 
     float const log2e = static_cast<float>(M_LOG2E);
     int q_block = 0;
+
+    // kBiasSmem: this warpgroup's bias buffer, filled one contributing query block ahead.
+    uint16_t* bias_buffer = nullptr;
+    if constexpr (kBiasSmem) bias_buffer = storage.smem_bias.data() + wg_idx * kBiasTileRows * kBiasTileKeys;
+    auto prefetch_bias = [&](int qb, int remaining) {
+      if constexpr (kBiasSmem) {
+        while (remaining > 0 && !Mask{}.is_contributing(make_coord(qb, get<1>(blk_coord)), TileShape{}, problem_size)) {
+          qb += 1;
+          remaining -= 1;
+        }
+        if (remaining > 0) {
+          copy_bias_tile(bias_buffer, params.bias, get<2, 0>(blk_coord), get<2, 1>(blk_coord), qb, first_key,
+                         thread_idx, problem_size);
+        }
+      }
+    };
+    prefetch_bias(0, inner_tile_count);
     while (inner_tile_count > 0) {
       while (inner_tile_count > 0) {
         if (Mask{}.is_contributing(make_coord(q_block, get<1>(blk_coord)), TileShape{}, problem_size)) break;
@@ -486,10 +581,27 @@ struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialize
       warpgroup_wait<1>();
       warpgroup_fence_operand(acc_S);
 
-      uint32_t reg_bias[kBias ? kBiasPairs : 1];
-      if constexpr (kBias) {
+      uint32_t reg_bias[kBias && !kBiasSmem ? kBiasPairs : 1];
+      if constexpr (kBias && !kBiasSmem) {
         load_bias(reg_bias, tScS, params.bias, get<2, 0>(blk_coord), get<2, 1>(blk_coord),
                   q_block * get<1>(TileShapeNM{}), first_key, problem_size);
+      }
+      if constexpr (kBiasSmem) {
+        // The tile copied one block ago: every thread's copies landed, then all read it, then
+        // the next block's copy goes into the same buffer. Outside the turn below.
+        asm volatile("cp.async.wait_all;\n" ::);
+        cutlass::arch::NamedBarrier::sync(cutlass::NumThreadsPerWarpGroup, 1 + wg_idx);
+        uint16_t const* first = bias_buffer + bias_smem_first(tScS, q_block * get<1>(TileShapeNM{}), first_key);
+        CUTLASS_PRAGMA_UNROLL
+        for (int p = 0; p < kBiasPairs; p++) {
+          float2 b = unpack_pair<Element>(uint32_t(first[bias_smem_delta(tScS, 2 * p)]) |
+                                          (uint32_t(first[bias_smem_delta(tScS, 2 * p + 1)]) << 16));
+          acc_S(2 * p) = fmaf(b.x, params.bias.inv_scale, acc_S(2 * p));
+          acc_S(2 * p + 1) = fmaf(b.y, params.bias.inv_scale, acc_S(2 * p + 1));
+        }
+        // Every thread has read it: the next block's copy may go in (below, where fewer
+        // registers are live: issued here it spilled the consumer).
+        cutlass::arch::NamedBarrier::sync(cutlass::NumThreadsPerWarpGroup, 1 + wg_idx);
       }
 
       // The warpgroups take turns here (and at the dS hand-off below). Not only scheduling: the
@@ -498,7 +610,7 @@ struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialize
       // block t is done; with this turn removed it ran a block ahead and dQ came out wrong
       // (session 20, call 3).
       math_wg_order_barrier.wait();
-      if constexpr (kBias) {
+      if constexpr (kBias && !kBiasSmem) {
         CUTLASS_PRAGMA_UNROLL
         for (int p = 0; p < kBiasPairs; p++) {
           float2 b = unpack_pair<Element>(reg_bias[p]);
@@ -545,6 +657,7 @@ struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialize
         warpgroup_commit_batch();
       };
       if constexpr (!kDqFirst) issue_dv();
+      prefetch_bias(q_block + 1, inner_tile_count - 1);
       if constexpr (kBiasGrad) {
         // Stored from registers under the dV GEMM, once P (its A operand now) no longer holds
         // registers beside them.
@@ -720,6 +833,10 @@ int run_bwd(FlashCutlassBwdParams const& p, char* err, int err_len) {
     }
     mainloop.bias = BwdBiasArgs{p.bias, p.bias_stride[0], p.bias_stride[1], p.bias_stride[2], p.groups,
                                 p.rows_per_head};
+    if (Mainloop::kBiasSmem && !tma_aligned(p.bias, p.bias_stride, 8)) {
+      snprintf(err, err_len, "bias: the shared-memory bias tiles need a 16-byte-aligned address and strides");
+      return 2;
+    }
   }
   if constexpr (kBias == 2) {
     if (p.dbias == nullptr || reinterpret_cast<uintptr_t>(p.dbias) % 2) {

@@ -319,14 +319,16 @@ def test_build_command_builds_forward_and_backward_by_default(capsys):
 @pytest.mark.skipif(not HAVE_HEADERS or shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"),
                     reason="needs nvcc and the nvidia-cutlass headers")
 @pytest.mark.parametrize("variant,bias", [([], False), (["-DFLASH_CUTLASS_BWD_DQ_FIRST=1"], False),
-                                          (["-DFLASH_CUTLASS_BWD_DQ_SPLIT=1"], False), ([], "grad")],
-                         ids=["default", "dq_first", "dq_split", "bias_grad"])
+                                          (["-DFLASH_CUTLASS_BWD_DQ_SPLIT=1"], False), ([], "grad"),
+                                          (["-DFLASH_CUTLASS_BWD_BIAS_SMEM=1"], "grad")],
+                         ids=["default", "dq_first", "dq_split", "bias_grad", "bias_smem"])
 def test_the_backward_entry_point_and_one_instance_compile_for_sm90a(tmp_path, variant, bias):
     """A real nvcc run (about a minute on 2 cores each): example 88's backward collective with
     our consumer and a diagonal mask (bottom-right), in bf16, which the example's own consumer
     cannot compile; the two dQ schedules no default build compiles (benchmarks/
     cutlass_bwd_time.py --variant times them), which must fit shared memory (a static_assert);
-    and the instance that reads the bias and writes its gradient. Bias instances may spill
+    and the instance that reads the bias and writes its gradient, also with its tiles copied
+    into shared memory (FLASH_CUTLASS_BWD_BIAS_SMEM, off by default). Bias instances may spill
     (session 21, ptxas: 52 bytes without a mask in bf16, as the no-bias one's 20; none with a
     causal mask), so only their compile is asserted."""
     p = cb.plan(cb.BWD_INSTANCES[:0], family=cb.HOPPER_BWD)
