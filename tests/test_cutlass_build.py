@@ -294,6 +294,30 @@ def test_backward_instances_cover_every_dtype_head_dim_mask_and_bias_once():
     assert '"bf16/128/causal_folded/bias\\nfp16/128/none\\nfp16/128/none/bias_grad"' in src
 
 
+def _header_fields(struct_name: str) -> list[str]:
+    """The field names of a `typedef struct {...} NAME;` in csrc/flash_cutlass.h, in order."""
+    import re
+
+    text = (cb.CSRC / "flash_cutlass.h").read_text()
+    body = re.search(r"typedef struct \{((?:(?!typedef struct).)*?)\} " + struct_name + ";", text, re.S).group(1)
+    body = re.sub(r"//[^\n]*", "", body)
+    names = []
+    for decl in filter(None, (d.strip() for d in body.split(";"))):
+        declarators = decl.split(",")
+        # the first declarator carries the type: its name is the last word
+        names += [re.search(r"(\w+)\s*(\[\d+\])?$", d.strip()).group(1) for d in declarators]
+    return names
+
+
+@pytest.mark.parametrize("mirror,struct_name", [("_Params", "FlashCutlassFwdParams"),
+                                                ("_BwdParams", "FlashCutlassBwdParams")])
+def test_the_ctypes_params_mirror_the_header_field_for_field(mirror, struct_name):
+    """The library's ABI is these structs: a field added on one side only shifts every field after
+    it (session 21's backward fields once landed in the forward's mirror too)."""
+    fields = [name for name, _ in getattr(cutlass_backend, mirror)._fields_]
+    assert fields == _header_fields(struct_name)
+
+
 def test_the_backward_is_a_library_of_its_own():
     flags = ["-O3"]
     assert len({cb.cache_key(flags, "r", "v", family=f) for f in (cb.HOPPER, cb.HOPPER_BWD)}) == 2
@@ -329,8 +353,8 @@ def test_the_backward_entry_point_and_one_instance_compile_for_sm90a(tmp_path, v
     cutlass_bwd_time.py --variant times them), which must fit shared memory (a static_assert);
     and the instance that reads the bias and writes its gradient, also with its tiles copied
     into shared memory (FLASH_CUTLASS_BWD_BIAS_SMEM, off by default). Bias instances may spill
-    (session 21, ptxas: 52 bytes without a mask in bf16, as the no-bias one's 20; none with a
-    causal mask), so only their compile is asserted."""
+    (session 21, ptxas, bf16 without a mask: 52 bytes, where the no-bias instance spills 20; none
+    with a causal mask), so only their compile is asserted."""
     p = cb.plan(cb.BWD_INSTANCES[:0], family=cb.HOPPER_BWD)
     inst = cb.BwdInstance("bf16", 128, "causal_br", bias=bool(bias), bias_grad=bias == "grad")
     (tmp_path / "api.cu").write_text(cb.bwd_api_source((inst,)))

@@ -83,7 +83,6 @@ class _Params(ctypes.Structure):
         ("scale", ctypes.c_float), ("sm_count", ctypes.c_int32), ("stream", ctypes.c_void_p),
         ("bias", ctypes.c_void_p), ("bias_stride", ctypes.c_int64 * 3),
         ("groups", ctypes.c_int32), ("rows_per_head", ctypes.c_int32),
-        ("dbias", ctypes.c_void_p), ("dbias_stride", ctypes.c_int64 * 3),
     ]
 
 
