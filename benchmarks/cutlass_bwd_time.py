@@ -2,6 +2,7 @@
 
     python benchmarks/cutlass_bwd_time.py [--json out.json] [--lengths 8192] [--head-dim 128]
                                           [--variant NAME=-DFLAG=1[,-DFLAG2=0]] ...
+                                          [--once]   (one CUTLASS backward per case, untimed: for ncu)
 
 B=1 H=12 bf16, no mask and causal (with --bias: a per-head bias that needs no gradient; with
 --bias-grad: one that does, its gradient in every kernel's backward). Every backward starts from the same out and lse (the Triton
@@ -57,6 +58,8 @@ def main(argv=None):
     ap.add_argument("--variant", action="append", default=[], help="NAME=-DFLAG=VALUE[,...]")
     ap.add_argument("--bias", action="store_true", help="a per-head bias [1, H, N, N] without gradient (the bench's)")
     ap.add_argument("--bias-grad", action="store_true", help="the same bias, requiring its gradient")
+    ap.add_argument("--once", action="store_true",
+                    help="run the CUTLASS backward once per case and stop (a profiler's run: nothing timed)")
     args = ap.parse_args(argv)
     args.bias = args.bias or args.bias_grad
     cutlass_backend.UNVALIDATED.clear()  # a timing, not a dispatch: before its tests pass too
@@ -93,8 +96,13 @@ def main(argv=None):
             dout = torch.randn(out.shape, device="cuda", dtype=out.dtype, generator=gen)
             grad = args.bias_grad
             names = ("dq", "dk", "dv", "dbias") if grad else ("dq", "dk", "dv")
-            want = triton.backward(inp, None, out, lse, dout, None, grad)[:len(names)]
             run_cutlass = lambda: cutlass.backward(inp, None, out, lse, dout, None, grad)  # noqa: E731
+            if args.once:
+                run_cutlass()
+                torch.cuda.synchronize()
+                print(f"N={n} causal={causal} bias={args.bias} grad={grad}: one CUTLASS backward", flush=True)
+                continue
+            want = triton.backward(inp, None, out, lse, dout, None, grad)[:len(names)]
             errs = {"cutlass": {name: _rel(g, w) for name, g, w in zip(names, run_cutlass(), want)}}
             for name, lib in variants.items():
                 got = with_library(lib, run_cutlass)()

@@ -112,6 +112,14 @@ for hq, hkv, nq, nk, causal, with_bias in ((3, 3, 256, 256, False, False), (3, 3
     cutlass_bwd_bench)  # the backward alone, CUTLASS beside Triton and cuDNN, from the same out and lse (no forward library)
       # BWD_VARIANT_ARGS: e.g. "--variant dq_split=-DFLASH_CUTLASS_BWD_DQ_SPLIT=1" (built side by side, timed beside)
       timeout ${BWD_BENCH_TIMEOUT:-300} python3 benchmarks/cutlass_bwd_time.py --lengths ${BWD_LENGTHS:-8192} ${BWD_VARIANT_ARGS:-} --json "$OUT/cutlass_bwd_time.json" 2>&1 | grep -v Warning | tee "$OUT/cutlass_bwd_time.log" ;;
+    cutlass_bwd_ncu)  # ncu's full set on the CUTLASS backward, one launch per case (BWD_NCU_ARGS: cutlass_bwd_time.py's
+      # case flags, e.g. --bias; BWD_NCU_NAME names the report)
+      name=${BWD_NCU_NAME:-bwd_ncu}
+      timeout ${BWD_NCU_TIMEOUT:-240} ncu --set full -k regex:device_kernel -f -o "$OUT/$name" python3 benchmarks/cutlass_bwd_time.py \
+        --once --lengths ${BWD_LENGTHS:-8192} ${BWD_NCU_ARGS:-} 2>&1 | grep -v Warning | tail -8
+      ncu -i "$OUT/$name.ncu-rep" --page details > "$OUT/$name.txt" 2>&1
+      ncu -i "$OUT/$name.ncu-rep" --page raw --csv > "$OUT/$name.csv" 2>&1
+      grep -E "Duration|Compute \(SM\) Throughput|Issue Slots Busy|No Eligible|Registers Per|Achieved Occ" "$OUT/$name.txt" | head -24 ;;
     cutlass_tests)
       FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout 300 python3 -m pytest -q -m gpu tests/test_cutlass.py 2>&1 | tee "$OUT/cutlass_tests.log" | tail -8 ;;
     cutlass_bias)  # the bias rows (after cutlass_tests); features still in UNVALIDATED are let through for the bench only

@@ -11,8 +11,8 @@
 // What the example's own consumer lacks, and this one adds: bf16 (its dS conversion is implicit,
 // which cutlass::bfloat16_t refuses), any scale, masks in the backward's orientation that are
 // applied only to the tiles crossing the diagonal, bottom-right / folded (grouped KV heads)
-// causal, and the forward's additive bias (kBias 1), with its gradient (kBias 2: dS written from
-// registers). One instantiation per translation unit (flash_inductor/cutlass_build.py).
+// causal, and the forward's additive bias (kBias 1, its tiles through shared memory), with its
+// gradient (kBias 2: dS out through the same buffer). One instantiation per translation unit (flash_inductor/cutlass_build.py).
 #pragma once
 
 #include <cmath>
@@ -131,15 +131,20 @@ using BwdMaskFor = std::conditional_t<
 #define FLASH_CUTLASS_BWD_DQ_SPLIT 0
 #endif
 
-// Whether the bias instances read each tile's bias from shared memory, copied there by cp.async
-// one query block ahead (each warpgroup its 64 rows x 64 keys, 8 KB, in the 17 920 bytes the
-// collective leaves), instead of loading it from global memory into registers after the QK
-// GEMM: those loads are consumed a DRAM round trip later, inside the warpgroups' turns (session
-// 21: the bias backward at 262 / 219 TFLOP/s against 516 / 415 without one). Off: written in
-// session 21 after its device time was spent, not yet run on a GPU; benchmarks/cutlass_bwd_time.py
-// --bias --variant times it.
-#ifndef FLASH_CUTLASS_BWD_BIAS_SMEM
-#define FLASH_CUTLASS_BWD_BIAS_SMEM 0
+// The bias instances read each tile's bias from shared memory, copied there by cp.async one
+// contributing query block ahead (each warpgroup its 64 rows x 64 keys, 8 KB, in the 17 920
+// bytes the collective leaves), and write the bias gradient through the same buffer. Loaded
+// from global memory into registers after the QK GEMM instead, the loads were consumed a DRAM
+// round trip later inside the warpgroups' turns: 262 / 218 TFLOP/s against this design's
+// 422 / 332 (H100, bf16, N=8192, no mask / causal; session 22). Do not go back to it.
+
+// Whether a thread moves its 16 pairs of a bias (and gradient) tile between the buffer and its
+// registers by 4 ldmatrix / stmatrix .x4.trans (8 x 8 matrices of 8 queries x 8 keys, transposed
+// into the accumulator's pairs: one key, two adjacent queries) instead of 32 2-byte loads or
+// stores and the packing between them. Off: written in session 22, timed by
+// benchmarks/cutlass_bwd_time.py --bias --variant.
+#ifndef FLASH_CUTLASS_BWD_BIAS_LDSM
+#define FLASH_CUTLASS_BWD_BIAS_LDSM 0
 #endif
 
 // The forward's bias in the backward (FlashCutlassBwdParams.bias), and its gradient (.dbias).
@@ -172,7 +177,7 @@ struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialize
   using Base::NumMmaWarpGroups;
   using Base::StageCount;
   static constexpr bool kBiasGrad = kBias == 2;
-  static constexpr bool kBiasSmem = kBias && FLASH_CUTLASS_BWD_BIAS_SMEM;
+  static constexpr bool kBiasLdsm = FLASH_CUTLASS_BWD_BIAS_LDSM;
   static constexpr bool kDqFirst = FLASH_CUTLASS_BWD_DQ_FIRST;
   static constexpr bool kDqSplit = FLASH_CUTLASS_BWD_DQ_SPLIT;
   static_assert(!(kDqFirst && kDqSplit), "one dQ schedule at a time");
@@ -198,16 +203,16 @@ struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialize
     // The second dS buffer of the split schedule (blocks of odd parity).
     alignas(512) cute::array_aligned<Element, cute::cosize_v<typename Base::SmemLayoutDS>> smem_ds2;
   };
-  // kBiasSmem: per warpgroup one tile of the bias, [64 rows][64 keys] in q's dtype, 16-byte chunks
-  // swizzled (chunk ^ row % 8) so that the accumulator-layout reads (rows 2c + e) are free of
-  // bank conflicts.
+  // With a bias: per warpgroup one tile of the bias (then of its gradient), [64 rows][64 keys] in
+  // q's dtype, 16-byte chunks swizzled (chunk ^ row % 8) so that the accumulator-layout reads and
+  // writes (rows 2c + e) are free of bank conflicts.
   static constexpr int kBiasTileRows = get<1>(TileShapeNM{}), kBiasTileKeys = get<0>(TileShapeNM{});
   struct BiasSharedStorage : Base::SharedStorage {
     alignas(128) cute::array_aligned<uint16_t, NumMmaWarpGroups * kBiasTileRows * kBiasTileKeys> smem_bias;
   };
-  static_assert(!(kDqSplit && kBiasSmem), "the split dQ's second dS buffer and the bias tiles do not both fit");
+  static_assert(!(kDqSplit && kBias), "the split dQ's second dS buffer and the bias tiles do not both fit");
   using SharedStorage = std::conditional_t<
-      kDqSplit, SplitSharedStorage, std::conditional_t<kBiasSmem, BiasSharedStorage, typename Base::SharedStorage>>;
+      kDqSplit, SplitSharedStorage, std::conditional_t<bool(kBias), BiasSharedStorage, typename Base::SharedStorage>>;
 
   struct Arguments : Base::Arguments {
     float scale;
@@ -230,127 +235,7 @@ struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialize
   // Score pairs a thread holds in a tile (the accumulator's pairs: one key, two adjacent rows).
   static constexpr int kBiasPairs = size(decltype(partition_fragment_C(TiledMmaNM{}, take<0, 2>(TileShapeNM{}))){}) / 2;
 
-  // Calls f(i, address, in_bounds) for every score i this thread holds in a tile, with the
-  // address of its element in a [batch, query head, row, key] tensor (key stride 1; `base` at
-  // the batch), in bounds or not. A tile inside the problem and inside one query head (always
-  // without grouped KV heads; with them when rows_per_head is a multiple of the block's rows),
-  // which is every tile but the last row and key blocks, takes one address per tile and
-  // constant offsets from it: the per-score coordinates, bounds and 64-bit addresses of the
-  // general walk doubled the consumer's instructions (session 21: the bias backward ran at 228
-  // TFLOP/s against 516 without one, N=8192, where Triton's does 334).
-  template <class T, class Coords, class ProblemShape, class F>
-  CUTLASS_DEVICE static void for_each_score(T* base, int64_t stride_h, int64_t stride_q_64, BwdBiasArgs const& bias,
-                                            Coords const& tScS, int kv_head, int tile_row, int tile_key,
-                                            ProblemShape const& problem_size, F&& f) {
-    constexpr int kRows = get<1>(TileShapeNM{}), kKeys = get<0>(TileShapeNM{});
-    int len_q = get<2>(problem_size), len_k = get<3>(problem_size);
-    // The row stride through an opaque move: otherwise the compiler keeps the 16 rows' offsets
-    // live across the whole walk (they are affine in the block), which spilled the consumer.
-    int stride_q = static_cast<int>(stride_q_64);
-    asm volatile("mov.b32 %0, %0;" : "+r"(stride_q));
-    int key0 = get<0>(tScS(0)), row0 = get<1>(tScS(0));
-    bool inside = tile_row + kRows <= len_q && tile_key + kKeys <= len_k;
-    if (inside && (bias.groups == 1 || bias.rows_per_head % kRows == 0)) {
-      int head = kv_head, head_row0 = row0;
-      if (bias.groups != 1) {
-        int h = tile_row / bias.rows_per_head;
-        head = kv_head * bias.groups + h;
-        head_row0 = row0 - h * bias.rows_per_head;
-      }
-      // Within a head, row * stride_q + key fits 32 bits (the caller checks).
-      T* first = base + head * stride_h + (head_row0 * stride_q + key0);
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < 2 * kBiasPairs; i++) {
-        // Constants once unrolled: the fragment's coordinates differ from its first by the layout.
-        int dk = get<0>(tScS(i)) - key0, dr = get<1>(tScS(i)) - row0;
-        f(i, first + (dr * stride_q + dk), true);
-      }
-      return;
-    }
-    // Any other tile: every score's own row (and head) and bounds.
-    auto walk = [&](auto grouped) {
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < 2 * kBiasPairs; i++) {
-        auto pos = tScS(i);
-        int key = get<0>(pos), row = get<1>(pos);
-        T* head_base = base + kv_head * stride_h;
-        if constexpr (decltype(grouped)::value) {
-          head_base = base + (kv_head * bias.groups + row / bias.rows_per_head) * stride_h;
-          row = row % bias.rows_per_head;
-        }
-        f(i, head_base + (row * stride_q + key), get<1>(pos) < len_q && key < len_k);
-      }
-    };
-    if (bias.groups == 1) {
-      walk(cute::false_type{});
-    } else {
-      walk(cute::true_type{});
-    }
-  }
-
-  // The bias of the scores this thread holds, as bits in q's dtype, two to a register (the
-  // accumulator's pairs: one key, two adjacent query rows); 0 past the last row or key (those
-  // scores are never used). Packed, the 32 values live in 16 registers across the order
-  // barrier's wait (as floats they pushed the consumer past its registers: spills).
-  template <class Coords, class ProblemShape>
-  CUTLASS_DEVICE static void load_bias(uint32_t (&out)[kBiasPairs], Coords const& tScS, BwdBiasArgs const& bias,
-                                       int batch, int kv_head, int tile_row, int tile_key,
-                                       ProblemShape const& problem_size) {
-    // for_each_score's two walks, spelled out: the same walk through its callback held every
-    // loaded half in its own register until the pairs were packed, and spilled (52 -> 136 bytes).
-    constexpr int kRows = get<1>(TileShapeNM{}), kKeys = get<0>(TileShapeNM{});
-    int len_q = get<2>(problem_size), len_k = get<3>(problem_size);
-    uint16_t const* base = static_cast<uint16_t const*>(bias.ptr) + batch * bias.stride_b;
-    int stride_q = static_cast<int>(bias.stride_q);
-    asm volatile("mov.b32 %0, %0;" : "+r"(stride_q));
-    int key0 = get<0>(tScS(0)), row0 = get<1>(tScS(0));
-    bool inside = tile_row + kRows <= len_q && tile_key + kKeys <= len_k;
-    if (inside && (bias.groups == 1 || bias.rows_per_head % kRows == 0)) {
-      int head = kv_head, head_row0 = row0;
-      if (bias.groups != 1) {
-        int h = tile_row / bias.rows_per_head;
-        head = kv_head * bias.groups + h;
-        head_row0 = row0 - h * bias.rows_per_head;
-      }
-      uint16_t const* first = base + head * bias.stride_h + (head_row0 * stride_q + key0);
-      CUTLASS_PRAGMA_UNROLL
-      for (int p = 0; p < kBiasPairs; p++) {
-        uint32_t half[2];
-        CUTLASS_PRAGMA_UNROLL
-        for (int e = 0; e < 2; e++) {
-          int dk = get<0>(tScS(2 * p + e)) - key0, dr = get<1>(tScS(2 * p + e)) - row0;
-          half[e] = uint32_t(__ldg(first + (dr * stride_q + dk)));
-        }
-        out[p] = half[0] | (half[1] << 16);
-      }
-      return;
-    }
-    auto fill = [&](auto grouped) {
-      CUTLASS_PRAGMA_UNROLL
-      for (int p = 0; p < kBiasPairs; p++) {
-        uint32_t half[2];
-        CUTLASS_PRAGMA_UNROLL
-        for (int e = 0; e < 2; e++) {
-          auto pos = tScS(2 * p + e);
-          int key = get<0>(pos), row = get<1>(pos);
-          uint16_t const* head_base = base + kv_head * bias.stride_h;
-          if constexpr (decltype(grouped)::value) {
-            head_base = base + (kv_head * bias.groups + row / bias.rows_per_head) * bias.stride_h;
-            row = row % bias.rows_per_head;
-          }
-          half[e] = get<1>(pos) < len_q && key < len_k ? uint32_t(__ldg(head_base + (row * stride_q + key))) : 0u;
-        }
-        out[p] = half[0] | (half[1] << 16);
-      }
-    };
-    if (bias.groups == 1) {
-      fill(cute::false_type{});
-    } else {
-      fill(cute::true_type{});
-    }
-  }
-
-  // kBiasSmem: this thread's share of the copy of query block `q_block`'s bias (this warpgroup's
+  // This thread's share of the copy of query block `q_block`'s bias (this warpgroup's
   // keys) into its buffer, by cp.async: one 16-byte chunk (8 keys) in each of 4 rows 16 apart
   // (consecutive threads take consecutive chunks of a row: 128-byte coalesced rows); chunks past
   // the last row or key are zero-filled (those scores are never used). The caller checked the
@@ -364,7 +249,7 @@ struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialize
     static_assert(kBiasTileRows % kRowStep == 0);
     int len_q = get<2>(problem_size), len_k = get<3>(problem_size);
     uint16_t const* base = static_cast<uint16_t const*>(bias.ptr) + batch * bias.stride_b;
-    // Opaque, as in load_bias: else the rows' loop-invariant offsets are kept live across the walk.
+    // Opaque: else the rows' loop-invariant offsets are kept live across the walk (spills).
     int64_t stride_q = bias.stride_q;
     asm volatile("mov.b64 %0, %0;" : "+l"(stride_q));
     int r0 = thread_idx / kChunksPerRow, chunk = thread_idx % kChunksPerRow;
@@ -389,7 +274,63 @@ struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialize
     asm volatile("cp.async.commit_group;\n" ::);
   }
 
-  // kBiasSmem: score i's place in a warpgroup's buffer is row * 64 + ((key / 8) ^ (row % 8)) * 8 +
+  // kBias 2: this thread's share of writing query block `q_block`'s gradient tile (this
+  // warpgroup's keys) from its buffer, or zeros for a block the mask skips, into the [batch, query
+  // head, row, key] gradient: the chunks copy_bias_tile fills, 16 bytes a store, 128-byte rows.
+  // (From registers in the accumulator's layout, each store wrote 2 bytes to 4 rows at a time:
+  // the bias gradient cost 735 us of a 3.2 ms backward where Triton's costs 390, session 22.) A
+  // thread reads only the chunks its own next copy_bias_tile overwrites, and stores each value it
+  // read before that copy is issued, so no barrier sits between the two. Nothing is written past
+  // the last row or key; the caller checked the 16-byte alignment of the address and strides.
+  template <bool kZeros, class ProblemShape>
+  CUTLASS_DEVICE static void store_grad_tile(uint16_t const* buffer, BwdBiasArgs const& bias, int batch, int kv_head,
+                                             int q_block, int tile_key, int thread_idx,
+                                             ProblemShape const& problem_size) {
+    constexpr int kChunksPerRow = kBiasTileKeys / 8;
+    constexpr int kRowStep = cutlass::NumThreadsPerWarpGroup / kChunksPerRow;
+    int len_q = get<2>(problem_size), len_k = get<3>(problem_size);
+    uint16_t* base = static_cast<uint16_t*>(bias.grad) + batch * bias.grad_stride_b;
+    int64_t stride_q = bias.grad_stride_q;
+    asm volatile("mov.b64 %0, %0;" : "+l"(stride_q));
+    int r0 = thread_idx / kChunksPerRow, chunk = thread_idx % kChunksPerRow;
+    int key = tile_key + chunk * 8;
+    if (key >= len_k) return;
+    uint32_t src = cute::cast_smem_ptr_to_uint(buffer + r0 * kBiasTileKeys + ((chunk ^ (r0 % 8)) * 8));
+    CUTLASS_PRAGMA_UNROLL
+    for (int j = 0; j < kBiasTileRows / kRowStep; j++) {
+      int row = q_block * kBiasTileRows + r0 + j * kRowStep;
+      if (row >= len_q) break;
+      int64_t head = kv_head, head_row = row;
+      if (bias.groups != 1) {
+        head = int64_t(kv_head) * bias.groups + row / bias.rows_per_head;
+        head_row = row % bias.rows_per_head;
+      }
+      uint16_t* dst = base + head * bias.grad_stride_h + head_row * stride_q + key;
+      uint32_t v[4] = {0u, 0u, 0u, 0u};
+      if constexpr (!kZeros) {
+        asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3])
+                     : "r"(src + uint32_t(j * kRowStep * kBiasTileKeys * 2)));
+      }
+      if (key + 8 <= len_k) {
+        asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n"
+                     ::"l"(dst), "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3]) : "memory");
+      } else {
+        CUTLASS_PRAGMA_UNROLL
+        for (int e = 0; e < 8; e++) {
+          if (e < len_k - key) dst[e] = static_cast<uint16_t>(v[e / 2] >> (16 * (e % 2)));
+        }
+      }
+    }
+  }
+
+  // This warpgroup's named barrier, which the compiler may not move shared-memory accesses across
+  // (cutlass's NamedBarrier::sync carries no memory clobber).
+  CUTLASS_DEVICE static void sync_warpgroup(int wg_idx) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(1 + wg_idx), "n"(cutlass::NumThreadsPerWarpGroup) : "memory");
+  }
+
+  // Score i's place in a warpgroup's buffer is row * 64 + ((key / 8) ^ (row % 8)) * 8 +
   // key % 8 (tile-local row and key). In the 64 x 64 wgmma accumulator a thread's first score
   // sits at an even key chunk (2 x its warp) and an even row (2 x lane % 4), and its others
   // differ from it by 0 or 8 keys and by rows whose (row % 8) is 0 or 1: neither carries, so the
@@ -405,6 +346,18 @@ struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialize
   CUTLASS_DEVICE static int bias_smem_delta(Coords const& tScS, int i) {
     int dk = get<0>(tScS(i)) - get<0>(tScS(0)), dr = get<1>(tScS(i)) - get<1>(tScS(0));
     return dr * kBiasTileKeys + (((dk / 8) ^ (dr % 8)) * 8);
+  }
+
+  // kBiasLdsm: the address thread `thread_idx` gives the .x4 ldmatrix / stmatrix of pairs 0-3
+  // (add 2048 bytes per next 4). The wgmma accumulator's pair p of warp w (of the warpgroup) is
+  // key 16 w + lane / 4 + 8 (p % 2) and queries 8 (p / 2) + 2 (lane % 4) + {0, 1}: in an x4, matrix
+  // m (addresses from lanes 8 m to 8 m + 7, one query row each) holds pair m, so its queries are
+  // 8 (m / 2) + lane % 8 and its keys the 16-byte chunk 2 w + m % 2, swizzled as the copy stores it.
+  CUTLASS_DEVICE static uint32_t bias_matrix_address(uint16_t const* buffer, int thread_idx) {
+    static_assert(kBiasPairs == 16 && kBiasTileRows == 64 && kBiasTileKeys == 64, "a 64 x 64 tile per warpgroup");
+    int lane = thread_idx % 32, warp = thread_idx / 32, m = lane / 8, i = lane % 8;
+    int query = 8 * (m / 2) + i, chunk = 2 * warp + m % 2;
+    return cute::cast_smem_ptr_to_uint(buffer + query * kBiasTileKeys + ((chunk ^ i) * 8));
   }
 
   template <class BlkCoord, class ProblemShape, class MainloopPipelineReducer, class PipelineStateReducer,
@@ -516,14 +469,15 @@ struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialize
     auto tDQrKh_1 = k_half(wg_idx == 1 ? smem_pipe_read_k : smem_pipe_read_k_other);
     int parity = 0;
 
-    float const log2e = static_cast<float>(M_LOG2E);
     int q_block = 0;
 
-    // kBiasSmem: this warpgroup's bias buffer, filled one contributing query block ahead.
+    // This warpgroup's bias buffer, filled one contributing query block ahead.
     uint16_t* bias_buffer = nullptr;
-    if constexpr (kBiasSmem) bias_buffer = storage.smem_bias.data() + wg_idx * kBiasTileRows * kBiasTileKeys;
+    if constexpr (bool(kBias)) bias_buffer = storage.smem_bias.data() + wg_idx * kBiasTileRows * kBiasTileKeys;
+    uint32_t bias_matrices = 0;
+    if constexpr (bool(kBias) && kBiasLdsm) bias_matrices = bias_matrix_address(bias_buffer, thread_idx);
     auto prefetch_bias = [&](int qb, int remaining) {
-      if constexpr (kBiasSmem) {
+      if constexpr (bool(kBias)) {
         while (remaining > 0 && !Mask{}.is_contributing(make_coord(qb, get<1>(blk_coord)), TileShape{}, problem_size)) {
           qb += 1;
           remaining -= 1;
@@ -535,9 +489,21 @@ struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialize
       }
     };
     prefetch_bias(0, inner_tile_count);
+    // This thread's first score's place in the buffer is the same in every tile: computed once
+    // and kept opaque (derived from the moving coordinates per tile, its inputs were spilled and
+    // reloaded on the critical path: ncu, session 22).
+    int bias_offset = 0;
+    if constexpr (bool(kBias)) {
+      bias_offset = bias_smem_first(tScS, 0, first_key);
+      asm volatile("mov.b32 %0, %0;" : "+r"(bias_offset));
+    }
     while (inner_tile_count > 0) {
       while (inner_tile_count > 0) {
         if (Mask{}.is_contributing(make_coord(q_block, get<1>(blk_coord)), TileShape{}, problem_size)) break;
+        if constexpr (kBiasGrad) {
+          store_grad_tile<true>(bias_buffer, params.bias, get<2, 0>(blk_coord), get<2, 1>(blk_coord), q_block,
+                                first_key, thread_idx, problem_size);
+        }
         inner_tile_count -= 1;
         tScS.data() = tScS.data() + E<1>{} * get<1>(TileShapeNM{});
         q_block += 1;
@@ -568,40 +534,50 @@ struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialize
                     tDPrDO(_, _, _, smem_pipe_read_do.index()), acc_DP);
       warpgroup_commit_batch();
 
+      // lse · log2(e) per row, +inf for a row the bias hides entirely (lse = -inf, P = 0: the
+      // op's contract), so that its exponents are -inf instead of NaN: from the preprocess.
       Tensor reg_LSE = make_fragment_like<ElementAccumulator>(acc_S);
       CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < size(reg_LSE); i++) {
-        float lse = tSsLSE(_, _, _, smem_pipe_read_q.index())(i);
-        // A row the bias hides entirely has lse = -inf and P = 0 (the op's contract); +inf
-        // here makes every exponent -inf instead of NaN.
-        reg_LSE(i) = kBias && lse == -INFINITY ? INFINITY : log2e * lse;
-      }
+      for (int i = 0; i < size(reg_LSE); i++) reg_LSE(i) = tSsLSE(_, _, _, smem_pipe_read_q.index())(i);
       Tensor reg_ODO = make_fragment_like<ElementAccumulator>(acc_S);
 
       warpgroup_wait<1>();
       warpgroup_fence_operand(acc_S);
 
-      uint32_t reg_bias[kBias && !kBiasSmem ? kBiasPairs : 1];
-      if constexpr (kBias && !kBiasSmem) {
-        load_bias(reg_bias, tScS, params.bias, get<2, 0>(blk_coord), get<2, 1>(blk_coord),
-                  q_block * get<1>(TileShapeNM{}), first_key, problem_size);
-      }
-      if constexpr (kBiasSmem) {
+      // The tile's bias (from the buffer, outside the turn below) and, with its gradient, the
+      // tile's place in the buffer for dS.
+      uint16_t* bias_first = nullptr;
+      if constexpr (bool(kBias)) {
         // The tile copied one block ago: every thread's copies landed, then all read it, then
-        // the next block's copy goes into the same buffer. Outside the turn below.
+        // the next block's copy (or dS) goes into the same buffer.
         asm volatile("cp.async.wait_all;\n" ::);
-        cutlass::arch::NamedBarrier::sync(cutlass::NumThreadsPerWarpGroup, 1 + wg_idx);
-        uint16_t const* first = bias_buffer + bias_smem_first(tScS, q_block * get<1>(TileShapeNM{}), first_key);
-        CUTLASS_PRAGMA_UNROLL
-        for (int p = 0; p < kBiasPairs; p++) {
-          float2 b = unpack_pair<Element>(uint32_t(first[bias_smem_delta(tScS, 2 * p)]) |
-                                          (uint32_t(first[bias_smem_delta(tScS, 2 * p + 1)]) << 16));
+        sync_warpgroup(wg_idx);
+        auto add_pair = [&](int p, uint32_t bits) {
+          float2 b = unpack_pair<Element>(bits);
           acc_S(2 * p) = fmaf(b.x, params.bias.inv_scale, acc_S(2 * p));
           acc_S(2 * p + 1) = fmaf(b.y, params.bias.inv_scale, acc_S(2 * p + 1));
+        };
+        if constexpr (kBiasLdsm) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int g = 0; g < kBiasPairs / 4; g++) {
+            uint32_t r[4];
+            asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                         : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                         : "r"(bias_matrices + uint32_t(g * 2048)));
+            CUTLASS_PRAGMA_UNROLL
+            for (int m = 0; m < 4; m++) add_pair(4 * g + m, r[m]);
+          }
+        } else {
+          bias_first = bias_buffer + bias_offset;
+          CUTLASS_PRAGMA_UNROLL
+          for (int p = 0; p < kBiasPairs; p++) {
+            add_pair(p, uint32_t(bias_first[bias_smem_delta(tScS, 2 * p)]) |
+                            (uint32_t(bias_first[bias_smem_delta(tScS, 2 * p + 1)]) << 16));
+          }
         }
-        // Every thread has read it: the next block's copy may go in (below, where fewer
+        // Every thread has read it: the next block's copy may go in (issued below, where fewer
         // registers are live: issued here it spilled the consumer).
-        cutlass::arch::NamedBarrier::sync(cutlass::NumThreadsPerWarpGroup, 1 + wg_idx);
+        sync_warpgroup(wg_idx);
       }
 
       // The warpgroups take turns here (and at the dS hand-off below). Not only scheduling: the
@@ -610,14 +586,6 @@ struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialize
       // block t is done; with this turn removed it ran a block ahead and dQ came out wrong
       // (session 20, call 3).
       math_wg_order_barrier.wait();
-      if constexpr (kBias && !kBiasSmem) {
-        CUTLASS_PRAGMA_UNROLL
-        for (int p = 0; p < kBiasPairs; p++) {
-          float2 b = unpack_pair<Element>(reg_bias[p]);
-          acc_S(2 * p) = fmaf(b.x, params.bias.inv_scale, acc_S(2 * p));
-          acc_S(2 * p + 1) = fmaf(b.y, params.bias.inv_scale, acc_S(2 * p + 1));
-        }
-      }
       if (Mask::crosses(q_block * get<1>(TileShapeNM{}), first_key, get<0>(TileShapeNM{}), problem_size)) {
         Mask{}.before_softmax(acc_S, tScS, problem_size);
       }
@@ -656,18 +624,34 @@ struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialize
         cute::gemm(tiled_mma_nd, op_P, tDVrDO(_, _, _, smem_pipe_read_do.index()), acc_DV);
         warpgroup_commit_batch();
       };
-      if constexpr (!kDqFirst) issue_dv();
-      prefetch_bias(q_block + 1, inner_tile_count - 1);
       if constexpr (kBiasGrad) {
-        // Stored from registers under the dV GEMM, once P (its A operand now) no longer holds
-        // registers beside them.
-        Element* base = static_cast<Element*>(params.bias.grad) + get<2, 0>(blk_coord) * params.bias.grad_stride_b;
-        for_each_score(base, params.bias.grad_stride_h, params.bias.grad_stride_q, params.bias, tScS,
-                       get<2, 1>(blk_coord), q_block * get<1>(TileShapeNM{}), first_key, problem_size,
-                       [&](int i, Element* ptr, bool in_bounds) {
-                         if (in_bounds) *ptr = acc_DB[i];
-                       });
+        // dS into the buffer the bias came from (every thread read it before the last barrier),
+        // then out in coalesced rows under the dV GEMM.
+        if constexpr (kBiasLdsm) {
+          auto pair = [&](int p) {
+            return uint32_t(reinterpret_cast<uint16_t const&>(acc_DB[2 * p])) |
+                   (uint32_t(reinterpret_cast<uint16_t const&>(acc_DB[2 * p + 1])) << 16);
+          };
+          CUTLASS_PRAGMA_UNROLL
+          for (int g = 0; g < kBiasPairs / 4; g++) {
+            asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n"
+                         ::"r"(bias_matrices + uint32_t(g * 2048)), "r"(pair(4 * g)), "r"(pair(4 * g + 1)),
+                           "r"(pair(4 * g + 2)), "r"(pair(4 * g + 3)) : "memory");
+          }
+        } else {
+          CUTLASS_PRAGMA_UNROLL
+          for (int i = 0; i < 2 * kBiasPairs; i++) {
+            bias_first[bias_smem_delta(tScS, i)] = reinterpret_cast<uint16_t const&>(acc_DB[i]);
+          }
+        }
       }
+      if constexpr (!kDqFirst) issue_dv();
+      if constexpr (kBiasGrad) {
+        sync_warpgroup(wg_idx);
+        store_grad_tile<false>(bias_buffer, params.bias, get<2, 0>(blk_coord), get<2, 1>(blk_coord), q_block,
+                               first_key, thread_idx, problem_size);
+      }
+      prefetch_bias(q_block + 1, inner_tile_count - 1);
 
       auto recast_pairs = [](auto t) { return recast<uint_bit_t<sizeof_bits_v<Element> * 2>>(t); };
       if constexpr (kDqSplit) {
@@ -833,14 +817,14 @@ int run_bwd(FlashCutlassBwdParams const& p, char* err, int err_len) {
     }
     mainloop.bias = BwdBiasArgs{p.bias, p.bias_stride[0], p.bias_stride[1], p.bias_stride[2], p.groups,
                                 p.rows_per_head};
-    if (Mainloop::kBiasSmem && !tma_aligned(p.bias, p.bias_stride, 8)) {
+    if (!tma_aligned(p.bias, p.bias_stride, 8)) {
       snprintf(err, err_len, "bias: the shared-memory bias tiles need a 16-byte-aligned address and strides");
       return 2;
     }
   }
   if constexpr (kBias == 2) {
-    if (p.dbias == nullptr || reinterpret_cast<uintptr_t>(p.dbias) % 2) {
-      snprintf(err, err_len, "dbias: needs a 2-byte-aligned address");
+    if (p.dbias == nullptr || !tma_aligned(p.dbias, p.dbias_stride, 8)) {
+      snprintf(err, err_len, "dbias: the gradient's coalesced tile stores need a 16-byte-aligned address and strides");
       return 2;
     }
     mainloop.bias.grad = p.dbias;

@@ -70,7 +70,7 @@ typedef struct {
   const void* k;     // [batch, heads, len_k, head_dim]
   const void* v;     // [batch, heads, len_k, head_dim]
   const void* dout;  // [batch, heads, len_q, head_dim]
-  const float* lse;    // [batch, heads, len_q], contiguous: the forward's natural-log lse
+  const float* lse;    // [batch, heads, len_q], contiguous: the forward's lse times log2(e), +inf where it is -inf
   const float* delta;  // [batch, heads, len_q], contiguous: rowsum(dout * out) - dlse
   float* dq_acc;       // [batch, heads, len_q, head_dim], contiguous, zeroed: dQ is added in
   void* dk;            // [batch, heads, len_k, head_dim]
@@ -90,9 +90,9 @@ typedef struct {
   int32_t groups;
   int32_t rows_per_head;
   // The bias gradient: NULL for none, else [batch, query heads, rows_per_head, len_k] in q's dtype
-  // through element strides of batch, query head and query row (key stride 1), written with dS
-  // (unscaled) for every score of every tile the kernel runs; the caller zeroes the tiles a
-  // causal mask skips and reduces broadcast dims. Needs `bias`.
+  // through element strides of batch, query head and query row (key stride 1; address and strides
+  // 16-byte aligned), written with dS (unscaled) for every score, zeros where a causal mask skips
+  // a tile; the caller reduces broadcast dims. Needs `bias`.
   void* dbias;
   int64_t dbias_stride[3];
 } FlashCutlassBwdParams;

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import math
 import os
 import subprocess
 import sys
@@ -600,6 +601,26 @@ int main(int argc, char** argv) {
   return 0;
 }
 """
+
+
+@interpreted
+def test_preprocess_writes_the_cutlass_backwards_lse(interp):
+    """The preprocess's second output, which the CUTLASS backward subtracts in every tile:
+    lse · log2(e) per row, +inf where lse is -inf (a row the bias hides: its exponents must come
+    out -inf, not NaN), beside delta as before; rows past a block's end are left alone."""
+    gen = torch.Generator().manual_seed(zlib.crc32(b"preprocess lse"))
+    b, h, n, d = 2, 3, 40, 16
+    out, dout = (torch.randn(b, h, n, d, generator=gen) for _ in range(2))
+    lse = torch.randn(b, h, n, generator=gen) * 8
+    lse[1, 2, 7] = lse[0, 0, 39] = float("-inf")
+    delta = torch.full((b, h, n), float("nan"))
+    buffer = torch.full((b * h * n + 8,), float("nan"))  # poisoned, with a tail nothing may write
+    got = buffer[: b * h * n].view(b, h, n)
+    interp.preprocess(out, dout, None, delta, torch.empty(0), d, lse=lse, lse_log2=got)
+    want = torch.where(lse.isneginf(), float("inf"), lse.double() * math.log2(math.e))
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+    assert buffer[b * h * n:].isnan().all()
+    torch.testing.assert_close(delta.double(), (out.double() * dout.double()).sum(-1), rtol=1e-5, atol=1e-5)
 
 
 @interpreted

@@ -16,10 +16,10 @@ head): Triton's mask tiles skip their fully masked tiles, which this kernel woul
 
 Its backward (csrc/bwd_kernel.cuh, a library of its own built on the first backward) takes head
 dim 128: every mask, grouped KV heads folded as in the forward, the lse gradient, the
-forward's bias and its gradient (dS written per score, summed over the bias's broadcast dims in
-torch as Triton's is); its dK/dV come out in k's and v's layout, dQ in q's. The bias paths pass
-their GPU tests but measured slower than Triton's backward, so dispatch leaves them to Triton
-(`SLOWER_THAN_TRITON`, with the figures).
+forward's bias (its tiles through shared memory) and its gradient (dS written per score through
+the same buffer, summed over the bias's broadcast dims in torch as Triton's is); its dK/dV come
+out in k's and v's layout, dQ in q's. A feature that passes its GPU tests but measured slower
+than Triton's backward is refused with its figures (`SLOWER_THAN_TRITON`; empty today).
 Elsewhere the Triton backward runs: both need only the forward's
 output and lse (natural log, the same contract), and `backward_reasons` says why Triton runs
 one. Everything else it refuses with the reason, and dispatch moves on to Triton. A
@@ -58,11 +58,10 @@ UNVALIDATED: set[str] = set()
 # Built and passing their GPU tests, but measured slower than the Triton kernel for the same
 # input: refused by dispatch with the figures (benchmarks/RESULTS.md), run where a test or a
 # benchmark empties this (dispatch prefers CUTLASS only where it is faster).
-SLOWER_THAN_TRITON: dict[str, str] = {
-    "bias backward": (
-        "the Triton backward is faster with a bias (H100, bf16, N=8192, D=128: 335 vs 262 TFLOP/s, causal "
-        "272 vs 219; with the bias gradient 292 vs 222, causal 219 vs 160; benchmarks/RESULTS.md, session 21)"),
-}
+# Keys: "bias backward". Empty since session 22 (the bias backward's tiles through shared memory:
+# 416 / 348 TFLOP/s against Triton's 333 / 280, with the gradient 355 / 280 against 287 / 220;
+# benchmarks/RESULTS.md, session 22).
+SLOWER_THAN_TRITON: dict[str, str] = {}
 
 # csrc/flash_cutlass.h's FlashCutlassMask
 NO_MASK, TOP_LEFT, BOTTOM_RIGHT, FOLDED = 0, 1, 2, 3
@@ -394,8 +393,9 @@ class CutlassBackend(KernelBackend):
         with torch.cuda.device(q.device):
             delta = torch.empty(b, hq, nq, dtype=torch.float32, device=q.device)
             dq_acc = torch.empty(b, hq, nq, d, dtype=torch.float32, device=q.device)
-            triton_attention.preprocess(_unit_last(out), _unit_last(dout), dlse, delta, dq_acc, d)
-            lse = lse.contiguous()
+            lse_log2 = torch.empty(b, hq, nq, dtype=torch.float32, device=q.device)
+            triton_attention.preprocess(_unit_last(out), _unit_last(dout), dlse, delta, dq_acc, d,
+                                        lse=lse.contiguous(), lse_log2=lse_log2)
             causal = _effective_causal(inp)
             mask = {Causal.NONE: NO_MASK, Causal.TOP_LEFT: FOLDED if groups > 1 else TOP_LEFT,
                     Causal.BOTTOM_RIGHT: BOTTOM_RIGHT}[causal]
@@ -413,11 +413,12 @@ class CutlassBackend(KernelBackend):
             ds = None
             if bias_requires_grad:
                 # dS per score, as Triton's backward writes it (inputs.bias_grad_from_scores reduces
-                # it); the kernel skips the tiles a mask hides and the keys trimmed above.
-                alloc = torch.empty if mask == NO_MASK else torch.zeros
-                ds = alloc(b, hq, nq, nk, dtype=inp.bias.dtype, device=q.device)
+                # it), zeros included; rows padded to 16 bytes for the kernel's coalesced stores.
+                ds = torch.empty(b, hq, nq, -(-nk // 8) * 8, dtype=inp.bias.dtype, device=q.device)[..., :nk]
+                if kernel_nk < nk:
+                    ds[..., kernel_nk:].zero_()  # the keys trimmed above
             params = _BwdParams(
-                q.data_ptr(), k.data_ptr(), v.data_ptr(), do.data_ptr(), lse.data_ptr(), delta.data_ptr(),
+                q.data_ptr(), k.data_ptr(), v.data_ptr(), do.data_ptr(), lse_log2.data_ptr(), delta.data_ptr(),
                 dq_acc.data_ptr(), dk.data_ptr(), dv.data_ptr(),
                 b, hkv, rows, kernel_nk, d, _strides(q), _strides(k), _strides(v), _strides(do), _strides(dk),
                 _strides(dv), float(inp.scale), torch.cuda.get_device_properties(q.device).multi_processor_count,
