@@ -143,6 +143,12 @@ using BwdMaskFor = std::conditional_t<
 // into the accumulator's pairs: one key, two adjacent queries) instead of 32 2-byte loads or
 // stores and the packing between them. Off: written in session 22, timed by
 // benchmarks/cutlass_bwd_time.py --bias --variant.
+// Whether the bias copy takes one address per tile for tiles inside the problem (below; off: the
+// per-row walk for every tile, as timed against it by benchmarks/cutlass_bwd_time.py --variant).
+#ifndef FLASH_CUTLASS_BWD_BIAS_WHOLE_TILES
+#define FLASH_CUTLASS_BWD_BIAS_WHOLE_TILES 1
+#endif
+
 #ifndef FLASH_CUTLASS_BWD_BIAS_LDSM
 #define FLASH_CUTLASS_BWD_BIAS_LDSM 0
 #endif
@@ -258,6 +264,23 @@ struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialize
     // Rows r0 + kRowStep j share r0 % 8 (kRowStep is a multiple of 8), so the swizzled chunk too.
     static_assert(kRowStep % 8 == 0);
     uint32_t dst = cute::cast_smem_ptr_to_uint(buffer + r0 * kBiasTileKeys + ((chunk ^ (r0 % 8)) * 8));
+    if (FLASH_CUTLASS_BWD_BIAS_WHOLE_TILES && bias.groups == 1 && (q_block + 1) * kBiasTileRows <= len_q &&
+        tile_key + kBiasTileKeys <= len_k) {
+      // A tile inside the problem (every tile but the last row and key blocks): one address and
+      // a row step, full copies (the walk below costs about 100 instructions a tile: ncu, session
+      // 22). The condition is the warpgroup's, never a thread's: a warp mixing full copies with
+      // the walk's partial zero-filled ones read a row's padding into keys past len_k (session 22,
+      // call 5; cause below the source, not found).
+      uint16_t const* src = base + kv_head * bias.stride_h + (q_block * kBiasTileRows + r0) * stride_q + key;
+      int64_t step = kRowStep * stride_q;
+      CUTLASS_PRAGMA_UNROLL
+      for (int j = 0; j < kBiasTileRows / kRowStep; j++) {
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n"
+                     ::"r"(dst + uint32_t(j * kRowStep * kBiasTileKeys * 2)), "l"(src + j * step));
+      }
+      asm volatile("cp.async.commit_group;\n" ::);
+      return;
+    }
     CUTLASS_PRAGMA_UNROLL
     for (int j = 0; j < kBiasTileRows / kRowStep; j++) {
       int row = q_block * kBiasTileRows + r0 + j * kRowStep;
