@@ -59,7 +59,7 @@ UNVALIDATED: set[str] = set()
 # input: refused by dispatch with the figures (benchmarks/RESULTS.md), run where a test or a
 # benchmark empties this (dispatch prefers CUTLASS only where it is faster).
 # Keys: "bias backward". Empty since session 22 (the bias backward's tiles through shared memory:
-# 416 / 348 TFLOP/s against Triton's 333 / 280, with the gradient 355 / 280 against 287 / 220;
+# 450 / 364 TFLOP/s against Triton's 326 / 276, with the gradient 374 / 291 against 283 / 218;
 # benchmarks/RESULTS.md, session 22).
 SLOWER_THAN_TRITON: dict[str, str] = {}
 
