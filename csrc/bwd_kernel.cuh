@@ -143,14 +143,14 @@ using BwdMaskFor = std::conditional_t<
 // into the accumulator's pairs: one key, two adjacent queries) instead of 32 2-byte loads or
 // stores and the packing between them. Off: written in session 22, timed by
 // benchmarks/cutlass_bwd_time.py --bias --variant.
+#ifndef FLASH_CUTLASS_BWD_BIAS_LDSM
+#define FLASH_CUTLASS_BWD_BIAS_LDSM 0
+#endif
+
 // Whether the bias copy takes one address per tile for tiles inside the problem (below; off: the
 // per-row walk for every tile, as timed against it by benchmarks/cutlass_bwd_time.py --variant).
 #ifndef FLASH_CUTLASS_BWD_BIAS_WHOLE_TILES
 #define FLASH_CUTLASS_BWD_BIAS_WHOLE_TILES 1
-#endif
-
-#ifndef FLASH_CUTLASS_BWD_BIAS_LDSM
-#define FLASH_CUTLASS_BWD_BIAS_LDSM 0
 #endif
 
 // The forward's bias in the backward (FlashCutlassBwdParams.bias), and its gradient (.dbias).
