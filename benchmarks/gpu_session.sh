@@ -41,10 +41,15 @@ for phase in "$@"; do
     ring)  # 2 GPUs: the ring-attention NCCL tests and its scaling figure only
       timeout 150 python3 -m pytest -q -m gpu tests/test_context_parallel.py 2>&1 | tee "$OUT/ring_tests.log" | tail -5
       timeout 170 python3 benchmarks/ring_scaling.py --world 2 --json "$OUT/ring_scaling.json" 2>&1 | grep -v Warning | tee "$OUT/ring_scaling.log" | tail -3 ;;
-    cutlass_build)  # the nvidia-cutlass wheel comes in .whl/ (carried)
-      ( time timeout 400 python3 -m flash_inductor.cli build ) 2>&1 | tee "$OUT/cutlass_build.log" | tail -5
+    cutlass_build)  # the nvidia-cutlass wheel comes in .whl/ (carried); CUTLASS_FAMILIES="hopper ..." picks families
+      ( time timeout 400 python3 -m flash_inductor.cli build $(for f in ${CUTLASS_FAMILIES:-}; do echo --family $f; done) ) 2>&1 | tee "$OUT/cutlass_build.log" | tail -5
       cp "$(python3 -m flash_inductor.cli build --print-plan | sed -n 's/^directory: //p')/build.log" "$OUT/cutlass_build_errors.log" 2>/dev/null
       python3 -m flash_inductor.cli info 2>&1 | tail -7 ;;
+    cutlass_build_dropout)  # the dropout forward's library (built on the first forward with dropout otherwise)
+      ( time timeout ${DROP_BUILD_TIMEOUT:-300} python3 -m flash_inductor.cli build --family hopper_dropout ) 2>&1 | tee "$OUT/cutlass_dropout_build.log" | tail -4
+      cp "$(python3 -m flash_inductor.cli build --family hopper_dropout --print-plan | sed -n 's/^directory: //p')/build.log" "$OUT/cutlass_dropout_build_errors.log" 2>/dev/null ;;
+    cutlass_dropout_tests)  # the dropout GPU tests alone
+      FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout ${DROP_TESTS_TIMEOUT:-200} python3 -m pytest -q -m gpu tests/test_cutlass.py -k dropout 2>&1 | tee "$OUT/cutlass_dropout_tests.log" | tail -12 ;;
     sm80)  # the sm_80 family (example 41's kernels as sm_80 code): build, GPU tests, then the bench rows
       ( time timeout 300 python3 -m flash_inductor.cli build --family ampere ) 2>&1 | tee "$OUT/sm80_build.log" | tail -4
       cp "$(python3 -m flash_inductor.cli build --family ampere --print-plan | sed -n 's/^directory: //p')/build.log" "$OUT/sm80_build_errors.log" 2>/dev/null
@@ -126,6 +131,12 @@ for hq, hkv, nq, nk, causal, with_bias in ((3, 3, 256, 256, False, False), (3, 3
       unvalidated_bench() { timeout "$1" python3 -c "import sys; from flash_inductor.backends import cutlass; cutlass.UNVALIDATED.clear(); from flash_inductor.cli import main; sys.exit(main(sys.argv[1:]))" bench "${@:3}" --json "$OUT/$2.json" 2>&1 | grep -v Warning | tee "$OUT/$2.log"; }
       unvalidated_bench 200 bench_cutlass_bias_8k --lengths 8192 --cases bias bias+causal --peers cutlass triton flex sdpa_cudnn
       unvalidated_bench 150 bench_cutlass_bias_d256 --lengths 8192 --head-dim 256 --cases bias bias+causal --peers cutlass flex ;;
+    cutlass_dropout)  # the dropout rows with the CUTLASS forward (its backward is Triton's), peers in the same run
+      bench ${DROP_BENCH_TIMEOUT:-300} bench_cutlass_dropout_8k --lengths ${DROP_LENGTHS:-8192} \
+        --cases ${DROP_CASES:-none dropout causal+dropout bias+dropout bias+causal+dropout} --peers cutlass triton sdpa_cudnn sdpa_flash ;;
+    cutlass_dropout_sweep)  # issue 4's other lengths and head dim 256 for the dropout rows
+      bench 150 bench_cutlass_dropout_2k_4k --lengths 2048 4096 --cases dropout causal+dropout --peers cutlass triton sdpa_cudnn
+      bench 120 bench_cutlass_dropout_d256 --lengths 8192 --head-dim 256 --cases dropout causal+dropout --peers cutlass triton sdpa_cudnn ;;
     cutlass_bias_sweep)  # issue 4's other lengths for the bias rows, and the no-bias rows the bias kernel is measured against
       bench 170 bench_cutlass_bias_2k_4k --lengths 2048 4096 --cases bias bias+causal --peers cutlass triton flex sdpa_cudnn
       bench 120 bench_cutlass_none_8k --lengths 8192 --cases none causal --peers cutlass sdpa_cudnn ;;

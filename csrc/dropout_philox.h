@@ -26,24 +26,21 @@ struct Words {
   uint32_t w[4];
 };
 
-FLASH_DROPOUT_FN uint32_t mul_hi(uint32_t a, uint32_t b) {
-#if defined(__CUDA_ARCH__)
-  return __umulhi(a, b);
-#else
-  return uint32_t((uint64_t(a) * b) >> 32);
-#endif
-}
-
 // Philox-4x32 with 10 rounds as triton.language.philox runs it: the key is the seed's low and high
-// 32-bit words; the round and key constants are Philox's.
+// 32-bit words; the round and key constants are Philox's. Each round's two products are taken
+// whole (one 32 x 32 -> 64-bit multiply gives both halves: one IMAD.WIDE on the GPU, where the
+// draw runs beside the tensor cores and every instruction counts).
 FLASH_DROPOUT_FN Words philox(uint64_t seed, uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3) {
   uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
   for (int round = 0; round < 10; ++round) {
-    uint32_t a0 = c0, a2 = c2;
-    c0 = mul_hi(0xCD9E8D57u, a2) ^ c1 ^ k0;
-    c2 = mul_hi(0xD2511F53u, a0) ^ c3 ^ k1;
-    c1 = 0xCD9E8D57u * a2;
-    c3 = 0xD2511F53u * a0;
+    uint64_t p0 = uint64_t(0xCD9E8D57u) * c2, p2 = uint64_t(0xD2511F53u) * c0;
+    c0 = uint32_t(p0 >> 32) ^ c1 ^ k0;
+    c2 = uint32_t(p2 >> 32) ^ c3 ^ k1;
+    c1 = uint32_t(p0);
+    c3 = uint32_t(p2);
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }

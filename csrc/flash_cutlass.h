@@ -41,6 +41,14 @@ typedef struct {
   // h is query head h * groups + r / rows_per_head, position r % rows_per_head.
   int32_t groups;
   int32_t rows_per_head;
+  // Dropout on the probabilities (the instances built with it: libflash_cutlass_dropout.so):
+  // dropout_p = 0 for none. `seed` is the op's seed tensor on the device (two int64 words: the
+  // Philox key and the offset), read by the kernel, so a CUDA-graph replay of a fresh seed draws
+  // a fresh mask; `drop_threshold` is round(p * 2^16). The keep bits are the Triton kernels'
+  // (csrc/dropout_philox.h), so either backward regenerates this forward's mask.
+  const int64_t* seed;
+  float dropout_p;
+  uint32_t drop_threshold;
 } FlashCutlassFwdParams;
 
 // Whether an instance that loads the bias by TMA can read this one ("/bias_tma" in the listing;

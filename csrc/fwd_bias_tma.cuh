@@ -127,11 +127,14 @@ struct TmaBiasMainloop : Base {
   struct Arguments : Base::Arguments {
     float scale;
     TmaBiasArgs bias;
+    DropoutArgs dropout;
   };
 
+  // The softmax is handed these (compute below), so they hold the dropout's arguments too.
   struct Params : Base::Params {
     TmaBias tma_bias;
     TmaBiasArgs bias;
+    DropoutArgs dropout;
   };
 
   template <class ProblemShape>
@@ -140,12 +143,13 @@ struct TmaBiasMainloop : Base {
     // The example fixes the scale at 1/sqrt(head_dim); the op takes any (see ScaledMainloop).
     base.scale_softmax = args.scale;
     base.scale_softmax_log2 = args.scale * static_cast<float>(M_LOG2E);
+    base.rp_dropout = args.dropout.keep_scale;  // the example's tail scales the output by it
     TmaBiasArgs bias = args.bias;
     bias.inv_scale = 1.f / args.scale;
     if constexpr (kBias) {
-      return Params{base, make_bias_tma(bias), bias};
+      return Params{base, make_bias_tma(bias), bias, args.dropout};
     } else {
-      return Params{base, {}, bias};
+      return Params{base, {}, bias, args.dropout};
     }
   }
 
@@ -284,6 +288,8 @@ struct TmaBiasMainloop : Base {
                                          int tiles, OrderBarrier& math_wg_order_barrier) {
     using cutlass::fmha::collective::layout_acc_mn;
     using cutlass::fmha::collective::reduction_target_n;
+    // This loop exponentiates itself instead of calling the softmax, so it has no dropout.
+    static_assert(!IsDropout<Fusion>::value, "dropout runs the example's consumer loop, not the overlapped one");
     float const scale_log2 = params.scale_softmax_log2;
     float const inv_scale = params.bias.inv_scale;
     auto& s_max = get<0>(softmax_state);

@@ -8,7 +8,8 @@ extra memory of one forward+backward. Every peer runs in the same process on the
 
 - triton: our op with the Triton kernels forced (FLASH_INDUCTOR_KERNEL=triton), called eagerly;
 - cutlass / cutlass_compiled: the same two ways with the CUTLASS kernels forced (its backward
-  is Triton's; what it refuses, dropout and mask-like biases today, the table shows as "refused");
+  is Triton's where the CUTLASS backward does not take the input: dropout, head dim 256; what it
+  refuses, mask-like biases and head dim 64 today, the table shows as "refused");
 - flash_compiled: the op under torch.compile with dispatch left to choose, nothing forced
   (exactly what `backend="flash"` does);
 - triton_compiled: the same op under torch.compile (how backend="flash" runs it: Inductor

@@ -1,10 +1,14 @@
 """Build the CUTLASS kernels in csrc/ into shared libraries, with ninja, on first use; cached.
 
-Two families, one library each, built only on a GPU that runs them:
+Four families, one library each, built only on a GPU that runs them:
 
 * HOPPER (`libflash_cutlass.so`, sm_90a): the TMA + warp-specialised forward of example 88, one
   translation unit per instance (dtype × head dim × mask × how the bias is read, `INSTANCES`)
   instantiating `flash_cutlass::run_fwd` from csrc/fwd_kernel.cuh.
+* HOPPER_DROPOUT (`libflash_cutlass_dropout.so`, sm_90a): the same forward with dropout
+  (csrc/fwd_dropout.cuh), the same instances with dropout compiled in (`DROPOUT_INSTANCES`). A
+  library of its own, built on the first forward with dropout: only training with dropout needs
+  it, and the forward library's build stays within its few minutes.
 * HOPPER_BWD (`libflash_cutlass_bwd.so`, sm_90a): the backward, example 88's warp-specialised
   backward collective with our consumer (csrc/bwd_kernel.cuh), one unit per dtype × head dim ×
   mask × bias (`BWD_INSTANCES`). A library of its own, built on the first backward, so inference never
@@ -55,13 +59,15 @@ def _csrc_dir() -> pathlib.Path:
 
 
 CSRC = _csrc_dir()
-SOURCES = ("flash_cutlass.h", "launch.cuh", "element_bits.cuh", "fwd_kernel.cuh", "fwd_bias_tma.cuh")
+SOURCES = ("flash_cutlass.h", "launch.cuh", "element_bits.cuh", "fwd_kernel.cuh", "fwd_bias_tma.cuh",
+           "fwd_dropout.cuh", "dropout_philox.h")
 AMPERE_SOURCES = ("flash_cutlass.h", "flash_cutlass_sm80.h", "sm80_common.cuh", "sm80_fwd.cuh", "sm80_bwd.cuh",
                   "aten_shim/flash_cutlass_check.h", "aten_shim/ATen/cuda/CUDAGeneratorImpl.h",
                   "aten_shim/ATen/cuda/CUDAGraphsUtils.cuh", "aten_shim/ATen/cuda/CUDAContext.h",
                   "aten_shim/c10/cuda/CUDAGuard.h")
 BWD_SOURCES = ("flash_cutlass.h", "launch.cuh", "element_bits.cuh", "bwd_kernel.cuh")
 LIB_NAME = "libflash_cutlass.so"
+DROPOUT_LIB_NAME = "libflash_cutlass_dropout.so"
 BWD_LIB_NAME = "libflash_cutlass_bwd.so"
 AMPERE_LIB_NAME = "libflash_cutlass_sm80.so"
 # No -lcuda: CUTLASS reaches the driver (TMA descriptors) through cudaGetDriverEntryPoint, so the
@@ -89,6 +95,7 @@ class Instance:
     mask: str  # a key of MASKS
     bias: bool = False  # an additive bias in q's dtype
     tma_bias: bool = False  # the bias loaded by TMA (else read in the softmax); only with bias
+    dropout: bool = False  # dropout on the probabilities (the HOPPER_DROPOUT family)
 
     def __post_init__(self):
         if self.tma_bias and not self.bias:
@@ -99,17 +106,22 @@ class Instance:
         return BIAS_READS["tma" if self.tma_bias else "softmax" if self.bias else "none"]
 
     @property
+    def _suffix(self) -> str:
+        return f"{'_bias' if self.bias else ''}{'_tma' if self.tma_bias else ''}{'_dropout' if self.dropout else ''}"
+
+    @property
     def stem(self) -> str:
-        return f"fwd_{self.dtype}_d{self.head_dim}_{self.mask}{'_bias' if self.bias else ''}{'_tma' if self.tma_bias else ''}"
+        return f"fwd_{self.dtype}_d{self.head_dim}_{self.mask}{self._suffix}"
 
     @property
     def label(self) -> str:
         """How flash_cutlass_instances() lists it."""
-        return f"{self.dtype}/{self.head_dim}/{self.mask}{'/bias' if self.bias else ''}{'_tma' if self.tma_bias else ''}"
+        return f"{self.dtype}/{self.head_dim}/{self.mask}{self._suffix.replace('_bias', '/bias').replace('_dropout', '/dropout')}"
 
     @property
     def template_args(self) -> str:
-        return f"{DTYPES[self.dtype]}, {self.head_dim}, {MASKS[self.mask]}, {self.bias_read}"
+        return (f"{DTYPES[self.dtype]}, {self.head_dim}, {MASKS[self.mask]}, {self.bias_read}, "
+                f"{'true' if self.dropout else 'false'}")
 
     def source(self) -> str:
         return f'#include "fwd_kernel.cuh"\nFLASH_CUTLASS_INSTANCE({self.template_args})\n'
@@ -122,6 +134,8 @@ class Instance:
 INSTANCES = tuple(
     Instance(d, h, m, b, b and h in TMA_BIAS_HEAD_DIMS)
     for d, h, m, b in itertools.product(DTYPES, HEAD_DIMS, MASKS, (False, True)))
+# The same set with dropout, for its own library (32 units: as long a build as the forward's).
+DROPOUT_INSTANCES = tuple(dataclasses.replace(i, dropout=True) for i in INSTANCES)
 
 # The backward's head dims: those the forward takes (backends/cutlass.py) that example 88's
 # backward tiles (64 queries x 128 keys) hold in shared memory; 256 would not fit (Triton runs it).
@@ -201,10 +215,12 @@ class BuildError(RuntimeError):
 
 def api_source(instances=INSTANCES) -> str:
     """The C entry point: a switch over the built instances (declared, defined in their units).
-    A TMA-bias instance is tried before the softmax-bias one of its kind, when the bias fits it."""
+    A TMA-bias instance is tried before the softmax-bias one of its kind, when the bias fits it.
+    A call with dropout takes only a dropout instance, and one without only one without."""
     def condition(i):
         bias = "bias && flash_cutlass_bias_tma_ok(p)" if i.tma_bias else f"bias == {'true' if i.bias else 'false'}"
-        return f"dtype == {DTYPES[i.dtype]} && p->head_dim == {i.head_dim} && mask == {MASKS[i.mask]} && {bias}"
+        return (f"dtype == {DTYPES[i.dtype]} && p->head_dim == {i.head_dim} && mask == {MASKS[i.mask]} && {bias} && "
+                f"dropout == {'true' if i.dropout else 'false'}")
 
     ordered = sorted(instances, key=lambda i: not i.tma_bias)  # stable: the listing keeps its order
     cases = "\n".join(
@@ -215,21 +231,21 @@ def api_source(instances=INSTANCES) -> str:
     return f"""#include <cstdio>
 #include "flash_cutlass.h"
 namespace flash_cutlass {{
-template <int kDtype, int kHeadDim, int kMask, int kBias>
+template <int kDtype, int kHeadDim, int kMask, int kBias, bool kDropout>
 int run_fwd(FlashCutlassFwdParams const& p, char* err, int err_len);
 }}
 extern "C" int flash_cutlass_fwd(int32_t dtype, int32_t mask, const FlashCutlassFwdParams* p, char* err, int32_t err_len) {{
-  bool bias = p->bias != nullptr;
+  bool bias = p->bias != nullptr, dropout = p->dropout_p > 0.f;
 {cases}
-  snprintf(err, err_len, "no CUTLASS instance for dtype=%d head_dim=%d mask=%d bias=%d", dtype, p->head_dim, mask,
-           int(bias));
+  snprintf(err, err_len, "no CUTLASS instance for dtype=%d head_dim=%d mask=%d bias=%d dropout=%d in this library",
+           dtype, p->head_dim, mask, int(bias), int(dropout));
   return 1;
 }}
 extern "C" const char* flash_cutlass_instances(void) {{ return "{listing}"; }}
 // How flash_cutlass_fwd would read this call's bias (BiasRead: 0 none, 1 in the softmax, 2 by TMA),
 // -1 if no instance takes it; for tools and the tests.
 extern "C" int flash_cutlass_bias_read(int32_t dtype, int32_t mask, const FlashCutlassFwdParams* p) {{
-  bool bias = p->bias != nullptr;
+  bool bias = p->bias != nullptr, dropout = p->dropout_p > 0.f;
 {reads}
   return -1;
 }}
@@ -338,6 +354,8 @@ class Family:
 HOPPER = Family("hopper", LIB_NAME, SOURCES, "examples/88_hopper_fmha",
                 # TMA and wgmma need the arch-specific target (sm_90a), not plain sm_90.
                 ("-gencode=arch=compute_90a,code=sm_90a",), INSTANCES, api_source)
+HOPPER_DROPOUT = Family("hopper_dropout", DROPOUT_LIB_NAME, SOURCES, "examples/88_hopper_fmha",
+                        ("-gencode=arch=compute_90a,code=sm_90a",), DROPOUT_INSTANCES, api_source)
 HOPPER_BWD = Family("hopper_bwd", BWD_LIB_NAME, BWD_SOURCES, "examples/88_hopper_fmha",
                     ("-gencode=arch=compute_90a,code=sm_90a",), BWD_INSTANCES, bwd_api_source)
 # sm_80 code: SASS for A100-class GPUs and for Hopper (compiled from the same compute_80 PTX),
@@ -345,7 +363,7 @@ HOPPER_BWD = Family("hopper_bwd", BWD_LIB_NAME, BWD_SOURCES, "examples/88_hopper
 AMPERE = Family("ampere", AMPERE_LIB_NAME, AMPERE_SOURCES, "examples/41_fused_multi_head_attention",
                 ("-gencode=arch=compute_80,code=[sm_80,sm_90,compute_80]",), AMPERE_INSTANCES, ampere_api_source,
                 needs_curand=True)
-FAMILIES = {f.name: f for f in (HOPPER, HOPPER_BWD, AMPERE)}
+FAMILIES = {f.name: f for f in (HOPPER, HOPPER_DROPOUT, HOPPER_BWD, AMPERE)}
 
 
 # ---- the toolchain ------------------------------------------------------------------------------
@@ -362,7 +380,7 @@ def cutlass_source_dir(family: Family = HOPPER) -> pathlib.Path:
             raise BuildError("the CUTLASS headers are missing: pip install nvidia-cutlass "
                              "(or set FLASH_INDUCTOR_CUTLASS_DIR to a CUTLASS checkout)")
         root = pathlib.Path(list(spec.submodule_search_locations)[0]) / "source"
-    example_file = {"hopper": "collective/fmha_fusion.hpp",
+    example_file = {"hopper": "collective/fmha_fusion.hpp", "hopper_dropout": "collective/fmha_fusion.hpp",
                     "hopper_bwd": "collective/fmha_collective_bwd_tma_warpspecialized.hpp",
                     "ampere": "kernel_backward.h"}[family.name]
     for need in ("include/cute/tensor.hpp", f"{family.example}/{example_file}"):
@@ -578,6 +596,7 @@ def status(family: Family = HOPPER) -> str:
     if p.library.is_file():
         return f"built ({p.library})"
     where = {"hopper": "on an sm_90 GPU (H100/H200)",
+             "hopper_dropout": "by the first forward with dropout on an sm_90 GPU",
              "hopper_bwd": "by the first backward on an sm_90 GPU",
              "ampere": "when an input is forced to it (FLASH_INDUCTOR_KERNEL=cutlass_sm80)"}[family.name]
     return (f"not built yet: builds on first use {where}, or ahead of time with "
@@ -593,6 +612,7 @@ def main(argv=None) -> int:
     ap.add_argument("-j", "--jobs", type=int, help="parallel compile jobs (ninja's default: cores + 2)")
     ap.add_argument("--family", choices=[*FAMILIES, "all"], action="append",
                     help="hopper: the sm_90a forward; hopper_bwd: the sm_90a backward (by default both); "
+                         "hopper_dropout: the sm_90a forward with dropout (training with dropout); "
                          "ampere: the sm_80 forward and backward (A100-class GPUs; runs on Hopper too); "
                          "all: every family. May be repeated.")
     ap.add_argument("--print-plan", action="store_true", help="print the toolchain, flags and cache directory; build nothing")

@@ -82,6 +82,13 @@ def _export_in_progress() -> bool:
     return custom_triton_ops_decomposition_disabled()
 
 
+def _graph_seed(device) -> torch.Tensor:
+    """A dropout seed drawn in the graph, on the device, so Inductor generates it from its own
+    seeded RNG (no host round trip inside a captured graph: every replay draws anew); two 31-bit
+    words key Philox."""
+    return torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64, device=device)
+
+
 def _fwd_in_graph(q, k, v, bias, seed, causal, scale, dropout_p, softcap=0.0):
     from torch.library import wrap_triton
 
@@ -89,12 +96,7 @@ def _fwd_in_graph(q, k, v, bias, seed, causal, scale, dropout_p, softcap=0.0):
 
     inp = AttentionInputs.from_op(q, k, v, bias, causal, scale, dropout_p, softcap)
     if dropout_p > 0.0:
-        if seed is not None:
-            rng = seed.to(device=q.device, dtype=torch.int64).clone()
-        else:
-            # Drawn on the device so Inductor generates it from its own seeded RNG (no host
-            # round trip inside a captured graph); two 31-bit words key Philox.
-            rng = torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64, device=q.device)
+        rng = seed.to(device=q.device, dtype=torch.int64).clone() if seed is not None else _graph_seed(q.device)
     else:
         rng = torch.empty(0, dtype=torch.int64, device=q.device)
     out, lse = triton_attention.forward(inp, rng if dropout_p > 0.0 else None, launch=wrap_triton)
@@ -138,6 +140,13 @@ def _rule(op_name, in_graph, inputs_of, phase):
         why_not = _triton_decision(inp, tensors, phase, kernel)
         if why_not is not None:
             log.debug("%s stays one opaque op in the graph: %s", op_name, why_not)
+            if phase == "fwd" and inp.dropout_p > 0.0 and args[4] is None and inp.device.type == "cuda":
+                # The graph draws the opaque forward's seed, as it does the in-graph one's
+                # (_fwd_in_graph): the op's own draw is a host-side copy at run time, which a
+                # CUDA graph would replay as one fixed seed, the same mask at every step.
+                with mode:
+                    seed = _graph_seed(args[0].device)
+                args = (*args[:4], seed, *args[5:])
             return mode.__torch_dispatch__(func, types, args, {})
         kernel_analysis_cache.install()  # torch analyses every launch of ours at every stage
         from torch._inductor import config as inductor_config

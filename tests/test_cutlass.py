@@ -7,8 +7,10 @@ the bias instances on every bias layout the glue handles (per head, full, stride
 rows, broadcast, fully masked rows), each read the way the kernel picks for it (by TMA or in
 the softmax). The backward is the CUTLASS backward (csrc/bwd_kernel.cuh) where it takes the
 input (head dim 128, a bias with or without its gradient), else the Triton backward fed the CUTLASS forward's out and
-lse; each case asserts which one ran, and the gradients check both against float64. Outputs are
-poisoned (NaN) before each run.
+lse; each case asserts which one ran, and the gradients check both against float64. Dropout
+(the dropout library's forward) is held bit for bit to the Triton kernels' keep mask, and its
+values and Triton backward's gradients to float64 with that mask. Outputs are poisoned (NaN)
+before each run.
 """
 
 from __future__ import annotations
@@ -213,6 +215,133 @@ def test_cutlass_backward_with_the_forwards_bias(cutlass, poisoned, dtype, causa
         assert torch.isfinite(got).all(), name
         err = ((got.double() - want).norm() / want.norm()).item()
         assert err < 2e-2, f"{name}: {err:.3g}"
+
+
+# Dropout (the dropout library's instances): (dtype, head dim, causal, shape, bias kind or None, p).
+# The CUTLASS forward draws the Triton kernels' keep bits, held bit for bit to tests/philox_mask.py
+# (itself held to the Triton kernel on CPU); its backward is Triton's, from the same seed.
+DROPOUT_CASES = [
+    (torch.bfloat16, 128, False, (2, 3, 3, 256, 256, "bhnd"), None, 0.1),
+    (torch.float16, 128, "top_left", (1, 2, 2, 136, 200, "bnhd"), None, 0.3),
+    (torch.bfloat16, 256, "top_left", (1, 2, 2, 264, 136, "bhnd"), None, 0.1),
+    (torch.float16, 256, False, (2, 2, 2, 136, 201, "bhnd"), "full", 0.2),  # bias read in the softmax
+    (torch.bfloat16, 128, "bottom_right", (2, 3, 3, 136, 392, "bhnd"), None, 0.1),
+    (torch.bfloat16, 128, False, (2, 8, 2, 200, 136, "bhnd"), None, 0.5),  # grouped KV heads
+    (torch.bfloat16, 128, "top_left", (2, 8, 2, 384, 384, "bhnd"), None, 0.1),  # folded causal
+    (torch.bfloat16, 128, "top_left", (1, 4, 4, 256, 256, "bnhd"), "t5", 0.1),  # bias by TMA
+    (torch.bfloat16, 128, False, (2, 8, 2, 256, 136, "bhnd"), "head", 0.25),  # TMA bias, grouped
+]
+
+
+def _drop_seed(gen):
+    # Both words random and 64-bit (negative as int64), as the op's draws and users' seeds can be.
+    return torch.randint(-2**63, 2**63 - 1, (2,), dtype=torch.int64, generator=gen).cuda()
+
+
+@pytest.mark.parametrize("dtype,d,causal,shape,kind,p", DROPOUT_CASES, ids=lambda x: str(x).replace("torch.", ""))
+def test_dropout_forward_draws_the_triton_mask_and_the_backward_regenerates_it(cutlass, poisoned, dtype, d, causal,
+                                                                                shape, kind, p):
+    """The keep bits, read off runs with v = a block of the identity (out[i, c] = P[i, j] keep / (1 - p)
+    for the block's key j = c + block start), against the Philox reference bit for bit; then out,
+    lse and the Triton backward's gradients against float64 attention with that mask."""
+    from philox_mask import keep_mask
+    from test_triton_kernels import _dense64, _masked_scores64, _rel
+
+    b, hq, hkv, nq, nk, layout = shape
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((dtype, d, causal, shape, kind, p)).encode()))
+    q = _randn((b, hq, nq, d), dtype, gen, layout).cuda()
+    k, v = (_randn((b, hkv, nk, d), dtype, gen, layout).cuda() for _ in range(2))
+    bias = _make_bias(kind, b, hq, nq, nk, dtype, gen).cuda() if kind else None
+    seed = _drop_seed(gen)
+    inp = validate(q, k, v, bias, causal=causal, dropout_p=p)
+    assert not cutlass.not_supported_reasons(inp), cutlass.not_supported_reasons(inp)
+    assert cutlass.backward_kernel(inp) == "triton", "the CUTLASS backward has no dropout"
+    if kind:
+        assert cutlass.bias_read(inp) == ("tma" if d == 128 else "softmax")
+    want = keep_mask(seed, b, hq, nq, nk, p)
+    visible = torch.isfinite(_masked_scores64(q, k, bias, causal, inp.scale))
+    for start in range(0, nk, d):
+        eye = torch.zeros(b, hkv, nk, d, dtype=dtype, device="cuda")
+        cols = torch.arange(start, min(start + d, nk), device="cuda")
+        eye[:, :, cols, cols - start] = 1
+        out, _ = poisoned(cutlass.forward, validate(q, k, eye, bias, causal=causal, dropout_p=p), seed)
+        got = out[..., : len(cols)] != 0
+        seen = visible[..., start: start + d]
+        assert torch.equal(got[seen], want[..., start: start + d][seen]), (
+            f"keys {start}..: {(got[seen] != want[..., start: start + d][seen]).sum().item()} bits differ")
+        assert not got[~seen].any()  # hidden scores add nothing, kept or not
+
+    out, lse = poisoned(cutlass.forward, inp, seed)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    b64 = bias.detach().double().requires_grad_() if bias is not None else None
+    out64, lse64 = _dense64(*leaves, b64, causal, inp.scale, drop_keep=want, p=p)
+    # lse is the undropped one (the op's contract; the backward needs it so)
+    finite = torch.isfinite(lse64)
+    assert torch.equal(finite, torch.isfinite(lse))
+    torch.testing.assert_close(lse.double()[finite], lse64.detach()[finite], rtol=0, atol=2e-3)
+    dout = _randn(out.shape, dtype, gen).cuda()
+    grads = poisoned(cutlass.backward, inp, seed, out, lse, dout, None, bias is not None)
+    out64.backward(dout.double())
+    bound = {torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
+    refs = (out64.detach(), *(t.grad for t in leaves), b64.grad if b64 is not None else None)
+    for name, got, ref in zip(("out", "dq", "dk", "dv", "dbias"), (out, *grads), refs):
+        if ref is None:
+            continue
+        assert torch.isfinite(got).all(), name
+        assert _rel(got, ref) < bound, f"{name}: relative error {_rel(got, ref):.3g} > {bound}"
+
+
+def test_compiled_training_with_dropout_keeps_one_mask_for_both_passes(cutlass):
+    """Under torch.compile the CUTLASS forward with dropout is one opaque op and its backward is
+    Triton's in the graph, fed the forward's seed: the gradients are those of the forward's mask."""
+    import flash_inductor  # noqa: F401  (registers the op)
+    from philox_mask import keep_mask
+    from test_triton_kernels import _dense64
+
+    gen = torch.Generator().manual_seed(17)
+    q, k, v, dout = (_randn((2, 4, 256, 128), torch.bfloat16, gen).cuda() for _ in range(4))
+    seed = _drop_seed(gen)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    step = torch.compile(lambda q, k, v: torch.ops.flash.fwd(q, k, v, None, seed, 1, 128 ** -0.5, 0.1)[0],
+                         dynamic=False)
+    step(*leaves).backward(dout)
+    assert dispatch.select(validate(q, k, v, causal=True, dropout_p=0.1)).NAME == "cutlass"
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out64, _ = _dense64(*ref, None, "top_left", 128 ** -0.5, drop_keep=keep_mask(seed, 2, 4, 256, 256, 0.1), p=0.1)
+    out64.backward(dout.double())
+    for name, got, want in zip(("dq", "dk", "dv"), (t.grad for t in leaves), (t.grad for t in ref)):
+        err = ((got.double() - want).norm() / want.norm()).item()
+        assert err < 3e-2, f"{name}: {err:.3g}"
+
+
+def test_cuda_graph_replays_of_the_opaque_dropout_forward_draw_fresh_masks(cutlass):
+    """mode="reduce-overhead": the CUTLASS forward is an opaque op, so the graph draws its seed
+    (the op's own draw, a host copy, would be captured as one fixed seed). Every replay's mask is
+    new, and each output is the one its returned seed's mask gives."""
+    from torch._dynamo.utils import counters
+
+    import flash_inductor  # noqa: F401  (registers the op)
+    from philox_mask import keep_mask
+    from test_triton_kernels import _dense64, _rel
+
+    gen = torch.Generator().manual_seed(23)
+    q, k, v = (_randn((1, 2, 256, 128), torch.bfloat16, gen).cuda() for _ in range(3))
+    assert dispatch.select(validate(q, k, v, dropout_p=0.3)).NAME == "cutlass"
+    torch._dynamo.reset()
+    counters.clear()
+    step = torch.compile(lambda q, k, v: torch.ops.flash.fwd(q, k, v, None, None, 0, 128 ** -0.5, 0.3),
+                         mode="reduce-overhead")
+    runs = []
+    for _ in range(4):  # warm-up, record, replays
+        torch.compiler.cudagraph_mark_step_begin()
+        out, _, rng = step(q, k, v)
+        runs.append((out.clone(), rng.clone()))
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    assert len({tuple(rng.tolist()) for _, rng in runs}) == 4
+    for out, rng in runs[2:]:
+        want, _ = _dense64(q.double(), k.double(), v.double(), None, False, 128 ** -0.5,
+                           drop_keep=keep_mask(rng, 1, 2, 256, 256, 0.3), p=0.3)
+        assert _rel(out, want) < 2e-2
 
 
 def test_misaligned_and_scaled_input_is_copied_not_refused(cutlass, poisoned):

@@ -33,19 +33,41 @@ def test_instances_cover_every_dtype_head_dim_mask_and_bias_read_once():
     inst = cb.Instance("bf16", 128, "causal", bias=True)
     assert inst.stem == "fwd_bf16_d128_causal_bias"
     assert inst.source().splitlines() == ['#include "fwd_kernel.cuh"',
-                                          "FLASH_CUTLASS_INSTANCE(FLASH_CUTLASS_BF16, 128, FLASH_CUTLASS_CAUSAL_TOP_LEFT, 1)"]
+                                          "FLASH_CUTLASS_INSTANCE(FLASH_CUTLASS_BF16, 128, FLASH_CUTLASS_CAUSAL_TOP_LEFT, 1, false)"]
     tma_inst = cb.Instance("fp16", 128, "none", bias=True, tma_bias=True)
-    assert tma_inst.stem == "fwd_fp16_d128_none_bias_tma" and tma_inst.template_args.endswith(", 2")
+    assert tma_inst.stem == "fwd_fp16_d128_none_bias_tma" and tma_inst.template_args.endswith(", 2, false")
     with pytest.raises(ValueError, match="tma_bias needs bias=True"):
         cb.Instance("fp16", 128, "none", tma_bias=True)
+    assert not any(i.dropout for i in cb.INSTANCES)
+
+
+def test_the_dropout_family_is_the_forward_with_dropout_compiled_in():
+    """Its own library, built on the first forward with dropout: the forward's instances, each with
+    dropout, so the default build keeps its size and a dropout call never reaches a unit without."""
+    assert cb.DROPOUT_INSTANCES == tuple(cb.Instance(i.dtype, i.head_dim, i.mask, i.bias, i.tma_bias, True)
+                                         for i in cb.INSTANCES)
+    assert cb.FAMILIES["hopper_dropout"].instances == cb.DROPOUT_INSTANCES
+    assert cb.HOPPER_DROPOUT.lib_name != cb.HOPPER.lib_name
+    inst = cb.Instance("bf16", 128, "causal_br", bias=True, tma_bias=True, dropout=True)
+    assert inst.stem == "fwd_bf16_d128_causal_br_bias_tma_dropout"
+    assert inst.label == "bf16/128/causal_br/bias_tma/dropout"
+    assert inst.source().splitlines()[1] == (
+        "FLASH_CUTLASS_INSTANCE(FLASH_CUTLASS_BF16, 128, FLASH_CUTLASS_CAUSAL_BOTTOM_RIGHT, 2, true)")
+    src = cb.api_source(cb.DROPOUT_INSTANCES)
+    assert "bool bias = p->bias != nullptr, dropout = p->dropout_p > 0.f;" in src
+    assert src.count("&& dropout == true)\n    return flash_cutlass::run_fwd<") == len(cb.DROPOUT_INSTANCES)
+    assert "dropout == false" not in src
+    # Same flags and sources, another family: another cache directory.
+    assert cb.cache_key(["-O3"], "r", "v", family=cb.HOPPER_DROPOUT) != cb.cache_key(["-O3"], "r", "v")
 
 
 def test_api_switches_over_exactly_the_built_instances():
     some = (cb.Instance("fp16", 64, "none"), cb.Instance("bf16", 256, "causal", bias=True))
     src = cb.api_source(some)
     assert src.count("return flash_cutlass::run_fwd<") == 2
-    assert "run_fwd<FLASH_CUTLASS_FP16, 64, FLASH_CUTLASS_NO_MASK, 0>" in src
-    assert "mask == FLASH_CUTLASS_CAUSAL_TOP_LEFT && bias == true)\n    return flash_cutlass::run_fwd<FLASH_CUTLASS_BF16, 256, FLASH_CUTLASS_CAUSAL_TOP_LEFT, 1>" in src
+    assert "run_fwd<FLASH_CUTLASS_FP16, 64, FLASH_CUTLASS_NO_MASK, 0, false>" in src
+    assert ("mask == FLASH_CUTLASS_CAUSAL_TOP_LEFT && bias == true && dropout == false)\n"
+            "    return flash_cutlass::run_fwd<FLASH_CUTLASS_BF16, 256, FLASH_CUTLASS_CAUSAL_TOP_LEFT, 1, false>") in src
     assert '"fp16/64/none\\nbf16/256/causal/bias"' in src
 
 
@@ -54,9 +76,12 @@ def test_api_tries_the_tma_bias_first_where_the_bias_fits_it():
     tma = cb.Instance("bf16", 128, "none", bias=True, tma_bias=True)
     src = cb.api_source((softmax, tma))
     fwd, read = src.split("flash_cutlass_bias_read")[0], src.split("flash_cutlass_bias_read")[1]
-    tma_case = "bias && flash_cutlass_bias_tma_ok(p))\n    return flash_cutlass::run_fwd<FLASH_CUTLASS_BF16, 128, FLASH_CUTLASS_NO_MASK, 2>"
-    assert fwd.index(tma_case) < fwd.index("bias == true)\n    return flash_cutlass::run_fwd<FLASH_CUTLASS_BF16, 128, FLASH_CUTLASS_NO_MASK, 1>")
-    assert read.index("flash_cutlass_bias_tma_ok(p)) return 2;") < read.index("bias == true) return 1;")
+    tma_case = ("bias && flash_cutlass_bias_tma_ok(p) && dropout == false)\n"
+                "    return flash_cutlass::run_fwd<FLASH_CUTLASS_BF16, 128, FLASH_CUTLASS_NO_MASK, 2, false>")
+    assert fwd.index(tma_case) < fwd.index(
+        "bias == true && dropout == false)\n    return flash_cutlass::run_fwd<FLASH_CUTLASS_BF16, 128, FLASH_CUTLASS_NO_MASK, 1, false>")
+    assert (read.index("flash_cutlass_bias_tma_ok(p) && dropout == false) return 2;")
+            < read.index("bias == true && dropout == false) return 1;"))
     assert '"bf16/128/none/bias\\nbf16/128/none/bias_tma"' in src  # the listing keeps the build order
 
 
@@ -170,19 +195,19 @@ def test_build_command_reports_a_missing_toolchain(monkeypatch, tmp_path, capsys
 
 @pytest.mark.skipif(not HAVE_HEADERS or shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"),
                     reason="needs nvcc and the nvidia-cutlass headers")
-@pytest.mark.parametrize("variant,bias", [
-    ([], True),
-    (["-DFLASH_CUTLASS_TMA_BIAS_OVERLAP=1"], True),
-    (["-DFLASH_CUTLASS_TMA_BIAS_OVERLAP=1", "-DFLASH_CUTLASS_OVERLAP_NO_BIAS=1"], False),
-], ids=["default", "overlap", "overlap_no_bias"])
-def test_the_entry_point_and_one_instance_compile_for_sm90a(tmp_path, variant, bias):
+@pytest.mark.parametrize("variant,inst", [
+    ([], cb.Instance("bf16", 128, "causal", bias=True, tma_bias=True)),
+    (["-DFLASH_CUTLASS_TMA_BIAS_OVERLAP=1"], cb.Instance("bf16", 128, "causal", bias=True, tma_bias=True)),
+    (["-DFLASH_CUTLASS_TMA_BIAS_OVERLAP=1", "-DFLASH_CUTLASS_OVERLAP_NO_BIAS=1"], cb.Instance("bf16", 128, "causal")),
+    ([], cb.Instance("fp16", 256, "causal_br", bias=True, dropout=True)),
+], ids=["default", "overlap", "overlap_no_bias", "dropout_softmax_bias"])
+def test_the_entry_point_and_one_instance_compile_for_sm90a(tmp_path, variant, inst):
     """A real nvcc run (about a minute on 2 cores each): the generated units and csrc/ are valid
-    CUDA C++ against the installed CUTLASS, before any GPU sees them. The "overlap" ones are the
-    TMA bias mainloop's consumer that no default build compiles (benchmarks/cutlass_variants.py
-    times them), with a bias and in its no-bias mode."""
+    CUDA C++ against the installed CUTLASS, before any GPU sees them. The default one is the mask
+    fusion with the TMA bias mainloop; the "overlap" ones are that mainloop's consumer that no
+    default build compiles (benchmarks/cutlass_variants.py times them), with a bias and in its
+    no-bias mode; the dropout one wraps example 88's loop with the softmax-read bias."""
     p = cb.plan(cb.INSTANCES[:0])
-    # the mask fusion and the TMA bias mainloop (or the no-bias instance the variant reroutes)
-    inst = cb.Instance("bf16", 128, "causal", bias=bias, tma_bias=bias)
     (tmp_path / "api.cu").write_text(cb.api_source((inst,)))
     (tmp_path / "unit.cu").write_text(inst.source())
     for unit in ("api", "unit") if not variant else ("unit",):
@@ -236,7 +261,16 @@ def test_cutlass_refusals_are_sentences_a_user_can_act_on(monkeypatch):
                                                                                            causal=True)
     assert "len_q=36 (the CUTLASS kernels need a multiple of 8)" in reasons(nq=36)
     assert "dtype=float32" in reasons(dtype=torch.float32)
-    assert "dropout_p=0.1 (this kernel has no dropout)" in reasons(dropout_p=0.1)
+    # Dropout has a library of its own, asked for only once the input is otherwise accepted.
+    asked = []
+    monkeypatch.setattr(cutlass_backend, "_library", lambda dropout=False: asked.append(dropout) or (object(), None))
+    monkeypatch.setattr(cutlass_backend, "UNVALIDATED", {"dropout"})
+    assert "dropout: built, awaiting its first GPU test run (Triton runs it)" in reasons(dropout_p=0.1)
+    monkeypatch.setattr(cutlass_backend, "UNVALIDATED", set())
+    assert reasons(dropout_p=0.1, causal=True, bias=per_head) == "" and asked == [True]
+    assert "head_dim=64" in reasons(dropout_p=0.1, d=64) and asked == [True]
+    monkeypatch.setattr(cutlass_backend, "_library", lambda dropout=False: (None, "not available (no nvcc)"))
+    assert reasons(dropout_p=0.1) == "the CUTLASS dropout library is not available (no nvcc)"
 
 
 @pytest.mark.parametrize("kind", ["head", "full", "t5", "expanded", "keys", "odd_keys", "offset"])

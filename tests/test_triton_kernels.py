@@ -650,6 +650,21 @@ def test_dropout_philox_header_draws_the_triton_mask(interp, tmp_path):
     assert torch.equal(from_header, keep), f"{(from_header != keep).sum().item()} of {keep.numel()} bits differ"
 
 
+@interpreted
+def test_torch_philox_mask_draws_the_triton_mask(interp):
+    """tests/philox_mask.py (the GPU tests' reference for any CUDA forward's dropout, at any size)
+    draws the Triton forward's keep mask bit for bit: a 64-bit key with its top bit set, a
+    negative offset, a length that ends inside a 32-key span, grouped KV heads."""
+    from philox_mask import keep_mask
+
+    B, Hq, Hkv, Nq, Nk, D, p = 2, 4, 2, 23, 77, 16, 0.37
+    gen = torch.Generator().manual_seed(8)
+    q, k = _randn((B, Hq, Nq, D), torch.float32, gen), _randn((B, Hkv, Nk, D), torch.float32, gen)
+    seed = torch.tensor([-0x123456789ABCDEF, -5])
+    keep = _dropout_mask(interp, q, k, seed, p)
+    assert torch.equal(keep_mask(seed, B, Hq, Nq, Nk, p), keep)
+
+
 @pytest.mark.parametrize(
     "shape", [(2, 2, 1, 5, 0, 8), (2, 2, 1, 0, 5, 8), (0, 2, 1, 5, 5, 8)], ids=["nk0", "nq0", "b0"]
 )

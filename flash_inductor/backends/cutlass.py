@@ -9,10 +9,13 @@ additive bias in q's dtype of any broadcast shape: at head dim 128 loaded by TMA
 run by folding each KV head's G query heads into its rows ([B, Hkv, G·Nq, D], a free view of
 contiguous q): exact without a mask; with causal, when Nq = Nk is a multiple of 128 (a 128-row
 block then never straddles two heads, and the mask reads row mod Nk); the bias is read per
-folded row. Head dim 64 stays with Triton, which measured faster there (H200, N=8192, bf16
-forward: Triton 422 / 331 TFLOP/s against this kernel's 344 / 288, no mask / causal;
-benchmarks/RESULTS.md, session 5). So do mask-like biases (bool, or one float mask for every
-head): Triton's mask tiles skip their fully masked tiles, which this kernel would compute.
+folded row. Dropout (csrc/fwd_dropout.cuh, a library of its own built on the first forward with
+dropout) draws the Triton kernels' Philox keep bits, so the Triton backward, which runs every
+dropout backward, regenerates the mask from the seed alone. Head dim 64 stays with Triton, which
+measured faster there (H200, N=8192, bf16 forward: Triton 422 / 331 TFLOP/s against this
+kernel's 344 / 288, no mask / causal; benchmarks/RESULTS.md, session 5). So do mask-like biases
+(bool, or one float mask for every head): Triton's mask tiles skip their fully masked tiles,
+which this kernel would compute.
 
 Its backward (csrc/bwd_kernel.cuh, a library of its own built on the first backward) takes head
 dim 128: every mask, grouped KV heads folded as in the forward, the lse gradient, the
@@ -82,6 +85,7 @@ class _Params(ctypes.Structure):
         ("scale", ctypes.c_float), ("sm_count", ctypes.c_int32), ("stream", ctypes.c_void_p),
         ("bias", ctypes.c_void_p), ("bias_stride", ctypes.c_int64 * 3),
         ("groups", ctypes.c_int32), ("rows_per_head", ctypes.c_int32),
+        ("seed", ctypes.c_void_p), ("dropout_p", ctypes.c_float), ("drop_threshold", ctypes.c_uint32),
     ]
 
 
@@ -124,11 +128,12 @@ def declare_bwd(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 @functools.lru_cache(maxsize=None)
-def _library():
-    """(the loaded library, None) or (None, why not): built, or found in the cache, once per process."""
+def _library(dropout: bool = False):
+    """(the loaded library, None) or (None, why not): built, or found in the cache, once per process.
+    Dropout's instances are a library of their own (built on the first forward with dropout)."""
     from .. import cutlass_build
 
-    lib, why = cutlass_build.load(cutlass_build.HOPPER, ENV_VAR, log)
+    lib, why = cutlass_build.load(cutlass_build.HOPPER_DROPOUT if dropout else cutlass_build.HOPPER, ENV_VAR, log)
     if lib is None:
         return None, why
     return declare(lib), None
@@ -233,7 +238,6 @@ class CutlassBackend(KernelBackend):
     # The exact instances are checked in extra_reasons, with the reason for each gap.
     SUPPORTED_HEAD_DIMS = (1, 256)
     SUPPORTED_BIAS_KINDS = ("none", "float", "bool")  # bool: refused in extra_reasons, in words
-    SUPPORTS_DROPOUT = False
     SUPPORTS_DIFFERENT_V_DIM = False
     SUPPORTS_SOFTCAP = False
     HEAD_DIMS = (128, 256)
@@ -250,6 +254,15 @@ class CutlassBackend(KernelBackend):
         _, why = _library()
         return [f"the CUTLASS library is {why}"] if why else []
 
+    def not_supported_reasons(self, inp: AttentionInputs, varlen: bool = False) -> list[str]:
+        reasons = super().not_supported_reasons(inp, varlen)
+        # Dropout's library is built only once an input with dropout is otherwise accepted.
+        if not reasons and inp.dropout_p > 0:
+            _, why = _library(dropout=True)
+            if why:
+                reasons.append(f"the CUTLASS dropout library is {why}")
+        return reasons
+
     def extra_reasons(self, inp: AttentionInputs) -> list[str]:
         # Off an sm_90 GPU nothing below matters; and the rewrite asks on traced values, where a
         # size test on a symbolic size would add a guard (a recompile per length, dynamic=True).
@@ -265,7 +278,7 @@ class CutlassBackend(KernelBackend):
         grouped = inp.heads_q != inp.heads_kv
         causal = _effective_causal(inp)
         features = (("bottom-right causal", causal == Causal.BOTTOM_RIGHT), ("grouped KV heads", grouped),
-                    ("bias", inp.bias is not None))
+                    ("bias", inp.bias is not None), ("dropout", inp.dropout_p > 0))
         for feature, used in features:
             if used and feature in UNVALIDATED:
                 reasons.append(f"{feature}: built, awaiting its first GPU test run (Triton runs it)")
@@ -291,8 +304,9 @@ class CutlassBackend(KernelBackend):
         return reasons
 
     @staticmethod
-    def _call(inp: AttentionInputs):
-        """(dtype code, mask code, the C params, out, lse, tensors the params point into)."""
+    def _call(inp: AttentionInputs, seed: torch.Tensor | None = None):
+        """(dtype code, mask code, the C params, out, lse, tensors the params point into). With
+        dropout, `seed` is the op's seed tensor (two int64 words), read by the kernel."""
         b, hq, nq, d = inp.q.shape
         hkv, nk = inp.k.shape[1], inp.k.shape[2]
         groups = hq // hkv
@@ -307,6 +321,13 @@ class CutlassBackend(KernelBackend):
         out = torch.empty(b, hkv, rows, d, dtype=q.dtype, device=q.device)
         lse = torch.empty(b, hkv, rows, dtype=torch.float32, device=q.device)
         bias, bias_strides = _bias_ready(inp) if inp.bias is not None else (None, (0, 0, 0))
+        p = float(inp.dropout_p)
+        if p > 0:
+            if seed is None or seed.numel() < 2:
+                raise ValueError("dropout needs the op's seed tensor (two int64 words)")
+            seed = seed.to(device=q.device, dtype=torch.int64).contiguous()
+        else:
+            seed = None
         params = _Params(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
             b, hkv, rows, nk, d, _strides(q), _strides(k), _strides(v), _strides(out),
@@ -314,28 +335,31 @@ class CutlassBackend(KernelBackend):
             torch.cuda.current_stream(q.device).cuda_stream,
             bias.data_ptr() if bias is not None else None, (ctypes.c_int64 * 3)(*bias_strides),
             groups, nq,
+            # The Triton kernels' threshold (triton_attention._scalars), so both draw one mask.
+            seed.data_ptr() if seed is not None else None, p, round(p * 65536) if p > 0 else 0,
         )
-        return _DTYPE_CODES[q.dtype], mask, params, out, lse, (q, k, v, bias)
+        return _DTYPE_CODES[q.dtype], mask, params, out, lse, (q, k, v, bias, seed)
 
     def bias_read(self, inp: AttentionInputs) -> str | None:
         """How the kernel will read this input's bias: "tma" (head dim 128: a tile per key block
         loaded into shared memory beside K and V), "softmax" (head dim 256: from global memory
         between the GEMMs), or None (no bias, or no instance takes the input)."""
-        lib, why = _library()
+        lib, why = _library(inp.dropout_p > 0)
         if lib is None:
             raise RuntimeError(f"the CUTLASS library is {why}")
         with torch.cuda.device(inp.q.device):
-            dtype, mask, params, *_ = self._call(inp)
+            seed = torch.zeros(2, dtype=torch.int64, device=inp.q.device) if inp.dropout_p > 0 else None
+            dtype, mask, params, *_ = self._call(inp, seed)
             code = lib.flash_cutlass_bias_read(dtype, mask, ctypes.byref(params))
         return {1: "softmax", 2: "tma"}.get(code)
 
     def forward(self, inp: AttentionInputs, seed):
-        lib, why = _library()
+        lib, why = _library(inp.dropout_p > 0)
         if lib is None:
             raise RuntimeError(f"the CUTLASS library is {why}")
         b, hq, nq, d = inp.q.shape
         with torch.cuda.device(inp.q.device):
-            dtype, mask, params, out, lse, _keep = self._call(inp)
+            dtype, mask, params, out, lse, _keep = self._call(inp, seed)
             err = ctypes.create_string_buffer(512)
             code = lib.flash_cutlass_fwd(dtype, mask, ctypes.byref(params), err, len(err))
         if code:
@@ -352,6 +376,9 @@ class CutlassBackend(KernelBackend):
         if inp.head_dim not in BWD_HEAD_DIMS:
             reasons.append(f"head_dim={inp.head_dim}: the CUTLASS backward is built for "
                            f"{', '.join(map(str, BWD_HEAD_DIMS))} (example 88's backward tiles)")
+        if inp.dropout_p > 0:
+            reasons.append("dropout: not in the CUTLASS backward yet (Triton's backward regenerates the CUTLASS "
+                           "forward's keep bits: both draw the same Philox mask)")
         if inp.bias is not None:
             if "bias backward" in UNVALIDATED:
                 reasons.append("bias: built into the CUTLASS backward, awaiting its first GPU test run")
