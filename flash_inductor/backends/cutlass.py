@@ -307,6 +307,8 @@ class CutlassBackend(KernelBackend):
     def _call(inp: AttentionInputs, seed: torch.Tensor | None = None):
         """(dtype code, mask code, the C params, out, lse, tensors the params point into). With
         dropout, `seed` is the op's seed tensor (two int64 words), read by the kernel."""
+        from ..kernels import triton_attention
+
         b, hq, nq, d = inp.q.shape
         hkv, nk = inp.k.shape[1], inp.k.shape[2]
         groups = hq // hkv
@@ -335,8 +337,7 @@ class CutlassBackend(KernelBackend):
             torch.cuda.current_stream(q.device).cuda_stream,
             bias.data_ptr() if bias is not None else None, (ctypes.c_int64 * 3)(*bias_strides),
             groups, nq,
-            # The Triton kernels' threshold (triton_attention._scalars), so both draw one mask.
-            seed.data_ptr() if seed is not None else None, p, round(p * 65536) if p > 0 else 0,
+            seed.data_ptr() if seed is not None else None, p, triton_attention.dropout_threshold(p) if p > 0 else 0,
         )
         return _DTYPE_CODES[q.dtype], mask, params, out, lse, (q, k, v, bias, seed)
 

@@ -1423,6 +1423,12 @@ def _common_meta(inp: AttentionInputs) -> dict:
     )
 
 
+def dropout_threshold(p: float) -> int:
+    """round(p · 2^16): a 16-bit draw below it drops its score. The CUTLASS forward takes the same
+    number (backends/cutlass.py), so both draw one mask."""
+    return int(round(p * (1 << DROPOUT_BITS.value)))
+
+
 def _scalars(inp: AttentionInputs) -> dict:
     p, c = inp.dropout_p, inp.softcap
     return dict(
@@ -1430,7 +1436,7 @@ def _scalars(inp: AttentionInputs) -> dict:
         # (`_scaled_scores`).
         qk_scale=inp.scale / c if c else inp.scale * _LOG2E,
         cap_scale=c * _LOG2E if c else 1.0,
-        drop_threshold=int(round(p * (1 << DROPOUT_BITS.value))),
+        drop_threshold=dropout_threshold(p),
         drop_scale=1.0 / (1.0 - p),
         # Autotune once per power-of-two length bucket, not once per sequence length.
         N_BUCKET=triton.next_power_of_2(max(inp.len_q, inp.len_k, 16)),
