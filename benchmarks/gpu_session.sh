@@ -48,6 +48,51 @@ for phase in "$@"; do
     cutlass_build_dropout)  # the dropout forward's library (built on the first forward with dropout otherwise)
       ( time timeout ${DROP_BUILD_TIMEOUT:-300} python3 -m flash_inductor.cli build --family hopper_dropout ) 2>&1 | tee "$OUT/cutlass_dropout_build.log" | tail -4
       cp "$(python3 -m flash_inductor.cli build --family hopper_dropout --print-plan | sed -n 's/^directory: //p')/build.log" "$OUT/cutlass_dropout_build_errors.log" 2>/dev/null ;;
+    cutlass_build_bwd_dropout)  # the dropout backward's library (built on the first backward with dropout otherwise)
+      ( time timeout ${DROP_BUILD_TIMEOUT:-300} python3 -m flash_inductor.cli build --family hopper_bwd_dropout ) 2>&1 | tee "$OUT/cutlass_bwd_dropout_build.log" | tail -4
+      cp "$(python3 -m flash_inductor.cli build --family hopper_bwd_dropout --print-plan | sed -n 's/^directory: //p')/build.log" "$OUT/cutlass_bwd_dropout_build_errors.log" 2>/dev/null ;;
+    cutlass_bwd_dropout_smoke)  # the dropout backward against float64 with the Philox reference mask (Triton forward: no forward library)
+      timeout ${DROP_SMOKE_TIMEOUT:-150} python3 -c "
+import sys, torch
+sys.path.insert(0, 'tests')
+from philox_mask import keep_mask
+from test_triton_kernels import _dense64, _rel
+from flash_inductor.backends import cutlass
+from flash_inductor.backends.triton import TritonBackend
+from flash_inductor.inputs import validate
+cutlass.UNVALIDATED.clear()
+be, tr = cutlass.CutlassBackend(), TritonBackend()
+g = torch.Generator(device='cuda').manual_seed(0)
+cases = ((2, 3, 3, 256, 256, False, None, 0.1), (1, 2, 2, 200, 264, 'top_left', None, 0.3),
+         (2, 3, 3, 136, 392, 'bottom_right', None, 0.1), (2, 8, 2, 200, 136, False, None, 0.5),
+         (2, 8, 2, 384, 384, 'top_left', None, 0.1), (1, 4, 4, 256, 256, 'top_left', 'grad', 0.1),
+         (2, 3, 3, 200, 264, False, 'read', 0.2), (1, 2, 2, 1024, 1024, False, None, 0.1))
+for b, hq, hkv, nq, nk, causal, bias_kind, p in cases:
+    q = torch.randn(b, hq, nq, 128, device='cuda', dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(b, hkv, nk, 128, device='cuda', dtype=torch.bfloat16, generator=g) for _ in range(2))
+    bias = torch.randn(1, hq, nq, nk, device='cuda', dtype=torch.bfloat16, generator=g) if bias_kind else None
+    seed = torch.randint(-2**62, 2**62, (2,), device='cuda', dtype=torch.int64, generator=g)
+    inp = validate(q, k, v, bias, causal=causal, dropout_p=p)
+    assert be.backward_kernel(inp) == 'cutlass', be.backward_reasons(inp)
+    out, lse = tr.forward(inp, seed)  # the same contract and the same mask
+    dout = torch.randn_like(out)
+    grads = be.backward(inp, seed, out, lse, dout, None, bias_kind == 'grad')
+    torch.cuda.synchronize()
+    leaves = [t.double().requires_grad_() for t in (q, k, v)] + ([bias.double().requires_grad_()] if bias_kind == 'grad' else [])
+    o64, _ = _dense64(*leaves[:3], leaves[3] if bias_kind == 'grad' else bias, causal, inp.scale, drop_keep=keep_mask(seed, b, hq, nq, nk, p), p=p)
+    o64.backward(dout.double())
+    errs = ' '.join(f'{n} {_rel(a, l.grad):.2e}' for n, a, l in zip(('dq', 'dk', 'dv', 'dbias'), grads, leaves))
+    print(f'b={b} hq={hq} hkv={hkv} nq={nq} nk={nk} causal={causal} bias={bias_kind} p={p}: rel err {errs} (out {_rel(out, o64):.1e})', flush=True)
+" 2>&1 | grep -v Warning | tee "$OUT/cutlass_bwd_dropout_smoke.log" ;;
+    save_libs)  # every built CUTLASS library into $OUT/cache/<key>/, to carry into the next call (.cache/flash_inductor/cutlass/)
+      for f in hopper hopper_dropout hopper_bwd hopper_bwd_dropout; do
+        dir=$(python3 -m flash_inductor.cli build --family $f --print-plan | sed -n 's/^directory: //p')
+        ls "$dir"/*.so >/dev/null 2>&1 && mkdir -p "$OUT/cache/$(basename "$dir")" && cp "$dir"/*.so "$OUT/cache/$(basename "$dir")/" && echo "saved $f $(basename "$dir")"
+      done ;;
+    cutlass_bwd_dropout)  # the dropout rows with the CUTLASS forward and backward, peers in the same run (UNVALIDATED let through)
+      unvalidated_bench() { timeout "$1" python3 -c "import sys; from flash_inductor.backends import cutlass; cutlass.UNVALIDATED.clear(); from flash_inductor.cli import main; sys.exit(main(sys.argv[1:]))" bench "${@:3}" --json "$OUT/$2.json" 2>&1 | grep -v Warning | tee "$OUT/$2.log"; }
+      unvalidated_bench ${DROP_BENCH_TIMEOUT:-300} bench_cutlass_bwd_dropout_8k --lengths ${DROP_LENGTHS:-8192} \
+        --cases ${DROP_CASES:-dropout causal+dropout bias+dropout bias+causal+dropout} --peers ${DROP_PEERS:-cutlass triton sdpa_cudnn} ;;
     cutlass_dropout_tests)  # the dropout GPU tests alone
       FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout ${DROP_TESTS_TIMEOUT:-200} python3 -m pytest -q -m gpu tests/test_cutlass.py -k dropout 2>&1 | tee "$OUT/cutlass_dropout_tests.log" | tail -12 ;;
     sm80)  # the sm_80 family (example 41's kernels as sm_80 code): build, GPU tests, then the bench rows
@@ -125,6 +170,9 @@ for hq, hkv, nq, nk, causal, with_bias in ((3, 3, 256, 256, False, False), (3, 3
       ncu -i "$OUT/$name.ncu-rep" --page details > "$OUT/$name.txt" 2>&1
       ncu -i "$OUT/$name.ncu-rep" --page raw --csv > "$OUT/$name.csv" 2>&1
       grep -E "Duration|Compute \(SM\) Throughput|Issue Slots Busy|No Eligible|Registers Per|Achieved Occ" "$OUT/$name.txt" | head -24 ;;
+    cutlass_tests_dropout_first)  # tests/test_cutlass.py, its dropout tests first (each part its own limit)
+      FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout ${DROP_TESTS_TIMEOUT:-180} python3 -m pytest -q -m gpu tests/test_cutlass.py -k dropout 2>&1 | tee "$OUT/cutlass_dropout_tests.log" | tail -8
+      FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout ${CUTLASS_TESTS_TIMEOUT:-280} python3 -m pytest -q -m gpu tests/test_cutlass.py -k "not dropout" 2>&1 | tee "$OUT/cutlass_tests.log" | tail -8 ;;
     cutlass_tests)
       FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout 300 python3 -m pytest -q -m gpu tests/test_cutlass.py 2>&1 | tee "$OUT/cutlass_tests.log" | tail -8 ;;
     cutlass_bias)  # the bias rows (after cutlass_tests); features still in UNVALIDATED are let through for the bench only

@@ -12,7 +12,9 @@
 // which cutlass::bfloat16_t refuses), any scale, masks in the backward's orientation that are
 // applied only to the tiles crossing the diagonal, bottom-right / folded (grouped KV heads)
 // causal, and the forward's additive bias (kBias 1, its tiles through shared memory), with its
-// gradient (kBias 2: dS out through the same buffer). One instantiation per translation unit (flash_inductor/cutlass_build.py).
+// gradient (kBias 2: dS out through the same buffer), and dropout (kDropout: the keep bits from a
+// ring in shared memory that csrc/bwd_dropout.cuh's kernel fills). One instantiation per
+// translation unit (flash_inductor/cutlass_build.py).
 #pragma once
 
 #include <cmath>
@@ -23,6 +25,7 @@
 #include "cutlass/cutlass.h"
 #include "cute/tensor.hpp"
 #include "cutlass/kernel_hardware_info.h"
+#include "cutlass/pipeline/pipeline.hpp"
 #include "collective/fmha_fusion.hpp"
 #include "collective/fmha_collective_bwd_tma_warpspecialized.hpp"
 #include "collective/fmha_epilogue_bwd.hpp"
@@ -31,7 +34,7 @@
 #include "device/device_universal.hpp"
 
 #include "element_bits.cuh"
-#include "flash_cutlass.h"
+#include "flash_cutlass_bwd.h"
 #include "launch.cuh"
 
 namespace flash_cutlass {
@@ -153,6 +156,13 @@ using BwdMaskFor = std::conditional_t<
 #define FLASH_CUTLASS_BWD_BIAS_WHOLE_TILES 1
 #endif
 
+// A measurement probe, never built by a library (benchmarks/cutlass_bwd_time.py --variant builds
+// it): dropout's consumers read their keep bits but do not apply them (wrong gradients), so a
+// timing shows what the two selects a score cost.
+#ifndef FLASH_CUTLASS_BWD_DROPOUT_PROBE_NO_APPLY
+#define FLASH_CUTLASS_BWD_DROPOUT_PROBE_NO_APPLY 0
+#endif
+
 // The forward's bias in the backward (FlashCutlassBwdParams.bias), and its gradient (.dbias).
 struct BwdBiasArgs {
   void const* ptr = nullptr;
@@ -163,8 +173,20 @@ struct BwdBiasArgs {
   int64_t grad_stride_b = 0, grad_stride_h = 0, grad_stride_q = 0;
 };
 
+// Dropout in the backward (FlashCutlassBwdParams.seed, .drop_threshold): the forward's keep bits,
+// regenerated from the seed (dropout_philox.h).
+struct BwdDropoutArgs {
+  int64_t const* seed = nullptr;  // the op's seed tensor on the device: Philox key, offset
+  uint32_t threshold = 0;         // round(p * 2^16): a 16-bit draw below it dropped its score
+  uint32_t high_threshold = 0;    // threshold << 16 (< 2^32: the caller keeps threshold below 2^16)
+  int heads_q = 1;                // query heads: the draw is keyed by b * heads_q + query head
+  int groups = 1, rows_per_head = 1;  // grouped KV heads folded into rows
+};
+
 // kBias: 0 none, 1 the forward's bias read into the scores, 2 that and its gradient (dS) written.
-template <class Element, class Tile, class Mask, int kBias = 0>
+// kDropout: the keep bits drawn by the load warpgroup's two spare warps (csrc/bwd_dropout.cuh)
+// and applied to P and dP.
+template <class Element, class Tile, class Mask, int kBias = 0, bool kDropout = false>
 struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialized<Element, float, Tile, Mask> {
   using Base = cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialized<Element, float, Tile, Mask>;
   using typename Base::ElementAccumulator;
@@ -217,21 +239,43 @@ struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialize
     alignas(128) cute::array_aligned<uint16_t, NumMmaWarpGroups * kBiasTileRows * kBiasTileKeys> smem_bias;
   };
   static_assert(!(kDqSplit && kBias), "the split dQ's second dS buffer and the bias tiles do not both fit");
-  using SharedStorage = std::conditional_t<
+  static_assert(!(kDropout && (kDqSplit || kDqFirst)), "dropout is built on example 88's dQ schedule");
+  using MaskFusion = Mask;
+  static constexpr bool kWithDropout = kDropout;
+  using StorageBeforeDropout = std::conditional_t<
       kDqSplit, SplitSharedStorage, std::conditional_t<bool(kBias), BiasSharedStorage, typename Base::SharedStorage>>;
+
+  // Dropout: the keep bits of a query block's tile, one 32-bit word per consumer thread (bit i:
+  // its accumulator's score i), in a ring the spare load warps fill ahead of the consumers. Two
+  // stages let them draw a block ahead; with the bias tiles only one fits (the 17 920 bytes the
+  // collective leaves hold 16 KB of bias tiles and 1 KB of bits).
+  static constexpr int kKeepWords = NumMmaWarpGroups * cutlass::NumThreadsPerWarpGroup;
+  static constexpr int kKeepStages = kBias ? 1 : 2;
+  using KeepPipeline = cutlass::PipelineAsync<kKeepStages>;
+  using KeepState = typename KeepPipeline::PipelineState;
+  struct DropoutSharedStorage : StorageBeforeDropout {
+    alignas(16) cute::array_aligned<uint32_t, kKeepStages * kKeepWords> smem_keep;
+    alignas(16) typename KeepPipeline::SharedStorage keep_pipeline;
+    // The draw's Philox round keys (k0, k1 of each of 10 rounds) and folded offset, made once
+    // per CTA from the seed tensor (csrc/bwd_dropout.cuh).
+    alignas(16) cute::array_aligned<uint32_t, 24> keep_keys;
+  };
+  using SharedStorage = std::conditional_t<kDropout, DropoutSharedStorage, StorageBeforeDropout>;
 
   struct Arguments : Base::Arguments {
     float scale;
     BwdBiasArgs bias;
+    BwdDropoutArgs dropout;
   };
 
   struct Params : Base::Params {
     BwdBiasArgs bias;
+    BwdDropoutArgs dropout;
   };
 
   template <class ProblemShape>
   static Params to_underlying_arguments(ProblemShape const& problem_size, Arguments const& args, void* workspace) {
-    Params params{Base::to_underlying_arguments(problem_size, args, workspace), args.bias};
+    Params params{Base::to_underlying_arguments(problem_size, args, workspace), args.bias, args.dropout};
     params.scale_softmax = args.scale;
     params.scale_softmax_log2 = args.scale * static_cast<float>(M_LOG2E);
     params.bias.inv_scale = 1.f / args.scale;
@@ -390,7 +434,7 @@ struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialize
                               PipelineState& smem_pipe_read_inner, MainloopPipelineQ& pipeline_outer,
                               PipelineStateQ& smem_pipe_read_outer, MainloopPipelineReducer& pipeline_reducer,
                               PipelineStateReducer& smem_pipe_write_reducer, SharedStorage& storage,
-                              MathWgOrderBarrier& math_wg_order_barrier) {
+                              MathWgOrderBarrier& math_wg_order_barrier, KeepState* keep_state = nullptr) {
     TiledMmaND tiled_mma_nd;
     Tensor acc_DV = partition_fragment_C(tiled_mma_nd, take<0, 2>(TileShapeND{}));
     Tensor acc_DK = partition_fragment_C(tiled_mma_nd, take<0, 2>(TileShapeND{}));
@@ -564,6 +608,24 @@ struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialize
       for (int i = 0; i < size(reg_LSE); i++) reg_LSE(i) = tSsLSE(_, _, _, smem_pipe_read_q.index())(i);
       Tensor reg_ODO = make_fragment_like<ElementAccumulator>(acc_S);
 
+      // This thread's keep bits of the tile (bit i: score i), drawn by the spare load warps.
+      uint32_t keep = 0;
+      if constexpr (kDropout) {
+        static_assert(decltype(size(acc_S))::value == 32, "one keep word per thread and tile");
+        // The ring's barriers directly, not through the pipeline object: its consumer_release
+        // arrives cluster-wide (a block id in a register), and its pointers stay live across
+        // the loop (ptxas, the no-mask instance at the example's register split: 64 bytes of
+        // spills with them, 56 without).
+        int stage = keep_state->index();
+        storage.keep_pipeline.full_barrier_[stage].wait(keep_state->phase());
+        uint32_t at = cute::cast_smem_ptr_to_uint(storage.smem_keep.data() + stage * kKeepWords +
+                                                  wg_idx * cutlass::NumThreadsPerWarpGroup + thread_idx);
+        // volatile: the load stays ahead of the release below, which lets the stage be redrawn.
+        asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(keep) : "r"(at));
+        storage.keep_pipeline.empty_barrier_[stage].arrive();
+        ++*keep_state;
+      }
+
       warpgroup_wait<1>();
       warpgroup_fence_operand(acc_S);
 
@@ -629,13 +691,23 @@ struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialize
       Element acc_DB[kBiasGrad ? 2 * kBiasPairs : 1];
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < size(acc_DS); i++) {
+        // Dropout: out = (P ∘ keep / (1-p)) V, so dV sums (P ∘ keep / (1-p))ᵀ dO and dS = P ∘
+        // (keep ∘ dP / (1-p) - delta) = P' ∘ (keep ∘ dP - delta') with P' = P / (1-p) and
+        // delta' = delta (1-p). The caller folds both into the rows' lse and delta
+        // (FlashCutlassBwdParams), so a score costs two selects more than without dropout, which
+        // measured free. (Applied here, 1 / (1-p) cost a multiply a score, which measured the
+        // same; applied to dV once after the loop, ptxas serialised the dV wgmmas, C7515: an
+        // accumulator written outside them.)
+        float dp = acc_DP(i);
+        if constexpr (kDropout && !FLASH_CUTLASS_BWD_DROPOUT_PROBE_NO_APPLY) dp = (keep >> i) & 1u ? dp : 0.f;
         if constexpr (kBiasGrad) {
-          float ds = acc_P(i) * (acc_DP(i) - reg_ODO(i));
+          float ds = acc_P(i) * (dp - reg_ODO(i));
           acc_DB[i] = Element(ds);
           acc_DS(i) = Element(ds * params.scale_softmax);
         } else {
-          acc_DS(i) = Element(acc_P(i) * params.scale_softmax * (acc_DP(i) - reg_ODO(i)));
+          acc_DS(i) = Element(acc_P(i) * params.scale_softmax * (dp - reg_ODO(i)));
         }
+        if constexpr (kDropout && !FLASH_CUTLASS_BWD_DROPOUT_PROBE_NO_APPLY) acc_P(i) = (keep >> i) & 1u ? acc_P(i) : 0.f;
       }
 
       // dV += P dO (P from registers)
@@ -799,17 +871,23 @@ struct BwdMainloop : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialize
   }
 };
 
+// The dropout instances' kernel (csrc/bwd_dropout.cuh, included by their units only, so a change
+// there does not re-key the library without dropout).
+template <class Mainloop, class Epilogue, class TileScheduler>
+struct BwdDropoutKernel;
+
 // Tile (queries, keys, head dim): the example's backward choices.
 template <int kHeadDim>
 using BwdTileFor = Shape<_64, _128, Int<kHeadDim>>;
 
-template <int kDtype, int kHeadDim, int kMask, int kBias>
+template <int kDtype, int kHeadDim, int kMask, int kBias, bool kDropout>
 int run_bwd(FlashCutlassBwdParams const& p, char* err, int err_len) {
   using Element = ElementFor<kDtype>;
-  using Mainloop = BwdMainloop<Element, BwdTileFor<kHeadDim>, BwdMaskFor<kMask>, kBias>;
+  using Mainloop = BwdMainloop<Element, BwdTileFor<kHeadDim>, BwdMaskFor<kMask>, kBias, kDropout>;
   using Epilogue = cutlass::fmha::collective::FmhaBwdEpilogueKV<Element, float, typename Mainloop::TileShapePV>;
-  using Kernel = cutlass::fmha::kernel::FmhaKernelTmaWarpSpecialized<
-      Mainloop, Epilogue, cutlass::fmha::kernel::TileSchedulerBwdAdapter<cutlass::fmha::kernel::IndividualTileScheduler>>;
+  using Scheduler = cutlass::fmha::kernel::TileSchedulerBwdAdapter<cutlass::fmha::kernel::IndividualTileScheduler>;
+  using Kernel = std::conditional_t<kDropout, BwdDropoutKernel<Mainloop, Epilogue, Scheduler>,
+                                    cutlass::fmha::kernel::FmhaKernelTmaWarpSpecialized<Mainloop, Epilogue, Scheduler>>;
   using Operation = cutlass::device::Universal<Kernel>;
   using Stride4 = cute::tuple<int, int, int, _1>;  // batch, head, row, head_dim
   static_assert(Kernel::SharedStorageSize <= 227 * 1024, "more shared memory than an sm_90 block has");
@@ -856,6 +934,23 @@ int run_bwd(FlashCutlassBwdParams const& p, char* err, int err_len) {
     mainloop.bias.grad_stride_q = p.dbias_stride[2];
   }
 
+  if constexpr (kDropout) {
+    // The threshold is the forward's round(p * 2^16), from the caller (Python's rounding).
+    if (p.seed == nullptr || !(p.dropout_p > 0.f && p.dropout_p < 1.f) || p.drop_threshold == 0 ||
+        p.drop_threshold > 65535u || p.groups < 1 || p.rows_per_head < 1) {
+      snprintf(err, err_len, "dropout: needs the seed tensor, 0 < dropout_p < 1 (got %g), a threshold in "
+               "[1, 65535] (got %u), groups >= 1 and rows_per_head >= 1", double(p.dropout_p), p.drop_threshold);
+      return 2;
+    }
+    // 1 / (1-p) is not here: the caller folds it into lse and delta (flash_cutlass_bwd.h).
+    mainloop.dropout = BwdDropoutArgs{p.seed, p.drop_threshold, p.drop_threshold << 16, p.heads * p.groups,
+                                      p.groups, p.rows_per_head};
+  } else if (p.dropout_p != 0.f) {
+    snprintf(err, err_len, "dropout_p=%g: this instance has no dropout (libflash_cutlass_bwd_dropout.so has)",
+             double(p.dropout_p));
+    return 2;
+  }
+
   cutlass::KernelHardwareInfo hw_info;
   hw_info.sm_count = p.sm_count;
   typename Operation::Arguments args{
@@ -899,5 +994,5 @@ int run_bwd(FlashCutlassBwdParams const& p, char* err, int err_len) {
 
 }  // namespace flash_cutlass
 
-#define FLASH_CUTLASS_BWD_INSTANCE(DTYPE, HEAD_DIM, MASK, BIAS) \
-  template int flash_cutlass::run_bwd<DTYPE, HEAD_DIM, MASK, BIAS>(FlashCutlassBwdParams const&, char*, int);
+#define FLASH_CUTLASS_BWD_INSTANCE(DTYPE, HEAD_DIM, MASK, BIAS, DROPOUT) \
+  template int flash_cutlass::run_bwd<DTYPE, HEAD_DIM, MASK, BIAS, DROPOUT>(FlashCutlassBwdParams const&, char*, int);

@@ -70,44 +70,6 @@ int flash_cutlass_fwd(int32_t dtype, int32_t mask, const FlashCutlassFwdParams* 
 // no instance takes the call.
 int flash_cutlass_bias_read(int32_t dtype, int32_t mask, const FlashCutlassFwdParams* params);
 
-// The backward (libflash_cutlass_bwd.so, csrc/bwd_kernel.cuh). Grouped KV heads come folded into
-// the rows as in the forward (heads = KV heads, len_q = groups * query length, mask
-// CAUSAL_FOLDED under causal). delta and the zeroed dQ accumulator come from the caller.
-typedef struct {
-  const void* q;     // [batch, heads, len_q, head_dim], last dim contiguous
-  const void* k;     // [batch, heads, len_k, head_dim]
-  const void* v;     // [batch, heads, len_k, head_dim]
-  const void* dout;  // [batch, heads, len_q, head_dim]
-  const float* lse;    // [batch, heads, len_q], contiguous: the forward's lse times log2(e), +inf where it is -inf
-  const float* delta;  // [batch, heads, len_q], contiguous: rowsum(dout * out) - dlse
-  float* dq_acc;       // [batch, heads, len_q, head_dim], contiguous, zeroed: dQ is added in
-  void* dk;            // [batch, heads, len_k, head_dim]
-  void* dv;            // [batch, heads, len_k, head_dim]
-  int32_t batch, heads, len_q, len_k, head_dim;
-  // Element strides of batch, head and row (the head_dim stride is 1).
-  int64_t q_stride[3], k_stride[3], v_stride[3], dout_stride[3], dk_stride[3], dv_stride[3];
-  float scale;
-  int32_t sm_count;
-  void* stream;  // cudaStream_t
-  // The forward's additive bias (no gradient), as FlashCutlassFwdParams reads it: NULL for none,
-  // else [batch, query heads, rows_per_head, len_k] in q's dtype through element strides of
-  // batch, query head and query row (0 on broadcast dims), key stride 1; grouped KV heads
-  // folded as there (row r of KV head h: query head h * groups + r / rows_per_head).
-  const void* bias;
-  int64_t bias_stride[3];
-  int32_t groups;
-  int32_t rows_per_head;
-  // The bias gradient: NULL for none, else [batch, query heads, rows_per_head, len_k] in q's dtype
-  // through element strides of batch, query head and query row (key stride 1; address and strides
-  // 16-byte aligned), written with dS (unscaled) for every score, zeros where a causal mask skips
-  // a tile; the caller reduces broadcast dims. Needs `bias`.
-  void* dbias;
-  int64_t dbias_stride[3];
-} FlashCutlassBwdParams;
-
-// 0 on success; otherwise a message in `err`, as flash_cutlass_fwd.
-int flash_cutlass_bwd(int32_t dtype, int32_t mask, const FlashCutlassBwdParams* params, char* err, int32_t err_len);
-
 // The instances this library was built with, one "dtype/head_dim/mask[/bias[_tma]]" per line.
 const char* flash_cutlass_instances(void);
 

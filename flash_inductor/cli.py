@@ -33,11 +33,12 @@ def _info(args) -> int:
         print(f"CUDA: not available ({why}); attention runs on the CPU: PyTorch's fused CPU kernel "
               "(aten_cpu) where it accepts the input, else the PyTorch reference")
         device = "cpu"
-    from .cutlass_build import AMPERE, HOPPER_BWD, HOPPER_DROPOUT, status
+    from .cutlass_build import AMPERE, HOPPER_BWD, HOPPER_BWD_DROPOUT, HOPPER_DROPOUT, status
 
     print(f"CUTLASS kernels: {status()}")
     print(f"CUTLASS dropout forward kernels: {status(HOPPER_DROPOUT)}")
     print(f"CUTLASS backward kernels: {status(HOPPER_BWD)}")
+    print(f"CUTLASS dropout backward kernels: {status(HOPPER_BWD_DROPOUT)}")
     print(f"CUTLASS sm_80 kernels: {status(AMPERE)}")
     forced = dispatch.forced_kernel()
     print(f"kernel setting ({dispatch.ENV_VAR}): {forced or 'automatic'}")

@@ -65,10 +65,12 @@ AMPERE_SOURCES = ("flash_cutlass.h", "flash_cutlass_sm80.h", "sm80_common.cuh", 
                   "aten_shim/flash_cutlass_check.h", "aten_shim/ATen/cuda/CUDAGeneratorImpl.h",
                   "aten_shim/ATen/cuda/CUDAGraphsUtils.cuh", "aten_shim/ATen/cuda/CUDAContext.h",
                   "aten_shim/c10/cuda/CUDAGuard.h")
-BWD_SOURCES = ("flash_cutlass.h", "launch.cuh", "element_bits.cuh", "bwd_kernel.cuh")
+BWD_SOURCES = ("flash_cutlass.h", "flash_cutlass_bwd.h", "launch.cuh", "element_bits.cuh", "bwd_kernel.cuh")
+BWD_DROPOUT_SOURCES = BWD_SOURCES + ("bwd_dropout.cuh", "dropout_philox.h")
 LIB_NAME = "libflash_cutlass.so"
 DROPOUT_LIB_NAME = "libflash_cutlass_dropout.so"
 BWD_LIB_NAME = "libflash_cutlass_bwd.so"
+BWD_DROPOUT_LIB_NAME = "libflash_cutlass_bwd_dropout.so"
 AMPERE_LIB_NAME = "libflash_cutlass_sm80.so"
 # No -lcuda: CUTLASS reaches the driver (TMA descriptors) through cudaGetDriverEntryPoint, so the
 # library links only the CUDA runtime (statically, nvcc's default) and loads without a driver stub.
@@ -149,6 +151,7 @@ class BwdInstance:
     mask: str  # a key of MASKS
     bias: bool = False  # the forward's additive bias, read per score
     bias_grad: bool = False  # and its gradient (dS) written per score
+    dropout: bool = False  # the forward's keep bits redrawn (the HOPPER_BWD_DROPOUT family)
 
     @property
     def bias_code(self) -> int:
@@ -161,23 +164,30 @@ class BwdInstance:
 
     @property
     def stem(self) -> str:
-        return f"bwd_{self.dtype}_d{self.head_dim}_{self.mask}" + (f"_{self._suffix}" if self.bias else "")
+        return (f"bwd_{self.dtype}_d{self.head_dim}_{self.mask}" + (f"_{self._suffix}" if self.bias else "")
+                + ("_dropout" if self.dropout else ""))
 
     @property
     def label(self) -> str:
-        return f"{self.dtype}/{self.head_dim}/{self.mask}" + (f"/{self._suffix}" if self.bias else "")
+        return (f"{self.dtype}/{self.head_dim}/{self.mask}" + (f"/{self._suffix}" if self.bias else "")
+                + ("/dropout" if self.dropout else ""))
 
     @property
     def template_args(self) -> str:
-        return f"{DTYPES[self.dtype]}, {self.head_dim}, {MASKS[self.mask]}, {self.bias_code}"
+        return (f"{DTYPES[self.dtype]}, {self.head_dim}, {MASKS[self.mask]}, {self.bias_code}, "
+                f"{'true' if self.dropout else 'false'}")
 
     def source(self) -> str:
-        return f'#include "bwd_kernel.cuh"\nFLASH_CUTLASS_BWD_INSTANCE({self.template_args})\n'
+        header = "bwd_dropout.cuh" if self.dropout else "bwd_kernel.cuh"
+        return f'#include "{header}"\nFLASH_CUTLASS_BWD_INSTANCE({self.template_args})\n'
 
 
 BWD_INSTANCES = tuple(BwdInstance(d, h, m, b, g)
                       for d, h, m, (b, g) in itertools.product(DTYPES, BWD_HEAD_DIMS, MASKS,
                                                                ((False, False), (True, False), (True, True))))
+# The same set with dropout, a library of its own (built on the first backward with dropout), so
+# that neither build passes 3 minutes on 16 cores.
+BWD_DROPOUT_INSTANCES = tuple(dataclasses.replace(i, dropout=True) for i in BWD_INSTANCES)
 
 # Head-dim buckets of the Ampere family: an input runs the smallest bucket >= its head dim
 # (64 and 128 keep the output in registers; 256 is the kernels' generic head-dim path).
@@ -256,21 +266,22 @@ def bwd_api_source(instances=BWD_INSTANCES) -> str:
     """The backward library's C entry point: a switch over its instances."""
     cases = "\n".join(
         f"  if (dtype == {DTYPES[i.dtype]} && p->head_dim == {i.head_dim} && mask == {MASKS[i.mask]} && "
-        f"bias == {i.bias_code})\n"
+        f"bias == {i.bias_code} && dropout == {'true' if i.dropout else 'false'})\n"
         f"    return flash_cutlass::run_bwd<{i.template_args}>(*p, err, err_len);"
         for i in instances)
     listing = "\\n".join(i.label for i in instances)
     return f"""#include <cstdio>
-#include "flash_cutlass.h"
+#include "flash_cutlass_bwd.h"
 namespace flash_cutlass {{
-template <int kDtype, int kHeadDim, int kMask, int kBias>
+template <int kDtype, int kHeadDim, int kMask, int kBias, bool kDropout>
 int run_bwd(FlashCutlassBwdParams const& p, char* err, int err_len);
 }}
 extern "C" int flash_cutlass_bwd(int32_t dtype, int32_t mask, const FlashCutlassBwdParams* p, char* err, int32_t err_len) {{
   int bias = p->bias == nullptr ? 0 : p->dbias == nullptr ? 1 : 2;
+  bool dropout = p->dropout_p > 0.f;
 {cases}
-  snprintf(err, err_len, "no CUTLASS backward for dtype=%d head_dim=%d mask=%d bias=%d (1 read, 2 with its gradient)",
-           dtype, p->head_dim, mask, bias);
+  snprintf(err, err_len, "no CUTLASS backward for dtype=%d head_dim=%d mask=%d bias=%d (1 read, 2 with its gradient) "
+           "dropout=%d in this library", dtype, p->head_dim, mask, bias, int(dropout));
   return 1;
 }}
 extern "C" const char* flash_cutlass_bwd_instances(void) {{ return "{listing}"; }}
@@ -358,12 +369,14 @@ HOPPER_DROPOUT = Family("hopper_dropout", DROPOUT_LIB_NAME, SOURCES, "examples/8
                         ("-gencode=arch=compute_90a,code=sm_90a",), DROPOUT_INSTANCES, api_source)
 HOPPER_BWD = Family("hopper_bwd", BWD_LIB_NAME, BWD_SOURCES, "examples/88_hopper_fmha",
                     ("-gencode=arch=compute_90a,code=sm_90a",), BWD_INSTANCES, bwd_api_source)
+HOPPER_BWD_DROPOUT = Family("hopper_bwd_dropout", BWD_DROPOUT_LIB_NAME, BWD_DROPOUT_SOURCES, "examples/88_hopper_fmha",
+                            ("-gencode=arch=compute_90a,code=sm_90a",), BWD_DROPOUT_INSTANCES, bwd_api_source)
 # sm_80 code: SASS for A100-class GPUs and for Hopper (compiled from the same compute_80 PTX),
 # and the PTX itself for any later GPU's driver to compile.
 AMPERE = Family("ampere", AMPERE_LIB_NAME, AMPERE_SOURCES, "examples/41_fused_multi_head_attention",
                 ("-gencode=arch=compute_80,code=[sm_80,sm_90,compute_80]",), AMPERE_INSTANCES, ampere_api_source,
                 needs_curand=True)
-FAMILIES = {f.name: f for f in (HOPPER, HOPPER_DROPOUT, HOPPER_BWD, AMPERE)}
+FAMILIES = {f.name: f for f in (HOPPER, HOPPER_DROPOUT, HOPPER_BWD, HOPPER_BWD_DROPOUT, AMPERE)}
 
 
 # ---- the toolchain ------------------------------------------------------------------------------
@@ -382,6 +395,7 @@ def cutlass_source_dir(family: Family = HOPPER) -> pathlib.Path:
         root = pathlib.Path(list(spec.submodule_search_locations)[0]) / "source"
     example_file = {"hopper": "collective/fmha_fusion.hpp", "hopper_dropout": "collective/fmha_fusion.hpp",
                     "hopper_bwd": "collective/fmha_collective_bwd_tma_warpspecialized.hpp",
+                    "hopper_bwd_dropout": "collective/fmha_collective_bwd_tma_warpspecialized.hpp",
                     "ampere": "kernel_backward.h"}[family.name]
     for need in ("include/cute/tensor.hpp", f"{family.example}/{example_file}"):
         if not (root / need).is_file():
@@ -598,6 +612,7 @@ def status(family: Family = HOPPER) -> str:
     where = {"hopper": "on an sm_90 GPU (H100/H200)",
              "hopper_dropout": "by the first forward with dropout on an sm_90 GPU",
              "hopper_bwd": "by the first backward on an sm_90 GPU",
+             "hopper_bwd_dropout": "by the first backward with dropout on an sm_90 GPU",
              "ampere": "when an input is forced to it (FLASH_INDUCTOR_KERNEL=cutlass_sm80)"}[family.name]
     return (f"not built yet: builds on first use {where}, or ahead of time with "
             f"`flash-inductor build --family {family.name}` (into {p.directory})")
@@ -612,7 +627,8 @@ def main(argv=None) -> int:
     ap.add_argument("-j", "--jobs", type=int, help="parallel compile jobs (ninja's default: cores + 2)")
     ap.add_argument("--family", choices=[*FAMILIES, "all"], action="append",
                     help="hopper: the sm_90a forward; hopper_bwd: the sm_90a backward (by default both); "
-                         "hopper_dropout: the sm_90a forward with dropout (training with dropout); "
+                         "hopper_dropout, hopper_bwd_dropout: the sm_90a forward and backward with dropout (training "
+                         "with dropout); "
                          "ampere: the sm_80 forward and backward (A100-class GPUs; runs on Hopper too); "
                          "all: every family. May be repeated.")
     ap.add_argument("--print-plan", action="store_true", help="print the toolchain, flags and cache directory; build nothing")

@@ -6,11 +6,11 @@ models pass; bottom-right causal and grouped KV heads (folded into rows) on a fe
 the bias instances on every bias layout the glue handles (per head, full, strided keys, odd
 rows, broadcast, fully masked rows), each read the way the kernel picks for it (by TMA or in
 the softmax). The backward is the CUTLASS backward (csrc/bwd_kernel.cuh) where it takes the
-input (head dim 128, a bias with or without its gradient), else the Triton backward fed the CUTLASS forward's out and
-lse; each case asserts which one ran, and the gradients check both against float64. Dropout
-(the dropout library's forward) is held bit for bit to the Triton kernels' keep mask, and its
-values and Triton backward's gradients to float64 with that mask. Outputs are poisoned (NaN)
-before each run.
+input (head dim 128, a bias with or without its gradient, dropout), else the Triton backward fed
+the CUTLASS forward's out and lse; each case asserts which one ran, and the gradients check both
+against float64. Dropout (the dropout libraries' forward and backward) is held bit for bit to the
+Triton kernels' keep mask, and its values and gradients to float64 with that mask. Outputs are
+poisoned (NaN) before each run.
 """
 
 from __future__ import annotations
@@ -217,9 +217,10 @@ def test_cutlass_backward_with_the_forwards_bias(cutlass, poisoned, dtype, causa
         assert err < 2e-2, f"{name}: {err:.3g}"
 
 
-# Dropout (the dropout library's instances): (dtype, head dim, causal, shape, bias kind or None, p).
+# Dropout (the dropout libraries' instances): (dtype, head dim, causal, shape, bias kind or None, p).
 # The CUTLASS forward draws the Triton kernels' keep bits, held bit for bit to tests/philox_mask.py
-# (itself held to the Triton kernel on CPU); its backward is Triton's, from the same seed.
+# (itself held to the Triton kernel on CPU); the backward (CUTLASS at head dim 128, Triton at
+# 256) redraws them from the same seed. A "_nograd" bias is the forward's only (no dbias).
 DROPOUT_CASES = [
     (torch.bfloat16, 128, False, (2, 3, 3, 256, 256, "bhnd"), None, 0.1),
     (torch.float16, 128, "top_left", (1, 2, 2, 136, 200, "bnhd"), None, 0.3),
@@ -230,6 +231,7 @@ DROPOUT_CASES = [
     (torch.bfloat16, 128, "top_left", (2, 8, 2, 384, 384, "bhnd"), None, 0.1),  # folded causal
     (torch.bfloat16, 128, "top_left", (1, 4, 4, 256, 256, "bnhd"), "t5", 0.1),  # bias by TMA
     (torch.bfloat16, 128, False, (2, 8, 2, 256, 136, "bhnd"), "head", 0.25),  # TMA bias, grouped
+    (torch.float16, 128, "top_left", (2, 3, 3, 200, 264, "bhnd"), "full_nograd", 0.15),  # trimmed keys
 ]
 
 
@@ -243,7 +245,8 @@ def test_dropout_forward_draws_the_triton_mask_and_the_backward_regenerates_it(c
                                                                                 shape, kind, p):
     """The keep bits, read off runs with v = a block of the identity (out[i, c] = P[i, j] keep / (1 - p)
     for the block's key j = c + block start), against the Philox reference bit for bit; then out,
-    lse and the Triton backward's gradients against float64 attention with that mask."""
+    lse and the backward's gradients (the CUTLASS backward's own redraw at head dim 128) against
+    float64 attention with that mask."""
     from philox_mask import keep_mask
     from test_triton_kernels import _dense64, _masked_scores64, _rel
 
@@ -251,11 +254,12 @@ def test_dropout_forward_draws_the_triton_mask_and_the_backward_regenerates_it(c
     gen = torch.Generator().manual_seed(zlib.crc32(repr((dtype, d, causal, shape, kind, p)).encode()))
     q = _randn((b, hq, nq, d), dtype, gen, layout).cuda()
     k, v = (_randn((b, hkv, nk, d), dtype, gen, layout).cuda() for _ in range(2))
-    bias = _make_bias(kind, b, hq, nq, nk, dtype, gen).cuda() if kind else None
+    bias_grad = bool(kind) and not kind.endswith("_nograd")
+    bias = _make_bias(kind.removesuffix("_nograd"), b, hq, nq, nk, dtype, gen).cuda() if kind else None
     seed = _drop_seed(gen)
     inp = validate(q, k, v, bias, causal=causal, dropout_p=p)
     assert not cutlass.not_supported_reasons(inp), cutlass.not_supported_reasons(inp)
-    assert cutlass.backward_kernel(inp) == "triton", "the CUTLASS backward has no dropout"
+    assert cutlass.backward_kernel(inp) == ("cutlass" if d == 128 else "triton"), cutlass.backward_reasons(inp)
     if kind:
         assert cutlass.bias_read(inp) == ("tma" if d == 128 else "softmax")
     want = keep_mask(seed, b, hq, nq, nk, p)
@@ -280,10 +284,11 @@ def test_dropout_forward_draws_the_triton_mask_and_the_backward_regenerates_it(c
     assert torch.equal(finite, torch.isfinite(lse))
     torch.testing.assert_close(lse.double()[finite], lse64.detach()[finite], rtol=0, atol=2e-3)
     dout = _randn(out.shape, dtype, gen).cuda()
-    grads = poisoned(cutlass.backward, inp, seed, out, lse, dout, None, bias is not None)
+    grads = poisoned(cutlass.backward, inp, seed, out, lse, dout, None, bias_grad)
+    assert (grads[3] is not None) == bias_grad
     out64.backward(dout.double())
     bound = {torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
-    refs = (out64.detach(), *(t.grad for t in leaves), b64.grad if b64 is not None else None)
+    refs = (out64.detach(), *(t.grad for t in leaves), b64.grad if bias_grad else None)
     for name, got, ref in zip(("out", "dq", "dk", "dv", "dbias"), (out, *grads), refs):
         if ref is None:
             continue
@@ -292,8 +297,8 @@ def test_dropout_forward_draws_the_triton_mask_and_the_backward_regenerates_it(c
 
 
 def test_compiled_training_with_dropout_keeps_one_mask_for_both_passes(cutlass):
-    """Under torch.compile the CUTLASS forward with dropout is one opaque op and its backward is
-    Triton's in the graph, fed the forward's seed: the gradients are those of the forward's mask."""
+    """Under torch.compile the CUTLASS forward and backward with dropout are opaque ops, the backward
+    fed the forward's seed: the gradients are those of the forward's mask."""
     import flash_inductor  # noqa: F401  (registers the op)
     from philox_mask import keep_mask
     from test_triton_kernels import _dense64

@@ -4,11 +4,13 @@ One real compile of the entry point and one instance where nvcc and the headers 
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import pathlib
 import shutil
 import stat
 import subprocess
+import tempfile
 
 import pytest
 import torch
@@ -21,6 +23,56 @@ try:
     cb.cutlass_source_dir()
 except cb.BuildError:
     HAVE_HEADERS = False
+
+
+# ---- real nvcc runs, as many at once as the machine has cores ---------------------------------
+# A compile test's units are one job (its sources and nvcc commands, `_COMPILE_JOBS` builds it
+# from the test's parameters). The first compile test to run submits the jobs of every compile
+# test this session collected to a pool as wide as the machine, then waits for its own: one at a
+# time on CI's 2 cores they took about half of CI's time (session 24).
+_NVCC_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_NVCC_FUTURES: dict[str, concurrent.futures.Future] = {}
+
+
+def _run_nvcc_job(units: dict[str, str], commands: list[list[str]]):
+    """[(return code, stderr)] of `commands` run in a fresh directory holding `units` (stopping at
+    the first failure), and the size of unit.o (0 if none)."""
+    work = pathlib.Path(tempfile.mkdtemp(prefix="flash_inductor_nvcc_"))
+    try:
+        for name, text in units.items():
+            (work / name).write_text(text)
+        results = []
+        for cmd in commands:
+            res = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
+            results.append((res.returncode, res.stderr))
+            if res.returncode:
+                break
+        unit_o = work / "unit.o"
+        return results, unit_o.stat().st_size if unit_o.is_file() else 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _compiled(request):
+    """This compile test's job's result, submitting every collected compile test's job first."""
+    global _NVCC_POOL
+    if _NVCC_POOL is None:
+        _NVCC_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1))
+        for item in request.session.items:
+            job = _COMPILE_JOBS.get(getattr(item, "originalname", item.name))
+            if job is None or any(m.args and m.args[0] for m in item.iter_markers("skipif")):
+                continue
+            try:
+                spec = job(**getattr(item, "callspec", None).params) if hasattr(item, "callspec") else job()
+            except cb.BuildError:
+                continue
+            _NVCC_FUTURES[item.nodeid] = _NVCC_POOL.submit(_run_nvcc_job, *spec)
+    node = request.node
+    if node.nodeid not in _NVCC_FUTURES:
+        job = _COMPILE_JOBS[node.originalname]
+        spec = job(**node.callspec.params) if hasattr(node, "callspec") else job()
+        _NVCC_FUTURES[node.nodeid] = _NVCC_POOL.submit(_run_nvcc_job, *spec)
+    return _NVCC_FUTURES.pop(node.nodeid).result()
 
 
 def test_instances_cover_every_dtype_head_dim_mask_and_bias_read_once():
@@ -201,20 +253,23 @@ def test_build_command_reports_a_missing_toolchain(monkeypatch, tmp_path, capsys
     (["-DFLASH_CUTLASS_TMA_BIAS_OVERLAP=1", "-DFLASH_CUTLASS_OVERLAP_NO_BIAS=1"], cb.Instance("bf16", 128, "causal")),
     ([], cb.Instance("fp16", 256, "causal_br", bias=True, dropout=True)),
 ], ids=["default", "overlap", "overlap_no_bias", "dropout_softmax_bias"])
-def test_the_entry_point_and_one_instance_compile_for_sm90a(tmp_path, variant, inst):
+def test_the_entry_point_and_one_instance_compile_for_sm90a(request, variant, inst):
     """A real nvcc run (about a minute on 2 cores each): the generated units and csrc/ are valid
     CUDA C++ against the installed CUTLASS, before any GPU sees them. The default one is the mask
     fusion with the TMA bias mainloop; the "overlap" ones are that mainloop's consumer that no
     default build compiles (benchmarks/cutlass_variants.py times them), with a bias and in its
     no-bias mode; the dropout one wraps example 88's loop with the softmax-read bias."""
+    results, unit_size = _compiled(request)
+    for code, stderr in results:
+        assert code == 0, stderr[-3000:]
+    assert unit_size > 10_000
+
+
+def _fwd_compile_job(variant, inst):
     p = cb.plan(cb.INSTANCES[:0])
-    (tmp_path / "api.cu").write_text(cb.api_source((inst,)))
-    (tmp_path / "unit.cu").write_text(inst.source())
-    for unit in ("api", "unit") if not variant else ("unit",):
-        res = subprocess.run([p.nvcc, *p.flags, *variant, "-c", f"{unit}.cu", "-o", f"{unit}.o"], cwd=tmp_path,
-                             capture_output=True, text=True)
-        assert res.returncode == 0, res.stderr[-3000:]
-    assert pathlib.Path(tmp_path / "unit.o").stat().st_size > 10_000
+    units = {"api.cu": cb.api_source((inst,)), "unit.cu": inst.source()}
+    return units, [[p.nvcc, *p.flags, *variant, "-c", f"{u}.cu", "-o", f"{u}.o"]
+                   for u in (("api", "unit") if not variant else ("unit",))]
 
 
 def test_cutlass_refusals_are_sentences_a_user_can_act_on(monkeypatch):
@@ -313,26 +368,30 @@ def test_backward_instances_cover_every_dtype_head_dim_mask_and_bias_once():
     inst = cb.BwdInstance("bf16", 128, "causal_folded", bias=True)
     assert inst.stem == "bwd_bf16_d128_causal_folded_bias"
     assert inst.source().splitlines() == [
-        '#include "bwd_kernel.cuh"', "FLASH_CUTLASS_BWD_INSTANCE(FLASH_CUTLASS_BF16, 128, FLASH_CUTLASS_CAUSAL_FOLDED, 1)"]
+        '#include "bwd_kernel.cuh"',
+        "FLASH_CUTLASS_BWD_INSTANCE(FLASH_CUTLASS_BF16, 128, FLASH_CUTLASS_CAUSAL_FOLDED, 1, false)"]
     grad = cb.BwdInstance("fp16", 128, "none", bias=True, bias_grad=True)
     assert (grad.stem, grad.label, grad.bias_code) == ("bwd_fp16_d128_none_bias_grad", "fp16/128/none/bias_grad", 2)
     src = cb.bwd_api_source((inst, cb.BwdInstance("fp16", 128, "none"), grad))
     assert src.count("return flash_cutlass::run_bwd<") == 3
     # The call's bias code: 0 none, 1 the bias read, 2 with its gradient written.
     assert "int bias = p->bias == nullptr ? 0 : p->dbias == nullptr ? 1 : 2;" in src
-    assert ("if (dtype == FLASH_CUTLASS_BF16 && p->head_dim == 128 && mask == FLASH_CUTLASS_CAUSAL_FOLDED && bias == 1)\n"
-            "    return flash_cutlass::run_bwd<FLASH_CUTLASS_BF16, 128, FLASH_CUTLASS_CAUSAL_FOLDED, 1>(*p, err, err_len);"
+    assert ("if (dtype == FLASH_CUTLASS_BF16 && p->head_dim == 128 && mask == FLASH_CUTLASS_CAUSAL_FOLDED && bias == 1 "
+            "&& dropout == false)\n"
+            "    return flash_cutlass::run_bwd<FLASH_CUTLASS_BF16, 128, FLASH_CUTLASS_CAUSAL_FOLDED, 1, false>(*p, err, err_len);"
             ) in src
-    assert "mask == FLASH_CUTLASS_NO_MASK && bias == 0)\n    return flash_cutlass::run_bwd<FLASH_CUTLASS_FP16, 128, FLASH_CUTLASS_NO_MASK, 0>" in src
-    assert "mask == FLASH_CUTLASS_NO_MASK && bias == 2)\n    return flash_cutlass::run_bwd<FLASH_CUTLASS_FP16, 128, FLASH_CUTLASS_NO_MASK, 2>" in src
+    assert ("mask == FLASH_CUTLASS_NO_MASK && bias == 0 && dropout == false)\n"
+            "    return flash_cutlass::run_bwd<FLASH_CUTLASS_FP16, 128, FLASH_CUTLASS_NO_MASK, 0, false>") in src
+    assert ("mask == FLASH_CUTLASS_NO_MASK && bias == 2 && dropout == false)\n"
+            "    return flash_cutlass::run_bwd<FLASH_CUTLASS_FP16, 128, FLASH_CUTLASS_NO_MASK, 2, false>") in src
     assert '"bf16/128/causal_folded/bias\\nfp16/128/none\\nfp16/128/none/bias_grad"' in src
 
 
-def _header_fields(struct_name: str) -> list[str]:
-    """The field names of a `typedef struct {...} NAME;` in csrc/flash_cutlass.h, in order."""
+def _header_fields(struct_name: str, header: str) -> list[str]:
+    """The field names of a `typedef struct {...} NAME;` in csrc/<header>, in order."""
     import re
 
-    text = (cb.CSRC / "flash_cutlass.h").read_text()
+    text = (cb.CSRC / header).read_text()
     body = re.search(r"typedef struct \{((?:(?!typedef struct).)*?)\} " + struct_name + ";", text, re.S).group(1)
     body = re.sub(r"//[^\n]*", "", body)
     names = []
@@ -343,22 +402,44 @@ def _header_fields(struct_name: str) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("mirror,struct_name", [("_Params", "FlashCutlassFwdParams"),
-                                                ("_BwdParams", "FlashCutlassBwdParams")])
-def test_the_ctypes_params_mirror_the_header_field_for_field(mirror, struct_name):
+@pytest.mark.parametrize("mirror,struct_name,header", [("_Params", "FlashCutlassFwdParams", "flash_cutlass.h"),
+                                                       ("_BwdParams", "FlashCutlassBwdParams", "flash_cutlass_bwd.h")])
+def test_the_ctypes_params_mirror_the_header_field_for_field(mirror, struct_name, header):
     """The library's ABI is these structs: a field added on one side only shifts every field after
     it (session 21's backward fields once landed in the forward's mirror too)."""
     fields = [name for name, _ in getattr(cutlass_backend, mirror)._fields_]
-    assert fields == _header_fields(struct_name)
+    assert fields == _header_fields(struct_name, header)
 
 
 def test_the_backward_is_a_library_of_its_own():
     flags = ["-O3"]
-    assert len({cb.cache_key(flags, "r", "v", family=f) for f in (cb.HOPPER, cb.HOPPER_BWD)}) == 2
+    families = (cb.HOPPER, cb.HOPPER_BWD, cb.HOPPER_BWD_DROPOUT)
+    assert len({cb.cache_key(flags, "r", "v", family=f) for f in families}) == 3
     assert cb.HOPPER_BWD.lib_name == cb.BWD_LIB_NAME != cb.HOPPER.lib_name
     assert cb.HOPPER_BWD.gencode == cb.HOPPER.gencode
     for name in cb.HOPPER_BWD.sources:
         assert (cb.CSRC / name).is_file(), name
+    # The backward's ABI has a header of its own: a change to it does not rebuild the forward.
+    assert "flash_cutlass_bwd.h" in cb.HOPPER_BWD.sources and "flash_cutlass_bwd.h" not in cb.HOPPER.sources
+    assert "FlashCutlassBwdParams" not in (cb.CSRC / "flash_cutlass.h").read_text()
+
+
+def test_the_dropout_backward_is_the_backward_with_dropout_compiled_in():
+    """Its own library, built on the first backward with dropout (each build stays under 3
+    minutes on 16 cores); a call reaches a dropout instance exactly when dropout_p > 0."""
+    assert cb.BWD_DROPOUT_INSTANCES == tuple(
+        cb.BwdInstance(i.dtype, i.head_dim, i.mask, i.bias, i.bias_grad, True) for i in cb.BWD_INSTANCES)
+    assert cb.FAMILIES["hopper_bwd_dropout"].instances == cb.BWD_DROPOUT_INSTANCES
+    assert cb.HOPPER_BWD_DROPOUT.lib_name == cb.BWD_DROPOUT_LIB_NAME not in (cb.HOPPER_BWD.lib_name,
+                                                                             cb.HOPPER_DROPOUT.lib_name)
+    inst = cb.BwdInstance("bf16", 128, "causal", bias=True, bias_grad=True, dropout=True)
+    assert (inst.stem, inst.label) == ("bwd_bf16_d128_causal_bias_grad_dropout", "bf16/128/causal/bias_grad/dropout")
+    assert inst.source().splitlines()[1] == (
+        "FLASH_CUTLASS_BWD_INSTANCE(FLASH_CUTLASS_BF16, 128, FLASH_CUTLASS_CAUSAL_TOP_LEFT, 2, true)")
+    src = cb.bwd_api_source(cb.BWD_DROPOUT_INSTANCES)
+    assert "bool dropout = p->dropout_p > 0.f;" in src
+    assert src.count("&& dropout == true)\n    return flash_cutlass::run_bwd<") == len(cb.BWD_DROPOUT_INSTANCES)
+    assert "dropout == false" not in src
 
 
 @pytest.mark.skipif(not HAVE_HEADERS, reason="needs the nvidia-cutlass headers")
@@ -371,44 +452,53 @@ def test_build_command_builds_forward_and_backward_by_default(capsys):
         pytest.skip("needs nvcc")
     assert main(["build", "--print-plan"]) == 0
     families = [line for line in capsys.readouterr().out.splitlines() if line.startswith("family: ")]
-    assert families == ["family: hopper", "family: hopper_bwd"]
+    assert families == ["family: hopper", "family: hopper_bwd"]  # dropout's libraries: on first use
 
 
 @pytest.mark.skipif(not HAVE_HEADERS or shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"),
                     reason="needs nvcc and the nvidia-cutlass headers")
-@pytest.mark.parametrize("variant,bias", [([], False), (["-DFLASH_CUTLASS_BWD_DQ_FIRST=1"], False),
-                                          (["-DFLASH_CUTLASS_BWD_DQ_SPLIT=1"], False), ([], True), ([], "grad"),
-                                          (["-DFLASH_CUTLASS_BWD_BIAS_LDSM=1"], "grad")],
-                         ids=["default", "dq_first", "dq_split", "bias", "bias_grad", "bias_ldsm"])
-def test_the_backward_entry_point_and_one_instance_compile_for_sm90a(tmp_path, variant, bias):
+@pytest.mark.parametrize("variant,bias,dropout", [
+    ([], False, False), (["-DFLASH_CUTLASS_BWD_DQ_FIRST=1"], False, False),
+    (["-DFLASH_CUTLASS_BWD_DQ_SPLIT=1"], False, False), ([], True, True), ([], "grad", False),
+    (["-DFLASH_CUTLASS_BWD_BIAS_LDSM=1"], "grad", False), ([], False, True)],
+    ids=["default", "dq_first", "dq_split", "bias_dropout", "bias_grad", "bias_ldsm", "dropout"])
+def test_the_backward_entry_point_and_one_instance_compile_for_sm90a(request, variant, bias, dropout):
     """A real nvcc run (about a minute on 2 cores each): example 88's backward collective with
     our consumer and a diagonal mask (bottom-right), in bf16, which the example's own consumer
     cannot compile; the two dQ schedules no default build compiles (benchmarks/
     cutlass_bwd_time.py --variant times them), which must fit shared memory (a static_assert);
     and the instances that read the bias (through shared memory) and also write its gradient
     (through the same buffer, zeros where the mask skips a tile), also by ldmatrix / stmatrix
-    (FLASH_CUTLASS_BWD_BIAS_LDSM, off by default). Bias instances may spill (session 22, ptxas,
-    bf16 without a mask: 60 bytes reading the bias, 20 also writing its gradient, as many as the
-    no-bias instance), so only their compile is asserted."""
+    (FLASH_CUTLASS_BWD_BIAS_LDSM, off by default); and dropout's kernel (the keep bits drawn by
+    the load warpgroup's spare warps), with the bias (one keep stage beside the bias tiles: the
+    shared-memory static_assert). Bias instances may spill (session 22, ptxas, bf16 without a
+    mask: 60 bytes reading the bias, 20 also writing its gradient, as many as the no-bias
+    instance), and so may dropout's (its register split differs from the example's), so only
+    their compile is asserted."""
+    results, unit_size = _compiled(request)
+    for code, stderr in results:
+        assert code == 0, stderr[-3000:]
+        assert "C7519" not in stderr, stderr[-3000:]
+        if dropout:  # the dV wgmmas serialised: an accumulator written outside them (session 24)
+            assert "C7515" not in stderr, stderr[-3000:]
+        if not (bias or dropout):
+            assert "spill" not in stderr, stderr[-3000:]
+    assert unit_size > 10_000
+
+
+def _bwd_compile_job(variant, bias, dropout):
     p = cb.plan(cb.BWD_INSTANCES[:0], family=cb.HOPPER_BWD)
-    inst = cb.BwdInstance("bf16", 128, "causal_br", bias=bool(bias), bias_grad=bias == "grad")
-    (tmp_path / "api.cu").write_text(cb.bwd_api_source((inst,)))
-    (tmp_path / "unit.cu").write_text(inst.source())
-    for unit in ("api", "unit") if not (variant or bias) else ("unit",):
-        res = subprocess.run([p.nvcc, *p.flags, *variant, "-Xptxas=-warn-spills", "-c", f"{unit}.cu", "-o", f"{unit}.o"],
-                             cwd=tmp_path, capture_output=True, text=True)
-        assert res.returncode == 0, res.stderr[-3000:]
-        assert "C7519" not in res.stderr, res.stderr[-3000:]
-        if not bias:
-            assert "spill" not in res.stderr, res.stderr[-3000:]
-    assert pathlib.Path(tmp_path / "unit.o").stat().st_size > 10_000
+    inst = cb.BwdInstance("bf16", 128, "causal_br", bias=bool(bias), bias_grad=bias == "grad", dropout=dropout)
+    units = {"api.cu": cb.bwd_api_source((inst,)), "unit.cu": inst.source()}
+    return units, [[p.nvcc, *p.flags, *variant, "-Xptxas=-warn-spills", "-c", f"{u}.cu", "-o", f"{u}.o"]
+                   for u in (("api", "unit") if not (variant or bias or dropout) else ("unit",))]
 
 
 def test_the_cutlass_backward_says_when_triton_runs_it(monkeypatch):
     from flash_inductor.backends.cutlass import CutlassBackend
     from flash_inductor.inputs import validate
 
-    monkeypatch.setattr(cutlass_backend, "_bwd_library", lambda: (object(), None))
+    monkeypatch.setattr(cutlass_backend, "_bwd_library", lambda dropout=False: (object(), None))
     monkeypatch.setattr(cutlass_backend, "UNVALIDATED", set())
     backend = CutlassBackend()
 
@@ -432,14 +522,27 @@ def test_the_cutlass_backward_says_when_triton_runs_it(monkeypatch):
     for b in (bias, learned):
         assert backend.backward_reasons(inp(bias=b)) == [slower] and backend.backward_kernel(inp(bias=b)) == "triton"
     assert backend.backward_kernel(inp()) == "cutlass"
+    # Dropout: its own library, validated by the GPU tests like any feature.
+    assert backend.backward_kernel(inp(dropout_p=0.1)) == "cutlass"
+    monkeypatch.setattr(cutlass_backend, "UNVALIDATED", {"dropout backward"})
+    assert backend.backward_reasons(inp(dropout_p=0.1)) == [
+        "dropout: built into the CUTLASS backward, awaiting its first GPU test run"]
+    assert backend.backward_kernel(inp()) == "cutlass"
+    monkeypatch.setattr(cutlass_backend, "UNVALIDATED", set())
+    # A rate whose 16-bit threshold rounds to 2^16 (every score dropped) is Triton's.
+    assert backend.backward_reasons(inp(dropout_p=1 - 2**-18)) == [
+        f"dropout_p={1 - 2**-18}: the CUTLASS backward takes p < 1 - 2^-17 (its draw compares 16-bit halves "
+        "against a threshold below 2^16)"]
     # The rewrite's report names the backward's kernels where they are not the forward's.
     from flash_inductor import dispatch
 
     assert dispatch.backward_note(inp(d=256), "cutlass") == (
         "backward by triton (head_dim=256: the CUTLASS backward is built for 128 (example 88's backward tiles))")
     assert dispatch.backward_note(inp(), "cutlass") == dispatch.backward_note(inp(), "triton") == ""
-    monkeypatch.setattr(cutlass_backend, "_bwd_library", lambda: (None, "not built: nvcc is missing"))
+    monkeypatch.setattr(cutlass_backend, "_bwd_library", lambda dropout=False: (None, "not built: nvcc is missing"))
     assert backend.backward_reasons(inp()) == ["the CUTLASS backward library is not built: nvcc is missing"]
+    assert backend.backward_reasons(inp(dropout_p=0.1)) == [
+        "the CUTLASS dropout backward library is not built: nvcc is missing"]
     assert backend.backward_reasons(inp(), check_library=False) == []  # the report builds nothing
     monkeypatch.setattr(cutlass_backend, "UNVALIDATED", {"backward", "bias backward"})
     assert backend.backward_reasons(inp(d=256))[0] == "the CUTLASS backward: built, awaiting its first GPU test run"
@@ -502,18 +605,27 @@ def test_missing_curand_headers_say_what_to_install(monkeypatch, tmp_path):
 
 
 @pytest.mark.skipif(not HAVE_HEADERS or not _have_curand(), reason="needs nvcc, the nvidia-cutlass and curand headers")
-def test_the_ampere_entry_point_and_one_backward_compile(tmp_path):
+def test_the_ampere_entry_point_and_one_backward_compile(request):
     """A real nvcc run (about 40 s on 2 cores): example 41 builds against our ATen stand-ins."""
+    results, unit_size = _compiled(request)
+    for code, stderr in results:
+        assert code == 0, stderr[-3000:]
+    assert unit_size > 10_000
+
+
+def _ampere_compile_job():
     p = cb.plan(cb.AMPERE_INSTANCES[:0], family=cb.AMPERE)
     inst = cb.AmpereInstance("bwd", "bf16", 64, dropout=True)  # dropout: the code behind HAS_PYTORCH
-    (tmp_path / "api.cu").write_text(cb.ampere_api_source((inst,)))
-    (tmp_path / "unit.cu").write_text(inst.source())
     flags = [f if "gencode" not in f else "-gencode=arch=compute_80,code=sm_80" for f in p.flags]
-    for unit in ("api", "unit"):
-        res = subprocess.run([p.nvcc, *flags, "-c", f"{unit}.cu", "-o", f"{unit}.o"], cwd=tmp_path,
-                             capture_output=True, text=True)
-        assert res.returncode == 0, res.stderr[-3000:]
-    assert pathlib.Path(tmp_path / "unit.o").stat().st_size > 10_000
+    units = {"api.cu": cb.ampere_api_source((inst,)), "unit.cu": inst.source()}
+    return units, [[p.nvcc, *flags, "-c", f"{u}.cu", "-o", f"{u}.o"] for u in ("api", "unit")]
+
+
+_COMPILE_JOBS = {
+    "test_the_entry_point_and_one_instance_compile_for_sm90a": _fwd_compile_job,
+    "test_the_backward_entry_point_and_one_instance_compile_for_sm90a": _bwd_compile_job,
+    "test_the_ampere_entry_point_and_one_backward_compile": _ampere_compile_job,
+}
 
 
 def test_cutlass_sm80_refusals_are_sentences_a_user_can_act_on(monkeypatch):

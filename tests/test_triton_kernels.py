@@ -621,6 +621,14 @@ def test_preprocess_writes_the_cutlass_backwards_lse(interp):
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
     assert buffer[b * h * n:].isnan().all()
     torch.testing.assert_close(delta.double(), (out.double() * dout.double()).sum(-1), rtol=1e-5, atol=1e-5)
+    # Dropout's 1 / (1-p) folded into both (what the CUTLASS dropout backward takes): lse_log2 -
+    # log2(1 / (1-p)), delta (1-p); -inf rows stay +inf.
+    p = 0.3
+    got.fill_(float("nan"))
+    delta.fill_(float("nan"))
+    interp.preprocess(out, dout, None, delta, torch.empty(0), d, lse=lse, lse_log2=got, keep_scale=1 / (1 - p))
+    torch.testing.assert_close(got.double(), want - math.log2(1 / (1 - p)), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(delta.double(), (out.double() * dout.double()).sum(-1) * (1 - p), rtol=1e-5, atol=1e-5)
 
 
 @interpreted

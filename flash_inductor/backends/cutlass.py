@@ -10,8 +10,8 @@ run by folding each KV head's G query heads into its rows ([B, Hkv, G·Nq, D], a
 contiguous q): exact without a mask; with causal, when Nq = Nk is a multiple of 128 (a 128-row
 block then never straddles two heads, and the mask reads row mod Nk); the bias is read per
 folded row. Dropout (csrc/fwd_dropout.cuh, a library of its own built on the first forward with
-dropout) draws the Triton kernels' Philox keep bits, so the Triton backward, which runs every
-dropout backward, regenerates the mask from the seed alone. Head dim 64 stays with Triton, which
+dropout) draws the Triton kernels' Philox keep bits, so either backward (the CUTLASS one at head
+dim 128, Triton's elsewhere) regenerates the mask from the seed alone. Head dim 64 stays with Triton, which
 measured faster there (H200, N=8192, bf16 forward: Triton 422 / 331 TFLOP/s against this
 kernel's 344 / 288, no mask / causal; benchmarks/RESULTS.md, session 5). So do mask-like biases
 (bool, or one float mask for every head): Triton's mask tiles skip their fully masked tiles,
@@ -20,8 +20,9 @@ which this kernel would compute.
 Its backward (csrc/bwd_kernel.cuh, a library of its own built on the first backward) takes head
 dim 128: every mask, grouped KV heads folded as in the forward, the lse gradient, the
 forward's bias (its tiles through shared memory) and its gradient (dS written per score through
-the same buffer, summed over the bias's broadcast dims in torch as Triton's is); its dK/dV come
-out in k's and v's layout, dQ in q's. A feature that passes its GPU tests but measured slower
+the same buffer, summed over the bias's broadcast dims in torch as Triton's is), and dropout (the
+forward's keep bits redrawn by the kernel's spare load warps; a library of its own, built on the
+first backward with dropout); its dK/dV come out in k's and v's layout, dQ in q's. A feature that passes its GPU tests but measured slower
 than Triton's backward is refused with its figures (`SLOWER_THAN_TRITON`; empty today).
 Elsewhere the Triton backward runs: both need only the forward's
 output and lse (natural log, the same contract), and `backward_reasons` says why Triton runs
@@ -90,7 +91,7 @@ class _Params(ctypes.Structure):
 
 
 class _BwdParams(ctypes.Structure):
-    """Mirror of FlashCutlassBwdParams in csrc/flash_cutlass.h (field for field)."""
+    """Mirror of FlashCutlassBwdParams in csrc/flash_cutlass_bwd.h (field for field)."""
 
     _fields_ = [
         ("q", ctypes.c_void_p), ("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("dout", ctypes.c_void_p),
@@ -104,15 +105,24 @@ class _BwdParams(ctypes.Structure):
         ("bias", ctypes.c_void_p), ("bias_stride", ctypes.c_int64 * 3),
         ("groups", ctypes.c_int32), ("rows_per_head", ctypes.c_int32),
         ("dbias", ctypes.c_void_p), ("dbias_stride", ctypes.c_int64 * 3),
+        ("seed", ctypes.c_void_p), ("dropout_p", ctypes.c_float), ("drop_threshold", ctypes.c_uint32),
     ]
 
 
+def _dropout_threshold(p: float) -> int:
+    from ..kernels import triton_attention
+
+    return triton_attention.dropout_threshold(p)
+
+
 @functools.lru_cache(maxsize=None)
-def _bwd_library():
-    """The backward's library (its own family, built on the first backward that can use it)."""
+def _bwd_library(dropout: bool = False):
+    """The backward's library (its own family, built on the first backward that can use it);
+    dropout's instances are another (built on the first backward with dropout)."""
     from .. import cutlass_build
 
-    lib, why = cutlass_build.load(cutlass_build.HOPPER_BWD, ENV_VAR, log)
+    lib, why = cutlass_build.load(cutlass_build.HOPPER_BWD_DROPOUT if dropout else cutlass_build.HOPPER_BWD,
+                                  ENV_VAR, log)
     if lib is None:
         return None, why
     return declare_bwd(lib), None
@@ -377,9 +387,11 @@ class CutlassBackend(KernelBackend):
         if inp.head_dim not in BWD_HEAD_DIMS:
             reasons.append(f"head_dim={inp.head_dim}: the CUTLASS backward is built for "
                            f"{', '.join(map(str, BWD_HEAD_DIMS))} (example 88's backward tiles)")
-        if inp.dropout_p > 0:
-            reasons.append("dropout: not in the CUTLASS backward yet (Triton's backward regenerates the CUTLASS "
-                           "forward's keep bits: both draw the same Philox mask)")
+        if inp.dropout_p > 0 and "dropout backward" in UNVALIDATED:
+            reasons.append("dropout: built into the CUTLASS backward, awaiting its first GPU test run")
+        if inp.dropout_p > 0 and _dropout_threshold(inp.dropout_p) >= 1 << 16:
+            reasons.append(f"dropout_p={inp.dropout_p}: the CUTLASS backward takes p < 1 - 2^-17 (its draw compares "
+                           "16-bit halves against a threshold below 2^16)")
         if inp.bias is not None:
             if "bias backward" in UNVALIDATED:
                 reasons.append("bias: built into the CUTLASS backward, awaiting its first GPU test run")
@@ -395,9 +407,9 @@ class CutlassBackend(KernelBackend):
         if inp.batch * inp.heads_q * inp.len_q * inp.len_k == 0:
             reasons.append("an empty input (Triton's backward returns its zeros)")
         if not reasons and check_library:
-            _, why = _bwd_library()
+            _, why = _bwd_library(inp.dropout_p > 0)
             if why:
-                reasons.append(f"the CUTLASS backward library is {why}")
+                reasons.append(f"the CUTLASS {'dropout ' if inp.dropout_p > 0 else ''}backward library is {why}")
         return reasons
 
     def backward_kernel(self, inp: AttentionInputs) -> str:
@@ -409,7 +421,12 @@ class CutlassBackend(KernelBackend):
             return TritonBackend().backward(inp, seed, out, lse, dout, dlse, bias_requires_grad)
         from ..kernels import triton_attention
 
-        lib, _ = _bwd_library()
+        p = float(inp.dropout_p)
+        lib, _ = _bwd_library(p > 0)
+        if p > 0:
+            if seed is None or seed.numel() < 2:
+                raise ValueError("dropout needs the forward's seed tensor (two int64 words)")
+            seed = seed.to(device=inp.q.device, dtype=torch.int64).contiguous()
         b, hq, nq, d = inp.q.shape
         hkv, nk = inp.k.shape[1], inp.k.shape[2]
         groups = hq // hkv
@@ -423,7 +440,7 @@ class CutlassBackend(KernelBackend):
             dq_acc = torch.empty(b, hq, nq, d, dtype=torch.float32, device=q.device)
             lse_log2 = torch.empty(b, hq, nq, dtype=torch.float32, device=q.device)
             triton_attention.preprocess(_unit_last(out), _unit_last(dout), dlse, delta, dq_acc, d,
-                                        lse=lse.contiguous(), lse_log2=lse_log2)
+                                        lse=lse.contiguous(), lse_log2=lse_log2, keep_scale=1.0 / (1.0 - p))
             causal = _effective_causal(inp)
             mask = {Causal.NONE: NO_MASK, Causal.TOP_LEFT: FOLDED if groups > 1 else TOP_LEFT,
                     Causal.BOTTOM_RIGHT: BOTTOM_RIGHT}[causal]
@@ -453,6 +470,7 @@ class CutlassBackend(KernelBackend):
                 torch.cuda.current_stream(q.device).cuda_stream,
                 bias.data_ptr() if bias is not None else None, (ctypes.c_int64 * 3)(*bias_strides), groups, nq,
                 ds.data_ptr() if ds is not None else None, _strides(ds) if ds is not None else (ctypes.c_int64 * 3)(),
+                seed.data_ptr() if p > 0 else None, p, triton_attention.dropout_threshold(p) if p > 0 else 0,
             )
             err = ctypes.create_string_buffer(512)
             code = lib.flash_cutlass_bwd(_DTYPE_CODES[q.dtype], mask, ctypes.byref(params), err, len(err))

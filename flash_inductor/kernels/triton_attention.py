@@ -34,6 +34,7 @@ import contextlib
 import contextvars
 import functools
 import inspect
+import math
 import os
 
 import torch
@@ -795,13 +796,16 @@ def _attn_fwd(
 def _attn_bwd_preprocess(
     Out, DOut, DLse, Delta, DQAcc, Lse, LseLog2,
     stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
-    Hq, Nq,
+    Hq, Nq, keep_log2,
     D: tl.constexpr, BLOCK_D: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_DLSE: tl.constexpr, ZERO_DQ: tl.constexpr, LSE_LOG2: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_DLSE: tl.constexpr, ZERO_DQ: tl.constexpr, LSE_LOG2: tl.constexpr, KEEP_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """delta = rowsum(dO ∘ O) - dlse; with ZERO_DQ also zeroes the fused backward's dQ
     accumulator ([B, Hq, Nq, D] float32, contiguous), which saves a memset launch; with LSE_LOG2
-    writes lse · log2(e), +inf where lse is -inf (the CUTLASS backward's form of it)."""
+    writes lse · log2(e), +inf where lse is -inf (the CUTLASS backward's form of it), and with
+    KEEP_SCALE folds dropout's 1 / (1-p) = 2^keep_log2 into both: lse · log2(e) - keep_log2 and
+    delta / 2^keep_log2 (what the CUTLASS dropout backward takes)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
@@ -822,11 +826,15 @@ def _attn_bwd_preprocess(
     if HAS_DLSE:
         # d lse / d s = p, so an incoming dlse enters dS = p ∘ (dP - delta) through delta.
         delta -= tl.load(DLse + row, mask=offs_m < Nq, other=0.0)
+    if KEEP_SCALE:
+        delta = delta * tl.exp2(-keep_log2)
     tl.store(Delta + row, delta, mask=offs_m < Nq)
     if LSE_LOG2:
         lse = tl.load(Lse + row, mask=offs_m < Nq, other=0.0)
-        tl.store(LseLog2 + row, tl.where(lse == float("-inf"), float("inf"), lse * LOG2E),
-                 mask=offs_m < Nq)
+        lse_log2 = lse * LOG2E
+        if KEEP_SCALE:
+            lse_log2 = lse_log2 - keep_log2
+        tl.store(LseLog2 + row, tl.where(lse == float("-inf"), float("inf"), lse_log2), mask=offs_m < Nq)
     if ZERO_DQ:
         offs_d = tl.arange(0, BLOCK_D)
         tl.store(
@@ -1556,22 +1564,26 @@ def _joint_configs(meta: dict, sc: dict, Nk: int, kv_heads: int, device: torch.d
     return (kv.kwargs["BLOCK_M"], kv.kwargs["BLOCK_N"], qd.kwargs["BLOCK_M"], qd.kwargs["BLOCK_N"]), kv.num_warps, kv.num_stages
 
 
-def preprocess(out, dout, dlse, delta, dq_acc, head_dim: int, launch=_direct, lse=None, lse_log2=None):
+def preprocess(out, dout, dlse, delta, dq_acc, head_dim: int, launch=_direct, lse=None, lse_log2=None,
+               keep_scale: float = 1.0):
     """delta = rowsum(dout ∘ out) - dlse into `delta` ([B, H, Nq] float32, contiguous); zeroes
     `dq_acc` ([B, H, Nq, head_dim] float32, contiguous) unless it is empty. out and dout have a
     unit last stride. Also the CUTLASS backward's first step (backends/cutlass.py), which passes
     `lse` and gets `lse_log2` = lse · log2(e), +inf where lse is -inf (both [B, H, Nq] float32,
-    contiguous): what its consumer subtracts, computed once per row instead of once per tile."""
+    contiguous): what its consumer subtracts, computed once per row instead of once per tile.
+    There, dropout's `keep_scale` 1 / (1-p) is folded in: lse_log2 - log2(keep_scale) and
+    delta / keep_scale (csrc/flash_cutlass_bwd.h)."""
     B, H, Nq, DV = out.shape
+    keep_log2 = math.log2(keep_scale)
     launch(_attn_bwd_preprocess)[(triton.cdiv(Nq, _PREPROCESS_BLOCK_M), B * H)](
         out, dout, dlse.contiguous() if dlse is not None else delta, delta, dq_acc,
         lse if lse is not None else delta, lse_log2 if lse_log2 is not None else delta,
         out.stride(0), out.stride(1), out.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
-        H, Nq,
+        H, Nq, keep_log2,
         D=head_dim, BLOCK_D=_block(head_dim), DV=DV, BLOCK_DV=_block(DV),
         HAS_DLSE=dlse is not None, ZERO_DQ=dq_acc.numel() > 0, LSE_LOG2=lse_log2 is not None,
-        BLOCK_M=_PREPROCESS_BLOCK_M,
+        KEEP_SCALE=keep_scale != 1.0, BLOCK_M=_PREPROCESS_BLOCK_M,
     )
 
 
