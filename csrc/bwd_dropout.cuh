@@ -98,7 +98,7 @@ CUTLASS_DEVICE flash_dropout::Words philox_with_smem_keys(uint32_t keys, uint32_
 // (warpgroup, W / 2, c, lane % 4) feed exactly the 4 consumer threads W = 2 (W / 2) + {0, 1},
 // lane = 8c + 4e + lane % 4, and use all 8 draws of each. One such group per thread here: 16
 // calls per block (the forward's count per score), 4 words out, no thread draws a bit twice.
-// On the consumers this draw was 2-4x the forward's per score, inside their turn.
+// On the consumers this draw would cost 2-4x the forward's work per score, inside their turn.
 //
 // Registers decide its speed (H100, N=8192, p = 0.1, session 24). The consumers lose about a
 // quarter below the example's 240 registers each (the draw replaced by a cheap hash: 520 TFLOP/s
@@ -207,9 +207,9 @@ CUTLASS_DEVICE void draw_keep(Mainloop& mainloop, BlkCoord const& blk_coord, typ
 
 // Example 88's warp-specialised kernel with one role added: in the load warpgroup, warps 2 and 3
 // (idle in the example's backward: Q loads with K and V, and the backward's epilogue loads
-// nothing) draw the dropout keep bits (BwdMainloop::draw_keep) into a pipeline the consumer
-// warpgroups read. Everything else is the example's kernel: roles, pipelines, the register split,
-// the epilogue in the warpgroups' turn order (its wait runs unconditionally there too).
+// nothing) draw the dropout keep bits (`draw_keep` above) into a ring the consumer warpgroups
+// read, and the register split gives them more. Everything else is the example's kernel: roles,
+// pipelines, the epilogue in the warpgroups' turn order (its wait runs unconditionally there too).
 template <class Mainloop, class Epilogue, class TileScheduler>
 struct BwdDropoutKernel : cutlass::fmha::kernel::FmhaKernelTmaWarpSpecialized<Mainloop, Epilogue, TileScheduler> {
   using Base = cutlass::fmha::kernel::FmhaKernelTmaWarpSpecialized<Mainloop, Epilogue, TileScheduler>;
@@ -227,8 +227,8 @@ struct BwdDropoutKernel : cutlass::fmha::kernel::FmhaKernelTmaWarpSpecialized<Ma
   using KeepPipeline = typename Mainloop::KeepPipeline;
   using KeepState = typename Mainloop::KeepState;
   static_assert(NumMmaWarpGroups == 2 && size(ClusterShape{}) == 1, "the backward's two consumers, no cluster");
-  // The register split: the example's is 24 for the load warpgroup (which now draws) and 240 for
-  // each consumer warpgroup; benchmarks/cutlass_bwd_time.py --variant times others.
+  // The register split (FLASH_CUTLASS_BWD_DROPOUT_LOAD_REGISTERS above: 56 for the load
+  // warpgroup, which now draws, and 224 for each consumer warpgroup; the example's is 24 / 240).
   static constexpr uint32_t kLoadRegisters = FLASH_CUTLASS_BWD_DROPOUT_LOAD_REGISTERS;
   static constexpr uint32_t kMmaRegisters =
       ((Base::TotalRegisterSupply - kLoadRegisters) / NumMmaWarpGroups / 8) * 8;

@@ -369,8 +369,9 @@ HOPPER_DROPOUT = Family("hopper_dropout", DROPOUT_LIB_NAME, SOURCES, "examples/8
                         ("-gencode=arch=compute_90a,code=sm_90a",), DROPOUT_INSTANCES, api_source)
 HOPPER_BWD = Family("hopper_bwd", BWD_LIB_NAME, BWD_SOURCES, "examples/88_hopper_fmha",
                     ("-gencode=arch=compute_90a,code=sm_90a",), BWD_INSTANCES, bwd_api_source)
-HOPPER_BWD_DROPOUT = Family("hopper_bwd_dropout", BWD_DROPOUT_LIB_NAME, BWD_DROPOUT_SOURCES, "examples/88_hopper_fmha",
-                            ("-gencode=arch=compute_90a,code=sm_90a",), BWD_DROPOUT_INSTANCES, bwd_api_source)
+HOPPER_BWD_DROPOUT = Family("hopper_bwd_dropout", BWD_DROPOUT_LIB_NAME, BWD_DROPOUT_SOURCES,
+                            "examples/88_hopper_fmha", ("-gencode=arch=compute_90a,code=sm_90a",),
+                            BWD_DROPOUT_INSTANCES, bwd_api_source)
 # sm_80 code: SASS for A100-class GPUs and for Hopper (compiled from the same compute_80 PTX),
 # and the PTX itself for any later GPU's driver to compile.
 AMPERE = Family("ampere", AMPERE_LIB_NAME, AMPERE_SOURCES, "examples/41_fused_multi_head_attention",

@@ -11,8 +11,8 @@ contiguous q): exact without a mask; with causal, when Nq = Nk is a multiple of 
 block then never straddles two heads, and the mask reads row mod Nk); the bias is read per
 folded row. Dropout (csrc/fwd_dropout.cuh, a library of its own built on the first forward with
 dropout) draws the Triton kernels' Philox keep bits, so either backward (the CUTLASS one at head
-dim 128, Triton's elsewhere) regenerates the mask from the seed alone. Head dim 64 stays with Triton, which
-measured faster there (H200, N=8192, bf16 forward: Triton 422 / 331 TFLOP/s against this
+dim 128, Triton's elsewhere) regenerates the mask from the seed alone. Head dim 64 stays with
+Triton, which measured faster there (H200, N=8192, bf16 forward: Triton 422 / 331 TFLOP/s against this
 kernel's 344 / 288, no mask / causal; benchmarks/RESULTS.md, session 5). So do mask-like biases
 (bool, or one float mask for every head): Triton's mask tiles skip their fully masked tiles,
 which this kernel would compute.
@@ -22,8 +22,9 @@ dim 128: every mask, grouped KV heads folded as in the forward, the lse gradient
 forward's bias (its tiles through shared memory) and its gradient (dS written per score through
 the same buffer, summed over the bias's broadcast dims in torch as Triton's is), and dropout (the
 forward's keep bits redrawn by the kernel's spare load warps; a library of its own, built on the
-first backward with dropout); its dK/dV come out in k's and v's layout, dQ in q's. A feature that passes its GPU tests but measured slower
-than Triton's backward is refused with its figures (`SLOWER_THAN_TRITON`; empty today).
+first backward with dropout); its dK/dV come out in k's and v's layout, dQ in q's. A feature
+that passes its GPU tests but measured slower than Triton's backward is refused with its
+figures (`SLOWER_THAN_TRITON`; empty today).
 Elsewhere the Triton backward runs: both need only the forward's
 output and lse (natural log, the same contract), and `backward_reasons` says why Triton runs
 one. Everything else it refuses with the reason, and dispatch moves on to Triton. A
