@@ -41,7 +41,7 @@ def _rel(a, b):
 
 
 def build_variant(name, head_dim, flags, bias=False, bias_grad=False, dropout=False):
-    family = cb.HOPPER_BWD_DROPOUT if dropout else cb.HOPPER_BWD
+    family = cb.bwd_family(head_dim, dropout)
     instances = tuple(cb.BwdInstance("bf16", head_dim, m, bias, bias_grad, dropout) for m in ("none", "causal"))
     base = cb.plan(instances, family=family)
     all_flags = base.flags + flags
@@ -80,7 +80,7 @@ def main(argv=None):
     def with_library(lib, fn):
         def run():
             saved = cutlass_backend._bwd_library
-            cutlass_backend._bwd_library = lambda dropout=False: (lib, None)
+            cutlass_backend._bwd_library = lambda dropout=False, head_dim=128: (lib, None)
             try:
                 return fn()
             finally:

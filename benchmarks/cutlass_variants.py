@@ -11,7 +11,8 @@ into its own cache directory, in parallel; the forwards are then timed through t
 library swapped in), interleaved (`time_interleaved`), on the issue's shape, B=1 H=12 N=8192
 bf16, per-head bias [1, H, N, N], and checked against the Triton forward of the same input.
 Variants built without a bias ("no_bias", "overlap_no_bias") time the same q, k, v without it:
-the ceiling the bias variants are read against.
+the ceiling the bias variants are read against. The d64_* variants are head dim 64's forward
+tiles, timed without a bias beside the Triton forward and cuDNN's.
 """
 
 from __future__ import annotations
@@ -68,6 +69,14 @@ VARIANTS = {
     "same_tile": (_bias_instances(True), ["-DFLASH_CUTLASS_TMA_BIAS_DIAG_SAME_TILE=1"]),
 }
 
+# Head dim 64's forward tile (csrc/fwd_kernel.cuh's FLASH_CUTLASS_D64_ROWS x _KEYS; 192 x 128 is
+# built), timed without a bias beside the Triton forward and cuDNN's.
+_D64 = tuple(cb.Instance("bf16", 64, m) for m in ("none", "causal"))
+VARIANTS.update({
+    f"d64_{rows}x{keys}": (_D64, [f"-DFLASH_CUTLASS_D64_ROWS={rows}", f"-DFLASH_CUTLASS_D64_KEYS={keys}"])
+    for rows, keys in ((192, 128), (128, 128), (128, 64), (192, 64))
+})
+
 
 def build_variant(name, instances, extra):
     base = cb.plan(instances)
@@ -99,6 +108,38 @@ def time_interleaved(fns: dict, reps=20, rounds=7) -> dict:
     return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
+def _time_plain(libs, n, h, d, gen):
+    """Variants without a bias, beside the Triton forward and cuDNN's, on no mask and causal."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    rows = []
+    q, k, v = (torch.randn(1, h, n, d, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    for causal in (False, True):
+        inp = validate(q, k, v, causal=causal)
+        ref, _ = TritonBackend().forward(inp, None)
+
+        def call(lib):
+            cutlass_backend._library = lambda dropout=False: (lib, None)
+            return cutlass_backend.CutlassBackend().forward(inp, None)
+
+        def cudnn():
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+        fns = {name: (lambda lib=lib: call(lib)) for name, lib in libs.items()}
+        errs = {name: ((fn()[0].float() - ref.float()).norm() / ref.float().norm()).item() for name, fn in fns.items()}
+        fns.update(triton=lambda: TritonBackend().forward(inp, None), sdpa_cudnn=cudnn)
+        flops = 4 * h * n * n * d / (2 if causal else 1)
+        for name, ms in time_interleaved(fns).items():
+            row = dict(variant=name, head_dim=d, causal=causal, ms=ms, tflops=flops / ms / 1e9,
+                       rel_err_vs_triton=errs.get(name))
+            rows.append(row)
+            err = f"  rel err vs Triton {errs[name]:.2e}" if name in errs else ""
+            print(f"D={d} {'causal' if causal else 'none':7s} {name:12s} {ms * 1e3:8.0f} µs "
+                  f"{row['tflops']:6.1f} TFLOP/s{err}", flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json")
@@ -123,7 +164,11 @@ def main(argv=None):
     cutlass_backend.UNVALIDATED.clear()
     n, h, rows = args.n, 12, []
     gen = torch.Generator(device="cuda").manual_seed(0)
-    for d in (128,):
+    d64 = {name: lib for name, lib in libs.items() if VARIANTS[name][0][0].head_dim == 64}
+    if d64:
+        rows += _time_plain(d64, n, h, 64, gen)
+    libs = {name: lib for name, lib in libs.items() if name not in d64}
+    for d in (128,) if libs else ():
         q, k, v = (torch.randn(1, h, n, d, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
         bias = torch.randn(1, h, n, n, device="cuda", dtype=torch.bfloat16, generator=gen)
         for causal in (False, True):
@@ -134,14 +179,14 @@ def main(argv=None):
             flops = 4 * h * n * n * d / (2 if causal else 1)
 
             def call(lib, run):
-                cutlass_backend._library = lambda: (lib, None)
+                cutlass_backend._library = lambda dropout=False: (lib, None)
                 return cutlass_backend.CutlassBackend().forward(run, None)
 
             runs = {name: inp if VARIANTS[name][0][0].bias else plain for name in libs}
             fns = {name: (lambda lib=lib, run=runs[name]: call(lib, run)) for name, lib in libs.items()}
             checks = {}
             for name, lib in libs.items():
-                cutlass_backend._library = lambda lib=lib: (lib, None)
+                cutlass_backend._library = lambda dropout=False, lib=lib: (lib, None)
                 read = cutlass_backend.CutlassBackend().bias_read(runs[name])
                 out, _ = fns[name]()
                 want = ref if runs[name] is inp else ref_plain

@@ -85,7 +85,7 @@ for b, hq, hkv, nq, nk, causal, bias_kind, p in cases:
     print(f'b={b} hq={hq} hkv={hkv} nq={nq} nk={nk} causal={causal} bias={bias_kind} p={p}: rel err {errs} (out {_rel(out, o64):.1e})', flush=True)
 " 2>&1 | grep -v Warning | tee "$OUT/cutlass_bwd_dropout_smoke.log" ;;
     save_libs)  # every built CUTLASS library into $OUT/cache/<key>/, to carry into the next call (.cache/flash_inductor/cutlass/)
-      for f in hopper hopper_dropout hopper_bwd hopper_bwd_dropout; do
+      for f in hopper hopper_dropout hopper_bwd hopper_bwd_dropout hopper_d64 hopper_dropout_d64 hopper_bwd_d64 hopper_bwd_dropout_d64; do
         dir=$(python3 -m flash_inductor.cli build --family $f --print-plan | sed -n 's/^directory: //p')
         ls "$dir"/*.so >/dev/null 2>&1 && mkdir -p "$OUT/cache/$(basename "$dir")" && cp "$dir"/*.so "$OUT/cache/$(basename "$dir")/" && echo "saved $f $(basename "$dir")"
       done ;;
@@ -93,6 +93,22 @@ for b, hq, hkv, nq, nk, causal, bias_kind, p in cases:
       unvalidated_bench() { timeout "$1" python3 -c "import sys; from flash_inductor.backends import cutlass; cutlass.UNVALIDATED.clear(); from flash_inductor.cli import main; sys.exit(main(sys.argv[1:]))" bench "${@:3}" --json "$OUT/$2.json" 2>&1 | grep -v Warning | tee "$OUT/$2.log"; }
       unvalidated_bench ${DROP_BENCH_TIMEOUT:-300} bench_cutlass_bwd_dropout_8k --lengths ${DROP_LENGTHS:-8192} \
         --cases ${DROP_CASES:-dropout causal+dropout bias+dropout bias+causal+dropout} --peers ${DROP_PEERS:-cutlass triton sdpa_cudnn} ;;
+    cutlass_d64)  # head dim 64's CUTLASS forward and backward, every part below
+      LANE_CHILD=1 bash "$0" cutlass_d64_build cutlass_d64_tests cutlass_d64_bwd cutlass_d64_bench cutlass_d64_compiled ;;
+    cutlass_d64_build)  # its four libraries (each built on the first forward / backward at head dim 64 otherwise;
+      # D64_FAMILIES: some)
+      ( time timeout ${D64_BUILD_TIMEOUT:-400} python3 -m flash_inductor.cli build $(for f in ${D64_FAMILIES:-hopper_d64 hopper_dropout_d64 hopper_bwd_d64 hopper_bwd_dropout_d64}; do echo --family $f; done) ) 2>&1 | tee "$OUT/cutlass_d64_build.log" | tail -6 ;;
+    cutlass_d64_tests)  # its GPU tests (D64_TESTS_K: pytest -k)
+      FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout ${D64_TESTS_TIMEOUT:-240} python3 -m pytest -q -m gpu tests/test_cutlass.py -k "${D64_TESTS_K:-64}" 2>&1 | tee "$OUT/cutlass_d64_tests.log" | tail -12 ;;
+    cutlass_d64_bwd)  # the backward alone beside Triton's and cuDNN's (D64_DROPOUT: rates, 0 without)
+      for p in ${D64_DROPOUT:-0 0.1}; do
+        timeout ${D64_BWD_TIMEOUT:-200} python3 benchmarks/cutlass_bwd_time.py --head-dim 64 --dropout $p --lengths ${D64_LENGTHS:-2048 4096 8192} --json "$OUT/cutlass_bwd_time_d64_p$p.json" 2>&1 | grep -v Warning | tee "$OUT/cutlass_bwd_time_d64_p$p.log"
+      done ;;
+    cutlass_d64_bench)  # the op's rows at N=8192, dispatch choosing each pass ("flash") beside the peers
+      bench ${D64_BENCH_TIMEOUT:-240} bench_d64_8k --head-dim 64 --lengths 8192 --cases ${D64_CASES:-none causal bias dropout} --peers flash triton sdpa_cudnn flex ;;
+    cutlass_d64_compiled)  # where the opaque CUTLASS ops pay under torch.compile (Triton's are launched from the graph)
+      bench ${D64_BENCH_TIMEOUT:-240} bench_d64_compiled --head-dim 64 --lengths ${D64_COMPILED_LENGTHS:-512 1024 2048 4096} --cases ${D64_COMPILED_CASES:-none causal} --peers flash_compiled triton_compiled
+      bench ${D64_BENCH_TIMEOUT:-240} bench_d64_compiled_h96 --head-dim 64 --heads 96 --lengths 512 --cases ${D64_H96_CASES:-none causal dropout} --peers flash_compiled triton_compiled ;;
     cutlass_dropout_tests)  # the dropout GPU tests alone
       FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout ${DROP_TESTS_TIMEOUT:-200} python3 -m pytest -q -m gpu tests/test_cutlass.py -k dropout 2>&1 | tee "$OUT/cutlass_dropout_tests.log" | tail -12 ;;
     sm80)  # the sm_80 family (example 41's kernels as sm_80 code): build, GPU tests, then the bench rows

@@ -319,13 +319,45 @@ using MaskFusionFor = std::conditional_t<
                        std::conditional_t<kMask == FLASH_CUTLASS_CAUSAL_FOLDED, FoldedCausalFusion,
                                           cutlass::fmha::collective::ResidualFusion>>>;
 
-// Tile (queries, keys, head dim) per head dim: the example's cooperative choices.
-template <int kHeadDim>
-using TileFor = std::conditional_t<kHeadDim == 128, Shape<_128, _128, _128>,
-                std::conditional_t<kHeadDim == 64, Shape<_128, _64, _64>, Shape<_128, _64, _256>>>;
-
 using StrideQKV = cute::tuple<int, _1, cute::tuple<int, int>>;  // row, head_dim, (batch, head)
 using StrideLSE = cute::tuple<_1, cute::tuple<int, int>>;      // row, (batch, head)
+
+// Tile (queries, keys, head dim) per head dim: the example's cooperative choices at 128 and 256;
+// at 64, 192 rows (three consumer warpgroups, as FlashAttention 3 runs it) and 128 keys. Measured
+// (H100, N=8192, bf16, session 25, benchmarks/cutlass_variants.py's d64_* variants): 510 / 370
+// TFLOP/s (no mask / causal) against the example's 128 x 64 at 337 / 285, 128 x 128 at 445 /
+// 355, 192 x 64 at 377 / 308; Triton 426 / 337, cuDNN 459 / 367. With a bias (read in the
+// softmax, a step ahead into registers) or dropout (its draw), three warpgroups' 160 registers
+// spill (ptxas: 1.5 KB and 340 bytes a thread), so those instances (`kSoftmaxExtras`) keep two.
+// The knobs are for those variants; the rows must match flash_inductor/backends/cutlass.py's
+// block_rows.
+#ifndef FLASH_CUTLASS_D64_ROWS
+#define FLASH_CUTLASS_D64_ROWS 192
+#endif
+#ifndef FLASH_CUTLASS_D64_KEYS
+#define FLASH_CUTLASS_D64_KEYS 128
+#endif
+#ifndef FLASH_CUTLASS_D64_EXTRAS_ROWS
+#define FLASH_CUTLASS_D64_EXTRAS_ROWS 128
+#endif
+template <int kHeadDim, bool kSoftmaxExtras>
+using TileFor = std::conditional_t<
+    kHeadDim == 128, Shape<_128, _128, _128>,
+    std::conditional_t<kHeadDim == 64,
+                       Shape<Int<kSoftmaxExtras ? FLASH_CUTLASS_D64_EXTRAS_ROWS : FLASH_CUTLASS_D64_ROWS>,
+                             Int<FLASH_CUTLASS_D64_KEYS>, _64>,
+                       Shape<_128, _64, _256>>>;
+
+// Example 88's mainloop, with one consumer warpgroup per 64 rows of the tile (its default is two).
+template <class Element, class Tile, class Fusion, class... Options>
+using ExampleMainloop = std::conditional_t<
+    tuple_element_t<0, Tile>::value == 128,
+    cutlass::fmha::collective::FmhaMainloopTmaWarpSpecialized<Element, float, float, Tile, StrideQKV, StrideQKV,
+                                                              StrideQKV, Fusion, Options...>,
+    cutlass::fmha::collective::FmhaMainloopTmaWarpSpecialized<
+        Element, float, float, Tile, StrideQKV, StrideQKV, StrideQKV, Fusion, Options...,
+        cutlass::fmha::kernel::Option<cutlass::fmha::kernel::Tag::kNumMmaWarpGroups,
+                                      Int<tuple_element_t<0, Tile>::value / 64>>>>;
 
 // How an instance reads its bias (the template argument kBias; flash_cutlass.h's bias_tma_ok
 // picks between the two bias instances of a head dim at run time).
@@ -347,8 +379,7 @@ template <class Element, class Tile, class Mask, int kBias, bool kDropout>
 struct MainloopFor {
   using Fusion = DropoutIf<kDropout, std::conditional_t<kBias == kBiasInSoftmax,
                                                         BiasFusion<Mask, Element, tuple_element_t<1, Tile>::value>, Mask>>;
-  using type = ScaledMainloop<cutlass::fmha::collective::FmhaMainloopTmaWarpSpecialized<
-      Element, float, float, Tile, StrideQKV, StrideQKV, StrideQKV, Fusion>>;
+  using type = ScaledMainloop<ExampleMainloop<Element, Tile, Fusion>>;
 };
 
 #if FLASH_CUTLASS_OVERLAP_NO_BIAS
@@ -417,7 +448,7 @@ inline char const* fill_dropout(DropoutArgs& out, FlashCutlassFwdParams const& p
 template <int kDtype, int kHeadDim, int kMask, int kBias, bool kDropout>
 int run_fwd(FlashCutlassFwdParams const& p, char* err, int err_len) {
   using Element = ElementFor<kDtype>;
-  using Tile = TileFor<kHeadDim>;
+  using Tile = TileFor<kHeadDim, kBias != kNoBias || kDropout>;
   using Mainloop = typename MainloopFor<Element, Tile, MaskFusionFor<kMask>, kBias, kDropout>::type;
   using Epilogue = cutlass::fmha::collective::FmhaFwdEpilogue<Element, float, typename Mainloop::TileShapePV>;
   using Kernel = cutlass::fmha::kernel::FmhaKernelTmaWarpSpecialized<

@@ -8,10 +8,10 @@ extra memory of one forward+backward. Every peer runs in the same process on the
 
 - triton: our op with the Triton kernels forced (FLASH_INDUCTOR_KERNEL=triton), called eagerly;
 - cutlass / cutlass_compiled: the same two ways with the CUTLASS kernels forced (its backward
-  is Triton's where the CUTLASS backward does not take the input: dropout, head dim 256; what it
-  refuses, mask-like biases and head dim 64 today, the table shows as "refused");
-- flash_compiled: the op under torch.compile with dispatch left to choose, nothing forced
-  (exactly what `backend="flash"` does);
+  is Triton's where the CUTLASS backward does not take the input: head dim 256; what it
+  refuses, mask-like biases and short head-dim-64 inputs today, the table shows as "refused");
+- flash / flash_compiled: the op, eagerly and under torch.compile, with dispatch left to choose,
+  nothing forced (the second is exactly what `backend="flash"` does);
 - triton_compiled: the same op under torch.compile (how backend="flash" runs it: Inductor
   launches the kernels, no eager dispatch or autograd overhead per call);
 - sdpa_flash / sdpa_efficient / sdpa_cudnn / sdpa_math: F.scaled_dot_product_attention with
@@ -184,6 +184,7 @@ def _flex():
 PEERS = {
     "triton": lambda: _ours("triton"),
     "cutlass": lambda: _ours("cutlass"),
+    "flash": lambda: _ours(None),
     "cutlass_sm80": lambda: _ours("cutlass_sm80"),
     "triton_compiled": lambda: _ours_compiled("triton"),
     "cutlass_compiled": lambda: _ours_compiled("cutlass"),
@@ -314,7 +315,7 @@ def markdown(rows, peers) -> str:
                     cells.append(f"{r['fwd_us']:.0f} / {r['bwd_us']:.0f} / {r['fwd+bwd_us']:.0f} "
                                  f"({r['fwd_tflops']:.0f} / {r['bwd_tflops']:.0f})")
             ratios = ["", ""]
-            ours_names = ("triton", "triton_compiled", "cutlass", "cutlass_compiled", "flash_compiled")
+            ours_names = ("triton", "triton_compiled", "cutlass", "cutlass_compiled", "flash", "flash_compiled")
             others = [r for p, r in got.items() if p not in (*ours_names, "eager", "sdpa_math")]
             mine = [r for p, r in got.items() if p in ours_names]
             if mine and others:

@@ -79,7 +79,7 @@ LINK_FLAGS = ("-shared",)
 DTYPES = {"fp16": "FLASH_CUTLASS_FP16", "bf16": "FLASH_CUTLASS_BF16"}
 MASKS = {"none": "FLASH_CUTLASS_NO_MASK", "causal": "FLASH_CUTLASS_CAUSAL_TOP_LEFT",
          "causal_br": "FLASH_CUTLASS_CAUSAL_BOTTOM_RIGHT", "causal_folded": "FLASH_CUTLASS_CAUSAL_FOLDED"}
-# Head dim 64 is not built: the Triton kernel measured faster there (backends/cutlass.py).
+# The forward library's head dims; head dim 64 is a library of its own (D64_INSTANCES below).
 HEAD_DIMS = (128, 256)
 
 
@@ -138,10 +138,17 @@ INSTANCES = tuple(
     for d, h, m, b in itertools.product(DTYPES, HEAD_DIMS, MASKS, (False, True)))
 # The same set with dropout, for its own library (32 units: as long a build as the forward's).
 DROPOUT_INSTANCES = tuple(dataclasses.replace(i, dropout=True) for i in INSTANCES)
+# Head dim 64 (its bias read in the softmax), a library of its own, built on the first forward at
+# head dim 64 that dispatch sends to CUTLASS: a model has one or two head dims, and the 16 units
+# kept out of the forward library keep its build under 3 minutes on 16 cores.
+D64_INSTANCES = tuple(Instance(d, 64, m, b) for d, m, b in itertools.product(DTYPES, MASKS, (False, True)))
+D64_DROPOUT_INSTANCES = tuple(dataclasses.replace(i, dropout=True) for i in D64_INSTANCES)
 
-# The backward's head dims: those the forward takes (backends/cutlass.py) that example 88's
-# backward tiles (64 queries x 128 keys) hold in shared memory; 256 would not fit (Triton runs it).
-BWD_HEAD_DIMS = (128,)
+# The backward's head dims: those example 88's backward tiles (64 queries x 128 keys) hold in
+# shared memory; 256 would not fit (Triton runs it). Each head dim is a library of its own, built
+# on the first backward of that head dim: a model has one or two head dims, and neither build
+# passes 3 minutes on 16 cores.
+BWD_HEAD_DIMS = (64, 128)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,12 +189,16 @@ class BwdInstance:
         return f'#include "{header}"\nFLASH_CUTLASS_BWD_INSTANCE({self.template_args})\n'
 
 
-BWD_INSTANCES = tuple(BwdInstance(d, h, m, b, g)
-                      for d, h, m, (b, g) in itertools.product(DTYPES, BWD_HEAD_DIMS, MASKS,
-                                                               ((False, False), (True, False), (True, True))))
+def bwd_instances(head_dim: int, dropout: bool = False) -> tuple:
+    """One backward library's instances: dtype x mask x (no bias, bias, bias and its gradient)."""
+    return tuple(BwdInstance(d, head_dim, m, b, g, dropout)
+                 for d, m, (b, g) in itertools.product(DTYPES, MASKS, ((False, False), (True, False), (True, True))))
+
+
+BWD_INSTANCES = bwd_instances(128)
 # The same set with dropout, a library of its own (built on the first backward with dropout), so
 # that neither build passes 3 minutes on 16 cores.
-BWD_DROPOUT_INSTANCES = tuple(dataclasses.replace(i, dropout=True) for i in BWD_INSTANCES)
+BWD_DROPOUT_INSTANCES = bwd_instances(128, dropout=True)
 
 # Head-dim buckets of the Ampere family: an input runs the smallest bucket >= its head dim
 # (64 and 128 keep the output in registers; 256 is the kernels' generic head-dim path).
@@ -367,17 +378,44 @@ HOPPER = Family("hopper", LIB_NAME, SOURCES, "examples/88_hopper_fmha",
                 ("-gencode=arch=compute_90a,code=sm_90a",), INSTANCES, api_source)
 HOPPER_DROPOUT = Family("hopper_dropout", DROPOUT_LIB_NAME, SOURCES, "examples/88_hopper_fmha",
                         ("-gencode=arch=compute_90a,code=sm_90a",), DROPOUT_INSTANCES, api_source)
+HOPPER_D64 = dataclasses.replace(HOPPER, name="hopper_d64", lib_name="libflash_cutlass_d64.so", instances=D64_INSTANCES)
+HOPPER_DROPOUT_D64 = dataclasses.replace(HOPPER_DROPOUT, name="hopper_dropout_d64",
+                                         lib_name="libflash_cutlass_dropout_d64.so", instances=D64_DROPOUT_INSTANCES)
+_FWD_FAMILIES = {(64, False): HOPPER_D64, (64, True): HOPPER_DROPOUT_D64}
+
+
+def fwd_family(head_dim: int, dropout: bool = False) -> Family:
+    """The forward library that holds this head dim's instances (with or without dropout)."""
+    return _FWD_FAMILIES.get((head_dim, dropout), HOPPER_DROPOUT if dropout else HOPPER)
+
+
 HOPPER_BWD = Family("hopper_bwd", BWD_LIB_NAME, BWD_SOURCES, "examples/88_hopper_fmha",
                     ("-gencode=arch=compute_90a,code=sm_90a",), BWD_INSTANCES, bwd_api_source)
 HOPPER_BWD_DROPOUT = Family("hopper_bwd_dropout", BWD_DROPOUT_LIB_NAME, BWD_DROPOUT_SOURCES,
                             "examples/88_hopper_fmha", ("-gencode=arch=compute_90a,code=sm_90a",),
                             BWD_DROPOUT_INSTANCES, bwd_api_source)
+# Head dim 64's backward: the same kernels, a library per head dim (BWD_HEAD_DIMS).
+HOPPER_BWD_D64 = dataclasses.replace(HOPPER_BWD, name="hopper_bwd_d64", lib_name="libflash_cutlass_bwd_d64.so",
+                                     instances=bwd_instances(64))
+HOPPER_BWD_DROPOUT_D64 = dataclasses.replace(HOPPER_BWD_DROPOUT, name="hopper_bwd_dropout_d64",
+                                             lib_name="libflash_cutlass_bwd_dropout_d64.so",
+                                             instances=bwd_instances(64, dropout=True))
+_BWD_FAMILIES = {(128, False): HOPPER_BWD, (128, True): HOPPER_BWD_DROPOUT, (64, False): HOPPER_BWD_D64,
+                 (64, True): HOPPER_BWD_DROPOUT_D64}
+
+
+def bwd_family(head_dim: int, dropout: bool = False) -> Family:
+    """The backward library that holds this head dim's instances (with or without dropout)."""
+    return _BWD_FAMILIES[head_dim, dropout]
+
+
 # sm_80 code: SASS for A100-class GPUs and for Hopper (compiled from the same compute_80 PTX),
 # and the PTX itself for any later GPU's driver to compile.
 AMPERE = Family("ampere", AMPERE_LIB_NAME, AMPERE_SOURCES, "examples/41_fused_multi_head_attention",
                 ("-gencode=arch=compute_80,code=[sm_80,sm_90,compute_80]",), AMPERE_INSTANCES, ampere_api_source,
                 needs_curand=True)
-FAMILIES = {f.name: f for f in (HOPPER, HOPPER_DROPOUT, HOPPER_BWD, HOPPER_BWD_DROPOUT, AMPERE)}
+FAMILIES = {f.name: f for f in (HOPPER, HOPPER_DROPOUT, HOPPER_BWD, HOPPER_BWD_DROPOUT, HOPPER_D64, HOPPER_DROPOUT_D64,
+                                 HOPPER_BWD_D64, HOPPER_BWD_DROPOUT_D64, AMPERE)}
 
 
 # ---- the toolchain ------------------------------------------------------------------------------
@@ -394,10 +432,9 @@ def cutlass_source_dir(family: Family = HOPPER) -> pathlib.Path:
             raise BuildError("the CUTLASS headers are missing: pip install nvidia-cutlass "
                              "(or set FLASH_INDUCTOR_CUTLASS_DIR to a CUTLASS checkout)")
         root = pathlib.Path(list(spec.submodule_search_locations)[0]) / "source"
-    example_file = {"hopper": "collective/fmha_fusion.hpp", "hopper_dropout": "collective/fmha_fusion.hpp",
-                    "hopper_bwd": "collective/fmha_collective_bwd_tma_warpspecialized.hpp",
-                    "hopper_bwd_dropout": "collective/fmha_collective_bwd_tma_warpspecialized.hpp",
-                    "ampere": "kernel_backward.h"}[family.name]
+    example_file = ("kernel_backward.h" if family is AMPERE
+                    else "collective/fmha_collective_bwd_tma_warpspecialized.hpp" if family.name.startswith("hopper_bwd")
+                    else "collective/fmha_fusion.hpp")
     for need in ("include/cute/tensor.hpp", f"{family.example}/{example_file}"):
         if not (root / need).is_file():
             raise BuildError(f"{root} has no {need}: the CUTLASS sources there are incomplete "
@@ -612,8 +649,12 @@ def status(family: Family = HOPPER) -> str:
         return f"built ({p.library})"
     where = {"hopper": "on an sm_90 GPU (H100/H200)",
              "hopper_dropout": "by the first forward with dropout on an sm_90 GPU",
-             "hopper_bwd": "by the first backward on an sm_90 GPU",
-             "hopper_bwd_dropout": "by the first backward with dropout on an sm_90 GPU",
+             "hopper_d64": "by the first forward at head dim 64 that dispatch sends to CUTLASS on an sm_90 GPU",
+             "hopper_dropout_d64": "by the first forward with dropout at head dim 64 that dispatch sends to CUTLASS",
+             "hopper_bwd": "by the first backward at head dim 128 on an sm_90 GPU",
+             "hopper_bwd_dropout": "by the first backward with dropout at head dim 128 on an sm_90 GPU",
+             "hopper_bwd_d64": "by the first backward at head dim 64 on an sm_90 GPU",
+             "hopper_bwd_dropout_d64": "by the first backward with dropout at head dim 64 on an sm_90 GPU",
              "ampere": "when an input is forced to it (FLASH_INDUCTOR_KERNEL=cutlass_sm80)"}[family.name]
     return (f"not built yet: builds on first use {where}, or ahead of time with "
             f"`flash-inductor build --family {family.name}` (into {p.directory})")
@@ -627,9 +668,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="flash-inductor build", description=main.__doc__.split(":", 1)[1].strip())
     ap.add_argument("-j", "--jobs", type=int, help="parallel compile jobs (ninja's default: cores + 2)")
     ap.add_argument("--family", choices=[*FAMILIES, "all"], action="append",
-                    help="hopper: the sm_90a forward; hopper_bwd: the sm_90a backward (by default both); "
-                         "hopper_dropout, hopper_bwd_dropout: the sm_90a forward and backward with dropout (training "
-                         "with dropout); "
+                    help="hopper: the sm_90a forward; hopper_bwd: the sm_90a backward at head dim 128 (by default "
+                         "both); hopper_dropout, hopper_bwd_dropout: the sm_90a forward and backward with dropout "
+                         "(training with dropout); hopper_d64, hopper_dropout_d64, hopper_bwd_d64, "
+                         "hopper_bwd_dropout_d64: the same at head dim 64; "
                          "ampere: the sm_80 forward and backward (A100-class GPUs; runs on Hopper too); "
                          "all: every family. May be repeated.")
     ap.add_argument("--print-plan", action="store_true", help="print the toolchain, flags and cache directory; build nothing")

@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not SM90, reason="needs an sm_
 
 # (B, Hq, Hkv, Nq, Nk, layout)
 SHAPES = [(2, 3, 3, 256, 256, "bhnd"), (1, 2, 2, 136, 200, "bnhd"), (1, 2, 2, 264, 136, "bhnd")]
-CASES = list(itertools.product((torch.float16, torch.bfloat16), (128, 256), (False, "top_left"), SHAPES))
+CASES = list(itertools.product((torch.float16, torch.bfloat16), (64, 128, 256), (False, "top_left"), SHAPES))
 # Bottom-right causal (Nq < Nk) and grouped KV heads, folded into rows: exact for any lengths
 # without a mask, and with causal when Nq = Nk is a multiple of 128.
 CASES += [
@@ -43,6 +43,11 @@ CASES += [
     (torch.bfloat16, 128, "top_left", (2, 8, 2, 384, 384, "bhnd")),
     (torch.bfloat16, 256, "top_left", (1, 6, 1, 256, 256, "bnhd")),
     (torch.float16, 128, "bottom_right", (1, 4, 2, 256, 256, "bhnd")),  # = top-left, folded
+    # Head dim 64's blocks of 192 rows (three consumer warpgroups)
+    (torch.bfloat16, 64, "bottom_right", (2, 3, 3, 136, 392, "bhnd")),
+    (torch.float16, 64, False, (2, 8, 2, 200, 136, "bnhd")),
+    (torch.bfloat16, 64, "top_left", (2, 8, 2, 384, 384, "bhnd")),  # folded: 2 blocks a head
+    (torch.float16, 64, "top_left", (1, 4, 1, 768, 768, "bnhd")),
 ]
 
 
@@ -66,6 +71,10 @@ BIAS_CASES = [
     (torch.bfloat16, 128, False, (2, 8, 2, 256, 136, "bhnd"), "head", "tma"),  # grouped, 256-row heads
     (torch.bfloat16, 128, "top_left", (1, 4, 2, 256, 256, "bhnd"), "full", "tma"),  # grouped + causal
     (torch.bfloat16, 128, "bottom_right", (1, 2, 2, 136, 392, "bhnd"), "head", "tma"),
+    (torch.bfloat16, 64, "top_left", (1, 2, 2, 264, 136, "bhnd"), "head", "softmax"),
+    (torch.float16, 64, False, (2, 2, 2, 136, 201, "bhnd"), "full", "softmax"),
+    (torch.bfloat16, 64, "top_left", (1, 4, 2, 256, 256, "bnhd"), "t5", "softmax"),  # grouped + causal
+    (torch.bfloat16, 64, "bottom_right", (1, 2, 2, 136, 392, "bhnd"), "rows", "softmax"),
 ]
 
 
@@ -92,15 +101,19 @@ def _make_bias(kind, b, hq, nq, nk, dtype, gen):
 def cutlass():
     from flash_inductor.backends import cutlass as module
 
-    saved = set(module.UNVALIDATED), dict(module.SLOWER_THAN_TRITON)
+    saved = set(module.UNVALIDATED), dict(module.SLOWER_THAN_TRITON), module.D64_MIN_SCORES
     module.UNVALIDATED.clear()  # these tests are the validation
     module.SLOWER_THAN_TRITON.clear()  # and they run what dispatch leaves to Triton for speed
+    module.D64_MIN_SCORES = 0  # and head dim 64 on shapes that dispatch leaves to Triton
+    dispatch.clear_choices()
     backend = CutlassBackend()
     why = backend.unavailable_reasons(torch.device("cuda"))
     assert not why, why  # on an H100/H200 with the toolkit and headers, the build must succeed
     yield backend
     module.UNVALIDATED.update(saved[0])
     module.SLOWER_THAN_TRITON.update(saved[1])
+    module.D64_MIN_SCORES = saved[2]
+    dispatch.clear_choices()
 
 
 @pytest.mark.parametrize("dtype,d,causal,shape", CASES, ids=lambda x: str(x).replace("torch.", ""))
@@ -111,7 +124,7 @@ def test_forward_and_backward(cutlass, poisoned, dtype, d, causal, shape):
     k, v = (_randn((b, hkv, nk, d), dtype, gen, layout).cuda() for _ in range(2))
     inp = validate(q, k, v, causal=causal)
     assert not cutlass.not_supported_reasons(inp), cutlass.not_supported_reasons(inp)
-    assert cutlass.backward_kernel(inp) == ("cutlass" if d == 128 else "triton"), cutlass.backward_reasons(inp)
+    assert cutlass.backward_kernel(inp) == ("cutlass" if d in (64, 128) else "triton"), cutlass.backward_reasons(inp)
     _check_against_ref(cutlass, poisoned, q, k, v, None, causal, gen)
 
 
@@ -232,6 +245,10 @@ DROPOUT_CASES = [
     (torch.bfloat16, 128, "top_left", (1, 4, 4, 256, 256, "bnhd"), "t5", 0.1),  # bias by TMA
     (torch.bfloat16, 128, False, (2, 8, 2, 256, 136, "bhnd"), "head", 0.25),  # TMA bias, grouped
     (torch.float16, 128, "top_left", (2, 3, 3, 200, 264, "bhnd"), "full_nograd", 0.15),  # trimmed keys
+    (torch.bfloat16, 64, False, (2, 3, 3, 256, 256, "bhnd"), None, 0.1),
+    (torch.float16, 64, "top_left", (2, 8, 2, 384, 384, "bnhd"), None, 0.3),  # folded causal
+    (torch.bfloat16, 64, "bottom_right", (1, 2, 2, 136, 200, "bhnd"), "full", 0.2),  # bias gradient
+    (torch.float16, 64, False, (2, 8, 2, 200, 136, "bhnd"), "head_nograd", 0.1),  # grouped
 ]
 
 
@@ -259,7 +276,7 @@ def test_dropout_forward_draws_the_triton_mask_and_the_backward_regenerates_it(c
     seed = _drop_seed(gen)
     inp = validate(q, k, v, bias, causal=causal, dropout_p=p)
     assert not cutlass.not_supported_reasons(inp), cutlass.not_supported_reasons(inp)
-    assert cutlass.backward_kernel(inp) == ("cutlass" if d == 128 else "triton"), cutlass.backward_reasons(inp)
+    assert cutlass.backward_kernel(inp) == ("cutlass" if d in (64, 128) else "triton"), cutlass.backward_reasons(inp)
     if kind:
         assert cutlass.bias_read(inp) == ("tma" if d == 128 else "softmax")
     want = keep_mask(seed, b, hq, nq, nk, p)
@@ -296,7 +313,8 @@ def test_dropout_forward_draws_the_triton_mask_and_the_backward_regenerates_it(c
         assert _rel(got, ref) < bound, f"{name}: relative error {_rel(got, ref):.3g} > {bound}"
 
 
-def test_compiled_training_with_dropout_keeps_one_mask_for_both_passes(cutlass):
+@pytest.mark.parametrize("d", [64, 128])
+def test_compiled_training_with_dropout_keeps_one_mask_for_both_passes(cutlass, d):
     """Under torch.compile the CUTLASS forward and backward with dropout are opaque ops, the backward
     fed the forward's seed: the gradients are those of the forward's mask."""
     import flash_inductor  # noqa: F401  (registers the op)
@@ -304,15 +322,16 @@ def test_compiled_training_with_dropout_keeps_one_mask_for_both_passes(cutlass):
     from test_triton_kernels import _dense64
 
     gen = torch.Generator().manual_seed(17)
-    q, k, v, dout = (_randn((2, 4, 256, 128), torch.bfloat16, gen).cuda() for _ in range(4))
+    q, k, v, dout = (_randn((2, 4, 256, d), torch.bfloat16, gen).cuda() for _ in range(4))
     seed = _drop_seed(gen)
     leaves = [t.requires_grad_() for t in (q, k, v)]
-    step = torch.compile(lambda q, k, v: torch.ops.flash.fwd(q, k, v, None, seed, 1, 128 ** -0.5, 0.1)[0],
+    step = torch.compile(lambda q, k, v: torch.ops.flash.fwd(q, k, v, None, seed, 1, d ** -0.5, 0.1)[0],
                          dynamic=False)
     step(*leaves).backward(dout)
-    assert dispatch.select(validate(q, k, v, causal=True, dropout_p=0.1)).NAME == "cutlass"
+    inp = validate(q, k, v, causal=True, dropout_p=0.1)
+    assert dispatch.select(inp).NAME == "cutlass" and cutlass.backward_kernel(inp) == "cutlass"
     ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    out64, _ = _dense64(*ref, None, "top_left", 128 ** -0.5, drop_keep=keep_mask(seed, 2, 4, 256, 256, 0.1), p=0.1)
+    out64, _ = _dense64(*ref, None, "top_left", d ** -0.5, drop_keep=keep_mask(seed, 2, 4, 256, 256, 0.1), p=0.1)
     out64.backward(dout.double())
     for name, got, want in zip(("dq", "dk", "dv"), (t.grad for t in leaves), (t.grad for t in ref)):
         err = ((got.double() - want).norm() / want.norm()).item()
@@ -373,15 +392,33 @@ def test_dispatch_prefers_cutlass_and_explains_refusals(cutlass):
     chosen, why = dispatch.explain_choice(validate(q, q, q, torch.zeros(256, 256, device="cuda", dtype=q.dtype)))
     assert chosen == "triton" and "a mask-like bias (one for every head)" in why
     assert dispatch.select(validate(q, q, q, torch.zeros(4, 256, 256, device="cuda", dtype=q.dtype))).NAME == "cutlass"
+
+
+def test_head_dim_64_runs_on_cutlass_from_its_size_floor(cutlass, monkeypatch):
+    """Short head-dim-64 attention stays with Triton (its kernels in Inductor's graph); from
+    D64_MIN_SCORES scores up both passes are CUTLASS's, and the result matches Triton's."""
+    from flash_inductor.backends import cutlass as module
+
+    monkeypatch.setattr(module, "D64_MIN_SCORES", 2**28)
+    dispatch.clear_choices()
     q64 = torch.randn(1, 4, 256, 64, device="cuda", dtype=torch.bfloat16)
     chosen, why = dispatch.explain_choice(validate(q64, q64, q64))
-    assert chosen == "triton" and "head_dim=64: the Triton kernel is faster there" in why
+    assert chosen == "triton" and "head_dim=64 with B*H*Nq*Nk = 262144 < 2^28 scores" in why
+    gen = torch.Generator().manual_seed(64)
+    q, k, v = (_randn((1, 16, 4096, 64), torch.bfloat16, gen).cuda() for _ in range(3))
+    inp = validate(q, k, v, causal=True)
+    assert dispatch.select(inp).NAME == "cutlass" and cutlass.backward_kernel(inp) == "cutlass"
+    out, lse = cutlass.forward(inp, None)
+    want, want_lse = TritonBackend().forward(inp, None)
+    assert ((out.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=2e-3)
+    dispatch.clear_choices()
 
 
-@pytest.mark.parametrize("d", [128, 256])
+@pytest.mark.parametrize("d", [64, 128, 256])
 def test_compiled_training_runs_the_backward_dispatch_picks(cutlass, d):
     """Under torch.compile the CUTLASS forward is one opaque op; so is the CUTLASS backward (head
-    dim 128), while Triton's (head dim 256) is decomposed into the graph's own kernels; the
+    dims 64 and 128), while Triton's (head dim 256) is decomposed into the graph's own kernels; the
     gradients match float64 attention either way."""
     import flash_inductor
     from test_kernels_in_graph import _aot_graphs
@@ -393,7 +430,7 @@ def test_compiled_training_runs_the_backward_dispatch_picks(cutlass, d):
     out.backward(dout)
     fw, bw = (g.code for g in graphs)
     assert "torch.ops.flash.fwd.default" in fw and "triton_kernel_wrapper" not in fw
-    if d == 128:
+    if d in (64, 128):
         assert "torch.ops.flash.bwd" in bw and "triton_kernel_wrapper" not in bw
     else:
         assert "triton_kernel_wrapper" in bw and "torch.ops.flash.bwd" not in bw

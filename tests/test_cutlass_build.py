@@ -279,7 +279,7 @@ def test_cutlass_refusals_are_sentences_a_user_can_act_on(monkeypatch):
     from flash_inductor.inputs import validate
 
     monkeypatch.setattr(CutlassBackend, "device_reasons", lambda self, device: [])
-    monkeypatch.setattr(CutlassBackend, "unavailable_reasons", lambda self, device: [])
+    monkeypatch.setattr(cutlass_backend, "_library", lambda dropout=False, head_dim=128: (object(), None))
     backend = CutlassBackend()
 
     def reasons(hq=4, hkv=4, nq=256, nk=256, d=128, dtype=torch.bfloat16, **kw):
@@ -289,8 +289,8 @@ def test_cutlass_refusals_are_sentences_a_user_can_act_on(monkeypatch):
 
     assert reasons() == "" and reasons(causal=True) == "" and reasons(d=256, nq=136, nk=200) == ""
     assert reasons(causal="bottom_right", nq=256, nk=256) == ""  # the same as top-left
-    assert "head_dim=64: the Triton kernel is faster there" in reasons(d=64)
-    assert "head_dim=96 (CUTLASS instances: 128, 256)" in reasons(d=96)
+    assert "head_dim=64 with B*H*Nq*Nk = 262144 < 2^28 scores" in reasons(d=64)
+    assert "head_dim=96 (CUTLASS instances: 64, 128, 256)" in reasons(d=96)
     assert reasons(hkv=2) == "" and reasons(causal="bottom_right", nq=128) == ""
     per_head = torch.randn(1, 4, 256, 256, dtype=torch.bfloat16)
     monkeypatch.setattr(cutlass_backend, "UNVALIDATED", {"bias"})
@@ -318,14 +318,16 @@ def test_cutlass_refusals_are_sentences_a_user_can_act_on(monkeypatch):
     assert "dtype=float32" in reasons(dtype=torch.float32)
     # Dropout has a library of its own, asked for only once the input is otherwise accepted.
     asked = []
-    monkeypatch.setattr(cutlass_backend, "_library", lambda dropout=False: asked.append(dropout) or (object(), None))
+    monkeypatch.setattr(cutlass_backend, "_library",
+                        lambda dropout=False, head_dim=128: asked.append(dropout) or (object(), None))
     monkeypatch.setattr(cutlass_backend, "UNVALIDATED", {"dropout"})
     assert "dropout: built, awaiting its first GPU test run (Triton runs it)" in reasons(dropout_p=0.1)
     monkeypatch.setattr(cutlass_backend, "UNVALIDATED", set())
     assert reasons(dropout_p=0.1, causal=True, bias=per_head) == "" and asked == [True]
     assert "head_dim=64" in reasons(dropout_p=0.1, d=64) and asked == [True]
-    monkeypatch.setattr(cutlass_backend, "_library", lambda dropout=False: (None, "not available (no nvcc)"))
+    monkeypatch.setattr(cutlass_backend, "_library", lambda dropout=False, head_dim=128: (None, "not available (no nvcc)"))
     assert reasons(dropout_p=0.1) == "the CUTLASS dropout library is not available (no nvcc)"
+    assert reasons() == "the CUTLASS library is not available (no nvcc)"
 
 
 @pytest.mark.parametrize("kind", ["head", "full", "t5", "expanded", "keys", "odd_keys", "offset"])
@@ -359,12 +361,23 @@ def test_bias_reaches_the_kernel_as_it_reads_it(kind):
 
 
 def test_backward_instances_cover_every_dtype_head_dim_mask_and_bias_once():
-    keys = {(i.dtype, i.head_dim, i.mask, i.bias, i.bias_grad) for i in cb.BWD_INSTANCES}
-    assert keys == {(d, h, m, b, g) for d in cb.DTYPES for h in cb.BWD_HEAD_DIMS for m in cb.MASKS
-                    for b, g in ((False, False), (True, False), (True, True))}
-    assert len(keys) == len(cb.BWD_INSTANCES) == 24
-    # Only head dims the forward takes (a Triton forward is followed by the Triton backward).
-    assert set(cb.BWD_HEAD_DIMS) <= set(cb.HEAD_DIMS)
+    """A library per head dim (and dropout): a model builds the one its head dim needs, and no
+    build passes 3 minutes on 16 cores."""
+    assert cb.BWD_HEAD_DIMS == (64, 128)
+    for head_dim in cb.BWD_HEAD_DIMS:
+        for dropout in (False, True):
+            family = cb.bwd_family(head_dim, dropout)
+            assert cb.FAMILIES[family.name] is family and family.api is cb.bwd_api_source
+            keys = {(i.dtype, i.head_dim, i.mask, i.bias, i.bias_grad, i.dropout) for i in family.instances}
+            assert keys == {(d, head_dim, m, b, g, dropout) for d in cb.DTYPES for m in cb.MASKS
+                            for b, g in ((False, False), (True, False), (True, True))}
+            assert len(keys) == len(family.instances) == 24
+    assert cb.bwd_family(128) is cb.HOPPER_BWD and cb.bwd_family(128, True) is cb.HOPPER_BWD_DROPOUT
+    families = [cb.bwd_family(h, drop) for h in cb.BWD_HEAD_DIMS for drop in (False, True)]
+    assert len({f.lib_name for f in families}) == len({f.name for f in families}) == 4
+    assert len({cb.cache_key(["-O3"], "r", "v", family=f) for f in families}) == 4
+    assert cb.bwd_family(64).sources == cb.HOPPER_BWD.sources
+    assert cb.bwd_family(64, True).sources == cb.HOPPER_BWD_DROPOUT.sources
     inst = cb.BwdInstance("bf16", 128, "causal_folded", bias=True)
     assert inst.stem == "bwd_bf16_d128_causal_folded_bias"
     assert inst.source().splitlines() == [
@@ -498,7 +511,7 @@ def test_the_cutlass_backward_says_when_triton_runs_it(monkeypatch):
     from flash_inductor.backends.cutlass import CutlassBackend
     from flash_inductor.inputs import validate
 
-    monkeypatch.setattr(cutlass_backend, "_bwd_library", lambda dropout=False: (object(), None))
+    monkeypatch.setattr(cutlass_backend, "_bwd_library", lambda dropout=False, head_dim=128: (object(), None))
     monkeypatch.setattr(cutlass_backend, "UNVALIDATED", set())
     backend = CutlassBackend()
 
@@ -510,7 +523,7 @@ def test_the_cutlass_backward_says_when_triton_runs_it(monkeypatch):
     for ok in (inp(), inp(causal=True), inp(hkv=2, causal=True), inp(causal="bottom_right", nq=136)):
         assert backend.backward_reasons(ok) == [] and backend.backward_kernel(ok) == "cutlass"
     assert backend.backward_reasons(inp(d=256)) == [
-        "head_dim=256: the CUTLASS backward is built for 128 (example 88's backward tiles)"]
+        "head_dim=256: the CUTLASS backward is built for 64, 128 (example 88's backward tiles)"]
     bias = torch.randn(1, 4, 256, 256, dtype=torch.bfloat16)
     learned = bias.clone().requires_grad_()
     # Measured faster than Triton's since session 22: the bias and its gradient run on CUTLASS.
@@ -537,9 +550,10 @@ def test_the_cutlass_backward_says_when_triton_runs_it(monkeypatch):
     from flash_inductor import dispatch
 
     assert dispatch.backward_note(inp(d=256), "cutlass") == (
-        "backward by triton (head_dim=256: the CUTLASS backward is built for 128 (example 88's backward tiles))")
+        "backward by triton (head_dim=256: the CUTLASS backward is built for 64, 128 (example 88's backward tiles))")
     assert dispatch.backward_note(inp(), "cutlass") == dispatch.backward_note(inp(), "triton") == ""
-    monkeypatch.setattr(cutlass_backend, "_bwd_library", lambda dropout=False: (None, "not built: nvcc is missing"))
+    monkeypatch.setattr(cutlass_backend, "_bwd_library",
+                        lambda dropout=False, head_dim=128: (None, "not built: nvcc is missing"))
     assert backend.backward_reasons(inp()) == ["the CUTLASS backward library is not built: nvcc is missing"]
     assert backend.backward_reasons(inp(dropout_p=0.1)) == [
         "the CUTLASS dropout backward library is not built: nvcc is missing"]
@@ -548,6 +562,63 @@ def test_the_cutlass_backward_says_when_triton_runs_it(monkeypatch):
     assert backend.backward_reasons(inp(d=256))[0] == "the CUTLASS backward: built, awaiting its first GPU test run"
     assert "bias: built into the CUTLASS backward, awaiting its first GPU test run" in backend.backward_reasons(
         inp(bias=bias))
+
+
+def test_head_dim_64_runs_on_cutlass_where_its_kernels_are_long_enough(monkeypatch):
+    """Head dim 64 has libraries of its own (forward and backward, with and without dropout), built
+    only for an input of that head dim; below D64_MIN_SCORES scores Triton keeps it (its kernels
+    run in Inductor's graph); grouped KV heads with causal need the block's 192 rows (128 with a
+    bias or dropout) to divide len_q; a feature awaiting its GPU tests is refused in words."""
+    from flash_inductor.backends.cutlass import CutlassBackend
+    from flash_inductor.inputs import validate
+
+    monkeypatch.setattr(CutlassBackend, "device_reasons", lambda self, device: [])
+    built = []
+    monkeypatch.setattr(cutlass_backend, "_library",
+                        lambda dropout=False, head_dim=128: built.append((head_dim, dropout)) or (object(), None))
+    monkeypatch.setattr(cutlass_backend, "_bwd_library", lambda dropout=False, head_dim=128: (object(), None))
+    monkeypatch.setattr(cutlass_backend, "UNVALIDATED", set())
+    backend = CutlassBackend()
+
+    def inp(b=1, hq=8, hkv=8, n=8192, d=64, **kw):
+        q = torch.empty(b, hq, n, d, dtype=torch.bfloat16)
+        k = torch.empty(b, hkv, n, d, dtype=torch.bfloat16)
+        return validate(q, k, k, **kw)
+
+    assert backend.not_supported_reasons(inp()) == [] and built == [(64, False)]
+    assert backend.not_supported_reasons(inp(dropout_p=0.1)) == [] and built[-1] == (64, True)
+    assert backend.backward_reasons(inp()) == [] and backend.backward_kernel(inp(causal=True)) == "cutlass"
+    assert cb.fwd_family(64) is cb.HOPPER_D64 and cb.fwd_family(64, True) is cb.HOPPER_DROPOUT_D64
+    assert cb.fwd_family(128) is cb.fwd_family(256) is cb.HOPPER
+    # 8 x 4096^2 = 2^27 scores: Triton's, in words; the library is not built for it.
+    built.clear()
+    why = backend.not_supported_reasons(inp(n=4096))
+    assert why == ["head_dim=64 with B*H*Nq*Nk = 134217728 < 2^28 scores: Triton's kernels, launched from "
+                   "Inductor's graph under torch.compile, cost less host time than the opaque CUTLASS op where the "
+                   "kernels are this short"] and not built
+    assert backend.not_supported_reasons(inp(b=2, n=4096)) == []  # 2^28
+    assert backend.not_supported_reasons(inp(d=128, n=256)) == []  # head dim 128 has no such floor
+    # Folded causal: blocks of 192 rows (128 with a bias) inside one query head.
+    assert backend.not_supported_reasons(inp(hkv=2, n=8064, causal=True)) == []  # 42 x 192
+    # whose backward is Triton's: the CUTLASS backward's key blocks are 128 (63 x 128 = 8064 does
+    # divide; 8256 = 43 x 192 does not)
+    assert backend.backward_reasons(inp(hkv=2, n=8064, causal=True)) == []
+    assert backend.not_supported_reasons(inp(hkv=2, n=8256, causal=True)) == []
+    assert backend.backward_reasons(inp(hkv=2, n=8256, causal=True)) == [
+        "causal with grouped KV heads and len_k=8256 (the CUTLASS backward needs a multiple of 128, its key "
+        "block, as the folded mask needs)"]
+    assert backend.not_supported_reasons(inp(hkv=2, n=8192, causal=True)) == [
+        "causal with grouped KV heads needs len_q = len_k, a multiple of 192 (got 8192 and 8192)"]
+    bias = torch.empty(1, 8, 8192, 8192, dtype=torch.bfloat16)
+    assert backend.not_supported_reasons(inp(hkv=2, causal=True, bias=bias)) == []
+    assert backend.not_supported_reasons(inp(hkv=2, causal=True, dropout_p=0.1)) == []
+    assert cutlass_backend.block_rows(64, False, False) == 192
+    assert cutlass_backend.block_rows(64, True, False) == cutlass_backend.block_rows(64, False, True) == 128
+    assert cutlass_backend.block_rows(128, False, False) == cutlass_backend.block_rows(256, False, False) == 128
+    monkeypatch.setattr(cutlass_backend, "UNVALIDATED", {"head dim 64"})
+    assert backend.not_supported_reasons(inp()) == [
+        "head dim 64: built, awaiting its first GPU test run (Triton runs it)"]
+    assert backend.not_supported_reasons(inp(d=128)) == []
 
 
 # ---- the Ampere-class (sm_80) family -------------------------------------------------------------

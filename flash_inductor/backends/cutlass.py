@@ -1,24 +1,24 @@
 """The CUTLASS kernels (csrc/) as a backend: Hopper forward and backward, Triton's backward where
 the CUTLASS one does not reach.
 
-It runs the forward of fp16/bf16 attention with head dims 128 and 256 on sm_90 (H100/H200):
+It runs the forward of fp16/bf16 attention with head dims 64, 128 and 256 on sm_90 (H100/H200):
 no mask, top-left causal, bottom-right causal with Nq <= Nk, grouped KV heads (GQA/MQA), and an
 additive bias in q's dtype of any broadcast shape: at head dim 128 loaded by TMA beside K and V
 (csrc/fwd_bias_tma.cuh; shapes TMA cannot take are refused in words, `_tma_bias_reasons`), at
-256 read in the softmax. Grouped KV heads are
+64 and 256 read in the softmax. Grouped KV heads are
 run by folding each KV head's G query heads into its rows ([B, Hkv, G·Nq, D], a free view of
-contiguous q): exact without a mask; with causal, when Nq = Nk is a multiple of 128 (a 128-row
-block then never straddles two heads, and the mask reads row mod Nk); the bias is read per
-folded row. Dropout (csrc/fwd_dropout.cuh, a library of its own built on the first forward with
-dropout) draws the Triton kernels' Philox keep bits, so either backward (the CUTLASS one at head
-dim 128, Triton's elsewhere) regenerates the mask from the seed alone. Head dim 64 stays with
-Triton, which measured faster there (H200, N=8192, bf16 forward: Triton 422 / 331 TFLOP/s against this
-kernel's 344 / 288, no mask / causal; benchmarks/RESULTS.md, session 5). So do mask-like biases
-(bool, or one float mask for every head): Triton's mask tiles skip their fully masked tiles,
-which this kernel would compute.
+contiguous q): exact without a mask; with causal, when Nq = Nk is a multiple of the block's rows
+(`block_rows`: 128, or 192 at head dim 64 without bias or dropout; a block then never straddles two heads,
+and the mask reads row mod Nk); the bias is read per folded row. Dropout (csrc/fwd_dropout.cuh, a
+library of its own built on the first forward with dropout) draws the Triton kernels' Philox keep
+bits, so either backward (the CUTLASS one at head dims 64 and 128, Triton's at 256) regenerates
+the mask from the seed alone. Head dim 64 (its own libraries, a 192-row tile) runs here only from
+`D64_MIN_SCORES` scores up: below, Triton's kernels in Inductor's graph cost less host time.
+Mask-like biases (bool, or one float mask for every head) go to Triton: its mask tiles skip their
+fully masked tiles, which this kernel would compute.
 
-Its backward (csrc/bwd_kernel.cuh, a library of its own built on the first backward) takes head
-dim 128: every mask, grouped KV heads folded as in the forward, the lse gradient, the
+Its backward (csrc/bwd_kernel.cuh, a library per head dim built on the first backward) takes
+head dims 64 and 128: every mask, grouped KV heads folded as in the forward, the lse gradient, the
 forward's bias (its tiles through shared memory) and its gradient (dS written per score through
 the same buffer, summed over the bias's broadcast dims in torch as Triton's is), and dropout (the
 forward's keep bits redrawn by the kernel's spare load warps; a library of its own, built on the
@@ -70,7 +70,24 @@ SLOWER_THAN_TRITON: dict[str, str] = {}
 
 # csrc/flash_cutlass.h's FlashCutlassMask
 NO_MASK, TOP_LEFT, BOTTOM_RIGHT, FOLDED = 0, 1, 2, 3
-TILE_M = 128  # query rows per CUTLASS block, for every head dim built
+TILE_M = 128  # query rows per CUTLASS forward block at head dims 128 and 256
+BWD_TILE_KEYS = 128  # keys per block of the CUTLASS backward (csrc/bwd_kernel.cuh's BwdTileFor)
+D64_BLOCK_ROWS = 192  # and at head dim 64 without a bias or dropout (csrc/fwd_kernel.cuh's TileFor)
+# Head dim 64 runs on CUTLASS from this many scores (B*H*Nq*Nk) up. Below it the Triton kernels,
+# which Inductor launches from its graph, cost less host time than the opaque CUTLASS op: models
+# of head dim 64 are mostly small (BERT, GPT-2, T5) and host-bound under torch.compile
+# (docs/design.md §17). Measured (H100, H=12, session 25): at N=8192 (2^29.6 scores) the CUTLASS
+# forward runs 510 TFLOP/s against Triton's 426 and its backward 360 / 306 (no mask / causal)
+# against 350 / 235; at N <= 4096 every compiled forward and backward timed was host-bound
+# (about 1 ms of wall time a backward either way), the opaque backward 100-350 µs slower.
+D64_MIN_SCORES = 2**28
+
+
+def block_rows(head_dim: int, bias: bool, dropout: bool) -> int:
+    """Query rows per block of the CUTLASS forward (a block of folded grouped-KV rows must not
+    straddle two query heads): head dim 64 without a bias or dropout runs three consumer
+    warpgroups (with them, three would spill: csrc/fwd_kernel.cuh's TileFor)."""
+    return D64_BLOCK_ROWS if head_dim == 64 and not (bias or dropout) else TILE_M
 _INT32_MAX = 2**31 - 1
 
 
@@ -117,13 +134,12 @@ def _dropout_threshold(p: float) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _bwd_library(dropout: bool = False):
-    """The backward's library (its own family, built on the first backward that can use it);
-    dropout's instances are another (built on the first backward with dropout)."""
+def _bwd_library(dropout: bool = False, head_dim: int = 128):
+    """The backward's library for a head dim (a family per head dim, built on the first backward
+    that can use it); dropout's instances are another (built on the first backward with dropout)."""
     from .. import cutlass_build
 
-    lib, why = cutlass_build.load(cutlass_build.HOPPER_BWD_DROPOUT if dropout else cutlass_build.HOPPER_BWD,
-                                  ENV_VAR, log)
+    lib, why = cutlass_build.load(cutlass_build.bwd_family(head_dim, dropout), ENV_VAR, log)
     if lib is None:
         return None, why
     return declare_bwd(lib), None
@@ -139,12 +155,13 @@ def declare_bwd(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 @functools.lru_cache(maxsize=None)
-def _library(dropout: bool = False):
+def _library(dropout: bool = False, head_dim: int = 128):
     """(the loaded library, None) or (None, why not): built, or found in the cache, once per process.
-    Dropout's instances are a library of their own (built on the first forward with dropout)."""
+    Dropout's instances are a library of their own (built on the first forward with dropout), and
+    so are head dim 64's (cutlass_build.fwd_family)."""
     from .. import cutlass_build
 
-    lib, why = cutlass_build.load(cutlass_build.HOPPER_DROPOUT if dropout else cutlass_build.HOPPER, ENV_VAR, log)
+    lib, why = cutlass_build.load(cutlass_build.fwd_family(head_dim, dropout), ENV_VAR, log)
     if lib is None:
         return None, why
     return declare(lib), None
@@ -251,7 +268,7 @@ class CutlassBackend(KernelBackend):
     SUPPORTED_BIAS_KINDS = ("none", "float", "bool")  # bool: refused in extra_reasons, in words
     SUPPORTS_DIFFERENT_V_DIM = False
     SUPPORTS_SOFTCAP = False
-    HEAD_DIMS = (128, 256)
+    HEAD_DIMS = (64, 128, 256)
     BACKWARD_KERNEL = "triton"  # where the CUTLASS backward does not take the input (backward_kernel)
 
     def device_reasons(self, device):
@@ -262,16 +279,18 @@ class CutlassBackend(KernelBackend):
         return reasons
 
     def unavailable_reasons(self, device):
+        """The forward library of head dims 128 and 256 (`info`); an input's own library (its head
+        dim's, with or without dropout) is what `not_supported_reasons` checks."""
         _, why = _library()
         return [f"the CUTLASS library is {why}"] if why else []
 
     def not_supported_reasons(self, inp: AttentionInputs, varlen: bool = False) -> list[str]:
-        reasons = super().not_supported_reasons(inp, varlen)
-        # Dropout's library is built only once an input with dropout is otherwise accepted.
-        if not reasons and inp.dropout_p > 0:
-            _, why = _library(dropout=True)
+        reasons = self.declared_reasons(inp, varlen) + self.extra_reasons(inp)
+        # The input's library last, built only once the input is otherwise accepted (a build of minutes).
+        if not reasons:
+            _, why = _library(inp.dropout_p > 0, inp.head_dim)
             if why:
-                reasons.append(f"the CUTLASS dropout library is {why}")
+                reasons.append(f"the CUTLASS {'dropout ' if inp.dropout_p > 0 else ''}library is {why}")
         return reasons
 
     def extra_reasons(self, inp: AttentionInputs) -> list[str]:
@@ -282,22 +301,26 @@ class CutlassBackend(KernelBackend):
         if any(isinstance(x, torch.SymInt) for x in (*inp.q.shape, *inp.k.shape)):
             return ["symbolic sizes (dynamic shapes): CUTLASS's limits are checked per call, at run time"]
         reasons = []
-        if inp.head_dim == 64:
-            reasons.append("head_dim=64: the Triton kernel is faster there (measured 422 vs 344 TFLOP/s forward, H200)")
-        elif inp.head_dim not in self.HEAD_DIMS:
+        if inp.head_dim not in self.HEAD_DIMS:
             reasons.append(f"head_dim={inp.head_dim} (CUTLASS instances: {', '.join(map(str, self.HEAD_DIMS))})")
+        scores = inp.batch * inp.heads_q * inp.len_q * inp.len_k
+        if inp.head_dim == 64 and scores < D64_MIN_SCORES:
+            reasons.append(f"head_dim=64 with B*H*Nq*Nk = {scores} < 2^{D64_MIN_SCORES.bit_length() - 1} scores: "
+                           "Triton's kernels, launched from Inductor's graph under torch.compile, cost less host "
+                           "time than the opaque CUTLASS op where the kernels are this short")
         grouped = inp.heads_q != inp.heads_kv
         causal = _effective_causal(inp)
         features = (("bottom-right causal", causal == Causal.BOTTOM_RIGHT), ("grouped KV heads", grouped),
-                    ("bias", inp.bias is not None), ("dropout", inp.dropout_p > 0))
+                    ("bias", inp.bias is not None), ("dropout", inp.dropout_p > 0), ("head dim 64", inp.head_dim == 64))
         for feature, used in features:
             if used and feature in UNVALIDATED:
                 reasons.append(f"{feature}: built, awaiting its first GPU test run (Triton runs it)")
         if causal == Causal.BOTTOM_RIGHT and inp.len_q > inp.len_k:
             reasons.append(f"bottom-right causal with len_q={inp.len_q} > len_k={inp.len_k} (rows with no key "
                            "are not in the CUTLASS kernels)")
-        if grouped and causal != Causal.NONE and (inp.len_q != inp.len_k or inp.len_q % TILE_M):
-            reasons.append(f"causal with grouped KV heads needs len_q = len_k, a multiple of {TILE_M} "
+        rows = block_rows(inp.head_dim, inp.bias is not None, inp.dropout_p > 0)
+        if grouped and causal != Causal.NONE and (inp.len_q != inp.len_k or inp.len_q % rows):
+            reasons.append(f"causal with grouped KV heads needs len_q = len_k, a multiple of {rows} "
                            f"(got {inp.len_q} and {inp.len_k})")
         if not (inp.scale > 0 and math.isfinite(inp.scale)):
             reasons.append(f"scale={inp.scale:g} (the CUTLASS softmax needs a finite scale > 0)")
@@ -354,9 +377,9 @@ class CutlassBackend(KernelBackend):
 
     def bias_read(self, inp: AttentionInputs) -> str | None:
         """How the kernel will read this input's bias: "tma" (head dim 128: a tile per key block
-        loaded into shared memory beside K and V), "softmax" (head dim 256: from global memory
+        loaded into shared memory beside K and V), "softmax" (head dims 64 and 256: from global memory
         between the GEMMs), or None (no bias, or no instance takes the input)."""
-        lib, why = _library(inp.dropout_p > 0)
+        lib, why = _library(inp.dropout_p > 0, inp.head_dim)
         if lib is None:
             raise RuntimeError(f"the CUTLASS library is {why}")
         with torch.cuda.device(inp.q.device):
@@ -366,7 +389,7 @@ class CutlassBackend(KernelBackend):
         return {1: "softmax", 2: "tma"}.get(code)
 
     def forward(self, inp: AttentionInputs, seed):
-        lib, why = _library(inp.dropout_p > 0)
+        lib, why = _library(inp.dropout_p > 0, inp.head_dim)
         if lib is None:
             raise RuntimeError(f"the CUTLASS library is {why}")
         b, hq, nq, d = inp.q.shape
@@ -405,10 +428,14 @@ class CutlassBackend(KernelBackend):
                 reasons.append("a bias head of 2^31 elements or more (the backward indexes a head's bias with 32 bits)")
         if inp.len_q % 8:
             reasons.append(f"len_q={inp.len_q} (the CUTLASS backward needs a multiple of 8)")
+        if inp.heads_q != inp.heads_kv and _effective_causal(inp) == Causal.TOP_LEFT and inp.len_k % BWD_TILE_KEYS:
+            # The forward's block may be 192 rows (head dim 64): its limit does not imply this one.
+            reasons.append(f"causal with grouped KV heads and len_k={inp.len_k} (the CUTLASS backward needs a "
+                           f"multiple of {BWD_TILE_KEYS}, its key block, as the folded mask needs)")
         if inp.batch * inp.heads_q * inp.len_q * inp.len_k == 0:
             reasons.append("an empty input (Triton's backward returns its zeros)")
         if not reasons and check_library:
-            _, why = _bwd_library(inp.dropout_p > 0)
+            _, why = _bwd_library(inp.dropout_p > 0, inp.head_dim)
             if why:
                 reasons.append(f"the CUTLASS {'dropout ' if inp.dropout_p > 0 else ''}backward library is {why}")
         return reasons
@@ -423,7 +450,7 @@ class CutlassBackend(KernelBackend):
         from ..kernels import triton_attention
 
         p = float(inp.dropout_p)
-        lib, _ = _bwd_library(p > 0)
+        lib, _ = _bwd_library(p > 0, inp.head_dim)
         if p > 0:
             if seed is None or seed.numel() < 2:
                 raise ValueError("dropout needs the forward's seed tensor (two int64 words)")
