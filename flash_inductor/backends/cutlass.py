@@ -8,8 +8,8 @@ additive bias in q's dtype of any broadcast shape: at head dim 128 loaded by TMA
 64 and 256 read in the softmax. Grouped KV heads are
 run by folding each KV head's G query heads into its rows ([B, Hkv, G·Nq, D], a free view of
 contiguous q): exact without a mask; with causal, when Nq = Nk is a multiple of the block's rows
-(`block_rows`: 128, or 192 at head dim 64 without bias or dropout; a block then never straddles two heads,
-and the mask reads row mod Nk); the bias is read per folded row. Dropout (csrc/fwd_dropout.cuh, a
+(`block_rows`: 128, or 192 at head dim 64 without bias or dropout; a block then never straddles
+two heads, and the mask reads row mod Nk); the bias is read per folded row. Dropout (csrc/fwd_dropout.cuh, a
 library of its own built on the first forward with dropout) draws the Triton kernels' Philox keep
 bits, so either backward (the CUTLASS one at head dims 64 and 128, Triton's at 256) regenerates
 the mask from the seed alone. Head dim 64 (its own libraries, a 192-row tile) runs here only from
@@ -78,8 +78,8 @@ D64_BLOCK_ROWS = 192  # and at head dim 64 without a bias or dropout (csrc/fwd_k
 # of head dim 64 are mostly small (BERT, GPT-2, T5) and host-bound under torch.compile
 # (docs/design.md §17). Measured (H100, H=12, session 25): at N=8192 (2^29.6 scores) the CUTLASS
 # forward runs 510 TFLOP/s against Triton's 426 and its backward 360 / 306 (no mask / causal)
-# against 350 / 235; at N <= 4096 every compiled forward and backward timed was host-bound
-# (about 1 ms of wall time a backward either way), the opaque backward 100-350 µs slower.
+# against 350 / 235; at N <= 4096 every compiled backward timed was host-bound (about 1 ms of
+# wall time either way), the opaque CUTLASS one 100-350 µs slower.
 D64_MIN_SCORES = 2**28
 
 
@@ -88,6 +88,8 @@ def block_rows(head_dim: int, bias: bool, dropout: bool) -> int:
     straddle two query heads): head dim 64 without a bias or dropout runs three consumer
     warpgroups (with them, three would spill: csrc/fwd_kernel.cuh's TileFor)."""
     return D64_BLOCK_ROWS if head_dim == 64 and not (bias or dropout) else TILE_M
+
+
 _INT32_MAX = 2**31 - 1
 
 
