@@ -1,12 +1,12 @@
 """The CUTLASS forward (csrc/, built on first use) against float64 attention, on an sm_90 GPU.
 
-Every instance (fp16/bf16 × head dims 128/256 × no mask/top-left causal) on shapes with
+Every instance (fp16/bf16 × head dims 64/128/256 × no mask/top-left causal) on shapes with
 lengths that are not multiples of the tiles, Nq ≠ Nk both ways, and the [B, N, H, D] layout HF
 models pass; bottom-right causal and grouped KV heads (folded into rows) on a few of each; and
 the bias instances on every bias layout the glue handles (per head, full, strided keys, odd
 rows, broadcast, fully masked rows), each read the way the kernel picks for it (by TMA or in
 the softmax). The backward is the CUTLASS backward (csrc/bwd_kernel.cuh) where it takes the
-input (head dim 128, a bias with or without its gradient, dropout), else the Triton backward fed
+input (head dims 64 and 128, a bias with or without its gradient, dropout), else the Triton backward fed
 the CUTLASS forward's out and lse; each case asserts which one ran, and the gradients check both
 against float64. Dropout (the dropout libraries' forward and backward) is held bit for bit to the
 Triton kernels' keep mask, and its values and gradients to float64 with that mask. Outputs are
