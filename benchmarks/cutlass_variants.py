@@ -108,6 +108,11 @@ def time_interleaved(fns: dict, reps=20, rounds=7) -> dict:
     return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
+def _use_library(lib):
+    """Every forward of the backend then runs `lib` (a variant's), whatever its head dim or dropout."""
+    cutlass_backend._library = lambda dropout=False, head_dim=128: (lib, None)
+
+
 def _time_plain(libs, n, h, d, gen):
     """Variants without a bias, beside the Triton forward and cuDNN's, on no mask and causal."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -119,7 +124,7 @@ def _time_plain(libs, n, h, d, gen):
         ref, _ = TritonBackend().forward(inp, None)
 
         def call(lib):
-            cutlass_backend._library = lambda dropout=False: (lib, None)
+            _use_library(lib)
             return cutlass_backend.CutlassBackend().forward(inp, None)
 
         def cudnn():
@@ -179,14 +184,14 @@ def main(argv=None):
             flops = 4 * h * n * n * d / (2 if causal else 1)
 
             def call(lib, run):
-                cutlass_backend._library = lambda dropout=False: (lib, None)
+                _use_library(lib)
                 return cutlass_backend.CutlassBackend().forward(run, None)
 
             runs = {name: inp if VARIANTS[name][0][0].bias else plain for name in libs}
             fns = {name: (lambda lib=lib, run=runs[name]: call(lib, run)) for name, lib in libs.items()}
             checks = {}
             for name, lib in libs.items():
-                cutlass_backend._library = lambda dropout=False, lib=lib: (lib, None)
+                _use_library(lib)
                 read = cutlass_backend.CutlassBackend().bias_read(runs[name])
                 out, _ = fns[name]()
                 want = ref if runs[name] is inp else ref_plain

@@ -65,16 +65,6 @@ class KernelBackend:
 
     def not_supported_reasons(self, inp: AttentionInputs, varlen: bool = False) -> list[str]:
         """`varlen`: the input is a packed variable-length batch (`inp` is its [1, H, total, D] view)."""
-        reasons = self.declared_reasons(inp, varlen) + self.extra_reasons(inp)
-        # Availability last: for CUTLASS it means a build of minutes on first use, which an input
-        # the kernels would refuse anyway (a head dim of 64, say) must not pay for.
-        if not reasons:
-            reasons += self.unavailable_reasons(inp.device)
-        return reasons
-
-    def declared_reasons(self, inp: AttentionInputs, varlen: bool = False) -> list[str]:
-        """The input against the declared table alone (device, dtype, head dims, bias, dropout,
-        soft-capping, causal alignment, packed batches)."""
         reasons = self.device_reasons(inp.device)
         if inp.dtype not in self.SUPPORTED_DTYPES:
             names = ", ".join(_dtype_name(d) for d in self.SUPPORTED_DTYPES)
@@ -103,7 +93,17 @@ class KernelBackend:
             reasons.append(f"causal={inp.causal.name.lower()} (not supported by this kernel)")
         if varlen and not self.SUPPORTS_VARLEN:
             reasons.append("variable-length (packed or nested) input is not in this kernel")
+        reasons += self.extra_reasons(inp)
+        # Availability last: for CUTLASS it means a build of minutes on first use, which an input
+        # the kernels would refuse anyway (a head dim of 64, say) must not pay for.
+        if not reasons:
+            reasons += self.unavailable_reasons_for(inp)
         return reasons
+
+    def unavailable_reasons_for(self, inp: AttentionInputs) -> list[str]:
+        """Availability for this input: the backend's, unless what it runs on depends on the input
+        (CUTLASS: a library per head dim and dropout)."""
+        return self.unavailable_reasons(inp.device)
 
     def extra_reasons(self, inp: AttentionInputs) -> list[str]:
         """Backend-specific limits beyond the declared table."""

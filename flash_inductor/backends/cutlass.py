@@ -281,19 +281,16 @@ class CutlassBackend(KernelBackend):
         return reasons
 
     def unavailable_reasons(self, device):
-        """The forward library of head dims 128 and 256 (`info`); an input's own library (its head
-        dim's, with or without dropout) is what `not_supported_reasons` checks."""
+        """The forward library of head dims 128 and 256 (`info`); dispatch checks an input's own
+        library (`unavailable_reasons_for`)."""
         _, why = _library()
         return [f"the CUTLASS library is {why}"] if why else []
 
-    def not_supported_reasons(self, inp: AttentionInputs, varlen: bool = False) -> list[str]:
-        reasons = self.declared_reasons(inp, varlen) + self.extra_reasons(inp)
-        # The input's library last, built only once the input is otherwise accepted (a build of minutes).
-        if not reasons:
-            _, why = _library(inp.dropout_p > 0, inp.head_dim)
-            if why:
-                reasons.append(f"the CUTLASS {'dropout ' if inp.dropout_p > 0 else ''}library is {why}")
-        return reasons
+    def unavailable_reasons_for(self, inp: AttentionInputs) -> list[str]:
+        # The input's own library (its head dim's, with or without dropout), asked for only once
+        # the input is otherwise accepted: a build of minutes.
+        _, why = _library(inp.dropout_p > 0, inp.head_dim)
+        return [f"the CUTLASS {'dropout ' if inp.dropout_p > 0 else ''}library is {why}"] if why else []
 
     def extra_reasons(self, inp: AttentionInputs) -> list[str]:
         # Off an sm_90 GPU nothing below matters; and the rewrite asks on traced values, where a
