@@ -109,6 +109,44 @@ for b, hq, hkv, nq, nk, causal, bias_kind, p in cases:
     cutlass_d64_compiled)  # where the opaque CUTLASS ops pay under torch.compile (Triton's are launched from the graph)
       bench ${D64_BENCH_TIMEOUT:-240} bench_d64_compiled --head-dim 64 --lengths ${D64_COMPILED_LENGTHS:-512 1024 2048 4096} --cases ${D64_COMPILED_CASES:-none causal} --peers flash_compiled triton_compiled
       bench ${D64_BENCH_TIMEOUT:-240} bench_d64_compiled_h96 --head-dim 64 --heads 96 --lengths 512 --cases ${D64_H96_CASES:-none causal dropout} --peers flash_compiled triton_compiled ;;
+    compile_variants)  # the nvcc compile tests of benchmark variants no library builds (CI skips them)
+      FLASH_INDUCTOR_TEST_VARIANTS=1 timeout ${VARIANTS_TIMEOUT:-300} python3 -m pytest -q tests/test_cutlass_build.py -k "compile" 2>&1 | tee "$OUT/compile_variants.log" | tail -6 ;;
+    cutlass_d256)  # head dim 256's CUTLASS backward (csrc/bwd_d256.cuh), every part below
+      LANE_CHILD=1 bash "$0" cutlass_d256_smoke cutlass_d256_tests cutlass_d256_bwd cutlass_d256_bench cutlass_d256_compiled ;;
+    cutlass_d256_smoke)  # one small backward per mask against Triton's, under a minute (prints D256_SMOKE_OK)
+      timeout ${D256_SMOKE_TIMEOUT:-90} python3 -c "
+import torch
+from flash_inductor.backends import cutlass
+from flash_inductor.backends.triton import TritonBackend
+from flash_inductor.inputs import validate
+cutlass.UNVALIDATED.clear()
+be, tr = cutlass.CutlassBackend(), TritonBackend()
+g = torch.Generator(device='cuda').manual_seed(0)
+worst = 0.0
+for b, hq, hkv, nq, nk, causal in ((1, 2, 2, 256, 256, False), (1, 2, 2, 200, 136, False), (1, 2, 2, 256, 256, 'top_left'),
+                                   (1, 2, 2, 136, 392, 'bottom_right'), (1, 4, 2, 256, 256, 'top_left')):
+    q = torch.randn(b, hq, nq, 256, device='cuda', dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(b, hkv, nk, 256, device='cuda', dtype=torch.bfloat16, generator=g) for _ in range(2))
+    inp = validate(q, k, v, causal=causal)
+    assert be.backward_kernel(inp) == 'cutlass', be.backward_reasons(inp)
+    out, lse = tr.forward(inp, None)
+    dout = torch.randn_like(out)
+    got = be.backward(inp, None, out, lse, dout, None, False)
+    want = tr.backward(inp, None, out, lse, dout, None, False)
+    torch.cuda.synchronize()
+    errs = [((x.double() - y.double()).norm() / y.double().norm()).item() for x, y in zip(got[:3], want[:3])]
+    worst = max(worst, *errs)
+    print(b, hq, hkv, nq, nk, causal, 'rel err vs Triton dq dk dv', ' '.join(f'{e:.2e}' for e in errs), flush=True)
+print('D256_SMOKE_OK' if worst < 2e-2 else 'D256_SMOKE_BAD', worst)
+" 2>&1 | grep -v Warning | tee "$OUT/cutlass_d256_smoke.log" ;;
+    cutlass_d256_tests)  # its GPU tests (D256_TESTS_K: pytest -k)
+      FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout ${D256_TESTS_TIMEOUT:-240} python3 -m pytest -q -m gpu tests/test_cutlass.py -k "${D256_TESTS_K:-256}" 2>&1 | tee "$OUT/cutlass_d256_tests.log" | tail -12 ;;
+    cutlass_d256_bwd)  # the backward alone beside Triton's and cuDNN's (D256_VARIANTS: NAME=-DFLAG=1 ...)
+      timeout ${D256_BWD_TIMEOUT:-200} python3 benchmarks/cutlass_bwd_time.py --head-dim 256 --lengths ${D256_LENGTHS:-2048 4096 8192} $(for v in ${D256_VARIANTS:-}; do echo --variant $v; done) --json "$OUT/cutlass_bwd_time_d256.json" 2>&1 | grep -v Warning | tee "$OUT/cutlass_bwd_time_d256.log" ;;
+    cutlass_d256_bench)  # the op's rows, dispatch choosing each pass ("flash"); lets the backward through before its tests pass
+      timeout ${D256_BENCH_TIMEOUT:-240} python3 -c "import sys; from flash_inductor.backends import cutlass; cutlass.UNVALIDATED.discard('head dim 256 backward'); from flash_inductor.cli import main; sys.exit(main(sys.argv[1:]))" bench --head-dim 256 --lengths ${D256_BENCH_LENGTHS:-8192} --cases ${D256_CASES:-none causal} --peers flash triton sdpa_cudnn flex --json "$OUT/bench_d256.json" 2>&1 | grep -v Warning | tee "$OUT/bench_d256.log" ;;
+    cutlass_d256_compiled)  # compiled training: the opaque CUTLASS backward against Triton's kernels in Inductor's graph
+      bench ${D256_BENCH_TIMEOUT:-240} bench_d256_compiled --head-dim 256 --lengths ${D256_COMPILED_LENGTHS:-1024 2048 4096} --cases ${D256_COMPILED_CASES:-none causal} --peers flash_compiled triton_compiled ;;
     cutlass_dropout_tests)  # the dropout GPU tests alone
       FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout ${DROP_TESTS_TIMEOUT:-200} python3 -m pytest -q -m gpu tests/test_cutlass.py -k dropout 2>&1 | tee "$OUT/cutlass_dropout_tests.log" | tail -12 ;;
     sm80)  # the sm_80 family (example 41's kernels as sm_80 code): build, GPU tests, then the bench rows

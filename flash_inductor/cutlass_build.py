@@ -1,6 +1,6 @@
 """Build the CUTLASS kernels in csrc/ into shared libraries, with ninja, on first use; cached.
 
-Four families, one library each, built only on a GPU that runs them:
+Four kinds of library, each built only on a GPU that runs it:
 
 * HOPPER (`libflash_cutlass.so`, sm_90a): the TMA + warp-specialised forward of example 88, one
   translation unit per instance (dtype × head dim × mask × how the bias is read, `INSTANCES`)
@@ -13,6 +13,8 @@ Four families, one library each, built only on a GPU that runs them:
   backward collective with our consumer (csrc/bwd_kernel.cuh), one unit per dtype × head dim ×
   mask × bias (`BWD_INSTANCES`). A library of its own, built on the first backward, so inference never
   waits for it and each library's build stays within its own few minutes.
+  Head dims 64 and 256 have libraries of their own (`bwd_family`); head dim 256's runs its own
+  kernel (csrc/bwd_d256.cuh: 64 x 64 tiles that fit its shared memory, no bias or dropout yet).
 * AMPERE (`libflash_cutlass_sm80.so`, sm_80 code, SASS for sm_80 and sm_90 plus compute_80 PTX):
   example 41's memory-efficient forward and backward with bias, bias gradient, causal masks,
   dropout and packed variable-length batches, one unit per (pass, dtype, head-dim bucket,
@@ -67,6 +69,7 @@ AMPERE_SOURCES = ("flash_cutlass.h", "flash_cutlass_sm80.h", "sm80_common.cuh", 
                   "aten_shim/c10/cuda/CUDAGuard.h")
 BWD_SOURCES = ("flash_cutlass.h", "flash_cutlass_bwd.h", "launch.cuh", "element_bits.cuh", "bwd_kernel.cuh")
 BWD_DROPOUT_SOURCES = BWD_SOURCES + ("bwd_dropout.cuh", "dropout_philox.h")
+BWD_D256_SOURCES = ("flash_cutlass.h", "flash_cutlass_bwd.h", "launch.cuh", "element_bits.cuh", "bwd_d256.cuh")
 LIB_NAME = "libflash_cutlass.so"
 DROPOUT_LIB_NAME = "libflash_cutlass_dropout.so"
 BWD_LIB_NAME = "libflash_cutlass_bwd.so"
@@ -144,11 +147,15 @@ DROPOUT_INSTANCES = tuple(dataclasses.replace(i, dropout=True) for i in INSTANCE
 D64_INSTANCES = tuple(Instance(d, 64, m, b) for d, m, b in itertools.product(DTYPES, MASKS, (False, True)))
 D64_DROPOUT_INSTANCES = tuple(dataclasses.replace(i, dropout=True) for i in D64_INSTANCES)
 
-# The backward's head dims: those example 88's backward tiles (64 queries x 128 keys) hold in
-# shared memory; 256 would not fit (Triton runs it). Each head dim is a library of its own, built
-# on the first backward of that head dim: a model has one or two head dims, and neither build
-# passes 3 minutes on 16 cores.
-BWD_HEAD_DIMS = (64, 128)
+# The backward's head dims. 64 and 128: example 88's backward collective with our consumer
+# (csrc/bwd_kernel.cuh), whose tiles (64 queries x 128 keys) do not fit head dim 256 in shared
+# memory; 256: a kernel of its own (csrc/bwd_d256.cuh, 64 x 64 tiles), without a bias or dropout
+# so far (Triton's backward runs those). Each head dim is a library of its own, built on the first
+# backward of that head dim: a model has one or two head dims, and no build passes 3 minutes on
+# 16 cores.
+BWD_HEAD_DIMS = (64, 128, 256)
+BWD_BIAS_HEAD_DIMS = (64, 128)
+BWD_DROPOUT_HEAD_DIMS = (64, 128)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +166,19 @@ class BwdInstance:
     bias: bool = False  # the forward's additive bias, read per score
     bias_grad: bool = False  # and its gradient (dS) written per score
     dropout: bool = False  # the forward's keep bits redrawn (the HOPPER_BWD_DROPOUT family)
+
+    def __post_init__(self):
+        if self.bias_grad and not self.bias:
+            raise ValueError("bias_grad needs bias=True")
+        if self.bias and self.head_dim not in BWD_BIAS_HEAD_DIMS:
+            raise ValueError(f"no backward reads a bias at head dim {self.head_dim}")
+        if self.dropout and self.head_dim not in BWD_DROPOUT_HEAD_DIMS:
+            raise ValueError(f"no backward has dropout at head dim {self.head_dim}")
+
+    @property
+    def own_kernel(self) -> bool:
+        """Head dim 256: csrc/bwd_d256.cuh's kernel (run_bwd_d256), not example 88's collective."""
+        return self.head_dim == 256
 
     @property
     def bias_code(self) -> int:
@@ -181,18 +201,27 @@ class BwdInstance:
 
     @property
     def template_args(self) -> str:
+        if self.own_kernel:
+            return f"{DTYPES[self.dtype]}, {MASKS[self.mask]}"
         return (f"{DTYPES[self.dtype]}, {self.head_dim}, {MASKS[self.mask]}, {self.bias_code}, "
                 f"{'true' if self.dropout else 'false'}")
 
+    @property
+    def function(self) -> str:
+        return "run_bwd_d256" if self.own_kernel else "run_bwd"
+
     def source(self) -> str:
+        if self.own_kernel:
+            return f'#include "bwd_d256.cuh"\nFLASH_CUTLASS_BWD_D256_INSTANCE({self.template_args})\n'
         header = "bwd_dropout.cuh" if self.dropout else "bwd_kernel.cuh"
         return f'#include "{header}"\nFLASH_CUTLASS_BWD_INSTANCE({self.template_args})\n'
 
 
 def bwd_instances(head_dim: int, dropout: bool = False) -> tuple:
-    """One backward library's instances: dtype x mask x (no bias, bias, bias and its gradient)."""
-    return tuple(BwdInstance(d, head_dim, m, b, g, dropout)
-                 for d, m, (b, g) in itertools.product(DTYPES, MASKS, ((False, False), (True, False), (True, True))))
+    """One backward library's instances: dtype x mask x (no bias, bias, bias and its gradient),
+    the bias where the head dim's kernel reads one."""
+    biases = ((False, False), (True, False), (True, True)) if head_dim in BWD_BIAS_HEAD_DIMS else ((False, False),)
+    return tuple(BwdInstance(d, head_dim, m, b, g, dropout) for d, m, (b, g) in itertools.product(DTYPES, MASKS, biases))
 
 
 BWD_INSTANCES = bwd_instances(128)
@@ -278,14 +307,17 @@ def bwd_api_source(instances=BWD_INSTANCES) -> str:
     cases = "\n".join(
         f"  if (dtype == {DTYPES[i.dtype]} && p->head_dim == {i.head_dim} && mask == {MASKS[i.mask]} && "
         f"bias == {i.bias_code} && dropout == {'true' if i.dropout else 'false'})\n"
-        f"    return flash_cutlass::run_bwd<{i.template_args}>(*p, err, err_len);"
+        f"    return flash_cutlass::{i.function}<{i.template_args}>(*p, err, err_len);"
         for i in instances)
     listing = "\\n".join(i.label for i in instances)
+    # Declared only where called, so the other backward libraries' sources (and cache keys) stay.
+    own = ("\ntemplate <int kDtype, int kMask>\nint run_bwd_d256(FlashCutlassBwdParams const& p, char* err, int err_len);"
+           if any(i.own_kernel for i in instances) else "")
     return f"""#include <cstdio>
 #include "flash_cutlass_bwd.h"
 namespace flash_cutlass {{
 template <int kDtype, int kHeadDim, int kMask, int kBias, bool kDropout>
-int run_bwd(FlashCutlassBwdParams const& p, char* err, int err_len);
+int run_bwd(FlashCutlassBwdParams const& p, char* err, int err_len);{own}
 }}
 extern "C" int flash_cutlass_bwd(int32_t dtype, int32_t mask, const FlashCutlassBwdParams* p, char* err, int32_t err_len) {{
   int bias = p->bias == nullptr ? 0 : p->dbias == nullptr ? 1 : 2;
@@ -400,13 +432,21 @@ HOPPER_BWD_D64 = dataclasses.replace(HOPPER_BWD, name="hopper_bwd_d64", lib_name
 HOPPER_BWD_DROPOUT_D64 = dataclasses.replace(HOPPER_BWD_DROPOUT, name="hopper_bwd_dropout_d64",
                                              lib_name="libflash_cutlass_bwd_dropout_d64.so",
                                              instances=bwd_instances(64, dropout=True))
+# Head dim 256's backward: its own kernel (csrc/bwd_d256.cuh), 8 units.
+HOPPER_BWD_D256 = Family("hopper_bwd_d256", "libflash_cutlass_bwd_d256.so", BWD_D256_SOURCES, "examples/88_hopper_fmha",
+                         ("-gencode=arch=compute_90a,code=sm_90a",), bwd_instances(256), bwd_api_source)
 _BWD_FAMILIES = {(128, False): HOPPER_BWD, (128, True): HOPPER_BWD_DROPOUT, (64, False): HOPPER_BWD_D64,
-                 (64, True): HOPPER_BWD_DROPOUT_D64}
+                 (64, True): HOPPER_BWD_DROPOUT_D64, (256, False): HOPPER_BWD_D256}
 
 
 def bwd_family(head_dim: int, dropout: bool = False) -> Family:
     """The backward library that holds this head dim's instances (with or without dropout)."""
-    return _BWD_FAMILIES[head_dim, dropout]
+    family = _BWD_FAMILIES.get((head_dim, dropout))
+    if family is None:
+        raise ValueError(f"no CUTLASS backward library for head_dim={head_dim}"
+                         + (" with dropout" if dropout else "") + f" (head dims {BWD_HEAD_DIMS}, with dropout "
+                         f"{BWD_DROPOUT_HEAD_DIMS})")
+    return family
 
 
 # sm_80 code: SASS for A100-class GPUs and for Hopper (compiled from the same compute_80 PTX),
@@ -415,7 +455,7 @@ AMPERE = Family("ampere", AMPERE_LIB_NAME, AMPERE_SOURCES, "examples/41_fused_mu
                 ("-gencode=arch=compute_80,code=[sm_80,sm_90,compute_80]",), AMPERE_INSTANCES, ampere_api_source,
                 needs_curand=True)
 FAMILIES = {f.name: f for f in (HOPPER, HOPPER_DROPOUT, HOPPER_BWD, HOPPER_BWD_DROPOUT, HOPPER_D64, HOPPER_DROPOUT_D64,
-                                 HOPPER_BWD_D64, HOPPER_BWD_DROPOUT_D64, AMPERE)}
+                                 HOPPER_BWD_D64, HOPPER_BWD_DROPOUT_D64, HOPPER_BWD_D256, AMPERE)}
 
 
 # ---- the toolchain ------------------------------------------------------------------------------

@@ -5,9 +5,10 @@ lengths that are not multiples of the tiles, Nq ≠ Nk both ways, and the [B, N,
 models pass; bottom-right causal and grouped KV heads (folded into rows) on a few of each; and
 the bias instances on every bias layout the glue handles (per head, full, strided keys, odd
 rows, broadcast, fully masked rows), each read the way the kernel picks for it (by TMA or in
-the softmax). The backward is the CUTLASS backward (csrc/bwd_kernel.cuh) where it takes the
-input (head dims 64 and 128, a bias with or without its gradient, dropout), else the Triton backward fed
-the CUTLASS forward's out and lse; each case asserts which one ran, and the gradients check both
+the softmax). The backward is the CUTLASS backward where it takes the input (csrc/bwd_kernel.cuh
+at head dims 64 and 128, with a bias with or without its gradient, and dropout; csrc/bwd_d256.cuh
+at head dim 256 without them), else the Triton backward fed the CUTLASS forward's out and lse;
+each case asserts which one ran, and the gradients check both
 against float64. Dropout (the dropout libraries' forward and backward) is held bit for bit to the
 Triton kernels' keep mask, and its values and gradients to float64 with that mask. Outputs are
 poisoned (NaN) before each run.
@@ -48,6 +49,11 @@ CASES += [
     (torch.float16, 64, False, (2, 8, 2, 200, 136, "bnhd")),
     (torch.bfloat16, 64, "top_left", (2, 8, 2, 384, 384, "bhnd")),  # folded: 2 blocks a head
     (torch.float16, 64, "top_left", (1, 4, 1, 768, 768, "bnhd")),
+    # Head dim 256's own backward (64-key blocks): grouped heads of rows that are no multiple of
+    # 64, and more key blocks than one CTA wave of a short row
+    (torch.bfloat16, 256, False, (2, 8, 2, 200, 136, "bhnd")),
+    (torch.float16, 256, "bottom_right", (1, 2, 2, 72, 520, "bhnd")),
+    (torch.bfloat16, 256, "top_left", (1, 4, 2, 640, 640, "bnhd")),
 ]
 
 
@@ -124,7 +130,7 @@ def test_forward_and_backward(cutlass, poisoned, dtype, d, causal, shape):
     k, v = (_randn((b, hkv, nk, d), dtype, gen, layout).cuda() for _ in range(2))
     inp = validate(q, k, v, causal=causal)
     assert not cutlass.not_supported_reasons(inp), cutlass.not_supported_reasons(inp)
-    assert cutlass.backward_kernel(inp) == ("cutlass" if d in (64, 128) else "triton"), cutlass.backward_reasons(inp)
+    assert cutlass.backward_kernel(inp) == "cutlass", cutlass.backward_reasons(inp)
     _check_against_ref(cutlass, poisoned, q, k, v, None, causal, gen)
 
 
@@ -417,9 +423,8 @@ def test_head_dim_64_runs_on_cutlass_from_its_size_floor(cutlass, monkeypatch):
 
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_compiled_training_runs_the_backward_dispatch_picks(cutlass, d):
-    """Under torch.compile the CUTLASS forward is one opaque op; so is the CUTLASS backward (head
-    dims 64 and 128), while Triton's (head dim 256) is decomposed into the graph's own kernels; the
-    gradients match float64 attention either way."""
+    """Under torch.compile the CUTLASS forward is one opaque op, and so is the CUTLASS backward
+    (every head dim); the gradients match float64 attention."""
     import flash_inductor
     from test_kernels_in_graph import _aot_graphs
 
@@ -430,10 +435,7 @@ def test_compiled_training_runs_the_backward_dispatch_picks(cutlass, d):
     out.backward(dout)
     fw, bw = (g.code for g in graphs)
     assert "torch.ops.flash.fwd.default" in fw and "triton_kernel_wrapper" not in fw
-    if d in (64, 128):
-        assert "torch.ops.flash.bwd" in bw and "triton_kernel_wrapper" not in bw
-    else:
-        assert "triton_kernel_wrapper" in bw and "torch.ops.flash.bwd" not in bw
+    assert "torch.ops.flash.bwd" in bw and "triton_kernel_wrapper" not in bw
     ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = flash_inductor.attention_ref(*ref_leaves, causal=True)
     ref.backward(dout.double())

@@ -245,14 +245,25 @@ def test_build_command_reports_a_missing_toolchain(monkeypatch, tmp_path, capsys
     assert "flash-inductor build: " in capsys.readouterr().err
 
 
+# Benchmark variants that no library builds (benchmarks/cutlass_variants.py and
+# cutlass_bwd_time.py --variant time them): compiled where FLASH_INDUCTOR_TEST_VARIANTS=1, as
+# benchmarks/gpu_session.sh's `compile_variants` phase does on 16 cores. CI's two cores compile
+# the units the libraries build (the variants took 12 of its 31 minutes, session 25).
+VARIANT_ONLY = pytest.mark.skipif(not os.environ.get("FLASH_INDUCTOR_TEST_VARIANTS"),
+                                  reason="a benchmark variant no library builds (FLASH_INDUCTOR_TEST_VARIANTS=1 "
+                                         "compiles it)")
+
+
 @pytest.mark.skipif(not HAVE_HEADERS or shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"),
                     reason="needs nvcc and the nvidia-cutlass headers")
 @pytest.mark.parametrize("variant,inst", [
-    ([], cb.Instance("bf16", 128, "causal", bias=True, tma_bias=True)),
-    (["-DFLASH_CUTLASS_TMA_BIAS_OVERLAP=1"], cb.Instance("bf16", 128, "causal", bias=True, tma_bias=True)),
-    (["-DFLASH_CUTLASS_TMA_BIAS_OVERLAP=1", "-DFLASH_CUTLASS_OVERLAP_NO_BIAS=1"], cb.Instance("bf16", 128, "causal")),
-    ([], cb.Instance("fp16", 256, "causal_br", bias=True, dropout=True)),
-], ids=["default", "overlap", "overlap_no_bias", "dropout_softmax_bias"])
+    pytest.param([], cb.Instance("bf16", 128, "causal", bias=True, tma_bias=True), id="default"),
+    pytest.param(["-DFLASH_CUTLASS_TMA_BIAS_OVERLAP=1"], cb.Instance("bf16", 128, "causal", bias=True, tma_bias=True),
+                 id="overlap", marks=VARIANT_ONLY),
+    pytest.param(["-DFLASH_CUTLASS_TMA_BIAS_OVERLAP=1", "-DFLASH_CUTLASS_OVERLAP_NO_BIAS=1"],
+                 cb.Instance("bf16", 128, "causal"), id="overlap_no_bias", marks=VARIANT_ONLY),
+    pytest.param([], cb.Instance("fp16", 256, "causal_br", bias=True, dropout=True), id="dropout_softmax_bias"),
+])
 def test_the_entry_point_and_one_instance_compile_for_sm90a(request, variant, inst):
     """A real nvcc run (about a minute on 2 cores each): the generated units and csrc/ are valid
     CUDA C++ against the installed CUTLASS, before any GPU sees them. The default one is the mask
@@ -363,8 +374,8 @@ def test_bias_reaches_the_kernel_as_it_reads_it(kind):
 def test_backward_instances_cover_every_dtype_head_dim_mask_and_bias_once():
     """A library per head dim (and dropout): a model builds the one its head dim needs, and no
     build passes 3 minutes on 16 cores."""
-    assert cb.BWD_HEAD_DIMS == (64, 128)
-    for head_dim in cb.BWD_HEAD_DIMS:
+    assert cb.BWD_HEAD_DIMS == (64, 128, 256) and cb.BWD_DROPOUT_HEAD_DIMS == cb.BWD_BIAS_HEAD_DIMS == (64, 128)
+    for head_dim in cb.BWD_BIAS_HEAD_DIMS:
         for dropout in (False, True):
             family = cb.bwd_family(head_dim, dropout)
             assert cb.FAMILIES[family.name] is family and family.api is cb.bwd_api_source
@@ -373,9 +384,10 @@ def test_backward_instances_cover_every_dtype_head_dim_mask_and_bias_once():
                             for b, g in ((False, False), (True, False), (True, True))}
             assert len(keys) == len(family.instances) == 24
     assert cb.bwd_family(128) is cb.HOPPER_BWD and cb.bwd_family(128, True) is cb.HOPPER_BWD_DROPOUT
-    families = [cb.bwd_family(h, drop) for h in cb.BWD_HEAD_DIMS for drop in (False, True)]
-    assert len({f.lib_name for f in families}) == len({f.name for f in families}) == 4
-    assert len({cb.cache_key(["-O3"], "r", "v", family=f) for f in families}) == 4
+    families = [cb.bwd_family(h, drop) for h in cb.BWD_HEAD_DIMS for drop in (False, True)
+                if h in cb.BWD_DROPOUT_HEAD_DIMS or not drop]
+    assert len({f.lib_name for f in families}) == len({f.name for f in families}) == 5
+    assert len({cb.cache_key(["-O3"], "r", "v", family=f) for f in families}) == 5
     assert cb.bwd_family(64).sources == cb.HOPPER_BWD.sources
     assert cb.bwd_family(64, True).sources == cb.HOPPER_BWD_DROPOUT.sources
     inst = cb.BwdInstance("bf16", 128, "causal_folded", bias=True)
@@ -398,6 +410,31 @@ def test_backward_instances_cover_every_dtype_head_dim_mask_and_bias_once():
     assert ("mask == FLASH_CUTLASS_NO_MASK && bias == 2 && dropout == false)\n"
             "    return flash_cutlass::run_bwd<FLASH_CUTLASS_FP16, 128, FLASH_CUTLASS_NO_MASK, 2, false>") in src
     assert '"bf16/128/causal_folded/bias\\nfp16/128/none\\nfp16/128/none/bias_grad"' in src
+
+
+def test_head_dim_256_backward_is_its_own_kernel_without_bias_or_dropout():
+    """Head dim 256's backward (csrc/bwd_d256.cuh): dtype x mask, 8 units, called through its own
+    function; a bias or dropout instance cannot be made, and no dropout library is named."""
+    family = cb.bwd_family(256)
+    assert family is cb.HOPPER_BWD_D256 and cb.FAMILIES[family.name] is family
+    assert "bwd_d256.cuh" in family.sources and "bwd_kernel.cuh" not in family.sources
+    assert {(i.dtype, i.mask, i.bias, i.dropout) for i in family.instances} == {
+        (d, m, False, False) for d in cb.DTYPES for m in cb.MASKS}
+    assert len(family.instances) == 8
+    inst = cb.BwdInstance("bf16", 256, "causal_folded")
+    assert inst.source().splitlines() == [
+        '#include "bwd_d256.cuh"', "FLASH_CUTLASS_BWD_D256_INSTANCE(FLASH_CUTLASS_BF16, FLASH_CUTLASS_CAUSAL_FOLDED)"]
+    src = cb.bwd_api_source(family.instances)
+    assert src.count("return flash_cutlass::run_bwd_d256<") == 8 and "return flash_cutlass::run_bwd<" not in src
+    assert ("if (dtype == FLASH_CUTLASS_BF16 && p->head_dim == 256 && mask == FLASH_CUTLASS_CAUSAL_FOLDED && bias == 0 "
+            "&& dropout == false)\n    return flash_cutlass::run_bwd_d256<FLASH_CUTLASS_BF16, FLASH_CUTLASS_CAUSAL_FOLDED>"
+            "(*p, err, err_len);") in src
+    with pytest.raises(ValueError, match="no backward reads a bias at head dim 256"):
+        cb.BwdInstance("bf16", 256, "none", bias=True)
+    with pytest.raises(ValueError, match="no backward has dropout at head dim 256"):
+        cb.BwdInstance("bf16", 256, "none", dropout=True)
+    with pytest.raises(ValueError, match="no CUTLASS backward library for head_dim=256 with dropout"):
+        cb.bwd_family(256, dropout=True)
 
 
 def _header_fields(struct_name: str, header: str) -> list[str]:
@@ -471,10 +508,14 @@ def test_build_command_builds_forward_and_backward_by_default(capsys):
 @pytest.mark.skipif(not HAVE_HEADERS or shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"),
                     reason="needs nvcc and the nvidia-cutlass headers")
 @pytest.mark.parametrize("variant,bias,dropout", [
-    ([], False, False), (["-DFLASH_CUTLASS_BWD_DQ_FIRST=1"], False, False),
-    (["-DFLASH_CUTLASS_BWD_DQ_SPLIT=1"], False, False), ([], True, True), ([], "grad", False),
-    (["-DFLASH_CUTLASS_BWD_BIAS_LDSM=1"], "grad", False), ([], False, True)],
-    ids=["default", "dq_first", "dq_split", "bias_dropout", "bias_grad", "bias_ldsm", "dropout"])
+    pytest.param([], False, False, id="default"),
+    pytest.param(["-DFLASH_CUTLASS_BWD_DQ_FIRST=1"], False, False, id="dq_first", marks=VARIANT_ONLY),
+    pytest.param(["-DFLASH_CUTLASS_BWD_DQ_SPLIT=1"], False, False, id="dq_split", marks=VARIANT_ONLY),
+    pytest.param([], True, True, id="bias_dropout"),
+    pytest.param([], "grad", False, id="bias_grad"),
+    pytest.param(["-DFLASH_CUTLASS_BWD_BIAS_LDSM=1"], "grad", False, id="bias_ldsm", marks=VARIANT_ONLY),
+    pytest.param([], False, True, id="dropout"),
+])
 def test_the_backward_entry_point_and_one_instance_compile_for_sm90a(request, variant, bias, dropout):
     """A real nvcc run (about a minute on 2 cores each): example 88's backward collective with
     our consumer and a diagonal mask (bottom-right), in bf16, which the example's own consumer
@@ -522,9 +563,22 @@ def test_the_cutlass_backward_says_when_triton_runs_it(monkeypatch):
 
     for ok in (inp(), inp(causal=True), inp(hkv=2, causal=True), inp(causal="bottom_right", nq=136)):
         assert backend.backward_reasons(ok) == [] and backend.backward_kernel(ok) == "cutlass"
-    assert backend.backward_reasons(inp(d=256)) == [
-        "head_dim=256: the CUTLASS backward is built for 64, 128 (example 88's backward tiles)"]
     bias = torch.randn(1, 4, 256, 256, dtype=torch.bfloat16)
+    # Head dim 256: its own kernel, without a bias or dropout so far (Triton's backward, in words).
+    for ok in (inp(d=256), inp(d=256, causal=True), inp(d=256, hkv=2, causal=True)):
+        assert backend.backward_reasons(ok) == [] and backend.backward_kernel(ok) == "cutlass"
+    assert backend.backward_reasons(inp(d=96)) == ["head_dim=96: the CUTLASS backward is built for 64, 128, 256"]
+    assert backend.backward_reasons(inp(d=256, bias=bias)) == [
+        "a bias at head_dim=256: the CUTLASS backward reads a bias at head dims 64, 128 (head dim 256's kernel reads "
+        "none yet)"]
+    assert backend.backward_reasons(inp(d=256, dropout_p=0.1)) == [
+        "dropout at head_dim=256: the CUTLASS backward has dropout at head dims 64, 128 (head dim 256's kernel has "
+        "none yet)"]
+    monkeypatch.setattr(cutlass_backend, "UNVALIDATED", {"head dim 256 backward"})
+    assert backend.backward_reasons(inp(d=256)) == [
+        "head_dim=256: the CUTLASS backward's kernel (csrc/bwd_d256.cuh) is built, awaiting its first GPU test run"]
+    assert backend.backward_reasons(inp()) == []
+    monkeypatch.setattr(cutlass_backend, "UNVALIDATED", set())
     learned = bias.clone().requires_grad_()
     # Measured faster than Triton's since session 22: the bias and its gradient run on CUTLASS.
     assert backend.backward_kernel(inp(bias=bias)) == "cutlass"  # the forward's bias, no gradient
@@ -549,8 +603,9 @@ def test_the_cutlass_backward_says_when_triton_runs_it(monkeypatch):
     # The rewrite's report names the backward's kernels where they are not the forward's.
     from flash_inductor import dispatch
 
-    assert dispatch.backward_note(inp(d=256), "cutlass") == (
-        "backward by triton (head_dim=256: the CUTLASS backward is built for 64, 128 (example 88's backward tiles))")
+    assert dispatch.backward_note(inp(d=256, dropout_p=0.1), "cutlass") == (
+        "backward by triton (dropout at head_dim=256: the CUTLASS backward has dropout at head dims 64, 128 (head dim "
+        "256's kernel has none yet))")
     assert dispatch.backward_note(inp(), "cutlass") == dispatch.backward_note(inp(), "triton") == ""
     monkeypatch.setattr(cutlass_backend, "_bwd_library",
                         lambda dropout=False, head_dim=128: (None, "not built: nvcc is missing"))
@@ -692,9 +747,37 @@ def _ampere_compile_job():
     return units, [[p.nvcc, *flags, "-c", f"{u}.cu", "-o", f"{u}.o"] for u in ("api", "unit")]
 
 
+@pytest.mark.skipif(not HAVE_HEADERS or shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"),
+                    reason="needs nvcc and the nvidia-cutlass headers")
+@pytest.mark.parametrize("variant", [
+    pytest.param([], id="default"),
+    pytest.param(["-DFLASH_CUTLASS_D256_DQ_ATOMICS=1"], id="dq_atomics", marks=VARIANT_ONLY),
+])
+def test_the_head_dim_256_backward_compiles_for_sm90a(request, variant):
+    """A real nvcc run of head dim 256's own backward (csrc/bwd_d256.cuh: CuTe's TMA and wgmma
+    atoms, 64 x 64 tiles) with a diagonal mask: its shared memory fits an sm_90 block (a
+    static_assert), and ptxas neither spills nor serialises its wgmma (C7519 / C7520: an
+    accumulator touched between them, or wgmma in a branch it cannot prove warpgroup-uniform)."""
+    results, unit_size = _compiled(request)
+    for code, stderr in results:
+        assert code == 0, stderr[-3000:]
+        for warning in ("spill", "C7519", "C7520"):
+            assert warning not in stderr, stderr[-3000:]
+    assert unit_size > 10_000
+
+
+def _d256_compile_job(variant):
+    p = cb.plan(cb.HOPPER_BWD_D256.instances[:0], family=cb.HOPPER_BWD_D256)
+    inst = cb.BwdInstance("bf16", 256, "causal_br")
+    units = {"api.cu": cb.bwd_api_source((inst,)), "unit.cu": inst.source()}
+    return units, [[p.nvcc, *p.flags, *variant, "-Xptxas=-warn-spills", "-c", f"{u}.cu", "-o", f"{u}.o"]
+                   for u in (("api", "unit") if not variant else ("unit",))]
+
+
 _COMPILE_JOBS = {
     "test_the_entry_point_and_one_instance_compile_for_sm90a": _fwd_compile_job,
     "test_the_backward_entry_point_and_one_instance_compile_for_sm90a": _bwd_compile_job,
+    "test_the_head_dim_256_backward_compiles_for_sm90a": _d256_compile_job,
     "test_the_ampere_entry_point_and_one_backward_compile": _ampere_compile_job,
 }
 

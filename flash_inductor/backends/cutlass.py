@@ -22,7 +22,10 @@ head dims 64 and 128: every mask, grouped KV heads folded as in the forward, the
 forward's bias (its tiles through shared memory) and its gradient (dS written per score through
 the same buffer, summed over the bias's broadcast dims in torch as Triton's is), and dropout (the
 forward's keep bits redrawn by the kernel's spare load warps; a library of its own, built on the
-first backward with dropout); its dK/dV come out in k's and v's layout, dQ in q's. A feature
+first backward with dropout); its dK/dV come out in k's and v's layout, dQ in q's. Head dim 256
+has a backward kernel of its own (csrc/bwd_d256.cuh: 64 x 64 tiles, as example 88's do not fit
+its shared memory): every mask, grouped KV heads, the lse gradient; not yet the bias or dropout,
+which Triton's backward runs. A feature
 that passes its GPU tests but measured slower than Triton's backward is refused with its
 figures (`SLOWER_THAN_TRITON`; empty today).
 Elsewhere the Triton backward runs: both need only the forward's
@@ -47,7 +50,7 @@ import math
 
 import torch
 
-from ..cutlass_build import BWD_HEAD_DIMS, TMA_BIAS_HEAD_DIMS
+from ..cutlass_build import BWD_BIAS_HEAD_DIMS, BWD_DROPOUT_HEAD_DIMS, BWD_HEAD_DIMS, TMA_BIAS_HEAD_DIMS
 from ..inputs import AttentionInputs, Causal, empty_in_layout
 from ..inputs import unit_last_dim as _unit_last
 from .base import KernelBackend
@@ -409,7 +412,16 @@ class CutlassBackend(KernelBackend):
             reasons.append("the CUTLASS backward: built, awaiting its first GPU test run")
         if inp.head_dim not in BWD_HEAD_DIMS:
             reasons.append(f"head_dim={inp.head_dim}: the CUTLASS backward is built for "
-                           f"{', '.join(map(str, BWD_HEAD_DIMS))} (example 88's backward tiles)")
+                           f"{', '.join(map(str, BWD_HEAD_DIMS))}")
+        if inp.head_dim == 256 and "head dim 256 backward" in UNVALIDATED:
+            reasons.append("head_dim=256: the CUTLASS backward's kernel (csrc/bwd_d256.cuh) is built, awaiting its "
+                           "first GPU test run")
+        if inp.dropout_p > 0 and inp.head_dim in BWD_HEAD_DIMS and inp.head_dim not in BWD_DROPOUT_HEAD_DIMS:
+            reasons.append(f"dropout at head_dim={inp.head_dim}: the CUTLASS backward has dropout at head dims "
+                           f"{', '.join(map(str, BWD_DROPOUT_HEAD_DIMS))} (head dim 256's kernel has none yet)")
+        if inp.bias is not None and inp.head_dim in BWD_HEAD_DIMS and inp.head_dim not in BWD_BIAS_HEAD_DIMS:
+            reasons.append(f"a bias at head_dim={inp.head_dim}: the CUTLASS backward reads a bias at head dims "
+                           f"{', '.join(map(str, BWD_BIAS_HEAD_DIMS))} (head dim 256's kernel reads none yet)")
         if inp.dropout_p > 0 and "dropout backward" in UNVALIDATED:
             reasons.append("dropout: built into the CUTLASS backward, awaiting its first GPU test run")
         if inp.dropout_p > 0 and _dropout_threshold(inp.dropout_p) >= 1 << 16:
