@@ -85,7 +85,7 @@ for b, hq, hkv, nq, nk, causal, bias_kind, p in cases:
     print(f'b={b} hq={hq} hkv={hkv} nq={nq} nk={nk} causal={causal} bias={bias_kind} p={p}: rel err {errs} (out {_rel(out, o64):.1e})', flush=True)
 " 2>&1 | grep -v Warning | tee "$OUT/cutlass_bwd_dropout_smoke.log" ;;
     save_libs)  # every built CUTLASS library into $OUT/cache/<key>/, to carry into the next call (.cache/flash_inductor/cutlass/)
-      for f in hopper hopper_dropout hopper_bwd hopper_bwd_dropout hopper_d64 hopper_dropout_d64 hopper_bwd_d64 hopper_bwd_dropout_d64; do
+      for f in hopper hopper_dropout hopper_bwd hopper_bwd_dropout hopper_d64 hopper_dropout_d64 hopper_bwd_d64 hopper_bwd_dropout_d64 hopper_bwd_d256; do
         dir=$(python3 -m flash_inductor.cli build --family $f --print-plan | sed -n 's/^directory: //p')
         ls "$dir"/*.so >/dev/null 2>&1 && mkdir -p "$OUT/cache/$(basename "$dir")" && cp "$dir"/*.so "$OUT/cache/$(basename "$dir")/" && echo "saved $f $(basename "$dir")"
       done ;;

@@ -695,6 +695,7 @@ def status(family: Family = HOPPER) -> str:
              "hopper_bwd_dropout": "by the first backward with dropout at head dim 128 on an sm_90 GPU",
              "hopper_bwd_d64": "by the first backward at head dim 64 on an sm_90 GPU",
              "hopper_bwd_dropout_d64": "by the first backward with dropout at head dim 64 on an sm_90 GPU",
+             "hopper_bwd_d256": "by the first backward at head dim 256 on an sm_90 GPU",
              "ampere": "when an input is forced to it (FLASH_INDUCTOR_KERNEL=cutlass_sm80)"}[family.name]
     return (f"not built yet: builds on first use {where}, or ahead of time with "
             f"`flash-inductor build --family {family.name}` (into {p.directory})")
@@ -711,7 +712,8 @@ def main(argv=None) -> int:
                     help="hopper: the sm_90a forward; hopper_bwd: the sm_90a backward at head dim 128 (by default "
                          "both); hopper_dropout, hopper_bwd_dropout: the sm_90a forward and backward with dropout "
                          "(training with dropout); hopper_d64, hopper_dropout_d64, hopper_bwd_d64, "
-                         "hopper_bwd_dropout_d64: the same at head dim 64; "
+                         "hopper_bwd_dropout_d64: the same at head dim 64; hopper_bwd_d256: the backward at head "
+                         "dim 256; "
                          "ampere: the sm_80 forward and backward (A100-class GPUs; runs on Hopper too); "
                          "all: every family. May be repeated.")
     ap.add_argument("--print-plan", action="store_true", help="print the toolchain, flags and cache directory; build nothing")

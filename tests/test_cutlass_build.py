@@ -237,6 +237,22 @@ def test_unavailable_library_is_a_refusal_reason_and_warns_once(monkeypatch, cap
         cutlass_backend._library.cache_clear()
 
 
+def test_info_reports_every_library(monkeypatch, tmp_path, capsys):
+    """`flash-inductor info` has a line for every library, built or not (an unlisted family once
+    raised KeyError there): each backward head dim's, and dropout's only where it exists."""
+    from flash_inductor.cli import main
+
+    monkeypatch.setenv("FLASH_INDUCTOR_CACHE_DIR", str(tmp_path))
+    for family in cb.FAMILIES.values():
+        assert isinstance(cb.status(family), str)
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for head_dim in cb.BWD_HEAD_DIMS:
+        assert f"CUTLASS backward kernels, head dim {head_dim}: " in out
+        assert (f"CUTLASS dropout backward kernels, head dim {head_dim}: " in out) == (
+            head_dim in cb.BWD_DROPOUT_HEAD_DIMS)
+
+
 def test_build_command_reports_a_missing_toolchain(monkeypatch, tmp_path, capsys):
     from flash_inductor.cli import main
 
