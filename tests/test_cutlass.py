@@ -49,8 +49,9 @@ CASES += [
     (torch.float16, 64, False, (2, 8, 2, 200, 136, "bnhd")),
     (torch.bfloat16, 64, "top_left", (2, 8, 2, 384, 384, "bhnd")),  # folded: 2 blocks a head
     (torch.float16, 64, "top_left", (1, 4, 1, 768, 768, "bnhd")),
-    # Head dim 256's own backward (64-key blocks): grouped heads of rows that are no multiple of
-    # 64, and more key blocks than one CTA wave of a short row
+    # Head dim 256's own backward (64-key blocks): grouped heads whose rows are no multiple of 64;
+    # bottom-right with far more keys than rows (each key block starts at its own query block);
+    # folded causal over 10 key blocks
     (torch.bfloat16, 256, False, (2, 8, 2, 200, 136, "bhnd")),
     (torch.float16, 256, "bottom_right", (1, 2, 2, 72, 520, "bhnd")),
     (torch.bfloat16, 256, "top_left", (1, 4, 2, 640, 640, "bnhd")),
