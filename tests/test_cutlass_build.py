@@ -556,9 +556,9 @@ def test_the_backward_entry_point_and_one_instance_compile_for_sm90a(request, va
     assert unit_size > 10_000
 
 
-def _bwd_compile_job(variant, bias, dropout):
-    p = cb.plan(cb.BWD_INSTANCES[:0], family=cb.HOPPER_BWD)
-    inst = cb.BwdInstance("bf16", 128, "causal_br", bias=bool(bias), bias_grad=bias == "grad", dropout=dropout)
+def _bwd_compile_job(variant, bias=False, dropout=False, head_dim=128):
+    p = cb.plan((), family=cb.bwd_family(head_dim))
+    inst = cb.BwdInstance("bf16", head_dim, "causal_br", bias=bool(bias), bias_grad=bias == "grad", dropout=dropout)
     units = {"api.cu": cb.bwd_api_source((inst,)), "unit.cu": inst.source()}
     return units, [[p.nvcc, *p.flags, *variant, "-Xptxas=-warn-spills", "-c", f"{u}.cu", "-o", f"{u}.o"]
                    for u in (("api", "unit") if not (variant or bias or dropout) else ("unit",))]
@@ -782,18 +782,10 @@ def test_the_head_dim_256_backward_compiles_for_sm90a(request, variant):
     assert unit_size > 10_000
 
 
-def _d256_compile_job(variant):
-    p = cb.plan(cb.HOPPER_BWD_D256.instances[:0], family=cb.HOPPER_BWD_D256)
-    inst = cb.BwdInstance("bf16", 256, "causal_br")
-    units = {"api.cu": cb.bwd_api_source((inst,)), "unit.cu": inst.source()}
-    return units, [[p.nvcc, *p.flags, *variant, "-Xptxas=-warn-spills", "-c", f"{u}.cu", "-o", f"{u}.o"]
-                   for u in (("api", "unit") if not variant else ("unit",))]
-
-
 _COMPILE_JOBS = {
     "test_the_entry_point_and_one_instance_compile_for_sm90a": _fwd_compile_job,
     "test_the_backward_entry_point_and_one_instance_compile_for_sm90a": _bwd_compile_job,
-    "test_the_head_dim_256_backward_compiles_for_sm90a": _d256_compile_job,
+    "test_the_head_dim_256_backward_compiles_for_sm90a": lambda variant: _bwd_compile_job(variant, head_dim=256),
     "test_the_ampere_entry_point_and_one_backward_compile": _ampere_compile_job,
 }
 
