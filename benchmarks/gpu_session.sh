@@ -85,7 +85,7 @@ for b, hq, hkv, nq, nk, causal, bias_kind, p in cases:
     print(f'b={b} hq={hq} hkv={hkv} nq={nq} nk={nk} causal={causal} bias={bias_kind} p={p}: rel err {errs} (out {_rel(out, o64):.1e})', flush=True)
 " 2>&1 | grep -v Warning | tee "$OUT/cutlass_bwd_dropout_smoke.log" ;;
     save_libs)  # every built CUTLASS library into $OUT/cache/<key>/, to carry into the next call (.cache/flash_inductor/cutlass/)
-      for f in hopper hopper_dropout hopper_bwd hopper_bwd_dropout hopper_d64 hopper_dropout_d64 hopper_bwd_d64 hopper_bwd_dropout_d64 hopper_bwd_d256; do
+      for f in hopper hopper_dropout hopper_bwd hopper_bwd_dropout hopper_d64 hopper_dropout_d64 hopper_bwd_d64 hopper_bwd_dropout_d64 hopper_bwd_d256 hopper_bwd_dropout_d256; do
         dir=$(python3 -m flash_inductor.cli build --family $f --print-plan | sed -n 's/^directory: //p')
         ls "$dir"/*.so >/dev/null 2>&1 && mkdir -p "$OUT/cache/$(basename "$dir")" && cp "$dir"/*.so "$OUT/cache/$(basename "$dir")/" && echo "saved $f $(basename "$dir")"
       done ;;
@@ -141,10 +141,15 @@ print('D256_SMOKE_OK' if worst < 2e-2 else 'D256_SMOKE_BAD', worst)
 " 2>&1 | grep -v Warning | tee "$OUT/cutlass_d256_smoke.log" ;;
     cutlass_d256_tests)  # its GPU tests (D256_TESTS_K: pytest -k)
       FLASH_INDUCTOR_TRITON_AUTOTUNE=0 timeout ${D256_TESTS_TIMEOUT:-240} python3 -m pytest -q -m gpu tests/test_cutlass.py -k "${D256_TESTS_K:-256}" 2>&1 | tee "$OUT/cutlass_d256_tests.log" | tail -12 ;;
-    cutlass_d256_bwd)  # the backward alone beside Triton's and cuDNN's (D256_VARIANTS: NAME=-DFLAG=1 ...)
-      timeout ${D256_BWD_TIMEOUT:-200} python3 benchmarks/cutlass_bwd_time.py --head-dim 256 --lengths ${D256_LENGTHS:-2048 4096 8192} $(for v in ${D256_VARIANTS:-}; do echo --variant $v; done) --json "$OUT/cutlass_bwd_time_d256.json" 2>&1 | grep -v Warning | tee "$OUT/cutlass_bwd_time_d256.log" ;;
+    cutlass_d256_bwd)  # the backward alone beside Triton's and cuDNN's (D256_VARIANTS: NAME=-DFLAG=1 ...;
+      # D256_FEATURES: runs of cutlass_bwd_time.py's feature flags, e.g. "plain --bias-grad --dropout=0.1", one file each)
+      for features in ${D256_FEATURES:-plain}; do
+        tag=$(echo "$features" | tr -d '-' | tr '=.' '__')
+        timeout ${D256_BWD_TIMEOUT:-200} python3 benchmarks/cutlass_bwd_time.py --head-dim 256 --lengths ${D256_LENGTHS:-2048 4096 8192} $([ "$features" = plain ] || echo "$features") $(for v in ${D256_VARIANTS:-}; do echo --variant $v; done) --json "$OUT/cutlass_bwd_time_d256_$tag.json" 2>&1 | grep -v Warning | tee "$OUT/cutlass_bwd_time_d256_$tag.log"
+      done ;;
     cutlass_d256_bench)  # the op's rows, dispatch choosing each pass ("flash"); lets the backward through before its tests pass
-      timeout ${D256_BENCH_TIMEOUT:-240} python3 -c "import sys; from flash_inductor.backends import cutlass; cutlass.UNVALIDATED.discard('head dim 256 backward'); from flash_inductor.cli import main; sys.exit(main(sys.argv[1:]))" bench --head-dim 256 --lengths ${D256_BENCH_LENGTHS:-8192} --cases ${D256_CASES:-none causal} --peers flash triton sdpa_cudnn flex --json "$OUT/bench_d256.json" 2>&1 | grep -v Warning | tee "$OUT/bench_d256.log" ;;
+      # (D256_BENCH_EXTRA: more bench flags, e.g. --bias-grad; D256_BENCH_TAG: a suffix for the files)
+      timeout ${D256_BENCH_TIMEOUT:-240} python3 -c "import sys; from flash_inductor.backends import cutlass; cutlass.UNVALIDATED.discard('head dim 256 backward'); from flash_inductor.cli import main; sys.exit(main(sys.argv[1:]))" bench --head-dim 256 --lengths ${D256_BENCH_LENGTHS:-8192} --cases ${D256_CASES:-none causal} --peers flash triton sdpa_cudnn flex ${D256_BENCH_EXTRA:-} --json "$OUT/bench_d256${D256_BENCH_TAG:-}.json" 2>&1 | grep -v Warning | tee "$OUT/bench_d256${D256_BENCH_TAG:-}.log" ;;
     cutlass_d256_compiled)  # compiled training: the opaque CUTLASS backward against Triton's kernels in Inductor's graph
       bench ${D256_BENCH_TIMEOUT:-240} bench_d256_compiled --head-dim 256 --lengths ${D256_COMPILED_LENGTHS:-1024 2048 4096} --cases ${D256_COMPILED_CASES:-none causal} --peers flash_compiled triton_compiled ;;
     cutlass_dropout_tests)  # the dropout GPU tests alone

@@ -30,9 +30,25 @@
 // Rows past len_q get lse = +inf and delta = 0 (P = 0: they add nothing); keys past len_k load
 // as zeros (TMA fills), so their dS meets zero K rows in dQ, and their dK/dV are not stored.
 // Masks are applied only to the blocks that cross the diagonal; blocks no row of which sees a
-// key of this CTA are skipped (the loads too). No bias and no dropout: the Python side refuses
-// those inputs with words, and Triton's backward runs them. One instantiation per translation
-// unit (flash_inductor/cutlass_build.py, family hopper_bwd_d256).
+// key of this CTA are skipped (the loads too).
+//
+// The forward's bias (kBias 1) is read from global memory into registers, a thread's own 16
+// scores as 8 pairs of adjacent keys (32-bit loads; four threads read a row's 16 contiguous
+// bytes), one query block ahead: the loads of block m + 1 are issued after block m's softmax and
+// consumed in the next one, a whole iteration later. (Shared memory has no room for a bias tile;
+// and loaded after the S GEMM, as session 22 first tried at head dim 128, they cost a DRAM round
+// trip inside every block.) Its gradient (kBias 2) is dS before the scale, stored from registers
+// in the same pairs; the blocks the mask skips get zeros, as the contract says
+// (FlashCutlassBwdParams.dbias).
+//
+// Dropout (kDropout) redraws the forward's keep bits (dropout_philox.h) on this thread's own
+// scores: in S's accumulator a thread holds, per row, the 8 keys of a 32-key span that one
+// Philox call covers (the forward's layout: fwd_dropout.cuh), so two calls a block, issued while
+// the S and dP GEMMs run on the tensor cores. lse and delta come with 1 / (1 - p) folded in
+// (FlashCutlassBwdParams), so dS = P' (keep dP - delta') and dV sums keep P'.
+//
+// One instantiation per translation unit (flash_inductor/cutlass_build.py, families
+// hopper_bwd_d256 and hopper_bwd_dropout_d256).
 #pragma once
 
 #include <cmath>
@@ -47,6 +63,7 @@
 #include "cute/atom/mma_atom.hpp"
 #include "collective/fmha_common.hpp"
 
+#include "dropout_philox.h"
 #include "element_bits.cuh"
 #include "flash_cutlass_bwd.h"
 #include "launch.cuh"
@@ -204,10 +221,30 @@ struct Kernel {
     int64_t dk_stride[3], dv_stride[3];  // batch, head, row (elements)
     int batch, heads, len_q, len_k;
     float scale, scale_log2;
+    // The bias and its gradient, [batch, query heads, rows_per_head, len_k] through strides of
+    // batch, query head and row (elements; 0 on broadcast dims): grouped KV heads folded into rows
+    // (row r of KV head h: query head h * groups + r / rows_per_head, row r % rows_per_head).
+    uint16_t const* bias;
+    int64_t bias_stride[3];
+    uint16_t* dbias;
+    int64_t dbias_stride[3];
+    int groups, rows_per_head;
+    // Dropout: the op's seed tensor (Philox key, offset) and round(p * 2^16).
+    int64_t const* seed;
+    uint32_t drop_threshold;
   };
 };
 
-template <class Element, class Mask>
+// A folded row's query head and its row in that head (grouped KV heads: FlashCutlassBwdParams).
+template <class Params>
+CUTE_DEVICE int2 query_head_and_row(Params const& p, int kv_head, int row) {
+  if (p.groups == 1) return make_int2(kv_head, row);
+  return make_int2(kv_head * p.groups + row / p.rows_per_head, row % p.rows_per_head);
+}
+
+// kBias: 0 none, 1 the forward's bias read, 2 that and its gradient written. kDropout: the
+// forward's keep bits redrawn and applied to P and dP.
+template <class Element, class Mask, int kBias, bool kDropout>
 __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(CUTE_GRID_CONSTANT typename Kernel<Element>::Params const p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   using K = Kernel<Element>;
@@ -295,6 +332,94 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(CUTE_GRID_CONSTANT typ
     return thr_sdp.partition_C(make_tensor(make_smem_ptr(buffer), typename L::Quarter{}));
   };
 
+  // This thread's scores in S's wgmma accumulator: score i = e + 2 h + 4 j is row r_lo + 8 h of
+  // the block and key k_lo + 8 j + e of this CTA (r_lo = 16 (warp % 4) + lane / 4, k_lo = 32 wg +
+  // 2 (lane % 4)): 2 rows x 8 keys, as pairs of adjacent keys (pair i / 2 = h + 2 j).
+  static_assert(decltype(size(accS))::value == 16, "a thread's scores: 2 rows x 4 pairs of keys");
+  int const r_lo = get<0>(tScS(0)), k_lo = get<1>(tScS(0));
+  int const first_key = n_block * kKeys;
+
+  // kBias: this thread's 8 pairs of the bias of block m_block (0 past len_q or len_k: those
+  // scores are never used), into bias_pairs for that block's softmax.
+  uint32_t bias_pairs[8];
+  auto load_bias = [&](int m_block) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int h = 0; h < 2; h++) {
+      int row = m_block * kRows + r_lo + 8 * h;
+      int2 hr = query_head_and_row(p, head, row);
+      uint16_t const* src = p.bias + batch * p.bias_stride[0] + hr.x * p.bias_stride[1] + hr.y * p.bias_stride[2] +
+                            first_key + k_lo;
+      CUTLASS_PRAGMA_UNROLL
+      for (int j = 0; j < 4; j++) {
+        int key = first_key + k_lo + 8 * j;
+        uint32_t bits = 0;
+        if (row < len_q && key + 1 < len_k) {
+          bits = __ldg(reinterpret_cast<unsigned int const*>(src + 8 * j));
+        } else if (row < len_q && key < len_k) {
+          bits = __ldg(reinterpret_cast<unsigned short const*>(src + 8 * j));
+        }
+        bias_pairs[h + 2 * j] = bits;
+      }
+    }
+  };
+  if constexpr (bool(kBias)) {
+    if (m < num_m) load_bias(m);
+  }
+
+  // kBias 2: zeros for the bias gradient of query block m_block, a block the mask skips (this
+  // CTA's 64 keys; every thread 32 bytes of a row), nothing past len_q or len_k.
+  auto zero_grad_block = [&](int m_block) {
+    int row = m_block * kRows + tid / 4, key = first_key + (tid % 4) * 16;
+    if (row >= len_q) return;
+    int2 hr = query_head_and_row(p, head, row);
+    uint16_t* dst = p.dbias + batch * p.dbias_stride[0] + hr.x * p.dbias_stride[1] + hr.y * p.dbias_stride[2] + key;
+    CUTLASS_PRAGMA_UNROLL
+    for (int c = 0; c < 2; c++) {
+      if (key + 8 * c + 8 <= len_k) {
+        *reinterpret_cast<uint4*>(dst + 8 * c) = make_uint4(0u, 0u, 0u, 0u);
+      } else {
+        for (int e = 0; key + 8 * c + e < len_k; e++) dst[8 * c + e] = 0;
+      }
+    }
+  };
+  if constexpr (kBias == 2 && Mask::kCausal) {
+    // The blocks before the first one this CTA visits, and those its walk steps over.
+    int visit = m;
+    for (int mz = 0; mz < num_m; mz++) {
+      if (mz == visit) {
+        visit = Mask::next(visit, n_block, len_q, len_k);
+      } else {
+        zero_grad_block(mz);
+      }
+    }
+  }
+
+  // kDropout: the seed's words; the keep bits of block m_block's scores (bit i: score i kept), one
+  // Philox call per row for this thread's 32-key span (keys 32 a + 8 w + 2 c + e of it: word w,
+  // half e, of the call for group 4 a + c).
+  uint64_t drop_seed = 0;
+  uint32_t drop_offset = 0;
+  if constexpr (kDropout) {
+    drop_seed = uint64_t(p.seed[0]);
+    drop_offset = flash_dropout::fold_offset(p.seed[1]);
+  }
+  auto draw_keep = [&](int m_block) {
+    uint32_t keep = 0;
+    uint32_t const group = 4u * (uint32_t(first_key + k_lo) / 32u) + uint32_t(k_lo % 8) / 2u;  // 4 a + c
+    CUTLASS_PRAGMA_UNROLL
+    for (int h = 0; h < 2; h++) {
+      int2 hr = query_head_and_row(p, head, m_block * kRows + r_lo + 8 * h);
+      uint32_t bh = uint32_t(batch * p.heads * p.groups + hr.x);
+      flash_dropout::Words r = flash_dropout::philox(drop_seed, group, uint32_t(hr.y), bh, drop_offset);
+      CUTLASS_PRAGMA_UNROLL
+      for (int w = 0; w < 4; w++) {
+        keep |= uint32_t((r.w[w] & 0xFFFFu) >= p.drop_threshold) << (2 * h + 4 * w);
+        keep |= uint32_t((r.w[w] >> 16) >= p.drop_threshold) << (2 * h + 4 * w + 1);
+      }
+    }
+    return keep;
+  };
+
   // dV += Pᵀ dO and dK += dSᵀ Q for this warpgroup's 128 dims; B is a stage's half tile of dO / Q.
   typename K::MmaKV mma_kv;
   auto thr_kv = mma_kv.get_thread_slice(wg_tid);
@@ -373,7 +498,6 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(CUTE_GRID_CONSTANT typ
   };
 
   Barrier::wait(&s.bar_kv, 0);
-  int const first_key = n_block * kKeys;
   __syncthreads();  // block m's stats
 
   for (int it = 0; m < num_m; ++it) {
@@ -392,6 +516,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(CUTE_GRID_CONSTANT typ
     gemm_zero_acc(mma_sdp, tSrQ(_, _, _, stage), tSrK, accS);
     gemm_zero_acc(mma_sdp, tSrDO(_, _, _, stage), tSrV, accDP);
     warpgroup_commit_batch();
+    uint32_t keep = 0;
+    if constexpr (kDropout) keep = draw_keep(m);  // on the integer pipes, beside the GEMMs
     warpgroup_wait<0>();
     warpgroup_fence_operand(accS);
     warpgroup_fence_operand(accDP);
@@ -402,13 +528,52 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(CUTE_GRID_CONSTANT typ
     float const* delta = s.delta[stage];
     Tensor tSsP = score_places(s.p.data());
     Tensor tSsDS = score_places(s.ds.data());
+    uint32_t grad_pairs[kBias == 2 ? 8 : 1];
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < size(accS); i++) {
       int r = get<0>(tScS(i)), k = get<1>(tScS(i));
-      float prob = exp2f(accS(i) * p.scale_log2 - lse[r]);
+      float exponent = accS(i) * p.scale_log2;
+      if constexpr (bool(kBias)) {
+        float2 b = unpack_pair<Element>(bias_pairs[i / 2]);
+        exponent = fmaf(i % 2 ? b.y : b.x, float(M_LOG2E), exponent);
+      }
+      float prob = exp2f(exponent - lse[r]);
       if (crosses && first_key + k > Mask::visible(first_row + r, len_q, len_k)) prob = 0.f;
-      tSsP(i) = Element(prob);
-      tSsDS(i) = Element(prob * (accDP(i) - delta[r]) * p.scale);
+      float dp = accDP(i);
+      bool const kept = !kDropout || ((keep >> i) & 1u);
+      if constexpr (kDropout) dp = kept ? dp : 0.f;
+      // The bias enters the scores unscaled: its gradient is dS before the scale.
+      float ds = prob * (dp - delta[r]);
+      tSsP(i) = Element(kept ? prob : 0.f);
+      tSsDS(i) = Element(ds * p.scale);
+      if constexpr (kBias == 2) {
+        uint32_t bits = Element(ds).raw();
+        grad_pairs[i / 2] = i % 2 ? grad_pairs[i / 2] | (bits << 16) : bits;
+      }
+    }
+    if constexpr (kBias == 2) {
+      // The pairs of dS out (rows past len_q, keys past len_k not stored).
+      CUTLASS_PRAGMA_UNROLL
+      for (int h = 0; h < 2; h++) {
+        int row = first_row + r_lo + 8 * h;
+        if (row >= len_q) continue;
+        int2 hr = query_head_and_row(p, head, row);
+        uint16_t* dst = p.dbias + batch * p.dbias_stride[0] + hr.x * p.dbias_stride[1] + hr.y * p.dbias_stride[2] +
+                        first_key + k_lo;
+        CUTLASS_PRAGMA_UNROLL
+        for (int j = 0; j < 4; j++) {
+          int key = first_key + k_lo + 8 * j;
+          uint32_t bits = grad_pairs[h + 2 * j];
+          if (key + 1 < len_k) {
+            *reinterpret_cast<uint32_t*>(dst + 8 * j) = bits;
+          } else if (key < len_k) {
+            dst[8 * j] = uint16_t(bits);
+          }
+        }
+      }
+    }
+    if constexpr (bool(kBias)) {
+      if (m_next < num_m) load_bias(m_next);  // consumed a whole block from now
     }
     cutlass::arch::fence_view_async_shared();
     __syncthreads();  // both warpgroups' keys of P and dS
@@ -465,7 +630,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(CUTE_GRID_CONSTANT typ
 
 }  // namespace d256
 
-template <int kDtype, int kMask>
+template <int kDtype, int kMask, int kBias, bool kDropout>
 int run_bwd_d256(FlashCutlassBwdParams const& p, char* err, int err_len) {
   using Element = ElementFor<kDtype>;
   using K = d256::Kernel<Element>;
@@ -474,14 +639,31 @@ int run_bwd_d256(FlashCutlassBwdParams const& p, char* err, int err_len) {
     snprintf(err, err_len, "head_dim=%d: this kernel is built for head dim 256", p.head_dim);
     return 2;
   }
-  if (p.bias != nullptr || p.dbias != nullptr) {
-    snprintf(err, err_len, "bias: the head-dim-256 backward reads no bias (Triton's backward takes it)");
+  if ((p.bias != nullptr) != bool(kBias) || (p.dbias != nullptr) != (kBias == 2) ||
+      (p.dropout_p > 0.f) != kDropout) {
+    snprintf(err, err_len, "bias=%d dbias=%d dropout_p=%g: not this instance's (bias %d, dropout %d)",
+             int(p.bias != nullptr), int(p.dbias != nullptr), double(p.dropout_p), kBias, int(kDropout));
     return 2;
   }
-  if (p.dropout_p != 0.f) {
-    snprintf(err, err_len, "dropout_p=%g: the head-dim-256 backward has no dropout (Triton's backward takes it)",
-             double(p.dropout_p));
-    return 2;
+  if constexpr (bool(kBias)) {
+    // Pairs of keys by 32-bit loads: an even address and strides; the gradient's zeros go 16 bytes
+    // a store.
+    if (reinterpret_cast<uintptr_t>(p.bias) % 4 || p.bias_stride[0] % 2 || p.bias_stride[1] % 2 ||
+        p.bias_stride[2] % 2 || p.groups < 1 || p.rows_per_head < 1) {
+      snprintf(err, err_len, "bias: needs a 4-byte-aligned address, even strides, groups >= 1 and rows_per_head >= 1");
+      return 2;
+    }
+    if (kBias == 2 && !tma_aligned(p.dbias, p.dbias_stride, 8)) {
+      snprintf(err, err_len, "dbias: needs a 16-byte-aligned address and strides");
+      return 2;
+    }
+  }
+  if constexpr (kDropout) {
+    if (p.seed == nullptr || p.drop_threshold >= (1u << 16) || p.groups < 1 || p.rows_per_head < 1) {
+      snprintf(err, err_len, "dropout: needs the seed tensor, drop_threshold < 2^16, groups >= 1 and "
+               "rows_per_head >= 1 (got drop_threshold=%u)", p.drop_threshold);
+      return 2;
+    }
   }
   bool reached = p.batch > 0 && p.heads > 0 && p.len_q > 0 && p.len_k > 0 &&
                  !(kMask == FLASH_CUTLASS_CAUSAL_TOP_LEFT && p.len_k > p.len_q) &&
@@ -530,9 +712,15 @@ int run_bwd_d256(FlashCutlassBwdParams const& p, char* err, int err_len) {
                             static_cast<Element*>(p.dk), static_cast<Element*>(p.dv), p.dq_acc, p.lse, p.delta,
                             {p.dk_stride[0], p.dk_stride[1], p.dk_stride[2]},
                             {p.dv_stride[0], p.dv_stride[1], p.dv_stride[2]},
-                            p.batch, p.heads, p.len_q, p.len_k, p.scale, p.scale * float(M_LOG2E)};
+                            p.batch, p.heads, p.len_q, p.len_k, p.scale, p.scale * float(M_LOG2E),
+                            static_cast<uint16_t const*>(p.bias), {p.bias_stride[0], p.bias_stride[1], p.bias_stride[2]},
+                            static_cast<uint16_t*>(p.dbias),
+                            {p.dbias_stride[0], p.dbias_stride[1], p.dbias_stride[2]},
+                            // Without a bias or dropout no row is mapped to its query head.
+                            kBias || kDropout ? p.groups : 1, kBias || kDropout ? p.rows_per_head : 1,
+                            p.seed, p.drop_threshold};
 
-  auto kernel = d256::bwd_kernel<Element, d256::MaskFor<kMask>>;
+  auto kernel = d256::bwd_kernel<Element, d256::MaskFor<kMask>, kBias, kDropout>;
   int smem = int(sizeof(d256::SharedStorage<Element>)) + 1024;  // + the alignment to 1024 bytes
   static_assert(sizeof(d256::SharedStorage<Element>) + 1024 <= 227 * 1024, "more shared memory than an sm_90 block has");
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
@@ -548,5 +736,5 @@ int run_bwd_d256(FlashCutlassBwdParams const& p, char* err, int err_len) {
 
 }  // namespace flash_cutlass
 
-#define FLASH_CUTLASS_BWD_D256_INSTANCE(DTYPE, MASK) \
-  template int flash_cutlass::run_bwd_d256<DTYPE, MASK>(FlashCutlassBwdParams const&, char*, int);
+#define FLASH_CUTLASS_BWD_D256_INSTANCE(DTYPE, MASK, BIAS, DROPOUT) \
+  template int flash_cutlass::run_bwd_d256<DTYPE, MASK, BIAS, DROPOUT>(FlashCutlassBwdParams const&, char*, int);

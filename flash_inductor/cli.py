@@ -33,7 +33,7 @@ def _info(args) -> int:
         print(f"CUDA: not available ({why}); attention runs on the CPU: PyTorch's fused CPU kernel "
               "(aten_cpu) where it accepts the input, else the PyTorch reference")
         device = "cpu"
-    from .cutlass_build import AMPERE, BWD_DROPOUT_HEAD_DIMS, BWD_HEAD_DIMS, HOPPER_D64, HOPPER_DROPOUT, HOPPER_DROPOUT_D64, bwd_family, status
+    from .cutlass_build import AMPERE, BWD_HEAD_DIMS, HOPPER_D64, HOPPER_DROPOUT, HOPPER_DROPOUT_D64, bwd_family, status
 
     print(f"CUTLASS kernels: {status()}")
     print(f"CUTLASS dropout forward kernels: {status(HOPPER_DROPOUT)}")
@@ -41,8 +41,7 @@ def _info(args) -> int:
     print(f"CUTLASS dropout forward kernels, head dim 64: {status(HOPPER_DROPOUT_D64)}")
     for head_dim in BWD_HEAD_DIMS:
         print(f"CUTLASS backward kernels, head dim {head_dim}: {status(bwd_family(head_dim))}")
-        if head_dim in BWD_DROPOUT_HEAD_DIMS:
-            print(f"CUTLASS dropout backward kernels, head dim {head_dim}: {status(bwd_family(head_dim, True))}")
+        print(f"CUTLASS dropout backward kernels, head dim {head_dim}: {status(bwd_family(head_dim, True))}")
     print(f"CUTLASS sm_80 kernels: {status(AMPERE)}")
     forced = dispatch.forced_kernel()
     print(f"kernel setting ({dispatch.ENV_VAR}): {forced or 'automatic'}")

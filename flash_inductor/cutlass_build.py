@@ -14,7 +14,7 @@ Four kinds of library, each built only on a GPU that runs it:
   mask × bias (`BWD_INSTANCES`). A library of its own, built on the first backward, so inference never
   waits for it and each library's build stays within its own few minutes.
   Head dims 64 and 256 have libraries of their own (`bwd_family`); head dim 256's runs its own
-  kernel (csrc/bwd_d256.cuh: 64 x 64 tiles that fit its shared memory, no bias or dropout yet).
+  kernel (csrc/bwd_d256.cuh: 64 x 64 tiles that fit its shared memory).
 * AMPERE (`libflash_cutlass_sm80.so`, sm_80 code, SASS for sm_80 and sm_90 plus compute_80 PTX):
   example 41's memory-efficient forward and backward with bias, bias gradient, causal masks,
   dropout and packed variable-length batches, one unit per (pass, dtype, head-dim bucket,
@@ -69,7 +69,8 @@ AMPERE_SOURCES = ("flash_cutlass.h", "flash_cutlass_sm80.h", "sm80_common.cuh", 
                   "aten_shim/c10/cuda/CUDAGuard.h")
 BWD_SOURCES = ("flash_cutlass.h", "flash_cutlass_bwd.h", "launch.cuh", "element_bits.cuh", "bwd_kernel.cuh")
 BWD_DROPOUT_SOURCES = BWD_SOURCES + ("bwd_dropout.cuh", "dropout_philox.h")
-BWD_D256_SOURCES = ("flash_cutlass.h", "flash_cutlass_bwd.h", "launch.cuh", "element_bits.cuh", "bwd_d256.cuh")
+BWD_D256_SOURCES = ("flash_cutlass.h", "flash_cutlass_bwd.h", "launch.cuh", "element_bits.cuh", "bwd_d256.cuh",
+                    "dropout_philox.h")
 LIB_NAME = "libflash_cutlass.so"
 DROPOUT_LIB_NAME = "libflash_cutlass_dropout.so"
 BWD_LIB_NAME = "libflash_cutlass_bwd.so"
@@ -149,13 +150,11 @@ D64_DROPOUT_INSTANCES = tuple(dataclasses.replace(i, dropout=True) for i in D64_
 
 # The backward's head dims. 64 and 128: example 88's backward collective with our consumer
 # (csrc/bwd_kernel.cuh), whose tiles (64 queries x 128 keys) do not fit head dim 256 in shared
-# memory; 256: a kernel of its own (csrc/bwd_d256.cuh, 64 x 64 tiles), without a bias or dropout
-# so far (Triton's backward runs those). Each head dim is a library of its own, built on the first
-# backward of that head dim: a model has one or two head dims, and no build passes 3 minutes on
-# 16 cores.
+# memory; 256: a kernel of its own (csrc/bwd_d256.cuh, 64 x 64 tiles). Each takes the bias, its
+# gradient and dropout. Each head dim is a library of its own (and another with dropout), built on
+# the first backward of that head dim: a model has one or two head dims, and no build passes 3
+# minutes on 16 cores.
 BWD_HEAD_DIMS = (64, 128, 256)
-BWD_BIAS_HEAD_DIMS = (64, 128)
-BWD_DROPOUT_HEAD_DIMS = (64, 128)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,10 +169,8 @@ class BwdInstance:
     def __post_init__(self):
         if self.bias_grad and not self.bias:
             raise ValueError("bias_grad needs bias=True")
-        if self.bias and self.head_dim not in BWD_BIAS_HEAD_DIMS:
-            raise ValueError(f"no backward reads a bias at head dim {self.head_dim}")
-        if self.dropout and self.head_dim not in BWD_DROPOUT_HEAD_DIMS:
-            raise ValueError(f"no backward has dropout at head dim {self.head_dim}")
+        if self.head_dim not in BWD_HEAD_DIMS:
+            raise ValueError(f"no backward at head dim {self.head_dim} (head dims {BWD_HEAD_DIMS})")
 
     @property
     def own_kernel(self) -> bool:
@@ -201,9 +198,8 @@ class BwdInstance:
 
     @property
     def template_args(self) -> str:
-        if self.own_kernel:
-            return f"{DTYPES[self.dtype]}, {MASKS[self.mask]}"
-        return (f"{DTYPES[self.dtype]}, {self.head_dim}, {MASKS[self.mask]}, {self.bias_code}, "
+        head_dim = "" if self.own_kernel else f"{self.head_dim}, "
+        return (f"{DTYPES[self.dtype]}, {head_dim}{MASKS[self.mask]}, {self.bias_code}, "
                 f"{'true' if self.dropout else 'false'}")
 
     @property
@@ -218,9 +214,8 @@ class BwdInstance:
 
 
 def bwd_instances(head_dim: int, dropout: bool = False) -> tuple:
-    """One backward library's instances: dtype x mask x (no bias, bias, bias and its gradient),
-    the bias where the head dim's kernel reads one."""
-    biases = ((False, False), (True, False), (True, True)) if head_dim in BWD_BIAS_HEAD_DIMS else ((False, False),)
+    """One backward library's instances: dtype x mask x (no bias, bias, bias and its gradient)."""
+    biases = ((False, False), (True, False), (True, True))
     return tuple(BwdInstance(d, head_dim, m, b, g, dropout) for d, m, (b, g) in itertools.product(DTYPES, MASKS, biases))
 
 
@@ -311,7 +306,8 @@ def bwd_api_source(instances=BWD_INSTANCES) -> str:
         for i in instances)
     listing = "\\n".join(i.label for i in instances)
     # Declared only where called, so the other backward libraries' sources (and cache keys) stay.
-    own = ("\ntemplate <int kDtype, int kMask>\nint run_bwd_d256(FlashCutlassBwdParams const& p, char* err, int err_len);"
+    own = ("\ntemplate <int kDtype, int kMask, int kBias, bool kDropout>\n"
+           "int run_bwd_d256(FlashCutlassBwdParams const& p, char* err, int err_len);"
            if any(i.own_kernel for i in instances) else "")
     return f"""#include <cstdio>
 #include "flash_cutlass_bwd.h"
@@ -432,20 +428,22 @@ HOPPER_BWD_D64 = dataclasses.replace(HOPPER_BWD, name="hopper_bwd_d64", lib_name
 HOPPER_BWD_DROPOUT_D64 = dataclasses.replace(HOPPER_BWD_DROPOUT, name="hopper_bwd_dropout_d64",
                                              lib_name="libflash_cutlass_bwd_dropout_d64.so",
                                              instances=bwd_instances(64, dropout=True))
-# Head dim 256's backward: its own kernel (csrc/bwd_d256.cuh), 8 units.
+# Head dim 256's backward: its own kernel (csrc/bwd_d256.cuh), 24 units, and 24 more with dropout.
 HOPPER_BWD_D256 = Family("hopper_bwd_d256", "libflash_cutlass_bwd_d256.so", BWD_D256_SOURCES, "examples/88_hopper_fmha",
                          ("-gencode=arch=compute_90a,code=sm_90a",), bwd_instances(256), bwd_api_source)
+HOPPER_BWD_DROPOUT_D256 = dataclasses.replace(HOPPER_BWD_D256, name="hopper_bwd_dropout_d256",
+                                              lib_name="libflash_cutlass_bwd_dropout_d256.so",
+                                              instances=bwd_instances(256, dropout=True))
 _BWD_FAMILIES = {(128, False): HOPPER_BWD, (128, True): HOPPER_BWD_DROPOUT, (64, False): HOPPER_BWD_D64,
-                 (64, True): HOPPER_BWD_DROPOUT_D64, (256, False): HOPPER_BWD_D256}
+                 (64, True): HOPPER_BWD_DROPOUT_D64, (256, False): HOPPER_BWD_D256,
+                 (256, True): HOPPER_BWD_DROPOUT_D256}
 
 
 def bwd_family(head_dim: int, dropout: bool = False) -> Family:
     """The backward library that holds this head dim's instances (with or without dropout)."""
     family = _BWD_FAMILIES.get((head_dim, dropout))
     if family is None:
-        raise ValueError(f"no CUTLASS backward library for head_dim={head_dim}"
-                         + (" with dropout" if dropout else "") + f" (head dims {BWD_HEAD_DIMS}, with dropout "
-                         f"{BWD_DROPOUT_HEAD_DIMS})")
+        raise ValueError(f"no CUTLASS backward library for head_dim={head_dim} (head dims {BWD_HEAD_DIMS})")
     return family
 
 
@@ -455,7 +453,8 @@ AMPERE = Family("ampere", AMPERE_LIB_NAME, AMPERE_SOURCES, "examples/41_fused_mu
                 ("-gencode=arch=compute_80,code=[sm_80,sm_90,compute_80]",), AMPERE_INSTANCES, ampere_api_source,
                 needs_curand=True)
 FAMILIES = {f.name: f for f in (HOPPER, HOPPER_DROPOUT, HOPPER_BWD, HOPPER_BWD_DROPOUT, HOPPER_D64, HOPPER_DROPOUT_D64,
-                                 HOPPER_BWD_D64, HOPPER_BWD_DROPOUT_D64, HOPPER_BWD_D256, AMPERE)}
+                                 HOPPER_BWD_D64, HOPPER_BWD_DROPOUT_D64, HOPPER_BWD_D256, HOPPER_BWD_DROPOUT_D256,
+                                 AMPERE)}
 
 
 # ---- the toolchain ------------------------------------------------------------------------------
@@ -696,6 +695,7 @@ def status(family: Family = HOPPER) -> str:
              "hopper_bwd_d64": "by the first backward at head dim 64 on an sm_90 GPU",
              "hopper_bwd_dropout_d64": "by the first backward with dropout at head dim 64 on an sm_90 GPU",
              "hopper_bwd_d256": "by the first backward at head dim 256 on an sm_90 GPU",
+             "hopper_bwd_dropout_d256": "by the first backward with dropout at head dim 256 on an sm_90 GPU",
              "ampere": "when an input is forced to it (FLASH_INDUCTOR_KERNEL=cutlass_sm80)"}[family.name]
     return (f"not built yet: builds on first use {where}, or ahead of time with "
             f"`flash-inductor build --family {family.name}` (into {p.directory})")
@@ -712,8 +712,8 @@ def main(argv=None) -> int:
                     help="hopper: the sm_90a forward; hopper_bwd: the sm_90a backward at head dim 128 (by default "
                          "both); hopper_dropout, hopper_bwd_dropout: the sm_90a forward and backward with dropout "
                          "(training with dropout); hopper_d64, hopper_dropout_d64, hopper_bwd_d64, "
-                         "hopper_bwd_dropout_d64: the same at head dim 64; hopper_bwd_d256: the backward at head "
-                         "dim 256; "
+                         "hopper_bwd_dropout_d64: the same at head dim 64; hopper_bwd_d256, "
+                         "hopper_bwd_dropout_d256: the backward at head dim 256; "
                          "ampere: the sm_80 forward and backward (A100-class GPUs; runs on Hopper too); "
                          "all: every family. May be repeated.")
     ap.add_argument("--print-plan", action="store_true", help="print the toolchain, flags and cache directory; build nothing")

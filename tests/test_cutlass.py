@@ -6,8 +6,8 @@ models pass; bottom-right causal and grouped KV heads (folded into rows) on a fe
 the bias instances on every bias layout the glue handles (per head, full, strided keys, odd
 rows, broadcast, fully masked rows), each read the way the kernel picks for it (by TMA or in
 the softmax). The backward is the CUTLASS backward where it takes the input (csrc/bwd_kernel.cuh
-at head dims 64 and 128, with a bias with or without its gradient, and dropout; csrc/bwd_d256.cuh
-at head dim 256 without them), else the Triton backward fed the CUTLASS forward's out and lse;
+at head dims 64 and 128, csrc/bwd_d256.cuh at 256; each with a bias with or without its gradient,
+and dropout), else the Triton backward fed the CUTLASS forward's out and lse;
 each case asserts which one ran, and the gradients check both
 against float64. Dropout (the dropout libraries' forward and backward) is held bit for bit to the
 Triton kernels' keep mask, and its values and gradients to float64 with that mask. Outputs are
@@ -194,16 +194,18 @@ BWD_BIAS_CASES = [
 
 
 @pytest.mark.parametrize("bias_grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("d", [128, 256])
 @pytest.mark.parametrize("dtype,causal,shape,kind", BWD_BIAS_CASES, ids=lambda x: str(x).replace("torch.", ""))
-def test_cutlass_backward_with_the_forwards_bias(cutlass, poisoned, dtype, causal, shape, kind, bias_grad):
+def test_cutlass_backward_with_the_forwards_bias(cutlass, poisoned, dtype, causal, shape, kind, d, bias_grad):
     """The forward's bias through the CUTLASS backward, without its gradient (a position bias,
     ALiBi, HF's additive padding mask) and with it (T5's learned bias): dQ, dK, dV and dbias
     against float64, rows the bias hides entirely included (their gradients are 0); the
-    gradients come back in q's, k's and v's layouts."""
+    gradients come back in q's, k's and v's layouts. Head dim 128 reads the bias through shared
+    memory (example 88's collective), 256 from global memory into registers (its own kernel)."""
     b, hq, hkv, nq, nk, layout = shape
-    gen = torch.Generator().manual_seed(zlib.crc32(repr(("bwd bias", dtype, causal, shape, kind)).encode()))
-    q = _randn((b, hq, nq, 128), dtype, gen, layout).cuda()
-    k, v = (_randn((b, hkv, nk, 128), dtype, gen, layout).cuda() for _ in range(2))
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(("bwd bias", dtype, causal, shape, kind, d)).encode()))
+    q = _randn((b, hq, nq, d), dtype, gen, layout).cuda()
+    k, v = (_randn((b, hkv, nk, d), dtype, gen, layout).cuda() for _ in range(2))
     bias = _make_bias(kind, b, hq, nq, nk, dtype, gen).cuda()
     inp = validate(q, k, v, bias, causal=causal)
     assert cutlass.backward_kernel(inp) == "cutlass", cutlass.backward_reasons(inp)
@@ -239,8 +241,9 @@ def test_cutlass_backward_with_the_forwards_bias(cutlass, poisoned, dtype, causa
 
 # Dropout (the dropout libraries' instances): (dtype, head dim, causal, shape, bias kind or None, p).
 # The CUTLASS forward draws the Triton kernels' keep bits, held bit for bit to tests/philox_mask.py
-# (itself held to the Triton kernel on CPU); the backward (CUTLASS at head dim 128, Triton at
-# 256) redraws them from the same seed. A "_nograd" bias is the forward's only (no dbias).
+# (itself held to the Triton kernel on CPU); the CUTLASS backward redraws them from the same seed
+# (at head dims 64 and 128 on the load warpgroup's spare warps, at 256 on every thread for its own
+# scores). A "_nograd" bias is the forward's only (no dbias).
 DROPOUT_CASES = [
     (torch.bfloat16, 128, False, (2, 3, 3, 256, 256, "bhnd"), None, 0.1),
     (torch.float16, 128, "top_left", (1, 2, 2, 136, 200, "bnhd"), None, 0.3),
@@ -256,6 +259,11 @@ DROPOUT_CASES = [
     (torch.float16, 64, "top_left", (2, 8, 2, 384, 384, "bnhd"), None, 0.3),  # folded causal
     (torch.bfloat16, 64, "bottom_right", (1, 2, 2, 136, 200, "bhnd"), "full", 0.2),  # bias gradient
     (torch.float16, 64, False, (2, 8, 2, 200, 136, "bhnd"), "head_nograd", 0.1),  # grouped
+    (torch.bfloat16, 256, False, (2, 8, 2, 200, 136, "bhnd"), None, 0.5),  # grouped KV heads
+    (torch.float16, 256, "top_left", (2, 8, 2, 384, 384, "bnhd"), None, 0.3),  # folded causal
+    (torch.bfloat16, 256, "bottom_right", (1, 2, 2, 136, 200, "bhnd"), "full", 0.2),  # bias gradient
+    (torch.bfloat16, 256, "top_left", (1, 4, 2, 256, 256, "bhnd"), "head", 0.1),  # grouped + causal, dbias
+    (torch.float16, 256, False, (2, 8, 2, 200, 136, "bhnd"), "head_nograd", 0.1),  # grouped, bias read
 ]
 
 
@@ -283,7 +291,7 @@ def test_dropout_forward_draws_the_triton_mask_and_the_backward_regenerates_it(c
     seed = _drop_seed(gen)
     inp = validate(q, k, v, bias, causal=causal, dropout_p=p)
     assert not cutlass.not_supported_reasons(inp), cutlass.not_supported_reasons(inp)
-    assert cutlass.backward_kernel(inp) == ("cutlass" if d in (64, 128) else "triton"), cutlass.backward_reasons(inp)
+    assert cutlass.backward_kernel(inp) == "cutlass", cutlass.backward_reasons(inp)
     if kind:
         assert cutlass.bias_read(inp) == ("tma" if d == 128 else "softmax")
     want = keep_mask(seed, b, hq, nq, nk, p)
@@ -320,7 +328,7 @@ def test_dropout_forward_draws_the_triton_mask_and_the_backward_regenerates_it(c
         assert _rel(got, ref) < bound, f"{name}: relative error {_rel(got, ref):.3g} > {bound}"
 
 
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 def test_compiled_training_with_dropout_keeps_one_mask_for_both_passes(cutlass, d):
     """Under torch.compile the CUTLASS forward and backward with dropout are opaque ops, the backward
     fed the forward's seed: the gradients are those of the forward's mask."""

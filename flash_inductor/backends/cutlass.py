@@ -11,8 +11,8 @@ contiguous q): exact without a mask; with causal, when Nq = Nk is a multiple of 
 (`block_rows`: 128, or 192 at head dim 64 without bias or dropout; a block then never straddles
 two heads, and the mask reads row mod Nk); the bias is read per folded row. Dropout (csrc/fwd_dropout.cuh, a
 library of its own built on the first forward with dropout) draws the Triton kernels' Philox keep
-bits, so either backward (the CUTLASS one at head dims 64 and 128, Triton's at 256) regenerates
-the mask from the seed alone. Head dim 64 (its own libraries, a 192-row tile) runs here only from
+bits, so either backward (the CUTLASS one, or Triton's) regenerates the mask from the seed
+alone. Head dim 64 (its own libraries, a 192-row tile) runs here only from
 `D64_MIN_SCORES` scores up: below, Triton's kernels in Inductor's graph cost less host time.
 Mask-like biases (bool, or one float mask for every head) go to Triton: its mask tiles skip their
 fully masked tiles, which this kernel would compute.
@@ -24,8 +24,9 @@ the same buffer, summed over the bias's broadcast dims in torch as Triton's is),
 forward's keep bits redrawn by the kernel's spare load warps; a library of its own, built on the
 first backward with dropout); its dK/dV come out in k's and v's layout, dQ in q's. Head dim 256
 has a backward kernel of its own (csrc/bwd_d256.cuh: 64 x 64 tiles, as example 88's do not fit
-its shared memory): every mask, grouped KV heads, the lse gradient; not yet the bias or dropout,
-which Triton's backward runs. A feature
+its shared memory) taking the same inputs: the bias read and its gradient stored from registers,
+the keep bits redrawn by every thread for its own scores (libraries hopper_bwd_d256 and
+hopper_bwd_dropout_d256). A feature
 that passes its GPU tests but measured slower than Triton's backward is refused with its
 figures (`SLOWER_THAN_TRITON`; empty today).
 Elsewhere the Triton backward runs: both need only the forward's
@@ -50,7 +51,7 @@ import math
 
 import torch
 
-from ..cutlass_build import BWD_BIAS_HEAD_DIMS, BWD_DROPOUT_HEAD_DIMS, BWD_HEAD_DIMS, TMA_BIAS_HEAD_DIMS
+from ..cutlass_build import BWD_HEAD_DIMS, TMA_BIAS_HEAD_DIMS
 from ..inputs import AttentionInputs, Causal, empty_in_layout
 from ..inputs import unit_last_dim as _unit_last
 from .base import KernelBackend
@@ -416,12 +417,6 @@ class CutlassBackend(KernelBackend):
         if inp.head_dim == 256 and "head dim 256 backward" in UNVALIDATED:
             reasons.append("head_dim=256: the CUTLASS backward's kernel (csrc/bwd_d256.cuh) is built, awaiting its "
                            "first GPU test run")
-        if inp.dropout_p > 0 and inp.head_dim in BWD_HEAD_DIMS and inp.head_dim not in BWD_DROPOUT_HEAD_DIMS:
-            reasons.append(f"dropout at head_dim={inp.head_dim}: the CUTLASS backward has dropout at head dims "
-                           f"{', '.join(map(str, BWD_DROPOUT_HEAD_DIMS))} (head dim 256's kernel has none yet)")
-        if inp.bias is not None and inp.head_dim in BWD_HEAD_DIMS and inp.head_dim not in BWD_BIAS_HEAD_DIMS:
-            reasons.append(f"a bias at head_dim={inp.head_dim}: the CUTLASS backward reads a bias at head dims "
-                           f"{', '.join(map(str, BWD_BIAS_HEAD_DIMS))} (head dim 256's kernel reads none yet)")
         if inp.dropout_p > 0 and "dropout backward" in UNVALIDATED:
             reasons.append("dropout: built into the CUTLASS backward, awaiting its first GPU test run")
         if inp.dropout_p > 0 and _dropout_threshold(inp.dropout_p) >= 1 << 16:
