@@ -12,7 +12,8 @@ library swapped in), interleaved (`time_interleaved`), on the issue's shape, B=1
 bf16, per-head bias [1, H, N, N], and checked against the Triton forward of the same input.
 Variants built without a bias ("no_bias", "overlap_no_bias") time the same q, k, v without it:
 the ceiling the bias variants are read against. The d64_* variants are head dim 64's forward
-tiles, timed without a bias beside the Triton forward and cuDNN's.
+tiles, and the d128_* ones head dim 128's plain forward (persistent, or a CTA per block), timed
+without a bias beside the Triton forward and cuDNN's.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ VARIANTS = {
     # and, for the no-bias instances, the same loop without one (against "no_bias").
     "overlap": (_bias_instances(True), ["-DFLASH_CUTLASS_TMA_BIAS_OVERLAP=1"]),
     "overlap_no_bias": (tuple(cb.Instance("bf16", 128, m) for m in ("none", "causal")),
-                        ["-DFLASH_CUTLASS_TMA_BIAS_OVERLAP=1", "-DFLASH_CUTLASS_OVERLAP_NO_BIAS=1"]),
+                        ["-DFLASH_CUTLASS_TMA_BIAS_OVERLAP=1", "-DFLASH_CUTLASS_OVERLAP_NO_BIAS=1",
+                         "-DFLASH_CUTLASS_PERSISTENT_D128=0"]),
     "l2_2": (_bias_instances(True), ["-DFLASH_CUTLASS_TMA_BIAS_L2_AHEAD=2"]),
     "l2_4": (_bias_instances(True), ["-DFLASH_CUTLASS_TMA_BIAS_L2_AHEAD=4"]),
     "ldsm_late_locked": (_bias_instances(True), ["-DFLASH_CUTLASS_TMA_BIAS_EARLY_LOADS=0",
@@ -75,6 +77,19 @@ _D64 = tuple(cb.Instance("bf16", 64, m) for m in ("none", "causal"))
 VARIANTS.update({
     f"d64_{rows}x{keys}": (_D64, [f"-DFLASH_CUTLASS_D64_ROWS={rows}", f"-DFLASH_CUTLASS_D64_KEYS={keys}"])
     for rows, keys in ((192, 128), (128, 128), (128, 64), (192, 64))
+})
+
+# Head dim 128's plain forward: "d128_base" is the library's code (the example's persistent kernel
+# without a mask: csrc/fwd_kernel.cuh's FLASH_CUTLASS_PERSISTENT_D128, where the figures are),
+# "d128_individual" a CTA per block as before session 28. Also tried in session 28 (H200, N=8192,
+# no mask, not kept): 128 x 176 and 128 x 192 key blocks with example 88's mainloop as it is (4 K/V
+# ring slots, a patch of TileFor): 426 and 595 TFLOP/s against 647, and wrong with causal (the
+# example's causal trip count assumes square blocks); the persistent kernel at head dim 64 (no
+# gain) and 256 (does not launch).
+_D128 = tuple(cb.Instance("bf16", 128, m) for m in ("none", "causal"))
+VARIANTS.update({
+    "d128_base": (_D128, []),
+    "d128_individual": (_D128, ["-DFLASH_CUTLASS_PERSISTENT_D128=0"]),
 })
 
 
@@ -131,8 +146,16 @@ def _time_plain(libs, n, h, d, gen):
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                 return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
-        fns = {name: (lambda lib=lib: call(lib)) for name, lib in libs.items()}
-        errs = {name: ((fn()[0].float() - ref.float()).norm() / ref.float().norm()).item() for name, fn in fns.items()}
+        fns, errs = {}, {}
+        for name, lib in libs.items():
+            try:
+                out = call(lib)[0]
+            except RuntimeError as e:  # a variant that does not launch is reported, the others timed
+                print(f"D={d} {'causal' if causal else 'none':7s} {name:12s} failed: {e}", flush=True)
+                rows.append(dict(variant=name, head_dim=d, causal=causal, error=str(e)))
+                continue
+            fns[name] = lambda lib=lib: call(lib)
+            errs[name] = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
         fns.update(triton=lambda: TritonBackend().forward(inp, None), sdpa_cudnn=cudnn)
         flops = 4 * h * n * n * d / (2 if causal else 1)
         for name, ms in time_interleaved(fns).items():
@@ -169,10 +192,11 @@ def main(argv=None):
     cutlass_backend.UNVALIDATED.clear()
     n, h, rows = args.n, 12, []
     gen = torch.Generator(device="cuda").manual_seed(0)
-    d64 = {name: lib for name, lib in libs.items() if VARIANTS[name][0][0].head_dim == 64}
-    if d64:
-        rows += _time_plain(d64, n, h, 64, gen)
-    libs = {name: lib for name, lib in libs.items() if name not in d64}
+    for d, prefix in ((64, "d64_"), (128, "d128_")):
+        plain = {name: lib for name, lib in libs.items() if name.startswith(prefix)}
+        if plain:
+            rows += _time_plain(plain, n, h, d, gen)
+        libs = {name: lib for name, lib in libs.items() if name not in plain}
     for d in (128,) if libs else ():
         q, k, v = (torch.randn(1, h, n, d, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
         bias = torch.randn(1, h, n, n, device="cuda", dtype=torch.bfloat16, generator=gen)

@@ -375,11 +375,32 @@ enum BiasRead { kNoBias = 0, kBiasInSoftmax = 1, kBiasByTma = 2 };
 #define FLASH_CUTLASS_OVERLAP_NO_BIAS 0
 #endif
 
-template <class Element, class Tile, class Mask, int kBias, bool kDropout>
+// Whether head dim 128's instances without a mask, bias or dropout run the example's persistent
+// kernel (a CTA per SM walking the row blocks: its producer loads the next block's K and V while
+// the consumers finish the last; Q by a warp of its own, the example's "ping-pong"
+// configuration). Measured (H200, bf16, N=8192, benchmarks/cutlass_variants.py's d128_* variants,
+// session 28, two machines): 678 / 645 TFLOP/s against 647 / 608 for a CTA per block, cuDNN 665 /
+// 635. With causal its static order leaves SMs idle behind the long diagonal blocks (403 against
+// 540), so masked instances keep a CTA per block. Not at the other head dims: at 64 (192-row
+// blocks) it measured 491 / 361 against 488 / 366 (no mask / causal), and at 256 its launch
+// failed (CUTLASS's "Error Internal"; not looked into). The bias and dropout mainloops are not
+// written for it.
+#ifndef FLASH_CUTLASS_PERSISTENT_D128
+#define FLASH_CUTLASS_PERSISTENT_D128 1
+#endif
+template <int kHeadDim, int kMask, int kBias, bool kDropout>
+constexpr bool kPersistentFwd = FLASH_CUTLASS_PERSISTENT_D128 && kHeadDim == 128 && kMask == FLASH_CUTLASS_NO_MASK &&
+                                kBias == kNoBias && !kDropout;
+
+template <class Element, class Tile, class Mask, int kBias, bool kDropout, bool kPersistent = false>
 struct MainloopFor {
   using Fusion = DropoutIf<kDropout, std::conditional_t<kBias == kBiasInSoftmax,
                                                         BiasFusion<Mask, Element, tuple_element_t<1, Tile>::value>, Mask>>;
-  using type = ScaledMainloop<ExampleMainloop<Element, Tile, Fusion>>;
+  using type = ScaledMainloop<std::conditional_t<
+      kPersistent,
+      ExampleMainloop<Element, Tile, Fusion,
+                      cutlass::fmha::kernel::Option<cutlass::fmha::kernel::Tag::kIsPersistent, cute::true_type>>,
+      ExampleMainloop<Element, Tile, Fusion>>>;
 };
 
 #if FLASH_CUTLASS_OVERLAP_NO_BIAS
@@ -449,10 +470,16 @@ template <int kDtype, int kHeadDim, int kMask, int kBias, bool kDropout>
 int run_fwd(FlashCutlassFwdParams const& p, char* err, int err_len) {
   using Element = ElementFor<kDtype>;
   using Tile = TileFor<kHeadDim, kBias != kNoBias || kDropout>;
-  using Mainloop = typename MainloopFor<Element, Tile, MaskFusionFor<kMask>, kBias, kDropout>::type;
+  constexpr bool kPersistent = kPersistentFwd<kHeadDim, kMask, kBias, kDropout>;
+  using Mainloop = typename MainloopFor<Element, Tile, MaskFusionFor<kMask>, kBias, kDropout, kPersistent>::type;
   using Epilogue = cutlass::fmha::collective::FmhaFwdEpilogue<Element, float, typename Mainloop::TileShapePV>;
-  using Kernel = cutlass::fmha::kernel::FmhaKernelTmaWarpSpecialized<
-      Mainloop, Epilogue, cutlass::fmha::kernel::IndividualTileScheduler>;
+  using Kernel = std::conditional_t<
+      kPersistent,
+      cutlass::fmha::kernel::FmhaKernelTmaWarpSpecialized<
+          Mainloop, Epilogue, cutlass::fmha::kernel::PersistentTileScheduler,
+          cutlass::fmha::kernel::Option<cutlass::fmha::kernel::Tag::kLoadsQSeparately, cute::true_type>>,
+      cutlass::fmha::kernel::FmhaKernelTmaWarpSpecialized<
+          Mainloop, Epilogue, cutlass::fmha::kernel::IndividualTileScheduler>>;
   using Operation = cutlass::device::Universal<Kernel>;
 
   auto stride = [](int64_t const* s) { return StrideQKV{int(s[2]), _1{}, make_tuple(int(s[0]), int(s[1]))}; };

@@ -44,6 +44,10 @@ CASES += [
     (torch.bfloat16, 128, "top_left", (2, 8, 2, 384, 384, "bhnd")),
     (torch.bfloat16, 256, "top_left", (1, 6, 1, 256, 256, "bnhd")),
     (torch.float16, 128, "bottom_right", (1, 4, 2, 256, 256, "bhnd")),  # = top-left, folded
+    # Head dim 128 without a mask runs the persistent kernel: more row blocks than an H100/H200
+    # has SMs (256 and 384 against 132), so each CTA walks several, the last one partial
+    (torch.bfloat16, 128, False, (4, 8, 8, 1000, 1000, "bhnd")),
+    (torch.float16, 128, False, (3, 16, 4, 1000, 777, "bnhd")),  # grouped: 4000 folded rows a head
     # Head dim 64's blocks of 192 rows (three consumer warpgroups)
     (torch.bfloat16, 64, "bottom_right", (2, 3, 3, 136, 392, "bhnd")),
     (torch.float16, 64, False, (2, 8, 2, 200, 136, "bnhd")),
