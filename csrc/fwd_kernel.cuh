@@ -383,8 +383,8 @@ enum BiasRead { kNoBias = 0, kBiasInSoftmax = 1, kBiasByTma = 2 };
 // 635. With causal its static order leaves SMs idle behind the long diagonal blocks (403 against
 // 540), so masked instances keep a CTA per block. Not at the other head dims: at 64 (192-row
 // blocks) it measured 491 / 361 against 488 / 366 (no mask / causal), and at 256 its launch
-// failed (CUTLASS's "Error Internal"; not looked into). The bias and dropout mainloops are not
-// written for it.
+// failed (CUTLASS's "Error Internal"; not looked into). The TMA-bias mainloop (fwd_bias_tma.cuh)
+// is ours and not written for it; the dropout and softmax-bias instances were not measured with it.
 #ifndef FLASH_CUTLASS_PERSISTENT_D128
 #define FLASH_CUTLASS_PERSISTENT_D128 1
 #endif
